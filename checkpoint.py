@@ -1,0 +1,216 @@
+"""Distributed checkpoints: a directory per step, written by all ranks in parallel.
+
+On disk:
+
+    SAVE_ROOT/step_00000100/
+        meta.json                 step, model name, config, tokenizer, train state
+        index.json                every global tensor: shape, dtype, and its pieces
+        shard-00000.safetensors   the tensors one rank owns (weights + optimizer state)
+        rng-00000.safetensors     that rank's random-number-generator state
+
+The index is layout-free: a piece records which region (offset, shape) of the global
+tensor it holds, so a rank under any other parallel layout reads exactly the region
+it needs from whichever pieces overlap it. Tensors are safetensors only; nothing is
+loaded with pickle.
+
+Atomic: everything is written into `.tmp-step_...` and renamed into place last, so
+a crash mid-save leaves the previous checkpoint as the newest complete one.
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import parallel
+
+FORMAT = 1
+STEP_PREFIX = "step_"
+
+
+def step_dir_name(step):
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def complete_steps(root):
+    """Steps with a complete checkpoint under `root` (a rename finished), ascending."""
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        if name.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(root, name, "index.json")):
+            steps.append(int(name[len(STEP_PREFIX):]))
+    return sorted(steps)
+
+
+def resolve(path):
+    """`--load PATH`: a step directory, or a save root (its newest complete step)."""
+    if not os.path.exists(path):
+        raise parallel.UsageError(f"--load {path}: no such directory")
+    if os.path.isfile(os.path.join(path, "index.json")):
+        return path
+    steps = complete_steps(path)
+    if not steps:
+        raise parallel.UsageError(f"--load {path} is not a checkpoint: no index.json and no "
+                                  f"complete {STEP_PREFIX}* directory inside")
+    return os.path.join(path, step_dir_name(steps[-1]))
+
+
+def _fsync_write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train_state_tensors(model, optimizer):
+    """The tensors a rank owns, by global name: weights, then AdamW's two moments."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        tensors[f"model.{name}"] = p.detach()
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"optimizer.{key}.{name}"] = state[key]
+    return tensors
+
+
+def _global_region(tensor):
+    """(global shape, offset) of the region of the global tensor this rank holds.
+    Every tensor is whole today; sharded tensors will report their slice here."""
+    return list(tensor.shape), [0] * tensor.dim()
+
+
+def save(root, step, model, optimizer, layout, meta):
+    """Write one checkpoint. Call on every rank; returns the step directory."""
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
+    if layout.is_main:
+        if os.path.exists(final):
+            raise parallel.UsageError(f"refusing to overwrite the existing checkpoint {final}")
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        os.makedirs(tmp)
+    parallel.barrier()
+
+    # Replicas along dp and cp hold the same tensors: only coordinate 0 writes them.
+    if layout.dp_rank == 0 and layout.cp_rank == 0:
+        shard = f"shard-{layout.rank:05d}.safetensors"
+        tensors = {k: v.contiguous().cpu() for k, v in train_state_tensors(model, optimizer).items()}
+        save_file(tensors, os.path.join(tmp, shard))
+        pieces = {}
+        for key, t in tensors.items():
+            shape, offset = _global_region(t)
+            pieces[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."),
+                           "pieces": [{"file": shard, "offset": offset, "shape": list(t.shape)}]}
+        _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"))
+    parallel.barrier()
+
+    if layout.is_main:
+        index = {}
+        for name in sorted(os.listdir(tmp)):
+            if name.startswith("pieces-"):
+                for key, entry in json.load(open(os.path.join(tmp, name))).items():
+                    index.setdefault(key, {**entry, "pieces": []})["pieces"] += entry["pieces"]
+                os.remove(os.path.join(tmp, name))
+        _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({"format": FORMAT, "step": step,
+                                                                 **meta}, indent=1))
+        # index.json last: its presence marks the directory complete.
+        _fsync_write(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
+        os.replace(tmp, final)
+    parallel.barrier()
+    return final
+
+
+def read_meta(step_dir):
+    try:
+        with open(os.path.join(step_dir, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise parallel.UsageError(f"cannot read {step_dir}/meta.json ({e}); the checkpoint is damaged")
+    if meta.get("format") != FORMAT:
+        raise parallel.UsageError(f"{step_dir} has checkpoint format {meta.get('format')}, "
+                                  f"this code reads format {FORMAT}")
+    return meta
+
+
+class _Reader:
+    """Reads regions of global tensors from a checkpoint's pieces, opening each file once."""
+
+    def __init__(self, step_dir):
+        self.step_dir = step_dir
+        try:
+            with open(os.path.join(step_dir, "index.json")) as f:
+                self.index = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise parallel.UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+        self.files = {}
+
+    def _open(self, name):
+        if name not in self.files:
+            path = os.path.join(self.step_dir, name)
+            try:
+                self.files[name] = safe_open(path, framework="pt")
+            except (OSError, SafetensorError) as e:
+                raise parallel.UsageError(f"cannot read {path} ({e}); the checkpoint is damaged "
+                                          f"or incomplete")
+        return self.files[name]
+
+    def read_into(self, key, target):
+        """Fill `target` (this rank's region of global tensor `key`) from the pieces."""
+        entry = self.index.get(key)
+        if entry is None:
+            raise parallel.UsageError(f"checkpoint {self.step_dir} has no tensor {key}")
+        shape, offset = _global_region(target)
+        if entry["shape"] != shape:
+            raise parallel.UsageError(f"{key}: checkpoint shape {entry['shape']} differs from "
+                                      f"the model's {shape}; the config does not match")
+        covered = 0
+        for piece in entry["pieces"]:
+            # Overlap of the piece's region with the wanted region, per dimension.
+            lo = [max(o, p) for o, p in zip(offset, piece["offset"])]
+            hi = [min(o + s, p + n) for o, s, p, n in
+                  zip(offset, target.shape, piece["offset"], piece["shape"])]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            src = self._open(piece["file"]).get_slice(key)
+            src_index = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["offset"]))
+            dst_index = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
+            target[dst_index] = src[src_index].to(target.dtype)
+            covered += _numel(lo, hi)
+        if covered != target.numel():
+            raise parallel.UsageError(f"checkpoint {self.step_dir} is missing part of {key}")
+
+
+def _numel(lo, hi):
+    n = 1
+    for a, b in zip(lo, hi):
+        n *= b - a
+    return n
+
+
+def load(step_dir, model, optimizer, layout):
+    """Load weights, optimizer state and this rank's RNG state; return meta.json."""
+    meta = read_meta(step_dir)
+    reader = _Reader(step_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            reader.read_into(f"model.{name}", p.data)
+            if optimizer is not None and f"optimizer.exp_avg.{name}" in reader.index:
+                state = optimizer.state[p]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    reader.read_into(f"optimizer.{key}.{name}", state[key])
+                state["step"] = torch.tensor(float(meta["optimizer_steps"]))
+    rng_file = os.path.join(step_dir, f"rng-{layout.rank:05d}.safetensors")
+    if os.path.exists(rng_file):  # the same rank existed when saving: restore its stream
+        with safe_open(rng_file, framework="pt") as f:
+            torch.set_rng_state(f.get_tensor("cpu"))
+            if "cuda" in f.keys() and torch.cuda.is_available():
+                torch.cuda.set_rng_state(f.get_tensor("cuda"))
+    return meta

@@ -1,0 +1,192 @@
+"""LLaMA 1/2/3/3.1, with Mistral and Qwen 2/2.5/3 as presets of the same file.
+
+A decoder-only transformer, read top to bottom:
+
+    tokens -> embedding -> n_layers x [ x + Attention(RMSNorm(x)); x + MLP(RMSNorm(x)) ]
+           -> RMSNorm -> linear head (or the embedding matrix, when tied) -> logits
+
+What distinguishes the family from GPT-2:
+  - RMSNorm instead of LayerNorm, no biases (Qwen 2 adds biases to Q, K and V);
+  - rotary position embedding (RoPE) on queries and keys instead of learned positions,
+    with LLaMA 3.1's long-context frequency scaling as an option;
+  - grouped-query attention: n_kv_heads <= n_heads, each KV head serves a group of
+    query heads (LLaMA 2 7B: 32/32, LLaMA 3 8B: 32/8);
+  - a SwiGLU MLP: down(silu(gate(x)) * up(x));
+  - Mistral: sliding-window attention; Qwen 3: RMSNorm on each query and key head.
+
+Parameter names follow Hugging Face's (q_proj, gate_proj, ...) so conversion is a
+renaming, and layers are keyed by their global index so names never depend on the
+parallel layout.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import kernels
+import parallel
+
+
+@dataclass
+class Config:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0              # 0: dim // n_heads
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 0.0  # LLaMA 3.1 scaling; 0 = off
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    sliding_window: int = 0        # Mistral; 0 = full causal attention
+    qkv_bias: bool = False         # Qwen 2 / 2.5
+    qk_norm: bool = False          # Qwen 3
+    tie_embeddings: bool = False   # small Qwen models
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise parallel.UsageError(f"n_heads={self.n_heads} is not a multiple of "
+                                      f"n_kv_heads={self.n_kv_heads}")
+
+
+# Presets are keyword arguments of Config (train.py: Config(**PRESETS[name], **overrides)).
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, rope_theta=500000.0)
+_QWEN = dict(norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768)
+PRESETS = {
+    "llama2-7b": dict(),
+    "llama3-8b": dict(**_LLAMA3, ffn_dim=14336, max_seq_len=8192),
+    "llama3.1-8b": dict(**_LLAMA3, ffn_dim=14336, max_seq_len=131072, rope_scaling_factor=8.0),
+    "llama3-70b": dict(**_LLAMA3, dim=8192, n_layers=80, n_heads=64, ffn_dim=28672,
+                       max_seq_len=8192),
+    "mistral-7b": dict(n_kv_heads=8, ffn_dim=14336, max_seq_len=32768, sliding_window=4096),
+    "qwen2.5-0.5b": dict(**_QWEN, vocab_size=151936, dim=896, n_layers=24, n_heads=14,
+                         n_kv_heads=2, ffn_dim=4864, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(**_QWEN, vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
+                       n_kv_heads=4, ffn_dim=18944, qkv_bias=True),
+    "qwen3-8b": dict(**_QWEN, vocab_size=151936, dim=4096, n_layers=36, n_heads=32,
+                     n_kv_heads=8, head_dim=128, ffn_dim=12288, qk_norm=True),
+    # A model that learns visibly in a few CPU minutes (byte-level vocabulary).
+    "tiny": dict(vocab_size=257, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704,
+                 max_seq_len=1024),
+    # A unit-test model: every feature small enough to run in milliseconds.
+    "test": dict(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                 max_seq_len=256),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = kernels.RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = kernels.RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd)
+        k = self.k_proj(x).view(B, T, -1, hd)
+        v = self.v_proj(x).view(B, T, -1, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        y = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window or None,
+                              key_padding_mask=key_padding_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    def init_weights(self, seed):
+        """Deterministic, layout-independent initialization (see parallel.init_parameters).
+        Output projections of each residual branch get std / sqrt(2 * n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+
+        def std_for(name):
+            return std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+        parallel.init_parameters(self, seed, std_for)
+        c = self.cfg
+        self.inv_freq.copy_(kernels.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor,
+                                                  c.rope_low_freq_factor, c.rope_high_freq_factor,
+                                                  c.rope_original_max_seq_len))
+
+    def new_kv_caches(self, max_len):
+        return [kernels.KVCache(max_len) for _ in self.layers]
+
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None):
+        """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
+        parallel.cross_entropy_sum). `attention_mask` (B, T) marks real tokens as HF does;
+        `kv_caches` (from new_kv_caches) makes this a decoding step after the cached tokens."""
+        start = kv_caches[0].length if kv_caches else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers.values()):
+            x = layer(x, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
+        x = self.norm(x)
+        head = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
+        logits = x @ head.t()
+        return logits if labels is None else parallel.cross_entropy_sum(logits, labels)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward = 3x forward), written out:
+        each weight multiply-adds once per token (2 FLOPs) in the forward pass, and
+        attention's QK^T and AV add 2 * 2 * seq_len * head_dim per head per layer."""
+        c = self.cfg
+        matmul_params = sum(p.numel() for n, p in self.named_parameters()
+                            if p.dim() == 2 and n != "embed.weight")
+        if c.tie_embeddings:
+            matmul_params += self.embed.weight.numel()
+        attention = 2 * 2 * seq_len * c.head_dim * c.n_heads * c.n_layers
+        return 3 * (2 * matmul_params + attention)

@@ -1,0 +1,170 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from parallel import UsageError
+
+BYTE = data.get_tokenizer("byte")
+
+
+def test_byte_tokenizer_is_lossless():
+    assert BYTE.n_vocab == 257 and data.eot_token(BYTE) == 256
+    text = "plain ascii\nnaïve café — 日本語 🎉\r\n\n\n" + "x" * 200 + "\n"
+    assert BYTE.encode_ordinary(text) == list(text.encode())
+    assert BYTE.decode(BYTE.encode_ordinary(text)) == text
+    assert BYTE.encode("a<|endoftext|>", allowed_special="all") == [97, 256]
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(UsageError, match="--tokenizer one of byte"):
+        data.get_tokenizer("sentencepiece")
+
+
+def test_batch_contract():
+    ds = data.TokenDataset([np.arange(1000, dtype=np.uint16)], "t")
+    x, y = ds.batch(step=3, seed=7, global_batch_size=8, seq_len=16)
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)  # y is x shifted by one
+    assert torch.equal(ds.batch(3, 7, 8, 16)[0], x)  # same (seed, step): same batch
+    assert not torch.equal(ds.batch(4, 7, 8, 16)[0], x)
+    assert not torch.equal(ds.batch(3, 8, 8, 16)[0], x)
+    for dp in (2, 4, 8):  # each data-parallel rank's rows are those rows of the dp=1 batch
+        per = 8 // dp
+        for rank in range(dp):
+            rows = slice(rank * per, (rank + 1) * per)
+            xr, yr = ds.batch(3, 7, 8, 16, rows=rows)
+            assert torch.equal(xr, x[rows]) and torch.equal(yr, y[rows])
+
+
+def test_windows_never_cross_shards():
+    # Shard k holds values k*1000 + i; the middle one is too short for any window.
+    shards = [np.arange(0, 100), np.arange(1000, 1005), np.arange(2000, 2012)]
+    ds = data.TokenDataset(shards, "t")
+    assert ds.n_windows(seq_len=8) == (100 - 8) + (12 - 8)
+    seen = set()
+    for step in range(200):
+        x, y = ds.batch(step, 0, 16, 8)
+        w = torch.cat([x, y[:, -1:]], dim=1)
+        assert (w.diff(dim=1) == 1).all()  # contiguous within one shard
+        seen |= set(w[:, 0].tolist())
+    assert {s // 1000 for s in seen} == {0, 2}
+    assert 2003 in seen and 91 in seen  # the last valid starts are reachable
+
+
+def test_too_little_data():
+    with pytest.raises(UsageError, match=r"fewer than --seq-len \+ 1 = 9"):
+        data.TokenDataset([np.arange(5), np.arange(8)], "tiny").batch(0, 0, 1, seq_len=8)
+
+
+def _write_corpus(root):
+    """A small text folder; returns its documents in the order data.py reads them."""
+    docs = {"a.txt": "hello world\n" * 50,
+            "sub/b.md": "naïve café 日本語\r\nline two\n" * 40,
+            "sub/c.txt": "no trailing newline " * 30}
+    for name, text in docs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(text.encode())
+    (root / "image.bin").write_bytes(b"\x89PNG\0\0\0binary")  # not text: skipped
+    (root / ".hidden.txt").write_text("skipped too")
+    return list(docs.values())
+
+
+def _stream(docs):
+    return np.concatenate([BYTE.encode_ordinary(d) + [256] for d in docs])
+
+
+def _tokens(*datasets):
+    return np.concatenate([np.asarray(s) for ds in datasets for s in ds.shards])
+
+
+def test_load_text_folder_and_glob(tmp_path):
+    docs = _write_corpus(tmp_path)
+    expected = _stream(docs)
+    train, val = data.load_dataset(str(tmp_path), "byte", seq_len=16, val_fraction=0.1)
+    np.testing.assert_array_equal(_tokens(train, val), expected)
+    assert val.n_tokens == int(len(expected) * 0.1)
+    train, val = data.load_dataset(str(tmp_path / "**" / "*.txt"), "byte", seq_len=100)
+    np.testing.assert_array_equal(_tokens(train, val), _stream([docs[0], docs[2]]))
+    assert val.n_tokens == 101  # at least one window, even when 5% of the tokens is fewer
+    train, val = data.load_dataset(str(tmp_path / "a.txt"), "byte", seq_len=16)
+    np.testing.assert_array_equal(_tokens(train, val), _stream(docs[:1]))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such file or directory"):
+        data.load_dataset(str(tmp_path / "missing"), "byte", 16)
+    with pytest.raises(UsageError, match="matched no files"):
+        data.load_dataset(str(tmp_path / "*.nothing"), "byte", 16)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(UsageError, match="use a smaller --seq-len or more data"):
+        data.load_dataset(str(tmp_path / "short.txt"), "byte", 16)
+
+
+def test_split_never_cuts_a_character(tmp_path):
+    text = "ab日本\n語é🎉x\n" * 7 + "tail日本"  # multi-byte characters, no final newline
+    (tmp_path / "f.txt").write_text(text)
+    for block_bytes in (1, 5, 1 << 24):
+        for percent in range(101):
+            parts = list(data._read([str(tmp_path / "f.txt")], percent / 100, block_bytes))
+            train = "".join(t for t, split in parts if t is not None and split == "train")
+            val = "".join(t for t, split in parts if t is not None and split == "val")
+            assert train + val == text
+
+
+def test_prepare_roundtrip(tmp_path, capsys):
+    docs = _write_corpus(tmp_path / "src")
+    out = tmp_path / "prepared"
+    meta = data.prepare(str(tmp_path / "src"), str(out), val_fraction=0.2, shard_tokens=500)
+    assert "prepared" in capsys.readouterr().out
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and len(meta["train"]) > 1 and len(meta["val"]) >= 1
+    train, val = data.load_dataset(str(out), "byte", seq_len=16)
+    assert all(isinstance(s, np.memmap) for s in train.shards + val.shards)
+    expected = _stream(docs)
+    np.testing.assert_array_equal(_tokens(train, val), expected)
+    assert 0.15 < val.n_tokens / len(expected) < 0.25
+    x, y = train.batch(0, 0, 4, 16)
+    assert x.shape == (4, 16)
+    assert sorted(os.listdir(tmp_path)) == ["prepared", "src"]  # no temporary directory left
+
+    with pytest.raises(UsageError, match="not empty"):
+        data.prepare(str(tmp_path / "src"), str(out))
+    with pytest.raises(UsageError, match="pass --tokenizer byte"):
+        data.load_dataset(str(out), "gpt2", seq_len=16)
+    with pytest.raises(UsageError, match="fewer than --seq-len"):
+        data.load_dataset(str(out), "byte", seq_len=10_000)
+
+
+def test_prepare_refuses_an_empty_split(tmp_path):
+    (tmp_path / "one.txt").write_text("x")
+    with pytest.raises(UsageError, match="too little text"):
+        data.prepare(str(tmp_path / "one.txt"), str(tmp_path / "out"), val_fraction=0.5)
+    assert os.listdir(tmp_path) == ["one.txt"]  # the temporary directory is gone
+
+
+def test_prepare_cli(tmp_path):
+    docs = _write_corpus(tmp_path / "src")
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "data.py", "prepare", str(tmp_path / "src"), out,
+           "--val-fraction", "0.1"]
+    cwd = os.path.dirname(os.path.abspath(data.__file__))
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0 and "prepared" in done.stdout, done.stderr
+    np.testing.assert_array_equal(_tokens(*data.load_dataset(out, "byte", 16)), _stream(docs))
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)  # again: out exists
+    assert done.returncode == 1 and done.stderr.startswith("error:"), done.stderr
+    assert "not empty" in done.stderr
+
+
+def test_stdlib_corpus():
+    train, val = data.load_dataset(None, "byte", seq_len=256)
+    assert train.n_tokens + val.n_tokens > 1_000_000
+    assert val.n_tokens == int((train.n_tokens + val.n_tokens) * 0.05)
+    x, y = train.batch(0, 0, 2, 256)
+    assert BYTE.decode(x[0].tolist())  # real text, decodable

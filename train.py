@@ -1,0 +1,341 @@
+"""Train a model: `torchrun train.py --model llama` (or `python train.py ...`, one process).
+
+One step, for every layout:
+  1. draw the global batch of this step from (seed, step); this data-parallel rank
+     takes its rows, split into micro-batches of --micro-batch-size;
+  2. forward + backward each micro-batch, its loss divided by the global number of
+     target tokens, so the summed gradients are those of the global mean loss;
+     gradients are all-reduced (bucketed, overlapped) only after the last micro-batch;
+  3. clip by the global gradient norm, AdamW step with warmup + cosine learning rate.
+Every layout therefore follows the single-process loss curve.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+
+import checkpoint
+import data
+import generate
+import models
+import parallel
+from parallel import UsageError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a language model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help=f"one of: {', '.join(models.MODELS)}")
+    a("--config", default="tiny", help="preset of the model file (tiny, test, llama3-8b, gpt2, ...)")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    a("--tp", type=int, default=1, help="tensor-parallel size")
+    a("--pp", type=int, default=1, help="pipeline-parallel size")
+    a("--cp", type=int, default=1, help="context-parallel size")
+    a("--ep", type=int, default=1, help="expert-parallel size")
+    a("--steps", type=int, default=200)
+    a("--warmup-steps", type=int, default=20)
+    a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
+    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    a("--weight-decay", type=float, default=0.1)
+    a("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--global-batch-size", type=int, default=16, help="sequences per optimizer step")
+    a("--micro-batch-size", type=int, default=None,
+      help="sequences per forward pass (default: global batch / dp, no accumulation)")
+    a("--seq-len", type=int, default=256)
+    a("--seed", type=int, default=1337)
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
+      help="auto: bf16 on CUDA, fp32 on CPU")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
+    a("--tokenizer", default="byte", help="byte, gpt2, cl100k_base or o200k_base")
+    a("--save", default=None, metavar="DIR", help="checkpoint root")
+    a("--save-every", type=int, default=0, help="also save every N steps (always at the end)")
+    a("--load", default=None, metavar="DIR", help="resume: a save root (newest step) or a step dir")
+    a("--metrics", default=None, metavar="FILE", help="append JSON lines, one per step")
+    a("--wandb", default=None, metavar="PROJECT", help="log to Weights & Biases")
+    a("--log-every", type=int, default=10)
+    a("--eval-every", type=int, default=100, help="validation loss every N steps (0: only at the end)")
+    a("--eval-batches", type=int, default=4)
+    a("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
+    a("--peak-tflops", type=float, default=None,
+      help="per-device peak for MFU (default: known GPUs, or a measured matmul on CPU)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer, schedule, precision
+# ----------------------------------------------------------------------------
+
+def make_optimizer(model, args, device):
+    """AdamW; no weight decay on norms, biases and embeddings (all but weight matrices)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() == 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr over --warmup-steps, then cosine decay to min_lr_ratio * lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    decay_steps = args.lr_decay_steps or args.steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, decay_steps - args.warmup_steps))
+    ratio = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * ratio
+
+
+def precision_context(precision, device):
+    """Autocast for the forward pass; master weights and optimizer stay fp32."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, for MFU.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+                  "A800": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device, args):
+    """Per-device peak FLOP/s for MFU: --peak-tflops, else the GPU's datasheet, else (CPU)
+    a measured fp32 matmul so that MFU still says how busy the cores are."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    a = torch.randn(2048, 2048)  # large enough to reach the BLAS library's full speed
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak RSS
+
+
+# ----------------------------------------------------------------------------
+# Setup checks
+# ----------------------------------------------------------------------------
+
+def check_batch(args, layout):
+    """Micro-batches per step, after checking that the batch divides over dp."""
+    gbs, dp = args.global_batch_size, layout.dp
+    if gbs % dp:
+        raise UsageError(f"--global-batch-size {gbs} is not divisible by dp={dp}")
+    mbs = args.micro_batch_size or gbs // dp
+    if (gbs // dp) % mbs:
+        raise UsageError(f"--global-batch-size {gbs} is not divisible by micro-batch-size x dp "
+                         f"= {mbs} x {dp}")
+    return gbs // dp // mbs
+
+
+def check_save_root(args, start_step):
+    """Never overwrite a user's checkpoints: a save root may hold only steps we resume from."""
+    later = [s for s in checkpoint.complete_steps(args.save) if s > start_step]
+    if later and not args.load:
+        raise UsageError(f"--save {args.save} already holds checkpoints (newest step {later[-1]}); "
+                         f"pass --load {args.save} to resume, or choose another directory")
+    if later:
+        raise UsageError(f"--save {args.save} holds steps after the resumed step {start_step} "
+                         f"(up to {later[-1]}) that this run would overwrite; choose another "
+                         f"--save directory")
+
+
+def setup_device(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    device = None if args.device == "auto" else args.device
+    if args.precision == "fp8":
+        raise UsageError("--precision fp8 is not available yet (it comes with the FP8 matmul "
+                         "kernel); use bf16")
+    return device
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, val, args, layout, autocast):
+    """Mean loss over --eval-batches fixed validation batches (the same every time)."""
+    model.eval()
+    rows_per_rank = args.global_batch_size // layout.dp
+    rows = slice(layout.dp_rank * rows_per_rank, (layout.dp_rank + 1) * rows_per_rank)
+    total = torch.zeros((), device=layout.device)
+    for i in range(args.eval_batches):
+        x, y = val.batch(i, args.seed + 1, args.global_batch_size, args.seq_len, rows)
+        with autocast:
+            total += model(x.to(layout.device), labels=y.to(layout.device))
+    parallel.all_reduce(total, layout.dp_group)
+    model.train()
+    return total.item() / (args.eval_batches * args.global_batch_size * args.seq_len)
+
+
+def train(args):
+    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, setup_device(args))
+    device = layout.device
+    if args.tp > 1 or args.cp > 1 or args.pp > 1 or args.ep > 1:
+        raise UsageError("tensor, context, pipeline and expert parallelism are not built yet; "
+                         "use data parallelism (launch more processes with torchrun)")
+    precision = args.precision if args.precision != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
+    autocast = precision_context(precision, device)
+    micro_steps = check_batch(args, layout)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+
+    cfg = models.make_config(args.model, args.config, args.set)
+    tokenizer = data.get_tokenizer(args.tokenizer)
+    if tokenizer.n_vocab > cfg.vocab_size:
+        raise UsageError(f"tokenizer {args.tokenizer} has {tokenizer.n_vocab} tokens but the model's "
+                         f"vocab_size is {cfg.vocab_size}; pass --set vocab_size={tokenizer.n_vocab}")
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}; "
+                         f"pass --set max_seq_len={args.seq_len}")
+    train_data, val_data = data.load_dataset(args.data, args.tokenizer, args.seq_len)
+
+    torch.manual_seed(args.seed + layout.rank)
+    model = models.build(args.model, cfg, device, args.seed)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    start_step, tokens_seen = 0, 0
+    if args.load:
+        step_dir = checkpoint.resolve(args.load)
+        saved = checkpoint.read_meta(step_dir)
+        if saved["model"] != args.model or saved["config"] != dataclasses.asdict(cfg):
+            raise UsageError(f"{step_dir} holds a different model ({saved['model']} "
+                             f"{saved['config']}); pass the --model/--config/--set it was trained with")
+        meta = checkpoint.load(step_dir, model, optimizer, layout)
+        start_step, tokens_seen = meta["step"], meta["tokens_seen"]
+        scaler.load_state_dict({**scaler.state_dict(), **meta.get("grad_scaler", {})})
+    if args.save:
+        check_save_root(args, start_step)
+    ddp = parallel.DataParallel(model, layout.dp_group)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.global_batch_size * args.seq_len
+    flops_per_step = model.flops_per_token(args.seq_len) * tokens_per_step
+    peak = peak_flops(device, args)
+    log = print if layout.is_main else (lambda *a, **k: None)
+    log(f"{args.model}/{args.config}: {n_params / 1e6:.2f}M parameters | {layout.describe()} | "
+        f"{precision} | data {args.data}: {train_data.n_tokens:,} train tokens | "
+        f"{tokens_per_step:,} tokens/step in {micro_steps} micro-batch(es) per rank")
+    if start_step:
+        log(f"resumed from {step_dir} at step {start_step}")
+    metrics_file = open(args.metrics, "a") if args.metrics and layout.is_main else None
+    wandb_run = None
+    if args.wandb and layout.is_main:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+        wandb_run = wandb.init(project=args.wandb, config=vars(args))
+
+    def save(step):
+        checkpoint.save(args.save, step, model, optimizer, layout, {
+            "model": args.model, "config": dataclasses.asdict(cfg), "tokenizer": args.tokenizer,
+            "tokens_seen": tokens_seen, "optimizer_steps": step, "seed": args.seed,
+            "grad_scaler": {"scale": scaler.get_scale()} if scaler.is_enabled() else {}})
+        log(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
+
+    rows_per_rank = args.global_batch_size // layout.dp
+    mbs = rows_per_rank // micro_steps
+    global_targets = tokens_per_step  # every position of every sequence has a target
+    first_loss, t_start, window_start = None, time.perf_counter(), time.perf_counter()
+    for step in range(start_step, args.steps):
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ddp.zero_grad()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(micro_steps):
+            first_row = layout.dp_rank * rows_per_rank + micro * mbs
+            x, y = train_data.batch(step, args.seed, args.global_batch_size, args.seq_len,
+                                    slice(first_row, first_row + mbs))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                loss = model(x, labels=y) / global_targets
+            # Only the last micro-batch's backward all-reduces (overlapped with itself).
+            with ddp.no_sync() if micro < micro_steps - 1 else contextlib.nullcontext():
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        ddp.finish()
+        scaler.unscale_(optimizer)
+        grad_norm = parallel.clip_grad_norm(model.parameters(), args.clip_grad, layout)
+        scaler.step(optimizer)
+        scaler.update()
+        parallel.all_reduce(step_loss, layout.dp_group)
+        tokens_seen += tokens_per_step
+
+        done = step + 1
+        loss_value = step_loss.item()
+        first_loss = first_loss or loss_value
+        now = time.perf_counter()
+        step_time, window_start = now - window_start, now
+        record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_s": tokens_per_step / step_time,
+                  "mfu": flops_per_step / step_time / (peak * layout.world) if peak else None,
+                  "mem_gb": memory_gb(device), "tokens_seen": tokens_seen}
+        if done % (args.eval_every or args.steps) == 0 or done == args.steps:
+            record["val_loss"] = evaluate(model, val_data, args, layout, autocast)
+        if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
+            eta = (now - t_start) / (done - start_step) * (args.steps - done)
+            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            log(f"step {done:5d}/{args.steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
+                f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
+                f"mfu {mfu} | mem {record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if wandb_run:
+            wandb_run.log(record, step=done)
+        if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
+            save(done)
+
+    if args.save and start_step < args.steps:
+        save(args.steps)
+    if first_loss is not None:
+        log(f"done: loss {first_loss:.4f} -> {loss_value:.4f} in {time.perf_counter() - t_start:.0f}s")
+    if args.sample_tokens and layout.is_main:
+        text = generate.sample_text(model, tokenizer, "", args.sample_tokens, seed=args.seed)
+        log("---- sample ----\n" + text + "\n----------------")
+    if metrics_file:
+        metrics_file.close()
+    if wandb_run:
+        wandb_run.finish()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UsageError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        parallel.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
