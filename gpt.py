@@ -53,6 +53,24 @@ PRESETS = {
 }
 
 
+def hf_name(name):
+    """Our parameter name -> Hugging Face GPT2LMHeadModel's. HF stores GPT-2's linear
+    weights as (in, out) (its Conv1D), so every 2-D weight but the embeddings is
+    transposed on the way (see `hf_transposed`)."""
+    if name == "lm_head.weight":
+        return name
+    for ours, theirs in (("pos_embed.", "wpe."), ("embed.", "wte."), ("layers.", "h."),
+                         ("attn_norm.", "ln_1."), ("mlp_norm.", "ln_2."), ("attn.qkv.", "attn.c_attn."),
+                         ("attn.proj.", "attn.c_proj."), ("mlp.fc.", "mlp.c_fc."),
+                         ("mlp.proj.", "mlp.c_proj."), ("norm.", "ln_f.")):
+        name = name.replace(ours, theirs)
+    return "transformer." + name
+
+
+def hf_transposed(name):
+    return name.endswith("weight") and "layers." in name and "norm" not in name
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()

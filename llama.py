@@ -83,6 +83,16 @@ PRESETS = {
 }
 
 
+def hf_name(name):
+    """Our parameter name -> Hugging Face's (LlamaForCausalLM, Mistral, Qwen2, Qwen3)."""
+    if name == "lm_head.weight":
+        return name
+    for ours, theirs in (("embed.", "embed_tokens."), ("attn_norm.", "input_layernorm."),
+                         ("mlp_norm.", "post_attention_layernorm."), ("attn.", "self_attn.")):
+        name = name.replace(ours, theirs)
+    return "model." + name
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()

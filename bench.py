@@ -1,0 +1,246 @@
+"""Benchmarks: `python bench.py MODE [options] [--json FILE]`.
+
+Speed and memory targets are checked here, never in timed tests. Each mode prints a
+small table and a one-line summary; `--json FILE` also writes its numbers, so a figure
+quoted in a note comes from a command anyone can rerun.
+
+Modes:
+  train-vs-hf   training tokens/s of our `llama` against transformers' LlamaForCausalLM
+                of the identical shape and weights, in one process (target: ours >= 1.0x).
+                python bench.py train-vs-hf [--config tiny] [--batch-size 16] [--seq-len 256]
+
+Adding a mode: write `def bench_NAME(args, device) -> dict` (print a table, return the
+results) and register its options in `MODES` at the bottom.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+from parallel import UsageError
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------
+
+def header(device):
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_avg_1min": os.getloadavg()[0]}  # other processes skew CPU timings
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, title, format spec)."""
+    cells = [[title for _, title, _ in columns]] + [
+        [format(row[key], spec) for key, _, spec in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------
+# train-vs-hf
+# ----------------------------------------------------------------------------
+
+def hf_llama_like(cfg, ours, device):
+    """transformers.LlamaForCausalLM with `cfg`'s shape, holding a copy of `ours`' weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    unsupported = [f for f in ("rope_scaling_factor", "sliding_window", "qk_norm") if getattr(cfg, f)]
+    if unsupported:
+        raise UsageError(f"train-vs-hf compares against HF LLaMA, which lacks {', '.join(unsupported)}; "
+                         f"pick a preset without them (tiny, test)")
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias,
+        attn_implementation="sdpa", dtype=torch.float32,
+        use_cache=False)  # training: no KV cache to fill on every forward
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg)
+    renames = {"attn.": "self_attn.", "attn_norm.": "input_layernorm.",
+               "mlp_norm.": "post_attention_layernorm."}
+    state = {}
+    for name, tensor in ours.state_dict().items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            for old, new in renames.items():
+                rest = rest.replace(old, new, 1) if rest.startswith(old) else rest
+            state[f"model.layers.{i}.{rest}"] = tensor
+        elif name == "lm_head.weight":
+            state[name] = tensor
+        else:  # embed.weight, norm.weight
+            state["model." + name.replace("embed.", "embed_tokens.")] = tensor
+    if cfg.qkv_bias:  # HF's attention_bias also puts a bias on o_proj; ours has none
+        for i in range(cfg.n_layers):
+            state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.dim, device=device)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+@torch.no_grad()
+def check_logits(ours, hf, x, tol=1e-4):
+    """Same weights, same batch: the logits must agree, or the comparison is not like for like."""
+    ours.eval(), hf.eval()
+    a, b = ours(x), hf(input_ids=x).logits
+    ours.train(), hf.train()
+    diff = (a - b).abs()
+    worst = diff.max().item()
+    if worst > tol:
+        pos = (diff.amax(dim=(0, 2)) > tol).nonzero().flatten().tolist()
+        raise AssertionError(f"logits differ from HF LLaMA by up to {worst:.3g} (> {tol}) at "
+                             f"positions {pos[:8]}{'...' if len(pos) > 8 else ''} of {x.shape[1]}")
+    return worst
+
+
+def train_vs_hf(args, device):
+    import transformers
+    cfg = models.make_config("llama", args.config, args.set)
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}")
+    train_data, _ = data.load_dataset("stdlib", "byte", args.seq_len)
+    n_batches = args.warmup + args.steps
+    batches = [tuple(t.to(device) for t in train_data.batch(s, args.seed, args.batch_size, args.seq_len))
+               for s in range(n_batches)]
+
+    torch.manual_seed(args.seed)
+    ours = models.build("llama", cfg, device, args.seed)
+    hf = hf_llama_like(cfg, ours, device)
+    max_diff = check_logits(ours, hf, batches[0][0])
+
+    def loss_ours(x, y):
+        return ours(x, labels=y) / y.numel()
+
+    def loss_hf(x, y):
+        return F.cross_entropy(hf(input_ids=x).logits.float().flatten(0, 1), y.flatten())
+
+    runs = {}
+    for name, model, loss_fn in (("ours", ours, loss_ours), ("hf", hf, loss_hf)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                weight_decay=0.1, fused=device.type == "cuda")
+        runs[name] = {"model": model, "loss_fn": loss_fn, "opt": opt, "times": [], "losses": []}
+
+    def step(run, s):
+        x, y = batches[s]
+        sync(device)
+        t0 = time.perf_counter()
+        loss = run["loss_fn"](x, y)
+        loss.backward()
+        run["opt"].step()
+        run["opt"].zero_grad(set_to_none=True)
+        sync(device)
+        run["losses"].append(loss.item())
+        return time.perf_counter() - t0
+
+    for run in runs.values():  # warm-up: allocator, kernels, optimizer state
+        for s in range(args.warmup):
+            step(run, s)
+    # Timed steps alternate between the models in blocks, so background load hits both.
+    for start in range(args.warmup, n_batches, args.block):
+        for run in runs.values():
+            for s in range(start, min(start + args.block, n_batches)):
+                run["times"].append(step(run, s))
+
+    tokens = args.batch_size * args.seq_len
+    rows = []
+    for name, run in runs.items():
+        t = run["times"]
+        rows.append({"model": {"ours": "ours (llama.py)", "hf": f"HF transformers {transformers.__version__}"}[name],
+                     "params_m": sum(p.numel() for p in run["model"].parameters()) / 1e6,
+                     "ms_mean": 1e3 * sum(t) / len(t), "ms_best": 1e3 * min(t),
+                     "tokens_per_s": tokens * len(t) / sum(t), "loss_last": run["losses"][-1]})
+    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    print(f"llama/{args.config}: batch {args.batch_size} x seq {args.seq_len} = {tokens:,} tokens/step | "
+          f"{args.warmup} warm-up + {args.steps} timed steps each, blocks of {args.block} | fp32 AdamW")
+    print(f"logits check: max |ours - HF| = {max_diff:.2e} (<= 1e-4) on batch 0")
+    print()
+    print_table(rows, [("model", "model", ""), ("params_m", "params (M)", ".2f"),
+                       ("ms_mean", "step ms (mean)", ".1f"), ("ms_best", "step ms (best)", ".1f"),
+                       ("tokens_per_s", "tokens/s", ",.0f"), ("loss_last", "last loss", ".4f")])
+    print()
+    print(f"train-vs-hf: ours {rows[0]['tokens_per_s']:,.0f} tok/s vs HF {rows[1]['tokens_per_s']:,.0f} "
+          f"tok/s = {ratio:.2f}x (target >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'})")
+    return {"config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "steps": args.steps, "warmup": args.warmup, "block": args.block,
+            "transformers": transformers.__version__, "logits_max_abs_diff": max_diff,
+            "logits_check": "passed", "ours": rows[0], "hf": rows[1], "ratio": ratio,
+            "target_met": ratio >= 1.0}
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def add_train_vs_hf(p):
+    p.add_argument("--config", default="tiny", help="llama preset (tiny, test, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--block", type=int, default=5, help="consecutive steps per model when alternating")
+
+
+# mode -> (function, help, options). One entry per mode.
+MODES = {
+    "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for name, (_, help_text, add_options) in MODES.items():
+        sub = modes.add_parser(name, help=help_text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        sub.add_argument("--seed", type=int, default=1337)
+        sub.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+        add_options(sub)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is visible")
+    device = torch.device(args.device if args.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    info = header(device)
+    print(f"bench {args.mode} | {info['device']} | torch {info['torch']} | "
+          f"{info['threads']} threads | load {info['load_avg_1min']:.2f} | {info['date']}")
+    try:
+        results = MODES[args.mode][0](args, device)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"mode": args.mode, **info, "args": vars(args), "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""train.py end to end: learning, data-parallel equality, resume, and bad input.
+
+Multi-process runs go through torchrun exactly as a user launches them (gloo on CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small and quick; --peak-tflops skips the start-up matmul that measures the CPU.
+FAST = ["--config", "test", "--seq-len", "32", "--global-batch-size", "8", "--steps", "10",
+        "--warmup-steps", "2", "--lr", "3e-3", "--sample-tokens", "0", "--peak-tflops", "1",
+        "--eval-every", "0", "--eval-batches", "1"]
+
+
+def run(args, nproc=1, expect_ok=True):
+    """Run train.py (under torchrun when nproc > 1); return the CompletedProcess."""
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(path):
+    with open(path) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def assert_same_curve(got, expected, rel=1e-5):
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected), 1):
+        assert abs(a - b) <= rel * abs(b), f"step {step}: {a} vs {b}"
+
+
+def test_loss_falls_on_builtin_corpus(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = run(["--model", "llama", *FAST, "--steps", "40", "--metrics", str(metrics),
+                "--sample-tokens", "20"])
+    curve = losses(metrics)
+    assert curve[-1] < 0.75 * curve[0]
+    assert "---- sample ----" in proc.stdout
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "val_loss"} <= set(record)
+
+
+@pytest.mark.parametrize("model", ["gpt", "llama"])
+def test_data_parallel_equals_one_process(model, tmp_path):
+    """dp=2 and dp=4, with and without gradient accumulation, follow the dp=1 curve."""
+    reference = tmp_path / "ref.jsonl"
+    run(["--model", model, *FAST, "--metrics", str(reference)])
+    expected = losses(reference)
+    for nproc, micro in [(1, 2), (2, 4), (2, 1), (4, 2), (4, 1)]:
+        metrics = tmp_path / f"dp{nproc}-mb{micro}.jsonl"
+        run(["--model", model, *FAST, "--micro-batch-size", str(micro), "--metrics", str(metrics)],
+            nproc=nproc)
+        assert_same_curve(losses(metrics), expected)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = tmp_path / "full.jsonl"
+    run(["--model", "llama", *FAST, "--metrics", str(full)])
+    first = tmp_path / "first.jsonl"
+    ckpt = tmp_path / "ckpt"
+    run(["--model", "llama", *FAST, "--steps", "10", "--save", str(ckpt), "--save-every", "4",
+         "--metrics", str(first)])
+    # Resume from step 4 (not the newest) into a new save root; then from the newest.
+    resumed = tmp_path / "resumed.jsonl"
+    run(["--model", "llama", *FAST, "--load", str(ckpt / "step_00000004"),
+         "--save", str(tmp_path / "ckpt2"), "--metrics", str(resumed)])
+    assert_same_curve(losses(resumed), losses(full)[4:], rel=1e-6)
+    # Resume under dp=2 from the dp=1 checkpoint: the layout-free index at work.
+    resumed2 = tmp_path / "resumed2.jsonl"
+    run(["--model", "llama", *FAST, "--load", str(ckpt / "step_00000008"), "--metrics",
+         str(resumed2)], nproc=2)
+    assert_same_curve(losses(resumed2), losses(full)[8:])
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line naming the problem, exit status 2
+# ----------------------------------------------------------------------------
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "bert2"], "unknown --model"),
+    (["--model", "llama", "--config", "llama9"], "unknown --config"),
+    (["--model", "llama", "--tp", "2"], "not divisible by tp*cp*pp"),
+    (["--model", "llama", "--global-batch-size", "8", "--micro-batch-size", "3"], "micro-batch-size"),
+    (["--model", "llama", "--data", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["--model", "llama", "--load", "/"], "not a checkpoint"),
+    (["--model", "llama", "--load", "/no/such/dir"], "no such directory"),
+    (["--model", "llama", "--set", "n_heads=5"], "n_kv_heads"),
+    (["--model", "llama", "--precision", "fp8"], "fp8"),
+])
+def test_bad_input_is_one_line(capsys, argv, message):
+    assert message in one_line_error(capsys, argv + ["--config", "test"] * ("--config" not in argv))
+
+
+def test_checkpoints_are_never_overwritten_or_silently_loaded_when_damaged(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    argv = ["--model", "gpt", *FAST, "--steps", "2", "--save", str(ckpt)]
+    train.main(argv)
+    saved = (ckpt / "step_00000002" / "shard-00000.safetensors").read_bytes()
+    assert "already holds checkpoints" in one_line_error(capsys, argv)
+    assert (ckpt / "step_00000002" / "shard-00000.safetensors").read_bytes() == saved
+    assert "different model" in one_line_error(capsys, ["--model", "llama", *FAST, "--load", str(ckpt)])
+    shard = ckpt / "step_00000002" / "shard-00000.safetensors"
+    shard.write_bytes(saved[: len(saved) // 2])  # truncated, as by a full disk
+    assert "damaged" in one_line_error(capsys, ["--model", "gpt", *FAST, "--load", str(ckpt),
+                                                "--steps", "3"])
