@@ -66,21 +66,19 @@ def _fsync_write(path, text):
 
 
 def train_state_tensors(model, optimizer):
-    """The tensors a rank owns, by global name: weights, then AdamW's two moments."""
-    tensors = {}
-    for name, p in model.named_parameters():
-        tensors[f"model.{name}"] = p.detach()
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"optimizer.{key}.{name}"] = state[key]
+    """{global name: (tensor, its parameter)}: weights, then AdamW's two moments, each
+    shaped like its parameter (so it sits in the same region of the global tensor).
+    Collective under ZeRO-1 (the moments are gathered over dp): call on every rank."""
+    params = dict(model.named_parameters())
+    tensors = {f"model.{name}": (p.detach(), p) for name, p in params.items()}
+    for name, (exp_avg, exp_avg_sq) in optimizer.state_tensors().items():
+        tensors[f"optimizer.exp_avg.{name}"] = (exp_avg, params[name])
+        tensors[f"optimizer.exp_avg_sq.{name}"] = (exp_avg_sq, params[name])
     return tensors
 
 
-def _global_region(tensor):
-    """(global shape, offset) of the region of the global tensor this rank holds.
-    Every tensor is whole today; sharded tensors will report their slice here."""
-    return list(tensor.shape), [0] * tensor.dim()
+def _extent_slices(extent):
+    return tuple(slice(0, n) for n in extent)
 
 
 def save(root, step, model, optimizer, layout, meta):
@@ -94,16 +92,20 @@ def save(root, step, model, optimizer, layout, meta):
         os.makedirs(tmp)
     parallel.barrier()
 
-    # Replicas along dp and cp hold the same tensors: only coordinate 0 writes them.
+    state = train_state_tensors(model, optimizer)
+    # Replicas along dp and cp hold the same tensors: only coordinate 0 writes them;
+    # tensor-parallel ranks each write their own shards.
     if layout.dp_rank == 0 and layout.cp_rank == 0:
         shard = f"shard-{layout.rank:05d}.safetensors"
-        tensors = {k: v.contiguous().cpu() for k, v in train_state_tensors(model, optimizer).items()}
+        tensors, pieces = {}, {}
+        for key, (tensor, param) in state.items():
+            if not getattr(param, "tp_sharded", False) and layout.tp_rank != 0:
+                continue  # replicated over tp: tp rank 0 writes it
+            shape, offset, extent = parallel.global_region(param)
+            tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
+            pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
+                           "pieces": [{"file": shard, "offset": offset, "shape": extent}]}
         save_file(tensors, os.path.join(tmp, shard))
-        pieces = {}
-        for key, t in tensors.items():
-            shape, offset = _global_region(t)
-            pieces[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."),
-                           "pieces": [{"file": shard, "offset": offset, "shape": list(t.shape)}]}
         _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -161,12 +163,13 @@ class _Reader:
                                           f"or incomplete")
         return self.files[name]
 
-    def read_into(self, key, target):
-        """Fill `target` (this rank's region of global tensor `key`) from the pieces."""
+    def read_into(self, key, target, param):
+        """Fill `target`, shaped like `param`, with the region of global tensor `key` that
+        `param` holds on this rank, from whichever pieces overlap it."""
         entry = self.index.get(key)
         if entry is None:
             raise parallel.UsageError(f"checkpoint {self.step_dir} has no tensor {key}")
-        shape, offset = _global_region(target)
+        shape, offset, extent = parallel.global_region(param)
         if entry["shape"] != shape:
             raise parallel.UsageError(f"{key}: checkpoint shape {entry['shape']} differs from "
                                       f"the model's {shape}; the config does not match")
@@ -175,7 +178,7 @@ class _Reader:
             # Overlap of the piece's region with the wanted region, per dimension.
             lo = [max(o, p) for o, p in zip(offset, piece["offset"])]
             hi = [min(o + s, p + n) for o, s, p, n in
-                  zip(offset, target.shape, piece["offset"], piece["shape"])]
+                  zip(offset, extent, piece["offset"], piece["shape"])]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
             src = self._open(piece["file"]).get_slice(key)
@@ -183,7 +186,7 @@ class _Reader:
             dst_index = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
             target[dst_index] = src[src_index].to(target.dtype)
             covered += _numel(lo, hi)
-        if covered != target.numel():
+        if covered != _numel([0] * len(extent), extent):
             raise parallel.UsageError(f"checkpoint {self.step_dir} is missing part of {key}")
 
 
@@ -198,15 +201,15 @@ def load(step_dir, model, optimizer, layout):
     """Load weights, optimizer state and this rank's RNG state; return meta.json."""
     meta = read_meta(step_dir)
     reader = _Reader(step_dir)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            reader.read_into(f"model.{name}", p.data)
-            if optimizer is not None and f"optimizer.exp_avg.{name}" in reader.index:
-                state = optimizer.state[p]
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    reader.read_into(f"optimizer.{key}.{name}", state[key])
-                state["step"] = torch.tensor(float(meta["optimizer_steps"]))
+        for name, p in params.items():
+            reader.read_into(f"model.{name}", p.data, p)
+        if optimizer is not None:
+            optimizer.load_state_tensors(
+                lambda name, key, target: reader.read_into(f"optimizer.{key}.{name}", target,
+                                                           params[name]),
+                meta["optimizer_steps"])
     rng_file = os.path.join(step_dir, f"rng-{layout.rank:05d}.safetensors")
     if os.path.exists(rng_file):  # the same rank existed when saving: restore its stream
         with safe_open(rng_file, framework="pt") as f:

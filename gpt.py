@@ -54,9 +54,7 @@ PRESETS = {
 
 
 def hf_name(name):
-    """Our parameter name -> Hugging Face GPT2LMHeadModel's. HF stores GPT-2's linear
-    weights as (in, out) (its Conv1D), so every 2-D weight but the embeddings is
-    transposed on the way (see `hf_transposed`)."""
+    """Our parameter name -> Hugging Face GPT2LMHeadModel's."""
     if name == "lm_head.weight":
         return name
     for ours, theirs in (("pos_embed.", "wpe."), ("embed.", "wte."), ("layers.", "h."),
@@ -67,44 +65,59 @@ def hf_name(name):
     return "transformer." + name
 
 
-def hf_transposed(name):
-    return name.endswith("weight") and "layers." in name and "norm" not in name
+def from_hf(name, tensor):
+    """A Hugging Face tensor in our layout. HF stores GPT-2's linear weights as (in, out)
+    (its Conv1D), so they are transposed; its fused c_attn is [Q | K | V] along the
+    output, which is our (3, dim, ...) Q/K/V grouping."""
+    if "layers." in name and name.endswith("weight") and tensor.dim() == 2:
+        tensor = tensor.t()
+    if ".attn.qkv." in name:
+        tensor = tensor.reshape(3, -1, *tensor.shape[1:])
+    return tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config):
+    """Causal self-attention; under tp each rank owns n_heads/tp heads."""
+
+    def __init__(self, cfg: Config, layout):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.layout = layout
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.qkv = parallel.ColumnParallelLinear(cfg.dim, 3 * cfg.dim, layout, bias=True, groups=3)
+        self.proj = parallel.RowParallelLinear(cfg.dim, cfg.dim, layout, bias=True)
 
     def forward(self, x, key_padding_mask=None, kv_cache=None):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2)
-                   for t in self.qkv(x).split(C, dim=-1))
+        x = parallel.enter_tp_region(x, self.layout)
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layout):
         super().__init__()
-        self.fc = nn.Linear(cfg.dim, cfg.ffn_dim)
-        self.proj = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.layout = layout
+        self.fc = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout, bias=True)
+        self.proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout, bias=True)
 
     def forward(self, x):
+        x = parallel.enter_tp_region(x, self.layout)
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layout):
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layout)
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layout)
+        if layout.sp:  # norms run on this rank's tokens only
+            parallel.mark_partial_grad(*self.attn_norm.parameters(), *self.mlp_norm.parameters())
 
     def forward(self, x, key_padding_mask=None, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), key_padding_mask, kv_cache)
@@ -112,15 +125,19 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layout=None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layout = layout = layout or parallel.Layout()
+        parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
+        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        if layout.sp:  # each rank adds positions to, and normalizes, its own tokens only
+            parallel.mark_partial_grad(self.pos_embed.weight, *self.norm.parameters())
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
 
     def init_weights(self, seed):
         """Deterministic, layout-independent initialization (see parallel.init_parameters).
@@ -136,29 +153,30 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
-        parallel.cross_entropy_sum). `attention_mask` (B, T) marks real tokens as HF does;
-        `kv_caches` (from new_kv_caches) makes this a decoding step after the cached tokens."""
+        parallel.vocab_parallel_cross_entropy_sum). `attention_mask` (B, T) marks real
+        tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
+        after the cached tokens. Under sp the residual stream holds this rank's tokens."""
         start = kv_caches[0].length if kv_caches else 0
         T = input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
             raise parallel.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
         positions = torch.arange(start, start + T, device=input_ids.device)
-        x = self.embed(input_ids) + self.pos_embed(positions)
+        x = self.embed(input_ids) + parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, attention_mask, kv_caches[i] if kv_caches else None)
         x = self.norm(x)
-        head = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        logits = x @ head.t()
-        return logits if labels is None else parallel.cross_entropy_sum(logits, labels)
+        head = self.embed if self.cfg.tie_embeddings else self.lm_head
+        logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)
+        if labels is None:
+            return parallel.gather_logits(logits, self.layout, self.cfg.vocab_size)
+        return parallel.vocab_parallel_cross_entropy_sum(logits, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 3 x forward, where the forward is 2 FLOPs per weight
-        of every matrix multiply (the head included) plus attention's QK^T and AV."""
+        """Training FLOPs per token of the whole model: 3 x forward, where the forward is
+        2 FLOPs per weight of every matrix multiply (QKV, projections, MLP, the output
+        layer) plus attention's QK^T and AV, 2 * 2 * seq_len * dim per layer."""
         c = self.cfg
-        matmul_params = sum(p.numel() for n, p in self.named_parameters()
-                            if p.dim() == 2 and n not in ("embed.weight", "pos_embed.weight"))
-        if c.tie_embeddings:
-            matmul_params += self.embed.weight.numel()
-        attention = 2 * 2 * seq_len * c.dim * c.n_layers
-        return 3 * (2 * matmul_params + attention)
+        matmul_weights = c.n_layers * (4 * c.dim * c.dim + 2 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
+        attention = c.n_layers * 2 * 2 * seq_len * c.dim
+        return 3 * (2 * matmul_weights + attention)

@@ -83,6 +83,11 @@ PRESETS = {
 }
 
 
+def from_hf(name, tensor):
+    """A Hugging Face tensor in our layout (the same for this family)."""
+    return tensor
+
+
 def hf_name(name):
     """Our parameter name -> Hugging Face's (LlamaForCausalLM, Mistral, Qwen2, Qwen3)."""
     if name == "lm_head.weight":
@@ -94,19 +99,25 @@ def hf_name(name):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config):
+    """Grouped-query attention; under tp each rank owns n_heads/tp query heads and the
+    n_kv_heads/tp KV heads they read."""
+
+    def __init__(self, cfg: Config, layout):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layout = cfg, layout
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, layout, cfg.qkv_bias)
+        self.k_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias)
+        self.v_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias)
+        self.o_proj = parallel.RowParallelLinear(cfg.n_heads * hd, cfg.dim, layout)
         if cfg.qk_norm:
             self.q_norm = kernels.RMSNorm(hd, cfg.norm_eps)
             self.k_norm = kernels.RMSNorm(hd, cfg.norm_eps)
+            if layout.tp > 1:  # shared by all heads, but each rank sees only its own heads
+                parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
 
     def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
+        x = parallel.enter_tp_region(x, self.layout)
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)
@@ -124,23 +135,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    """SwiGLU; under tp each rank owns ffn_dim/tp of the hidden features (a matching
+    slice of gate and up, and the same slice of down's inputs)."""
+
+    def __init__(self, cfg: Config, layout):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.layout = layout
+        self.gate_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout)
+        self.up_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout)
+        self.down_proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout)
 
     def forward(self, x):
+        x = parallel.enter_tp_region(x, self.layout)
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layout):
         super().__init__()
         self.attn_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layout)
         self.mlp_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layout)
+        if layout.sp:  # norms run on this rank's tokens only
+            parallel.mark_partial_grad(self.attn_norm.weight, self.mlp_norm.weight)
 
     def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, kv_cache)
@@ -148,14 +166,19 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layout=None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layout = layout = layout or parallel.Layout()
+        parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                                 ffn_dim=cfg.ffn_dim)
+        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
         self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+        if layout.sp:
+            parallel.mark_partial_grad(self.norm.weight)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
 
     def init_weights(self, seed):
@@ -176,8 +199,9 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
-        parallel.cross_entropy_sum). `attention_mask` (B, T) marks real tokens as HF does;
-        `kv_caches` (from new_kv_caches) makes this a decoding step after the cached tokens."""
+        parallel.vocab_parallel_cross_entropy_sum). `attention_mask` (B, T) marks real
+        tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
+        after the cached tokens. Under sp the residual stream holds this rank's tokens."""
         start = kv_caches[0].length if kv_caches else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
@@ -185,18 +209,22 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
         x = self.norm(x)
-        head = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        logits = x @ head.t()
-        return logits if labels is None else parallel.cross_entropy_sum(logits, labels)
+        # The output layer multiplies by a vocabulary-sharded matrix: the embedding's when tied.
+        head = self.embed if self.cfg.tie_embeddings else self.lm_head
+        logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)
+        if labels is None:
+            return parallel.gather_logits(logits, self.layout, self.cfg.vocab_size)
+        return parallel.vocab_parallel_cross_entropy_sum(logits, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward = 3x forward), written out:
-        each weight multiply-adds once per token (2 FLOPs) in the forward pass, and
-        attention's QK^T and AV add 2 * 2 * seq_len * head_dim per head per layer."""
+        """Training FLOPs per token of the whole model (forward + backward = 3 x forward):
+        each weight of a matrix multiply costs 2 FLOPs (multiply, add) per token, and
+        attention's QK^T and AV cost 2 * 2 * seq_len * head_dim per head (the full square,
+        by the usual convention, though causal masking skips half)."""
         c = self.cfg
-        matmul_params = sum(p.numel() for n, p in self.named_parameters()
-                            if p.dim() == 2 and n != "embed.weight")
-        if c.tie_embeddings:
-            matmul_params += self.embed.weight.numel()
-        attention = 2 * 2 * seq_len * c.head_dim * c.n_heads * c.n_layers
-        return 3 * (2 * matmul_params + attention)
+        q_and_o = 2 * c.dim * c.n_heads * c.head_dim
+        k_and_v = 2 * c.dim * c.n_kv_heads * c.head_dim
+        mlp = 3 * c.dim * c.ffn_dim
+        matmul_weights = c.n_layers * (q_and_o + k_and_v + mlp) + c.dim * c.vocab_size
+        attention = c.n_layers * c.n_heads * 2 * 2 * seq_len * c.head_dim
+        return 3 * (2 * matmul_weights + attention)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -47,6 +48,7 @@ class Layout:
     dp: int = 1
     pp: int = 1
     ep: int = 1
+    sp: bool = False               # sequence parallelism (meaningful when tp > 1)
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: object = None
@@ -81,7 +83,8 @@ class Layout:
         return self.rank == 0
 
     def describe(self):
-        return (f"world={self.world} tp={self.tp} cp={self.cp} dp={self.dp} pp={self.pp} "
+        sp = " (sp)" if self.sp and self.tp > 1 else ""
+        return (f"world={self.world} tp={self.tp}{sp} cp={self.cp} dp={self.dp} pp={self.pp} "
                 f"ep={self.ep} device={self.device}")
 
 
@@ -117,7 +120,7 @@ def _ranks_along(axis, layout_sizes):
     return groups
 
 
-def init_distributed(tp=1, cp=1, pp=1, ep=1, device=None, timeout_minutes=10):
+def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, device=None, timeout_minutes=10):
     """Set up the process groups from torchrun's environment (RANK, WORLD_SIZE, ...),
     or a single process when launched with plain `python`.
 
@@ -134,7 +137,7 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, device=None, timeout_minutes=10):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, rank=rank, device=device)
+    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, rank=rank, device=device)
     if world == 1:
         return layout
 
@@ -171,18 +174,29 @@ def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
 
 
 # ----------------------------------------------------------------------------
-# 3. Layout-independent initialization
+# 3. Layout-independent initialization, and where a shard sits in its global tensor
 # ----------------------------------------------------------------------------
+
+def global_region(param):
+    """Where this rank's `param` sits in its global tensor: (global shape, offset,
+    extent). Sharded layers set `param.global_shape` / `param.global_offset`; anything
+    else is whole. The extent is the shard's shape clipped to the global shape: a shard
+    may reach past it (vocabulary padding), and that part belongs to no global tensor."""
+    shape = list(getattr(param, "global_shape", param.shape))
+    offset = list(getattr(param, "global_offset", [0] * param.dim()))
+    extent = [max(0, min(n, g - o)) for n, g, o in zip(param.shape, shape, offset)]
+    return shape, offset, extent
+
 
 def init_parameters(module, seed, std_for):
     """Fill every parameter of `module` so that the *global* weights depend only on
     (seed, parameter name), never on the layout.
 
-    Each tensor is drawn whole from its own generator keyed by (seed, name); a rank
-    holding a shard would then keep its slice. Names must therefore be global (models
-    key their layers by global index, so layer 7 is `layers.7` on every stage).
-    `std_for(name)` gives the normal std of matrices and embeddings; biases start at
-    zero and the other 1-D parameters (the gains of norms) at one.
+    Each tensor is drawn whole from its own generator keyed by (seed, name), and a
+    rank holding a shard keeps its box of it (padding beyond the global shape is zero).
+    Names must therefore be global (models key their layers by global index, so layer
+    7 is `layers.7` on every stage). `std_for(name)` gives the normal std of matrices
+    and embeddings; biases start at zero and the other 1-D parameters (norm gains) at one.
     """
     for name, param in module.named_parameters():
         with torch.no_grad():
@@ -192,69 +206,329 @@ def init_parameters(module, seed, std_for):
                 param.fill_(1.0)
             else:
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.empty(param.shape, dtype=torch.float32)
+                shape, offset, extent = global_region(param)
+                full = torch.empty(shape, dtype=torch.float32)
                 full.normal_(0.0, std_for(name), generator=gen)
-                param.copy_(full)
+                param.zero_()
+                param[tuple(slice(0, n) for n in extent)] = full[
+                    tuple(slice(o, o + n) for o, n in zip(offset, extent))].to(param.device)
 
 
 # ----------------------------------------------------------------------------
-# 4. Data parallelism: bucketed all-reduce overlapped with backward
+# 4. Tensor parallelism (Megatron) and sequence parallelism
+# ----------------------------------------------------------------------------
+# A transformer layer under tp: the input is made available to every tp rank
+# (`enter_tp_region`), column-parallel layers compute a slice of the output features
+# each (a slice of the heads, of the FFN width), row-parallel layers turn those slices
+# into partial sums of the full output, and `leave_tp_region` adds the partial sums.
+#
+#   without sp: enter = identity (backward: all-reduce); leave = all-reduce (backward:
+#               identity). Norms and residuals run on the full sequence on every rank.
+#   with sp:    enter = all-gather the sequence (backward: reduce-scatter); leave =
+#               reduce-scatter into sequence shards (backward: all-gather). Norms and
+#               residuals run on 1/tp of the tokens: the same communication volume,
+#               1/tp of their activation memory.
+# Tensors are (batch, sequence, features); sp shards dimension 1.
+
+def _gather_seq(x, group):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x, group):
+    parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=1)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+def enter_tp_region(x, layout):
+    """Before column-parallel layers: every tp rank needs the whole input."""
+    if layout.tp == 1:
+        return x
+    return (_GatherSequence if layout.sp else _CopyToTP).apply(x, layout.tp_group)
+
+
+def leave_tp_region(x, layout):
+    """After a row-parallel layer: sum the partial outputs (into sequence shards under sp)."""
+    if layout.tp == 1:
+        return x
+    return (_ReduceScatterSequence if layout.sp else _ReduceFromTP).apply(x, layout.tp_group)
+
+
+def sequence_shard(x, layout):
+    """This rank's tokens of a full-sequence tensor (B, T, ...) under sp; else all of it."""
+    if layout.tp == 1 or not layout.sp:
+        return x
+    return x.chunk(layout.tp, dim=1)[layout.tp_rank]
+
+
+def mark_partial_grad(*params):
+    """These replicated parameters see only part of the work on each tp rank (norms on
+    sequence shards, a QK-norm on a slice of the heads): their gradients are summed over
+    tp before the optimizer step (DataParallel does it)."""
+    for p in params:
+        p.tp_partial_grad = True
+
+
+def _shard(param, dim, layout, global_size):
+    """Record that `param` is this rank's slice along `dim` of a tensor whose size
+    there is `global_size` (the slice may include padding beyond it)."""
+    shape = list(param.shape)
+    shape[dim] = global_size
+    offset = [0] * param.dim()
+    offset[dim] = layout.tp_rank * param.shape[dim]
+    param.global_shape, param.global_offset = shape, offset
+    param.tp_sharded = True
+
+
+def check_divisible(tp, **sizes):
+    """Each named size must split evenly over tp ranks (heads, KV heads, FFN width)."""
+    for name, size in sizes.items():
+        _split(size, tp, name)
+
+
+def _split(size, parts, what):
+    if size % parts:
+        raise UsageError(f"{what}={size} is not divisible by tp={parts}; choose a --tp that divides it")
+    return size // parts
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with the *output* features split over tp (no communication here:
+    call `enter_tp_region` on x first). `groups` > 1 fuses several projections of equal
+    width (GPT's Q, K, V): the weight is (groups, out/groups, in) and each group is split
+    separately, so a rank's slice is whole heads of each of Q, K and V."""
+
+    def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features"):
+        super().__init__()
+        per_group = out_features // groups
+        local = _split(per_group, layout.tp, name)
+        shape = (groups, local, in_features) if groups > 1 else (local, in_features)
+        self.weight = nn.Parameter(torch.empty(shape))
+        _shard(self.weight, self.weight.dim() - 2, layout, per_group)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(shape[:-1]))
+            _shard(self.bias, self.bias.dim() - 1, layout, per_group)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        return F.linear(x, self.weight.reshape(-1, self.weight.shape[-1]), bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with the *input* features split over tp: each rank multiplies its
+    slice of x (the output of a column-parallel layer) and the partial results are
+    summed by `leave_tp_region`; the bias is added once, after the sum."""
+
+    def __init__(self, in_features, out_features, layout, bias=False, name="in_features"):
+        super().__init__()
+        self.layout = layout
+        self.weight = nn.Parameter(torch.empty(out_features, _split(in_features, layout.tp, name)))
+        _shard(self.weight, 1, layout, in_features)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if bias and layout.sp:
+            mark_partial_grad(self.bias)
+
+    def forward(self, x):
+        y = leave_tp_region(F.linear(x, self.weight), self.layout)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over tp (an untied output layer uses
+    this class for its weight too: the same vocabulary-sharded matrix). The vocabulary is padded to a
+    multiple of tp (the padding rows are zero, never looked up, and excluded from the
+    loss and from sampling). Each rank looks up the tokens in its range, zeros for the
+    others, and `leave_tp_region` sums: every token's row comes from exactly one rank."""
+
+    def __init__(self, vocab_size, dim, layout):
+        super().__init__()
+        self.layout, self.vocab_size = layout, vocab_size
+        self.per_rank = -(-vocab_size // layout.tp)
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
+        _shard(self.weight, 0, layout, vocab_size)
+
+    def forward(self, ids):
+        if self.layout.tp == 1:
+            return F.embedding(ids, self.weight)
+        start = self.layout.tp_rank * self.per_rank
+        outside = (ids < start) | (ids >= start + self.per_rank)
+        x = F.embedding((ids - start).masked_fill(outside, 0), self.weight)
+        return leave_tp_region(x.masked_fill(outside[..., None], 0.0), self.layout)
+
+
+def vocab_parallel_logits(x, weight, layout):
+    """Logits for this rank's slice of the (padded) vocabulary: the output layer is a
+    column-parallel layer whose weight may be the embedding's (tied)."""
+    return F.linear(enter_tp_region(x, layout), weight)
+
+
+def gather_logits(logits, layout, vocab_size):
+    """Full-vocabulary logits from the tp slices, padding dropped (for sampling, HF parity)."""
+    if layout.tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(layout.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=layout.tp_group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :vocab_size]
+
+
+def vocab_parallel_cross_entropy_sum(logits, labels, layout, vocab_size):
+    """Sum over tokens of -log softmax(logits)[label], labels == -100 ignored, without
+    ever gathering the full logits: each rank holds a slice of the vocabulary, and the
+    softmax needs only three numbers per token from the others, the max, the sum of
+    exponentials and the target's logit (the rank holding it contributes it, others 0).
+
+    The caller divides by the global count of target tokens, which makes the loss the
+    exact mean over the global batch however it is split into ranks and micro-batches.
+    """
+    per_rank = logits.shape[-1]
+    start = layout.tp_rank * per_rank
+    logits = logits.float()
+    if start + per_rank > vocab_size:  # padding columns take no probability
+        padding = torch.arange(start, start + per_rank, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, float("-inf"))
+    max_logit = all_reduce(logits.max(dim=-1).values.detach(), layout.tp_group, dist.ReduceOp.MAX)
+    shifted = logits - max_logit[..., None]
+    sum_exp = shifted.exp().sum(dim=-1)
+    local = labels - start
+    mine = (local >= 0) & (local < per_rank)
+    target = shifted.gather(-1, local.clamp(0, per_rank - 1)[..., None])[..., 0] * mine
+    if layout.tp > 1:
+        sum_exp = _ReduceFromTP.apply(sum_exp, layout.tp_group)
+        target = _ReduceFromTP.apply(target, layout.tp_group)
+    loss = sum_exp.log() - target
+    return loss.masked_fill(labels == -100, 0.0).sum()
+
+
+# ----------------------------------------------------------------------------
+# 5. Data parallelism, ZeRO-1 and the optimizer
 # ----------------------------------------------------------------------------
 
 class DataParallel:
-    """Hand-written DDP.
+    """Hand-written DDP, with ZeRO-1 as an option.
 
-    Every parameter's .grad is a view into one flat buffer per bucket. Buckets are
-    filled in reverse parameter order (roughly the order backward produces them); a
-    post-accumulate-grad hook counts the parameters of a bucket as their gradients
-    land, and when a bucket is complete its all-reduce starts asynchronously while
-    backward keeps computing earlier layers. `finish()` waits for them all.
+    Every parameter's .grad is a view into one flat fp32 buffer per bucket. Buckets are
+    filled in reverse parameter order (roughly the order backward produces gradients);
+    a post-accumulate-grad hook counts a bucket's parameters as their gradients land,
+    and when the bucket is complete its reduction starts asynchronously while backward
+    goes on computing earlier layers. `finish()` waits for all of them.
 
-    Gradients are summed, not averaged: the loss is already divided by the global
-    token count, so the sum over ranks is exactly the gradient of the global mean.
+      plain DP: all-reduce each bucket; every rank then updates every parameter.
+      ZeRO-1:   reduce-scatter each bucket, so rank r receives the summed gradient of
+                its 1/dp slice only; the optimizer state exists only for that slice,
+                the update runs on it, and the updated slices are all-gathered back
+                into the parameters (which are views into a flat buffer too).
 
-    On gradient-accumulation micro-steps call `backward` inside `no_sync()`: no
-    communication happens, gradients just accumulate in the buffers.
+    Gradients are summed, not averaged: the loss is already divided by the global token
+    count, so the sum over ranks is exactly the gradient of the global mean. On
+    accumulation micro-steps run backward inside `no_sync()`: gradients only accumulate.
+    Parameters marked by `mark_partial_grad` are also summed over tp here.
     """
 
-    def __init__(self, module, group, bucket_mb=25.0):
-        self.group = group
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.buckets = []  # each: dict(params, buffer, ready, handle)
+    def __init__(self, module, layout, zero1=False, bucket_mb=25.0):
+        self.layout, self.zero1 = layout, zero1 and layout.dp > 1
+        self.group = layout.dp_group
+        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.buckets = []
         bucket, size = [], 0
-        limit = int(bucket_mb * 2**20 / 4)
-        for p in reversed(self.params):
-            bucket.append(p)
+        for name, p in reversed(self.named_params):
+            bucket.append((name, p))
             size += p.numel()
-            if size >= limit:
-                self._add_bucket(bucket)
+            if size * 4 >= bucket_mb * 2**20:
+                self.buckets.append(self._make_bucket(bucket))
                 bucket, size = [], 0
         if bucket:
-            self._add_bucket(bucket)
+            self.buckets.append(self._make_bucket(bucket))
         self.sync = True
-        if group is not None:
-            for b in self.buckets:
-                for p in b["params"]:
-                    p.register_post_accumulate_grad_hook(self._make_hook(b))
+        for b in self.buckets:
+            for _, p in b["params"]:
+                p.register_post_accumulate_grad_hook(self._make_hook(b))
 
-    def _add_bucket(self, params):
-        device = params[0].device
-        buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+    def _make_bucket(self, named):
+        numel = sum(p.numel() for _, p in named)
+        padded = -(-numel // self.layout.dp) * self.layout.dp  # ZeRO slices must be equal
+        device = named[0][1].device
+        grads = torch.zeros(padded, device=device)
+        data = torch.zeros(padded, device=device)
         offset = 0
-        for p in params:
-            # Autograd accumulates into an existing .grad in place, so the views stay views.
-            p.grad = buffer[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.buckets.append({"params": params, "buffer": buffer, "ready": 0, "handle": None})
+        for _, p in named:
+            n = p.numel()
+            data[offset:offset + n] = p.detach().reshape(-1)
+            # The parameter's storage becomes the flat buffer (ZeRO all-gathers into it),
+            # and autograd accumulates into an existing .grad in place, so views stay views.
+            p.data = data[offset:offset + n].view_as(p)
+            p.grad = grads[offset:offset + n].view_as(p)
+            offset += n
+        shard = padded // self.layout.dp if self.zero1 else padded
+        start = self.layout.dp_rank * shard if self.zero1 else 0
+        return {"params": named, "grads": grads, "data": data, "shard": slice(start, start + shard),
+                "grad_shard": torch.zeros(shard, device=device) if self.zero1 else grads,
+                "ready": 0, "handle": None}
 
     def _make_hook(self, bucket):
         def hook(param):
             if not self.sync:
                 return
+            if getattr(param, "tp_partial_grad", False) and self.layout.tp > 1:
+                all_reduce(param.grad, self.layout.tp_group)
             bucket["ready"] += 1
             if bucket["ready"] == len(bucket["params"]):
-                bucket["handle"] = dist.all_reduce(bucket["buffer"], group=self.group, async_op=True)
+                bucket["handle"] = self._reduce(bucket, async_op=True)
         return hook
+
+    def _reduce(self, bucket, async_op):
+        if self.group is None:
+            return None
+        if self.zero1:
+            return dist.reduce_scatter_single(bucket["grad_shard"], bucket["grads"],
+                                              group=self.group, async_op=async_op)
+        return dist.all_reduce(bucket["grads"], group=self.group, async_op=async_op)
 
     class _NoSync:
         def __init__(self, ddp):
@@ -270,48 +544,166 @@ class DataParallel:
         return self._NoSync(self)
 
     def finish(self):
-        """Wait for every bucket's all-reduce (call after the last backward of a step)."""
-        if self.group is None:
-            return
+        """Wait for every bucket's reduction (call after the last backward of a step)."""
         for b in self.buckets:
-            if b["handle"] is None:
-                # A parameter got no gradient this step (unused branch); reduce anyway so
-                # every rank issues the same collectives.
-                dist.all_reduce(b["buffer"], group=self.group)
-            else:
+            if b["ready"] < len(b["params"]):
+                # Some parameter got no gradient this step (an unused branch): reduce
+                # anyway, so that every rank issues the same collectives.
+                for _, p in b["params"]:
+                    if getattr(p, "tp_partial_grad", False) and self.layout.tp > 1:
+                        all_reduce(p.grad, self.layout.tp_group)
+                self._reduce(b, async_op=False)
+            elif b["handle"] is not None:
                 b["handle"].wait()
             b["handle"], b["ready"] = None, 0
 
     def zero_grad(self):
         for b in self.buckets:
-            b["buffer"].zero_()
+            b["grads"].zero_()
+
+    def all_gather_params(self):
+        """ZeRO-1: after each rank updated its slice, share the slices."""
+        if self.zero1:
+            for b in self.buckets:
+                dist.all_gather_single(b["data"], b["data"][b["shard"]].clone(), group=self.group)
+
+
+class AdamW:
+    """AdamW on the flat buffers of a DataParallel: each rank updates its own slice of
+    every bucket (the whole bucket without ZeRO-1). fp32 state and master weights.
+
+    No weight decay on norms, biases and embeddings: only on weight matrices (dim >= 2)
+    whose name does not contain "embed".
+    """
+
+    def __init__(self, ddp, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+        self.ddp, self.lr, self.betas, self.eps = ddp, lr, betas, eps
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(b["grad_shard"]) for b in ddp.buckets]
+        self.exp_avg_sq = [torch.zeros_like(b["grad_shard"]) for b in ddp.buckets]
+        self.decay = []  # per bucket: weight_decay where it applies, else 0, on the slice
+        for b in ddp.buckets:
+            full = torch.zeros_like(b["grads"])
+            offset = 0
+            for name, p in b["params"]:
+                if p.dim() >= 2 and "embed" not in name:
+                    full[offset:offset + p.numel()] = weight_decay
+                offset += p.numel()
+            self.decay.append(full[b["shard"]].clone())
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for b, m, v, decay in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decay):
+            param, grad = b["data"][b["shard"]], b["grad_shard"]
+            param.mul_(1 - self.lr * decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
+        self.ddp.all_gather_params()
+
+    # Checkpoints store the moments per parameter, whole: layout-free. Under ZeRO-1 the
+    # slices are all-gathered first (a transient full-size copy on each dp rank).
+    def _full(self, flat_states):
+        fulls = []
+        for b, state in zip(self.ddp.buckets, flat_states):
+            if self.ddp.zero1:
+                full = torch.empty_like(b["grads"])
+                dist.all_gather_single(full, state, group=self.ddp.group)
+                state = full
+            fulls.append(state)
+        return fulls
+
+    def state_tensors(self):
+        """{param name: (exp_avg, exp_avg_sq)} with each tensor shaped like its parameter."""
+        out = {}
+        for b, m, v in zip(self.ddp.buckets, self._full(self.exp_avg), self._full(self.exp_avg_sq)):
+            offset = 0
+            for name, p in b["params"]:
+                n = p.numel()
+                out[name] = (m[offset:offset + n].view_as(p), v[offset:offset + n].view_as(p))
+                offset += n
+        return out
+
+    def load_state_tensors(self, read_into, steps):
+        """`read_into(name, key, tensor)` fills a tensor shaped like the parameter."""
+        self.steps = steps
+        for b, m, v in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq):
+            for flat, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
+                full = torch.zeros_like(b["grads"])
+                offset = 0
+                for name, p in b["params"]:
+                    read_into(name, key, full[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                flat.copy_(full[b["shard"]])
 
 
 # ----------------------------------------------------------------------------
-# 5. Loss and gradient norm
+# 6. Gradient norm and loss scaling
 # ----------------------------------------------------------------------------
 
-def cross_entropy_sum(logits, labels):
-    """Sum of token losses (labels == -100 ignored). The caller divides by the global
-    count of target tokens, which makes the loss the exact mean over the global batch
-    however it is split into ranks and micro-batches."""
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(),
-                           ignore_index=-100, reduction="sum")
-
-
-def clip_grad_norm(params, max_norm, layout):
+def clip_grad_norm(ddp, max_norm):
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
-    After the data-parallel all-reduce every dp rank holds identical gradients, so
-    the local norm is already the global one; sharded axes add their reduction here.
+    Each element is counted exactly once: ZeRO slices are summed over dp, tp shards
+    are summed over tp, and parameters replicated over tp count on tp rank 0 only.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    layout = ddp.layout
     total = torch.zeros((), device=layout.device)
-    for g in grads:
-        total += g.detach().float().pow(2).sum()
+    for b in ddp.buckets:
+        if "norm_weight" not in b:
+            b["norm_weight"] = _norm_weights(b, layout)
+        total += (b["grad_shard"].float().pow(2) * b["norm_weight"]).sum()
+    if ddp.zero1:
+        all_reduce(total, ddp.group)
+    all_reduce(total, layout.tp_group)
     norm = total.sqrt()
     if max_norm and max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale)
+        for b in ddp.buckets:
+            b["grad_shard"].mul_(scale)
     return norm
+
+
+def _norm_weights(bucket, layout):
+    full = torch.zeros_like(bucket["grads"])
+    offset = 0
+    for _, p in bucket["params"]:
+        if getattr(p, "tp_sharded", False) or layout.tp_rank == 0:
+            full[offset:offset + p.numel()] = 1.0
+        offset += p.numel()
+    return full[bucket["shard"]].clone()
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: multiply the loss so small gradients do not
+    underflow, divide the gradients back, skip the step (and halve the scale) when any
+    rank saw inf/nan, double the scale after `growth_interval` clean steps."""
+
+    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
+        self.enabled, self.scale, self.growth_interval = enabled, scale, growth_interval
+        self.clean_steps = 0
+
+    def unscale_and_check(self, ddp):
+        """Divide the gradients by the scale; True if they are finite on every rank."""
+        if not self.enabled:
+            return True
+        bad = torch.zeros((), device=ddp.layout.device)
+        for b in ddp.buckets:
+            b["grad_shard"].div_(self.scale)
+            bad += (~torch.isfinite(b["grad_shard"])).sum()
+        for group in (ddp.group, ddp.layout.tp_group):
+            all_reduce(bad, group)
+        finite = bad.item() == 0
+        if finite:
+            self.clean_steps += 1
+            if self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2
+        else:
+            self.scale, self.clean_steps = self.scale / 2, 0
+        return finite
+
+    def state(self):
+        return {"scale": self.scale, "clean_steps": self.clean_steps}

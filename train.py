@@ -40,12 +40,17 @@ def parse_args(argv=None):
     a("--pp", type=int, default=1, help="pipeline-parallel size")
     a("--cp", type=int, default=1, help="context-parallel size")
     a("--ep", type=int, default=1, help="expert-parallel size")
+    a("--sp", action=argparse.BooleanOptionalAction, default=True,
+      help="sequence parallelism (only meaningful with --tp > 1)")
+    a("--zero1", action=argparse.BooleanOptionalAction, default=True,
+      help="ZeRO-1: shard optimizer state over data-parallel ranks")
     a("--steps", type=int, default=200)
     a("--warmup-steps", type=int, default=20)
     a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
     a("--lr", type=float, default=2e-3, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
     a("--weight-decay", type=float, default=0.1)
+    a("--adam-eps", type=float, default=1e-8)
     a("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--global-batch-size", type=int, default=16, help="sequences per optimizer step")
     a("--micro-batch-size", type=int, default=None,
@@ -74,17 +79,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 # Optimizer, schedule, precision
 # ----------------------------------------------------------------------------
-
-def make_optimizer(model, args, device):
-    """AdamW; no weight decay on norms, biases and embeddings (all but weight matrices)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() == 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
-
 
 def lr_at(step, args):
     """Linear warmup to --lr over --warmup-steps, then cosine decay to min_lr_ratio * lr."""
@@ -191,11 +185,15 @@ def evaluate(model, val, args, layout, autocast):
 
 
 def train(args):
-    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, setup_device(args))
+    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp,
+                                       setup_device(args))
     device = layout.device
-    if args.tp > 1 or args.cp > 1 or args.pp > 1 or args.ep > 1:
-        raise UsageError("tensor, context, pipeline and expert parallelism are not built yet; "
-                         "use data parallelism (launch more processes with torchrun)")
+    if args.cp > 1 or args.pp > 1 or args.ep > 1:
+        raise UsageError("context, pipeline and expert parallelism are not built yet; "
+                         "use --tp and data parallelism (more processes with torchrun)")
+    if layout.sp and args.seq_len % layout.tp:
+        raise UsageError(f"--seq-len {args.seq_len} is not divisible by tp={layout.tp}, as "
+                         f"sequence parallelism needs; change --seq-len or pass --no-sp")
     precision = args.precision if args.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     autocast = precision_context(precision, device)
@@ -214,9 +212,10 @@ def train(args):
     train_data, val_data = data.load_dataset(args.data, args.tokenizer, args.seq_len)
 
     torch.manual_seed(args.seed + layout.rank)
-    model = models.build(args.model, cfg, device, args.seed)
-    optimizer = make_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model = models.build(args.model, cfg, device, args.seed, layout)
+    ddp = parallel.DataParallel(model, layout, zero1=args.zero1)
+    optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
+    scaler = parallel.LossScaler(enabled=precision == "fp16")
     start_step, tokens_seen = 0, 0
     if args.load:
         step_dir = checkpoint.resolve(args.load)
@@ -226,12 +225,13 @@ def train(args):
                              f"{saved['config']}); pass the --model/--config/--set it was trained with")
         meta = checkpoint.load(step_dir, model, optimizer, layout)
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
-        scaler.load_state_dict({**scaler.state_dict(), **meta.get("grad_scaler", {})})
+        scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
     if args.save:
         check_save_root(args, start_step)
-    ddp = parallel.DataParallel(model, layout.dp_group)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(math.prod(parallel.global_region(p)[2]) for p in model.parameters()
+                   if getattr(p, "tp_sharded", False) or layout.tp_rank == 0)
+    n_params = int(parallel.all_reduce(torch.tensor(float(n_params), device=device), layout.tp_group))
     tokens_per_step = args.global_batch_size * args.seq_len
     flops_per_step = model.flops_per_token(args.seq_len) * tokens_per_step
     peak = peak_flops(device, args)
@@ -253,8 +253,8 @@ def train(args):
     def save(step):
         checkpoint.save(args.save, step, model, optimizer, layout, {
             "model": args.model, "config": dataclasses.asdict(cfg), "tokenizer": args.tokenizer,
-            "tokens_seen": tokens_seen, "optimizer_steps": step, "seed": args.seed,
-            "grad_scaler": {"scale": scaler.get_scale()} if scaler.is_enabled() else {}})
+            "tokens_seen": tokens_seen, "optimizer_steps": optimizer.steps, "seed": args.seed,
+            "loss_scale": scaler.scale, "loss_scale_clean_steps": scaler.clean_steps})
         log(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
 
     rows_per_rank = args.global_batch_size // layout.dp
@@ -262,9 +262,7 @@ def train(args):
     global_targets = tokens_per_step  # every position of every sequence has a target
     first_loss, t_start, window_start = None, time.perf_counter(), time.perf_counter()
     for step in range(start_step, args.steps):
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.lr = lr = lr_at(step, args)
         ddp.zero_grad()
         step_loss = torch.zeros((), device=device)
         for micro in range(micro_steps):
@@ -274,15 +272,15 @@ def train(args):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 loss = model(x, labels=y) / global_targets
-            # Only the last micro-batch's backward all-reduces (overlapped with itself).
+            # Only the last micro-batch's backward reduces (overlapped with itself).
             with ddp.no_sync() if micro < micro_steps - 1 else contextlib.nullcontext():
-                scaler.scale(loss).backward()
+                (loss * scaler.scale if scaler.enabled else loss).backward()
             step_loss += loss.detach()
         ddp.finish()
-        scaler.unscale_(optimizer)
-        grad_norm = parallel.clip_grad_norm(model.parameters(), args.clip_grad, layout)
-        scaler.step(optimizer)
-        scaler.update()
+        finite = scaler.unscale_and_check(ddp)
+        grad_norm = parallel.clip_grad_norm(ddp, args.clip_grad)
+        if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
+            optimizer.step()
         parallel.all_reduce(step_loss, layout.dp_group)
         tokens_seen += tokens_per_step
 
@@ -330,11 +328,14 @@ def main(argv=None):
     try:
         train(args)
     except UsageError as e:
+        # Every rank checks the same input and fails alike, so they can all leave cleanly.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
         parallel.destroy_distributed()
+        sys.exit(2)
+    # Any other exception propagates without the (collective) teardown: the process
+    # exits, and torchrun stops the other ranks instead of leaving them waiting.
+    parallel.destroy_distributed()
 
 
 if __name__ == "__main__":

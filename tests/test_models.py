@@ -74,12 +74,11 @@ LLAMA_VARIANTS = {
 }
 
 
-def copy_from_hf(ours, hf_model, hf_name, transposed=lambda n: False):
+def copy_from_hf(ours, hf_model, family):
     hf_params = dict(hf_model.named_parameters())
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            w = hf_params[hf_name(name)]
-            p.copy_(w.t() if transposed(name) else w)
+            p.copy_(family.from_hf(name, hf_params[family.hf_name(name)]))
 
 
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)
@@ -89,7 +88,7 @@ def test_llama_family_matches_transformers(variant):
     torch.manual_seed(0)
     hf = hf_llama_family(cfg, family).eval()
     ours = models.build("llama", cfg, "cpu", seed=0).eval()
-    copy_from_hf(ours, hf, llama.hf_name)
+    copy_from_hf(ours, hf, llama)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
@@ -104,7 +103,7 @@ def test_gpt2_matches_transformers():
                                           n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads,
                                           layer_norm_epsilon=cfg.norm_eps)).eval()
     ours = models.build("gpt", cfg, "cpu", seed=0).eval()
-    copy_from_hf(ours, hf, gpt.hf_name, gpt.hf_transposed)
+    copy_from_hf(ours, hf, gpt)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
@@ -116,7 +115,7 @@ def test_attention_mask_matches_transformers():
     torch.manual_seed(0)
     hf = hf_llama_family(cfg, "llama").eval()
     ours = models.build("llama", cfg, "cpu", seed=0).eval()
-    copy_from_hf(ours, hf, llama.hf_name)
+    copy_from_hf(ours, hf, llama)
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0

@@ -24,7 +24,7 @@ def run(args, nproc=1, expect_ok=True):
         "train.py"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
