@@ -9,15 +9,18 @@ Modes:
                 of the identical shape and weights, in one process (target: ours >= 1.0x).
                 python bench.py train-vs-hf [--config tiny] [--batch-size 16] [--seq-len 256]
 
-Adding a mode: write `def bench_NAME(args, device) -> dict` (print a table, return the
-results) and register its options in `MODES` at the bottom.
+Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
+summary line and returns its results, plus a function adding its options, and register
+both in `MODES` at the bottom. Common options (--device, --seed, --json) come for free.
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import sys
 import time
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +34,17 @@ from parallel import UsageError
 # Shared helpers
 # ----------------------------------------------------------------------------
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def header(device):
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({platform.processor() or platform.machine()})",
+            else f"cpu: {cpu_name()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "load_avg_1min": os.getloadavg()[0]}  # other processes skew CPU timings
@@ -59,13 +70,25 @@ def sync(device):
 # train-vs-hf
 # ----------------------------------------------------------------------------
 
-def hf_llama_like(cfg, ours, device):
-    """transformers.LlamaForCausalLM with `cfg`'s shape, holding a copy of `ours`' weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def check_train_vs_hf(cfg, device):
+    """Refuse, before allocating anything, what HF LLaMA cannot express or memory cannot hold."""
     unsupported = [f for f in ("rope_scaling_factor", "sliding_window", "qk_norm") if getattr(cfg, f)]
     if unsupported:
         raise UsageError(f"train-vs-hf compares against HF LLaMA, which lacks {', '.join(unsupported)}; "
                          f"pick a preset without them (tiny, test)")
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in models.MODELS["llama"][2](cfg).parameters())
+    need = 2 * n_params * 4 * 4  # two models x fp32 (weights, grads, AdamW m and v)
+    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > 0.8 * free:
+        raise UsageError(f"two {n_params / 1e9:.2f}B-parameter models with AdamW need ~{need / 1e9:.0f} GB, "
+                         f"{free / 1e9:.0f} GB is free; pick a smaller --config")
+
+
+def hf_llama_like(cfg, ours, device):
+    """transformers.LlamaForCausalLM with `cfg`'s shape, holding a copy of `ours`' weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -101,9 +124,11 @@ def hf_llama_like(cfg, ours, device):
 @torch.no_grad()
 def check_logits(ours, hf, x, tol=1e-4):
     """Same weights, same batch: the logits must agree, or the comparison is not like for like."""
-    ours.eval(), hf.eval()
+    for model in (ours, hf):
+        model.eval()
     a, b = ours(x), hf(input_ids=x).logits
-    ours.train(), hf.train()
+    for model in (ours, hf):
+        model.train()
     diff = (a - b).abs()
     worst = diff.max().item()
     if worst > tol:
@@ -118,6 +143,9 @@ def train_vs_hf(args, device):
     cfg = models.make_config("llama", args.config, args.set)
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}")
+    if args.steps < 1 or args.block < 1 or args.warmup < 0:
+        raise UsageError("--steps and --block must be >= 1, --warmup >= 0")
+    check_train_vs_hf(cfg, device)
     train_data, _ = data.load_dataset("stdlib", "byte", args.seq_len)
     n_batches = args.warmup + args.steps
     batches = [tuple(t.to(device) for t in train_data.batch(s, args.seed, args.batch_size, args.seq_len))
@@ -138,19 +166,25 @@ def train_vs_hf(args, device):
     for name, model, loss_fn in (("ours", ours, loss_ours), ("hf", hf, loss_hf)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                 weight_decay=0.1, fused=device.type == "cuda")
-        runs[name] = {"model": model, "loss_fn": loss_fn, "opt": opt, "times": [], "losses": []}
+        runs[name] = {"model": model, "loss_fn": loss_fn, "opt": opt, "phases": [], "losses": []}
+
+    def clock():
+        sync(device)
+        return time.perf_counter()
 
     def step(run, s):
+        """One training step; returns the seconds of (forward + loss, backward, optimizer)."""
         x, y = batches[s]
-        sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = run["loss_fn"](x, y)
+        t1 = clock()
         loss.backward()
+        t2 = clock()
         run["opt"].step()
         run["opt"].zero_grad(set_to_none=True)
-        sync(device)
+        t3 = clock()
         run["losses"].append(loss.item())
-        return time.perf_counter() - t0
+        return t1 - t0, t2 - t1, t3 - t2
 
     for run in runs.values():  # warm-up: allocator, kernels, optimizer state
         for s in range(args.warmup):
@@ -159,32 +193,41 @@ def train_vs_hf(args, device):
     for start in range(args.warmup, n_batches, args.block):
         for run in runs.values():
             for s in range(start, min(start + args.block, n_batches)):
-                run["times"].append(step(run, s))
+                run["phases"].append(step(run, s))
 
     tokens = args.batch_size * args.seq_len
     rows = []
     for name, run in runs.items():
-        t = run["times"]
-        rows.append({"model": {"ours": "ours (llama.py)", "hf": f"HF transformers {transformers.__version__}"}[name],
+        t = [sum(p) for p in run["phases"]]
+        fwd, bwd, opt = (1e3 * median([p[i] for p in run["phases"]]) for i in range(3))
+        rows.append({"model": "ours (llama.py)" if name == "ours" else f"HF transformers {transformers.__version__}",
                      "params_m": sum(p.numel() for p in run["model"].parameters()) / 1e6,
-                     "ms_mean": 1e3 * sum(t) / len(t), "ms_best": 1e3 * min(t),
-                     "tokens_per_s": tokens * len(t) / sum(t), "loss_last": run["losses"][-1]})
-    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+                     "ms_mean": 1e3 * sum(t) / len(t), "ms_median": 1e3 * median(t), "ms_best": 1e3 * min(t),
+                     "fwd_ms": fwd, "bwd_ms": bwd, "opt_ms": opt,
+                     "tokens_per_s": tokens * len(t) / sum(t), "tokens_per_s_median": tokens / median(t),
+                     "loss_last": run["losses"][-1]})
+    ours_row, hf_row = rows
+    ratio = ours_row["tokens_per_s"] / hf_row["tokens_per_s"]
+    ratio_median = ours_row["tokens_per_s_median"] / hf_row["tokens_per_s_median"]
     print(f"llama/{args.config}: batch {args.batch_size} x seq {args.seq_len} = {tokens:,} tokens/step | "
           f"{args.warmup} warm-up + {args.steps} timed steps each, blocks of {args.block} | fp32 AdamW")
     print(f"logits check: max |ours - HF| = {max_diff:.2e} (<= 1e-4) on batch 0")
     print()
     print_table(rows, [("model", "model", ""), ("params_m", "params (M)", ".2f"),
-                       ("ms_mean", "step ms (mean)", ".1f"), ("ms_best", "step ms (best)", ".1f"),
+                       ("ms_mean", "step ms mean", ".1f"), ("ms_median", "median", ".1f"),
+                       ("ms_best", "best", ".1f"), ("fwd_ms", "fwd+loss", ".1f"),
+                       ("bwd_ms", "bwd", ".1f"), ("opt_ms", "adamw", ".1f"),
                        ("tokens_per_s", "tokens/s", ",.0f"), ("loss_last", "last loss", ".4f")])
+    print("(tokens/s = all timed tokens / all timed seconds; phase columns are medians)")
     print()
-    print(f"train-vs-hf: ours {rows[0]['tokens_per_s']:,.0f} tok/s vs HF {rows[1]['tokens_per_s']:,.0f} "
-          f"tok/s = {ratio:.2f}x (target >= 1.0x: {'met' if ratio >= 1.0 else 'NOT met'})")
+    print(f"train-vs-hf: ours {ours_row['tokens_per_s']:,.0f} tok/s vs HF {hf_row['tokens_per_s']:,.0f} "
+          f"tok/s = {ratio:.2f}x (median step: {ratio_median:.2f}x; target >= 1.0x: "
+          f"{'met' if ratio >= 1.0 else 'NOT met'})")
     return {"config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "steps": args.steps, "warmup": args.warmup, "block": args.block,
             "transformers": transformers.__version__, "logits_max_abs_diff": max_diff,
-            "logits_check": "passed", "ours": rows[0], "hf": rows[1], "ratio": ratio,
-            "target_met": ratio >= 1.0}
+            "logits_check": "passed", "ours": ours_row, "hf": hf_row, "ratio": ratio,
+            "ratio_median": ratio_median, "target_met": ratio >= 1.0}
 
 
 # ----------------------------------------------------------------------------
@@ -225,7 +268,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is visible")
+        print("error: --device cuda: no CUDA device is visible", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(args.device if args.device != "auto"
                           else "cuda" if torch.cuda.is_available() else "cpu")
     info = header(device)
@@ -234,7 +278,8 @@ def main(argv=None):
     try:
         results = MODES[args.mode][0](args, device)
     except UsageError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mode": args.mode, **info, "args": vars(args), "results": results}, f, indent=2)

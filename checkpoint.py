@@ -65,11 +65,17 @@ def _fsync_write(path, text):
         os.fsync(f.fileno())
 
 
-def train_state_tensors(model, optimizer):
+def _named_parameters(modules):
+    """Global name -> parameter over this rank's model chunks (one module, or a list)."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    return {name: p for m in modules for name, p in m.named_parameters()}
+
+
+def train_state_tensors(modules, optimizer):
     """{global name: (tensor, its parameter)}: weights, then AdamW's two moments, each
     shaped like its parameter (so it sits in the same region of the global tensor).
     Collective under ZeRO-1 (the moments are gathered over dp): call on every rank."""
-    params = dict(model.named_parameters())
+    params = _named_parameters(modules)
     tensors = {f"model.{name}": (p.detach(), p) for name, p in params.items()}
     for name, (exp_avg, exp_avg_sq) in optimizer.state_tensors().items():
         tensors[f"optimizer.exp_avg.{name}"] = (exp_avg, params[name])
@@ -81,8 +87,9 @@ def _extent_slices(extent):
     return tuple(slice(0, n) for n in extent)
 
 
-def save(root, step, model, optimizer, layout, meta):
-    """Write one checkpoint. Call on every rank; returns the step directory."""
+def save(root, step, modules, optimizer, layout, meta):
+    """Write one checkpoint of this rank's model chunks (a module or a list). Call on
+    every rank; returns the step directory."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
     if layout.is_main:
@@ -92,7 +99,7 @@ def save(root, step, model, optimizer, layout, meta):
         os.makedirs(tmp)
     parallel.barrier()
 
-    state = train_state_tensors(model, optimizer)
+    state = train_state_tensors(modules, optimizer)
     # Replicas along dp and cp hold the same tensors: only coordinate 0 writes them;
     # tensor-parallel ranks each write their own shards.
     if layout.dp_rank == 0 and layout.cp_rank == 0:
@@ -101,6 +108,8 @@ def save(root, step, model, optimizer, layout, meta):
         for key, (tensor, param) in state.items():
             if not getattr(param, "tp_sharded", False) and layout.tp_rank != 0:
                 continue  # replicated over tp: tp rank 0 writes it
+            if getattr(param, "pp_tied_copy", False):
+                continue  # the last stage's copy of tied embeddings: the first stage writes it
             shape, offset, extent = parallel.global_region(param)
             tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
             pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
@@ -197,11 +206,12 @@ def _numel(lo, hi):
     return n
 
 
-def load(step_dir, model, optimizer, layout):
-    """Load weights, optimizer state and this rank's RNG state; return meta.json."""
+def load(step_dir, modules, optimizer, layout):
+    """Load weights of this rank's model chunks (a module or a list), optimizer state and
+    this rank's RNG state; return meta.json."""
     meta = read_meta(step_dir)
     reader = _Reader(step_dir)
-    params = dict(model.named_parameters())
+    params = _named_parameters(modules)
     with torch.no_grad():
         for name, p in params.items():
             reader.read_into(f"model.{name}", p.data, p)

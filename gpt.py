@@ -125,19 +125,32 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config, layout=None):
+    """The whole model, or under pipeline parallelism one chunk of it (`chunk`: which
+    layers, and whether it is the first chunk, with the embedding, and/or the last,
+    with the final norm and the output layer)."""
+
+    def __init__(self, cfg: Config, layout=None, chunk=None):
         super().__init__()
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
+        self.chunk = chunk = chunk or parallel.Chunk(0, list(range(cfg.n_layers)), True, True)
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
-        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        if layout.sp:  # each rank adds positions to, and normalizes, its own tokens only
-            parallel.mark_partial_grad(self.pos_embed.weight, *self.norm.parameters())
-        if not cfg.tie_embeddings:
-            self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        if chunk.first or (chunk.last and cfg.tie_embeddings):
+            self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        if cfg.tie_embeddings and chunk.first != chunk.last:
+            parallel.mark_tied_across_stages(*((self.embed.weight, None) if chunk.first
+                                               else (None, self.embed.weight)))
+        if chunk.first:
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
+            if layout.sp:  # each rank adds positions to its own tokens only
+                parallel.mark_partial_grad(self.pos_embed.weight)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in chunk.layers})
+        if chunk.last:
+            self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            if layout.sp:
+                parallel.mark_partial_grad(*self.norm.parameters())
+            if not cfg.tie_embeddings:
+                self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
 
     def init_weights(self, seed):
         """Deterministic, layout-independent initialization (see parallel.init_parameters).
@@ -151,20 +164,28 @@ class GPT(nn.Module):
     def new_kv_caches(self, max_len):
         return [kernels.KVCache(max_len) for _ in self.layers]
 
-    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
         parallel.vocab_parallel_cross_entropy_sum). `attention_mask` (B, T) marks real
         tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
-        after the cached tokens. Under sp the residual stream holds this rank's tokens."""
+        after the cached tokens. Under sp the residual stream holds this rank's tokens.
+        A chunk after the first takes the previous chunk's output as `hidden`; a chunk
+        before the last returns its hidden states."""
         start = kv_caches[0].length if kv_caches else 0
         T = input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
             raise parallel.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        x = self.embed(input_ids) + parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
+        if self.chunk.first:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+            pos = parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
+            x = self.embed(input_ids) + pos
+        else:
+            x = hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, attention_mask, kv_caches[i] if kv_caches else None)
+        if not self.chunk.last:
+            return x
         x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.lm_head
         logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)

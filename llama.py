@@ -166,19 +166,29 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: Config, layout=None):
+    """The whole model, or under pipeline parallelism one chunk of it (`chunk`: which
+    layers, and whether it is the first chunk, with the embedding, and/or the last,
+    with the final norm and the output layer)."""
+
+    def __init__(self, cfg: Config, layout=None, chunk=None):
         super().__init__()
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
+        self.chunk = chunk = chunk or parallel.Chunk(0, list(range(cfg.n_layers)), True, True)
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                                  ffn_dim=cfg.ffn_dim)
-        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
-        self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        if layout.sp:
-            parallel.mark_partial_grad(self.norm.weight)
-        if not cfg.tie_embeddings:
-            self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        if chunk.first or (chunk.last and cfg.tie_embeddings):
+            self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        if cfg.tie_embeddings and chunk.first != chunk.last:
+            parallel.mark_tied_across_stages(*((self.embed.weight, None) if chunk.first
+                                               else (None, self.embed.weight)))
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in chunk.layers})
+        if chunk.last:
+            self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+            if layout.sp:
+                parallel.mark_partial_grad(self.norm.weight)
+            if not cfg.tie_embeddings:
+                self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
 
     def init_weights(self, seed):
@@ -197,17 +207,21 @@ class Llama(nn.Module):
     def new_kv_caches(self, max_len):
         return [kernels.KVCache(max_len) for _ in self.layers]
 
-    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
         parallel.vocab_parallel_cross_entropy_sum). `attention_mask` (B, T) marks real
         tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
-        after the cached tokens. Under sp the residual stream holds this rank's tokens."""
+        after the cached tokens. Under sp the residual stream holds this rank's tokens.
+        A chunk after the first takes the previous chunk's output as `hidden`; a chunk
+        before the last returns its hidden states."""
         start = kv_caches[0].length if kv_caches else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if self.chunk.first else hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
+        if not self.chunk.last:
+            return x
         x = self.norm(x)
         # The output layer multiplies by a vocabulary-sharded matrix: the embedding's when tied.
         head = self.embed if self.cfg.tie_embeddings else self.lm_head

@@ -51,12 +51,12 @@ def make_config(model, preset, overrides=()):
     return config_cls(**{**presets[preset], **parse_overrides(config_cls, overrides)})
 
 
-def build(model, cfg, device, seed, layout=None):
-    """Construct this rank's part of the model (its tensor-parallel shards) on the meta
-    device (no memory, no wasted random init), then allocate on `device` and fill with
-    the layout-independent initialization."""
+def build(model, cfg, device, seed, layout=None, chunk=None):
+    """Construct this rank's part of the model (its tensor-parallel shards; with a
+    pipeline `chunk`, only those layers) on the meta device (no memory, no wasted random
+    init), then allocate on `device` and fill with the layout-independent initialization."""
     with torch.device("meta"):
-        module = MODELS[model][2](cfg, layout)
+        module = MODELS[model][2](cfg, layout, chunk)
     # to_empty makes new Parameter objects: carry over what the parallel layers recorded
     # on them (where each shard sits in its global tensor, which gradients are partial).
     marks = {name: dict(vars(p)) for name, p in module.named_parameters()}

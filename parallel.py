@@ -12,6 +12,7 @@ Each section is one concept and can be read (and copied) alone:
 Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp, so
 tensor-parallel peers (which talk the most) sit on the same node.
 """
+import contextlib
 import datetime
 import os
 import zlib
@@ -55,6 +56,8 @@ class Layout:
     cp_group: object = None
     dp_group: object = None
     pp_group: object = None
+    embedding_group: object = None  # first + last pipeline stage (tied embeddings)
+    vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
 
     @property
     def world(self):
@@ -82,9 +85,19 @@ class Layout:
         """Rank 0 prints, logs and writes the checkpoint index."""
         return self.rank == 0
 
+    @property
+    def pp_next(self):
+        """Global rank of the next pipeline stage (the ring wraps for interleaving)."""
+        return (self.rank + self.tp * self.cp * self.dp) % self.world
+
+    @property
+    def pp_prev(self):
+        return (self.rank - self.tp * self.cp * self.dp) % self.world
+
     def describe(self):
         sp = " (sp)" if self.sp and self.tp > 1 else ""
-        return (f"world={self.world} tp={self.tp}{sp} cp={self.cp} dp={self.dp} pp={self.pp} "
+        vpp = f" (vpp={self.vpp})" if self.vpp > 1 else ""
+        return (f"world={self.world} tp={self.tp}{sp} cp={self.cp} dp={self.dp} pp={self.pp}{vpp} "
                 f"ep={self.ep} device={self.device}")
 
 
@@ -120,7 +133,7 @@ def _ranks_along(axis, layout_sizes):
     return groups
 
 
-def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, device=None, timeout_minutes=10):
+def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, device=None, timeout_minutes=10):
     """Set up the process groups from torchrun's environment (RANK, WORLD_SIZE, ...),
     or a single process when launched with plain `python`.
 
@@ -137,7 +150,8 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, device=None, timeout_minut
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, rank=rank, device=device)
+    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, rank=rank,
+                    device=device)
     if world == 1:
         return layout
 
@@ -153,6 +167,11 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, device=None, timeout_minut
             group = dist.new_group(ranks)
             if rank in ranks:
                 setattr(layout, f"{axis}_group", group)
+    if pp > 1:  # the first and the last stage of each pipeline
+        for ranks in _ranks_along("pp", sizes):
+            group = dist.new_group([ranks[0], ranks[-1]])
+            if rank in (ranks[0], ranks[-1]):
+                layout.embedding_group = group
     return layout
 
 
@@ -471,13 +490,21 @@ class DataParallel:
     Parameters marked by `mark_partial_grad` are also summed over tp here.
     """
 
-    def __init__(self, module, layout, zero1=False, bucket_mb=25.0):
+    def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
         self.layout, self.zero1 = layout, zero1 and layout.dp > 1
         self.group = layout.dp_group
-        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.buckets = []
+        modules = modules if isinstance(modules, (list, tuple)) else [modules]
+        self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
+                             if p.requires_grad]
+        # Tied embeddings split over the first and last pipeline stage get their own
+        # bucket, reduced in finish(): their two halves must be summed over the embedding
+        # group first, and that cannot wait inside a backward that feeds the pipeline.
+        tied = [(n, p) for n, p in self.named_params if getattr(p, "pp_tied", False)]
+        self.buckets = [self._make_bucket(tied, deferred=True)] if tied else []
         bucket, size = [], 0
         for name, p in reversed(self.named_params):
+            if getattr(p, "pp_tied", False):
+                continue
             bucket.append((name, p))
             size += p.numel()
             if size * 4 >= bucket_mb * 2**20:
@@ -490,7 +517,7 @@ class DataParallel:
             for _, p in b["params"]:
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
 
-    def _make_bucket(self, named):
+    def _make_bucket(self, named, deferred=False):
         numel = sum(p.numel() for _, p in named)
         padded = -(-numel // self.layout.dp) * self.layout.dp  # ZeRO slices must be equal
         device = named[0][1].device
@@ -509,7 +536,7 @@ class DataParallel:
         start = self.layout.dp_rank * shard if self.zero1 else 0
         return {"params": named, "grads": grads, "data": data, "shard": slice(start, start + shard),
                 "grad_shard": torch.zeros(shard, device=device) if self.zero1 else grads,
-                "ready": 0, "handle": None}
+                "ready": 0, "handle": None, "deferred": deferred}
 
     def _make_hook(self, bucket):
         def hook(param):
@@ -518,7 +545,7 @@ class DataParallel:
             if getattr(param, "tp_partial_grad", False) and self.layout.tp > 1:
                 all_reduce(param.grad, self.layout.tp_group)
             bucket["ready"] += 1
-            if bucket["ready"] == len(bucket["params"]):
+            if bucket["ready"] == len(bucket["params"]) and not bucket["deferred"]:
                 bucket["handle"] = self._reduce(bucket, async_op=True)
         return hook
 
@@ -546,7 +573,10 @@ class DataParallel:
     def finish(self):
         """Wait for every bucket's reduction (call after the last backward of a step)."""
         for b in self.buckets:
-            if b["ready"] < len(b["params"]):
+            if b["deferred"]:
+                all_reduce(b["grads"], self.layout.embedding_group)
+                self._reduce(b, async_op=False)
+            elif b["ready"] < len(b["params"]):
                 # Some parameter got no gradient this step (an unused branch): reduce
                 # anyway, so that every rank issues the same collectives.
                 for _, p in b["params"]:
@@ -648,7 +678,8 @@ def clip_grad_norm(ddp, max_norm):
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
     Each element is counted exactly once: ZeRO slices are summed over dp, tp shards
-    are summed over tp, and parameters replicated over tp count on tp rank 0 only.
+    are summed over tp, pipeline stages over pp; parameters replicated over tp count on
+    tp rank 0 only, and the last stage's copy of tied embeddings not at all.
     """
     layout = ddp.layout
     total = torch.zeros((), device=layout.device)
@@ -659,6 +690,7 @@ def clip_grad_norm(ddp, max_norm):
     if ddp.zero1:
         all_reduce(total, ddp.group)
     all_reduce(total, layout.tp_group)
+    all_reduce(total, layout.pp_group)
     norm = total.sqrt()
     if max_norm and max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -671,7 +703,8 @@ def _norm_weights(bucket, layout):
     full = torch.zeros_like(bucket["grads"])
     offset = 0
     for _, p in bucket["params"]:
-        if getattr(p, "tp_sharded", False) or layout.tp_rank == 0:
+        counted = getattr(p, "tp_sharded", False) or layout.tp_rank == 0
+        if counted and not getattr(p, "pp_tied_copy", False):
             full[offset:offset + p.numel()] = 1.0
         offset += p.numel()
     return full[bucket["shard"]].clone()
@@ -694,7 +727,7 @@ class LossScaler:
         for b in ddp.buckets:
             b["grad_shard"].div_(self.scale)
             bad += (~torch.isfinite(b["grad_shard"])).sum()
-        for group in (ddp.group, ddp.layout.tp_group):
+        for group in (ddp.group, ddp.layout.tp_group, ddp.layout.pp_group):
             all_reduce(bad, group)
         finite = bad.item() == 0
         if finite:
@@ -707,3 +740,175 @@ class LossScaler:
 
     def state(self):
         return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+
+# ----------------------------------------------------------------------------
+# 7. Pipeline parallelism: stages, point-to-point, schedules
+# ----------------------------------------------------------------------------
+# The layers are cut into pp * vpp consecutive chunks; chunk c lives on pipeline rank
+# c % pp (with vpp > 1 each rank holds vpp chunks, "virtual stages", taken round-robin
+# as Megatron's interleaved schedule wants). A rank builds only its chunks' layers; the
+# first chunk also holds the embedding, the last the final norm, head and loss.
+#
+# A schedule is a list of actions ("F" or "B", micro-batch, chunk) per rank. Running
+# it: a forward receives its input activation from the previous chunk's rank and sends
+# its output to the next; a backward receives the output's gradient from the next and
+# sends the input's gradient back. Sends are asynchronous; receives wait. Every message
+# is tagged by (direction, micro-batch, chunk), so it meets exactly its receive.
+
+def pipeline_chunks(n_layers, pp, vpp=1, layers_per_chunk=None):
+    """Layer indices of each of the pp * vpp chunks, in model order."""
+    n_chunks = pp * vpp
+    if layers_per_chunk is None:
+        if n_layers % n_chunks:
+            raise UsageError(f"n_layers={n_layers} is not divisible by pp*vpp = {n_chunks}; "
+                             f"choose --pp/--vpp that divide it, or list layers per stage with "
+                             f"--pp-layers")
+        layers_per_chunk = [n_layers // n_chunks] * n_chunks
+    if len(layers_per_chunk) != n_chunks or sum(layers_per_chunk) != n_layers or min(layers_per_chunk) < 1:
+        raise UsageError(f"--pp-layers {','.join(map(str, layers_per_chunk))}: need {n_chunks} "
+                         f"positive counts (pp*vpp) that add up to n_layers={n_layers}")
+    bounds = [sum(layers_per_chunk[:c]) for c in range(n_chunks + 1)]
+    return [list(range(bounds[c], bounds[c + 1])) for c in range(n_chunks)]
+
+
+@dataclass
+class Chunk:
+    """One model chunk of this rank: its global index and what it holds."""
+    index: int
+    layers: list
+    first: bool  # holds the embedding
+    last: bool   # holds the final norm, the output layer and the loss
+
+
+def rank_chunks(layout, n_layers, layers_per_chunk=None):
+    """The chunks this pipeline rank builds, in execution order."""
+    all_chunks = pipeline_chunks(n_layers, layout.pp, layout.vpp, layers_per_chunk)
+    return [Chunk(c, all_chunks[c], c == 0, c == len(all_chunks) - 1)
+            for c in range(layout.pp_rank, len(all_chunks), layout.pp)]
+
+
+def mark_tied_across_stages(first_stage_param=None, last_stage_copy=None):
+    """Tied embeddings under pp: the first stage owns the embedding, the last stage a
+    copy for its output layer (initialized identically: same global name). Their
+    gradients are summed over the embedding group so the two stay equal; the copy is
+    neither saved nor counted in the gradient norm."""
+    for p in (first_stage_param, last_stage_copy):
+        if p is not None:
+            p.pp_tied = True
+    if last_stage_copy is not None:
+        last_stage_copy.pp_tied_copy = True
+
+
+def schedule_gpipe(n_micro, layout):
+    """All forwards, then all backwards (GPipe): simple, but every micro-batch's
+    activations are alive at once."""
+    return [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
+
+
+def schedule_1f1b(n_micro, layout):
+    """1F1B (PipeDream-flush): rank r runs pp - r - 1 warm-up forwards, then alternates
+    one forward and one backward, then drains the backwards. Same bubble as GPipe, but
+    at most pp - r micro-batches of activations are alive."""
+    warmup = min(layout.pp - layout.pp_rank - 1, n_micro)
+    actions = [("F", m, 0) for m in range(warmup)]
+    for i in range(n_micro - warmup):
+        actions += [("F", warmup + i, 0), ("B", i, 0)]
+    return actions + [("B", m, 0) for m in range(n_micro - warmup, n_micro)]
+
+
+def schedule_interleaved_1f1b(n_micro, layout):
+    """Interleaved 1F1B (Megatron): each rank holds vpp chunks; micro-batches move
+    through them in groups of pp, which cuts the bubble by vpp at the cost of vpp
+    times more point-to-point messages. Needs n_micro to be a multiple of pp."""
+    pp, vpp, rank = layout.pp, layout.vpp, layout.pp_rank
+    if n_micro % pp:
+        raise UsageError(f"the interleaved schedule needs the number of micro-batches "
+                         f"({n_micro}) to be a multiple of pp={pp}; change --global-batch-size "
+                         f"or --micro-batch-size")
+    total = n_micro * vpp
+
+    def unit(k, backward):
+        """The k-th forward (or backward) of this rank: (micro-batch, local chunk)."""
+        group, within = divmod(k, pp * vpp)
+        chunk = within // pp
+        return group * pp + within % pp, (vpp - 1 - chunk) if backward else chunk
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    actions = [("F", *unit(k, False)) for k in range(warmup)]
+    for i in range(total - warmup):
+        actions += [("F", *unit(warmup + i, False)), ("B", *unit(i, True))]
+    return actions + [("B", *unit(k, True)) for k in range(total - warmup, total)]
+
+
+SCHEDULES = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "interleaved": schedule_interleaved_1f1b}
+
+
+def bubble_fraction(schedule, n_micro, layout):
+    """Idle fraction of a step in theory: (pp - 1) / (m * v + pp - 1) with v = vpp for
+    the interleaved schedule and 1 otherwise."""
+    v = layout.vpp if schedule == "interleaved" else 1
+    return (layout.pp - 1) / (n_micro * v + layout.pp - 1)
+
+
+def _tag(direction, micro, chunk):
+    return (micro * 1024 + chunk) * 2 + direction
+
+
+def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
+                 loss_scale=1.0, autocast=None, forward_only=False):
+    """Execute a pipeline schedule for one step; return the sum of the micro-batches'
+    loss sums (non-zero only on the rank holding the last chunk).
+
+    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
+    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
+    loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
+    loss scale). With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    local = {c.index: i for i, c in enumerate(chunks)}
+    stored, sends, total = {}, [], torch.zeros((), device=layout.device)
+    last_backward = max((i for i, a in enumerate(actions) if a[0] == "B"), default=-1)
+
+    def recv(direction, micro, chunk, src):
+        buf = torch.empty(hidden_shape, device=layout.device)
+        dist.recv(buf, src, tag=_tag(direction, micro, chunk))
+        return buf
+
+    def send(tensor, direction, micro, chunk, dst):
+        sends.append(dist.isend(tensor.contiguous(), dst, tag=_tag(direction, micro, chunk)))
+
+    for i, (kind, micro, local_chunk) in enumerate(actions):
+        if forward_only and kind == "B":
+            continue
+        chunk = chunks[local_chunk]
+        model = modules[local_chunk]
+        ids, labels = micro_batches[micro]
+        if kind == "F":
+            hidden = None
+            if not chunk.first:  # from the previous chunk, on the previous rank
+                hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
+            with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
+                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
+            if chunk.last:
+                total += out.detach()
+            else:
+                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
+            if not forward_only:
+                stored[(micro, chunk.index)] = (hidden, out)
+        else:
+            hidden, out = stored.pop((micro, chunk.index))
+            if ddp is not None:
+                ddp.sync = i == last_backward  # reduce gradients only in the last backward
+            if chunk.last:
+                (out * loss_scale).backward()
+            else:
+                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
+                torch.autograd.backward(out, grad)
+            if not chunk.first:
+                send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
+    if ddp is not None:
+        ddp.sync = True
+    for handle in sends:
+        handle.wait()
+    return total

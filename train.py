@@ -40,6 +40,11 @@ def parse_args(argv=None):
     a("--pp", type=int, default=1, help="pipeline-parallel size")
     a("--cp", type=int, default=1, help="context-parallel size")
     a("--ep", type=int, default=1, help="expert-parallel size")
+    a("--vpp", type=int, default=1, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    a("--pp-schedule", choices=["1f1b", "gpipe"], default="1f1b",
+      help="pipeline schedule (with --vpp > 1 always interleaved 1F1B)")
+    a("--pp-layers", default=None, metavar="N,N,...",
+      help="layers per pipeline chunk (pp*vpp counts), for an uneven split")
     a("--sp", action=argparse.BooleanOptionalAction, default=True,
       help="sequence parallelism (only meaningful with --tp > 1)")
     a("--zero1", action=argparse.BooleanOptionalAction, default=True,
@@ -169,28 +174,24 @@ def setup_device(args):
 # ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, val, args, layout, autocast):
+def evaluate(step_fn, val, args, layout):
     """Mean loss over --eval-batches fixed validation batches (the same every time)."""
-    model.eval()
-    rows_per_rank = args.global_batch_size // layout.dp
-    rows = slice(layout.dp_rank * rows_per_rank, (layout.dp_rank + 1) * rows_per_rank)
-    total = torch.zeros((), device=layout.device)
+    total = 0.0
     for i in range(args.eval_batches):
-        x, y = val.batch(i, args.seed + 1, args.global_batch_size, args.seq_len, rows)
-        with autocast:
-            total += model(x.to(layout.device), labels=y.to(layout.device))
-    parallel.all_reduce(total, layout.dp_group)
-    model.train()
-    return total.item() / (args.eval_batches * args.global_batch_size * args.seq_len)
+        total += step_fn(lambda rows: val.batch(i, args.seed + 1, args.global_batch_size,
+                                                 args.seq_len, rows), forward_only=True)
+    return total / args.eval_batches
 
 
 def train(args):
-    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp,
+    if args.vpp > 1 and args.pp == 1:
+        raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
+    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
                                        setup_device(args))
     device = layout.device
-    if args.cp > 1 or args.pp > 1 or args.ep > 1:
-        raise UsageError("context, pipeline and expert parallelism are not built yet; "
-                         "use --tp and data parallelism (more processes with torchrun)")
+    if args.cp > 1 or args.ep > 1:
+        raise UsageError("context and expert parallelism are not built yet; use --tp, --pp "
+                         "and data parallelism (more processes with torchrun)")
     if layout.sp and args.seq_len % layout.tp:
         raise UsageError(f"--seq-len {args.seq_len} is not divisible by tp={layout.tp}, as "
                          f"sequence parallelism needs; change --seq-len or pass --no-sp")
@@ -211,9 +212,17 @@ def train(args):
                          f"pass --set max_seq_len={args.seq_len}")
     train_data, val_data = data.load_dataset(args.data, args.tokenizer, args.seq_len)
 
+    try:
+        pp_layers = [int(n) for n in args.pp_layers.split(",")] if args.pp_layers else None
+    except ValueError:
+        raise UsageError(f"--pp-layers {args.pp_layers}: expected comma-separated integers") from None
+    chunks = parallel.rank_chunks(layout, cfg.n_layers, pp_layers)
+    schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
+    actions = parallel.SCHEDULES[schedule](micro_steps, layout)
+
     torch.manual_seed(args.seed + layout.rank)
-    model = models.build(args.model, cfg, device, args.seed, layout)
-    ddp = parallel.DataParallel(model, layout, zero1=args.zero1)
+    modules = [models.build(args.model, cfg, device, args.seed, layout, c) for c in chunks]
+    ddp = parallel.DataParallel(modules, layout, zero1=args.zero1)
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(enabled=precision == "fp16")
     start_step, tokens_seen = 0, 0
@@ -223,22 +232,30 @@ def train(args):
         if saved["model"] != args.model or saved["config"] != dataclasses.asdict(cfg):
             raise UsageError(f"{step_dir} holds a different model ({saved['model']} "
                              f"{saved['config']}); pass the --model/--config/--set it was trained with")
-        meta = checkpoint.load(step_dir, model, optimizer, layout)
+        meta = checkpoint.load(step_dir, modules, optimizer, layout)
         start_step, tokens_seen = meta["step"], meta["tokens_seen"]
         scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
     if args.save:
         check_save_root(args, start_step)
 
-    n_params = sum(math.prod(parallel.global_region(p)[2]) for p in model.parameters()
-                   if getattr(p, "tp_sharded", False) or layout.tp_rank == 0)
-    n_params = int(parallel.all_reduce(torch.tensor(float(n_params), device=device), layout.tp_group))
+    n_params = sum(math.prod(parallel.global_region(p)[2]) for m in modules for p in m.parameters()
+                   if (getattr(p, "tp_sharded", False) or layout.tp_rank == 0)
+                   and not getattr(p, "pp_tied_copy", False))
+    n_params = torch.tensor(float(n_params), device=device)
+    for group in (layout.tp_group, layout.pp_group):
+        parallel.all_reduce(n_params, group)
+    n_params = int(n_params)
     tokens_per_step = args.global_batch_size * args.seq_len
-    flops_per_step = model.flops_per_token(args.seq_len) * tokens_per_step
+    flops_per_step = modules[0].flops_per_token(args.seq_len) * tokens_per_step
     peak = peak_flops(device, args)
     log = print if layout.is_main else (lambda *a, **k: None)
     log(f"{args.model}/{args.config}: {n_params / 1e6:.2f}M parameters | {layout.describe()} | "
         f"{precision} | data {args.data}: {train_data.n_tokens:,} train tokens | "
         f"{tokens_per_step:,} tokens/step in {micro_steps} micro-batch(es) per rank")
+    if layout.pp > 1:
+        log(f"pipeline: {schedule} schedule, chunks of layers "
+            f"{parallel.pipeline_chunks(cfg.n_layers, layout.pp, layout.vpp, pp_layers)}, "
+            f"theoretical bubble {parallel.bubble_fraction(schedule, micro_steps, layout):.1%}")
     if start_step:
         log(f"resumed from {step_dir} at step {start_step}")
     metrics_file = open(args.metrics, "a") if args.metrics and layout.is_main else None
@@ -251,7 +268,7 @@ def train(args):
         wandb_run = wandb.init(project=args.wandb, config=vars(args))
 
     def save(step):
-        checkpoint.save(args.save, step, model, optimizer, layout, {
+        checkpoint.save(args.save, step, modules, optimizer, layout, {
             "model": args.model, "config": dataclasses.asdict(cfg), "tokenizer": args.tokenizer,
             "tokens_seen": tokens_seen, "optimizer_steps": optimizer.steps, "seed": args.seed,
             "loss_scale": scaler.scale, "loss_scale_clean_steps": scaler.clean_steps})
@@ -260,32 +277,41 @@ def train(args):
     rows_per_rank = args.global_batch_size // layout.dp
     mbs = rows_per_rank // micro_steps
     global_targets = tokens_per_step  # every position of every sequence has a target
+    seq_per_rank = args.seq_len // layout.tp if layout.sp else args.seq_len
+    hidden_shape = (mbs, seq_per_rank, cfg.dim)  # what pipeline stages send each other
+
+    def step_fn(batch_rows, forward_only=False):
+        """Forward (+ backward) of this rank's micro-batches through the pipeline;
+        returns the global mean loss. batch_rows(rows) -> (inputs, targets)."""
+        micro_batches = []
+        for micro in range(micro_steps):
+            first_row = layout.dp_rank * rows_per_rank + micro * mbs
+            x, y = batch_rows(slice(first_row, first_row + mbs))
+            micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        for m in modules:
+            m.train(not forward_only)
+        loss_sum = parallel.run_schedule(
+            actions, chunks, modules, micro_batches, layout, hidden_shape,
+            ddp=None if forward_only else ddp, autocast=autocast, forward_only=forward_only,
+            loss_scale=(scaler.scale if scaler.enabled else 1.0) / global_targets)
+        for group in (layout.dp_group, layout.pp_group):  # the loss lives on the last stage
+            parallel.all_reduce(loss_sum, group)
+        return loss_sum.item() / global_targets
+
     first_loss, t_start, window_start = None, time.perf_counter(), time.perf_counter()
     for step in range(start_step, args.steps):
         optimizer.lr = lr = lr_at(step, args)
         ddp.zero_grad()
-        step_loss = torch.zeros((), device=device)
-        for micro in range(micro_steps):
-            first_row = layout.dp_rank * rows_per_rank + micro * mbs
-            x, y = train_data.batch(step, args.seed, args.global_batch_size, args.seq_len,
-                                    slice(first_row, first_row + mbs))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = model(x, labels=y) / global_targets
-            # Only the last micro-batch's backward reduces (overlapped with itself).
-            with ddp.no_sync() if micro < micro_steps - 1 else contextlib.nullcontext():
-                (loss * scaler.scale if scaler.enabled else loss).backward()
-            step_loss += loss.detach()
+        loss_value = step_fn(lambda rows: train_data.batch(step, args.seed, args.global_batch_size,
+                                                           args.seq_len, rows))
         ddp.finish()
         finite = scaler.unscale_and_check(ddp)
         grad_norm = parallel.clip_grad_norm(ddp, args.clip_grad)
         if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
             optimizer.step()
-        parallel.all_reduce(step_loss, layout.dp_group)
         tokens_seen += tokens_per_step
 
         done = step + 1
-        loss_value = step_loss.item()
         first_loss = first_loss or loss_value
         now = time.perf_counter()
         step_time, window_start = now - window_start, now
@@ -294,7 +320,7 @@ def train(args):
                   "mfu": flops_per_step / step_time / (peak * layout.world) if peak else None,
                   "mem_gb": memory_gb(device), "tokens_seen": tokens_seen}
         if done % (args.eval_every or args.steps) == 0 or done == args.steps:
-            record["val_loss"] = evaluate(model, val_data, args, layout, autocast)
+            record["val_loss"] = evaluate(step_fn, val_data, args, layout)
         if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
             eta = (now - t_start) / (done - start_step) * (args.steps - done)
             mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
@@ -314,9 +340,11 @@ def train(args):
         save(args.steps)
     if first_loss is not None:
         log(f"done: loss {first_loss:.4f} -> {loss_value:.4f} in {time.perf_counter() - t_start:.0f}s")
-    if args.sample_tokens and layout.is_main:
-        text = generate.sample_text(model, tokenizer, "", args.sample_tokens, seed=args.seed)
+    if args.sample_tokens and layout.tp == 1 and layout.pp == 1 and layout.is_main:
+        text = generate.sample_text(modules[0], tokenizer, "", args.sample_tokens, seed=args.seed)
         log("---- sample ----\n" + text + "\n----------------")
+    elif args.sample_tokens and args.save:
+        log(f"(sampling needs the whole model in one process: python generate.py --load {args.save})")
     if metrics_file:
         metrics_file.close()
     if wandb_run:
