@@ -8,6 +8,11 @@ Modes:
   train-vs-hf   training tokens/s of our `llama` against transformers' LlamaForCausalLM
                 of the identical shape and weights, in one process (target: ours >= 1.0x).
                 python bench.py train-vs-hf [--config tiny] [--batch-size 16] [--seq-len 256]
+  zero1-memory  optimizer-state bytes per rank at dp=4 with and without ZeRO-1 (expect ~1/4)
+  sp-memory     activations saved for backward per rank at tp=2, seq 1024, with and without
+                sequence parallelism (expect the norm/residual part ~1/2)
+  pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
+                and measured step time against the theoretical bubble
 
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
 summary line and returns its results, plus a function adding its options, and register
@@ -245,9 +250,212 @@ def add_train_vs_hf(p):
     p.add_argument("--block", type=int, default=5, help="consecutive steps per model when alternating")
 
 
+# ----------------------------------------------------------------------------
+# Parallelism: memory of ZeRO-1, sequence parallelism and pipeline schedules
+# ----------------------------------------------------------------------------
+# These modes run N gloo processes of their own (torch.multiprocessing) on the CPU:
+# the quantities are bytes and schedules, which a CPU measures as well as a GPU.
+
+class ActivationMeter:
+    """Counts the bytes autograd saves for backward (the activation memory), live:
+    each saved tensor is wrapped in a token whose deletion (when backward has used it
+    and the graph is freed) subtracts its bytes. Bytes are attributed to the innermost
+    module class running when they were saved."""
+
+    def __init__(self, modules=()):
+        self.live = self.peak = 0
+        self.by_module = {}
+        self.stack = ["(top level)"]
+        def enter(module, _):
+            self.stack.append(type(module).__name__)
+
+        def leave(*_):  # a forward hook that returned something would replace the output
+            self.stack.pop()
+        for m in modules:
+            for sub in m.modules():
+                sub.register_forward_pre_hook(enter)
+                sub.register_forward_hook(leave)
+
+    def __enter__(self):
+        meter = self
+
+        class Token:
+            def __init__(self, tensor):
+                self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
+                meter.live += self.size
+                meter.peak = max(meter.peak, meter.live)
+                key = meter.stack[-1]
+                meter.by_module[key] = meter.by_module.get(key, 0) + self.size
+
+            def __del__(self):
+                meter.live -= self.size
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(Token, lambda token: token.tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def _worker(rank, world, port, fn, kwargs, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results.put((rank, fn(**kwargs)))
+
+
+def run_ranks(world, fn, **kwargs):
+    """Run fn(**kwargs) in `world` processes joined by gloo; {rank: its return value}."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:  # a free port for this run's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, kwargs, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return out
+
+
+def _optimizer_bytes(preset, zero1):
+    import parallel
+    layout = parallel.init_distributed(device="cpu")
+    model = models.build("llama", models.make_config("llama", preset), layout.device, 0, layout)
+    ddp = parallel.DataParallel(model, layout, zero1=zero1)
+    optimizer = parallel.AdamW(ddp, lr=1e-3, weight_decay=0.1)
+    state = sum(t.numel() * t.element_size() for t in optimizer.exp_avg + optimizer.exp_avg_sq)
+    parallel.destroy_distributed()
+    return state
+
+
+def zero1_memory(args, device):
+    """Optimizer-state bytes per rank at dp=N with and without ZeRO-1."""
+    rows = []
+    for zero1 in (False, True):
+        per_rank = run_ranks(args.dp, _optimizer_bytes, preset=args.config, zero1=zero1)
+        rows.append({"zero1": str(zero1), "max_mb": max(per_rank.values()) / 2**20,
+                     "min_mb": min(per_rank.values()) / 2**20})
+    print_table(rows, [("zero1", "ZeRO-1", "s"), ("max_mb", "state MB/rank (max)", ".2f"),
+                       ("min_mb", "(min)", ".2f")])
+    ratio = rows[1]["max_mb"] / rows[0]["max_mb"]
+    print(f"summary: ZeRO-1 at dp={args.dp} keeps {ratio:.3f}x the optimizer state per rank "
+          f"(ideal 1/{args.dp} = {1 / args.dp:.3f})")
+    return {"rows": rows, "ratio": ratio}
+
+
+def add_zero1_memory(p):
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--dp", type=int, default=4)
+
+
+def _activation_bytes(preset, seq_len, sp):
+    import parallel
+    layout = parallel.init_distributed(tp=int(os.environ["WORLD_SIZE"]), sp=sp, device="cpu")
+    model = models.build("llama", models.make_config("llama", preset, [f"max_seq_len={seq_len}"]),
+                         layout.device, 0, layout)
+    ids = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with ActivationMeter([model]) as meter:
+        loss = model(ids, labels=ids)
+    del loss
+    parallel.destroy_distributed()
+    return {"total": meter.peak, **meter.by_module}
+
+
+def sp_memory(args, device):
+    """Activation bytes saved for backward per rank at tp=N, with and without sp."""
+    rows, detail = [], {}
+    for sp in (False, True):
+        per_rank = run_ranks(args.tp, _activation_bytes, preset=args.config, seq_len=args.seq_len, sp=sp)
+        r0 = per_rank[0]
+        # Residual additions save nothing for backward: the norms are what sp shards.
+        rows.append({"sp": str(sp), "total_mb": r0["total"] / 2**20,
+                     "norm_mb": r0.get("RMSNorm", 0) / 2**20})
+        detail[str(sp)] = r0
+    print_table(rows, [("sp", "sp", "s"), ("total_mb", "activations MB/rank", ".1f"),
+                       ("norm_mb", "of which norms MB", ".1f")])
+    ratio = rows[1]["norm_mb"] / rows[0]["norm_mb"]
+    print(f"summary: at tp={args.tp}, seq {args.seq_len}, sequence parallelism keeps {ratio:.2f}x "
+          f"of the norms' activations (ideal 1/{args.tp}) and "
+          f"{rows[1]['total_mb'] / rows[0]['total_mb']:.2f}x of all activations")
+    return {"rows": rows, "by_module": detail}
+
+
+def add_sp_memory(p):
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+
+
+def _pipeline_step(preset, schedule, n_micro, seq_len, steps):
+    import parallel
+    world = int(os.environ["WORLD_SIZE"])
+    layout = parallel.init_distributed(pp=world, device="cpu")
+    cfg = models.make_config("llama", preset)
+    chunks = parallel.rank_chunks(layout, cfg.n_layers)
+    modules = [models.build("llama", cfg, layout.device, 0, layout, c) for c in chunks]
+    ddp = parallel.DataParallel(modules, layout)
+    actions = parallel.SCHEDULES[schedule](n_micro, layout)
+    gen = torch.Generator().manual_seed(0)
+    micro = [(ids, ids) for ids in torch.randint(0, 256, (n_micro, 1, seq_len), generator=gen)]
+    times = []
+    for _ in range(steps):
+        ddp.zero_grad()
+        parallel.barrier()
+        t0 = time.perf_counter()
+        with ActivationMeter() as meter:
+            parallel.run_schedule(actions, chunks, modules, micro, layout, (1, seq_len, cfg.dim), ddp)
+        ddp.finish()
+        parallel.barrier()
+        times.append(time.perf_counter() - t0)
+    parallel.destroy_distributed()
+    return {"peak": meter.peak, "step_s": median(times)}
+
+
+def pp_schedules(args, device):
+    """First-stage activation memory of GPipe vs 1F1B, and step time vs the bubble."""
+    rows = []
+    base = run_ranks(1, _pipeline_step, preset=args.config, schedule="1f1b", n_micro=args.micro,
+                     seq_len=args.seq_len, steps=args.steps)[0]
+    for pp in args.pp:
+        for schedule in ("gpipe", "1f1b"):
+            r = run_ranks(pp, _pipeline_step, preset=args.config, schedule=schedule, n_micro=args.micro,
+                          seq_len=args.seq_len, steps=args.steps)
+            bubble = (pp - 1) / (args.micro + pp - 1)
+            ideal = base["step_s"] / pp / (1 - bubble)  # perfect split plus the bubble
+            step = max(x["step_s"] for x in r.values())
+            rows.append({"pp": pp, "schedule": schedule, "stage0_mb": r[0]["peak"] / 2**20,
+                         "step_s": step, "bubble": bubble, "vs_theory": step / ideal})
+    print_table(rows, [("pp", "pp", "d"), ("schedule", "schedule", "s"),
+                       ("stage0_mb", "stage 0 peak activations MB", ".1f"), ("step_s", "step s", ".3f"),
+                       ("bubble", "theory bubble", ".2f"), ("vs_theory", "step / theory", ".2f")])
+    print(f"summary: one process {base['step_s']:.3f}s/step; step / theory = measured step time over "
+          f"(one-process time / pp) / (1 - bubble); on {os.cpu_count()} cores, more than "
+          f"{os.cpu_count()} stages cannot run in parallel")
+    return {"one_process_step_s": base["step_s"], "rows": rows}
+
+
+def add_pp_schedules(p):
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--micro", type=int, default=8, help="micro-batches per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+
+
 # mode -> (function, help, options). One entry per mode.
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
+    "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
+    "sp-memory": (sp_memory, "activation bytes per rank at tp with/without sequence parallelism",
+                  add_sp_memory),
+    "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
+                     add_pp_schedules),
 }
 
 

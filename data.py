@@ -34,19 +34,24 @@ from parallel import UsageError
 
 BYTE_TOKENIZER = "byte"
 TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
+HF_PREFIX = "hf:"  # "hf:DIR": the tokenizer.json of a Hugging Face model folder
 
 
-def get_tokenizer(name: str = BYTE_TOKENIZER) -> tiktoken.Encoding:
-    """"byte" (built here, 257 tokens) or one of tiktoken's named encodings."""
+def get_tokenizer(name: str = BYTE_TOKENIZER):
+    """"byte" (built here, 257 tokens), one of tiktoken's named encodings, or "hf:DIR"
+    (a Hugging Face tokenizer.json, through HFTokenizer's tiktoken-like interface)."""
     if name == BYTE_TOKENIZER:
         # One token per UTF-8 byte plus end-of-text: lossless for any string and needs no
         # download. The pattern only cuts text into chunks (there are no merges to limit).
         return tiktoken.Encoding(BYTE_TOKENIZER, pat_str=r"[^\n]{1,64}\n?|\n",
                                  mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
+    if name.startswith(HF_PREFIX):
+        return HFTokenizer(name[len(HF_PREFIX):])
     if name not in TIKTOKEN_NAMES:
         raise UsageError(f"unknown tokenizer {name!r}: use --tokenizer one of "
-                         f"{', '.join((BYTE_TOKENIZER,) + TIKTOKEN_NAMES)}")
+                         f"{', '.join((BYTE_TOKENIZER,) + TIKTOKEN_NAMES)}, or hf:DIR (a folder "
+                         f"with a Hugging Face tokenizer.json)")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # tiktoken raises whatever its download raised
@@ -55,7 +60,63 @@ def get_tokenizer(name: str = BYTE_TOKENIZER) -> tiktoken.Encoding:
                          f"network access") from e
 
 
-def eot_token(enc: tiktoken.Encoding) -> int:
+class HFTokenizer:
+    """A Hugging Face tokenizer (DIR/tokenizer.json, run by the optional `tokenizers`
+    package) with the part of tiktoken's Encoding that this code uses: encode_ordinary,
+    decode, n_vocab, eot_token and name.
+
+    eot_token, which ends every document, is the tokenizer's end-of-sequence token: the
+    eos_token of DIR/tokenizer_config.json, else eos_token_id of DIR/config.json, else the
+    first of <|endoftext|>, </s>, <eos> in the vocabulary; with none of these, a UsageError."""
+
+    def __init__(self, directory: str):
+        try:
+            import tokenizers
+        except ImportError:
+            raise UsageError(f"tokenizer {HF_PREFIX}{directory} needs the tokenizers package: "
+                             f"pip install tokenizers") from None
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"tokenizer {HF_PREFIX}{directory}: no file {path}")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises plain Exceptions
+            raise UsageError(f"cannot read tokenizer {path} ({' '.join(str(e).split())})") from None
+        # Like tiktoken's encode_ordinary: "<|endoftext|>" written in a text is text, not a token.
+        self._tok.encode_special_tokens = True
+        self.name = HF_PREFIX + directory
+        self.n_vocab = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.eot_token = self._eos_id(directory)
+
+    def _eos_id(self, directory):
+        def read(file):
+            try:
+                with open(os.path.join(directory, file)) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}
+        eos = read("tokenizer_config.json").get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and self._tok.token_to_id(eos) is not None:
+            return self._tok.token_to_id(eos)
+        eos_id = read("config.json").get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int):
+            return eos_id
+        for token in ("<|endoftext|>", "</s>", "<eos>"):
+            if self._tok.token_to_id(token) is not None:
+                return self._tok.token_to_id(token)
+        raise UsageError(f"tokenizer {self.name} has no end-of-text token: set eos_token in "
+                         f"{directory}/tokenizer_config.json")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def eot_token(enc) -> int:
     return enc.eot_token
 
 
@@ -265,7 +326,7 @@ if __name__ == "__main__":
     p = commands.add_parser("prepare", help="tokenize text into memory-mapped shards for --data")
     p.add_argument("src", help='"stdlib", a text file, a directory or a glob pattern')
     p.add_argument("out_dir", help="new directory for the shards and meta.json")
-    p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES))
+    p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES) + " or hf:DIR")
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     args = parser.parse_args()

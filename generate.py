@@ -1,17 +1,20 @@
-"""Sampling with a KV cache, from a model in memory or from a checkpoint.
+"""Sampling with a KV cache, from a model in memory, a checkpoint or a Hugging Face folder.
 
     python generate.py --load runs/llama --prompt "def main(" --max-new-tokens 200
+    python generate.py --load path/to/hf-model-folder --prompt "Hello"
 
 The prompt is run through the model once (prefill), filling every layer's KV cache;
 then each new token costs one forward pass over a single position, attending to
 the cached keys and values instead of recomputing the whole prefix.
 """
 import argparse
+import os
 import sys
 
 import torch
 
 import checkpoint
+import convert
 import data
 import models
 import parallel
@@ -58,7 +61,10 @@ def sample_text(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k
 
 
 def load_model(path, device="cpu"):
-    """Model and tokenizer name from a checkpoint (a step directory or a save root)."""
+    """Model and tokenizer name from a checkpoint (a step directory or a save root), or
+    from a Hugging Face model folder (config.json + safetensors, see convert.py)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return convert.from_hf(path, device), convert.tokenizer_name(path)
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
     cfg = models.config_from_dict(meta["model"], meta["config"])
@@ -69,7 +75,8 @@ def load_model(path, device="cpu"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--load", required=True, help="checkpoint: a save root or one step directory")
+    p.add_argument("--load", required=True,
+                   help="checkpoint (a save root or one step directory) or Hugging Face model folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -22,6 +22,7 @@ import time
 import torch
 
 import checkpoint
+import convert
 import data
 import generate
 import models
@@ -66,10 +67,13 @@ def parse_args(argv=None):
       help="auto: bf16 on CUDA, fp32 on CPU")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
-    a("--tokenizer", default="byte", help="byte, gpt2, cl100k_base or o200k_base")
+    a("--tokenizer", default="byte",
+      help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json)")
     a("--save", default=None, metavar="DIR", help="checkpoint root")
     a("--save-every", type=int, default=0, help="also save every N steps (always at the end)")
-    a("--load", default=None, metavar="DIR", help="resume: a save root (newest step) or a step dir")
+    a("--load", default=None, metavar="DIR",
+      help="resume: a save root (newest step) or a step dir; or hf:DIR to fine-tune a Hugging "
+           "Face model (its config replaces --config, its tokenizer.json the default tokenizer)")
     a("--metrics", default=None, metavar="FILE", help="append JSON lines, one per step")
     a("--wandb", default=None, metavar="PROJECT", help="log to Weights & Biases")
     a("--log-every", type=int, default=10)
@@ -202,7 +206,16 @@ def train(args):
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
 
-    cfg = models.make_config(args.model, args.config, args.set)
+    hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
+    if hf_dir:
+        hf_model, cfg = convert.read_hf_config(hf_dir)
+        if hf_model != args.model:
+            raise UsageError(f"--load {args.load} is a {hf_model} model; pass --model {hf_model}")
+        cfg = dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set))
+        if args.tokenizer == "byte" and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+            args.tokenizer = convert.tokenizer_name(hf_dir)
+    else:
+        cfg = models.make_config(args.model, args.config, args.set)
     tokenizer = data.get_tokenizer(args.tokenizer)
     if tokenizer.n_vocab > cfg.vocab_size:
         raise UsageError(f"tokenizer {args.tokenizer} has {tokenizer.n_vocab} tokens but the model's "
@@ -226,7 +239,10 @@ def train(args):
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(enabled=precision == "fp16")
     start_step, tokens_seen = 0, 0
-    if args.load:
+    if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
+        for m in modules:
+            convert.load_hf_weights(m, hf_dir)
+    elif args.load:
         step_dir = checkpoint.resolve(args.load)
         saved = checkpoint.read_meta(step_dir)
         if saved["model"] != args.model or saved["config"] != dataclasses.asdict(cfg):

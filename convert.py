@@ -1,0 +1,468 @@
+"""Hugging Face import and export.
+
+    python convert.py import HF_DIR CKPT_DIR     # a HF model folder -> one of our checkpoints
+    python convert.py export CKPT_DIR HF_DIR     # one of our checkpoints -> a HF model folder
+
+In Python, `convert.from_hf(path)` returns a model whose forward, called like the HF
+model's (`input_ids`, optional `attention_mask`), returns the same logits.
+
+A Hugging Face folder is config.json plus safetensors weights (one `model.safetensors`,
+or shards listed in `model.safetensors.index.json`). Conversion is two translations:
+
+  1. the config (section 1): HF's config.json <-> our Config, one small function per
+     family and direction. A setting our model cannot reproduce (a bias on o_proj, a
+     RoPE scaling other than LLaMA 3.1's, another activation) is refused, never ignored;
+  2. the tensors (section 2): each model file's `hf_name(name)` names our parameter's HF
+     tensor and `from_hf(name, tensor)` puts it in our layout; `to_hf` here is the inverse.
+
+Import streams (section 3). The model is built first, only this rank's part of it (its
+tensor-parallel shards; a pipeline stage would simply have fewer parameters); then each
+parameter is filled with exactly the region of the global tensor it holds
+(`parallel.global_region`). safetensors reads a region without reading the rest
+(`get_slice`), so a tp rank of a LLaMA reads 1/tp of each sharded matrix. GPT-2's
+tensors are transposed on the way in, so there a rank reads that one tensor whole and
+keeps its slice. Nothing is ever unpickled (no `torch.load`).
+
+Both directions write into a temporary sibling of the target and rename it into place
+last (section 4): a failure leaves the target as it was, and a non-empty target is never
+overwritten.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import sys
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import checkpoint
+import data
+import gpt
+import llama
+import models
+import parallel
+from parallel import UsageError
+
+# ----------------------------------------------------------------------------
+# 1. Configs: Hugging Face config.json <-> our Config, per family
+# ----------------------------------------------------------------------------
+
+
+def _refuse(model_type, what):
+    raise UsageError(f"{model_type} config: {what} is not supported by our model; refusing to "
+                     f"convert rather than compute something else")
+
+
+def _rope_from_hf(hf, model_type):
+    """RoPE fields. transformers 5 writes `rope_parameters`; 4.x `rope_theta` + `rope_scaling`."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        _refuse(model_type, "RoPE parameters that differ per layer type")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        _refuse(model_type, "partial_rotary_factor != 1")
+    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        out.update(rope_scaling_factor=float(rope["factor"]),
+                   rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_seq_len=int(rope.get("original_max_position_embeddings",
+                                                          hf["max_position_embeddings"])))
+    elif kind != "default":
+        _refuse(model_type, f"rope_scaling of type {kind!r} (only llama3 is)")
+    return out
+
+
+def _qwen_window(hf, model_type):
+    """Qwen configs carry sliding_window even when it is off: it applies only with
+    use_sliding_window, and then to the layers that layer_types (or, in older configs,
+    i >= max_window_layers) mark as sliding. Ours is all layers or none."""
+    if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+        return 0
+    n = hf["num_hidden_layers"]
+    kinds = set(hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(n)])
+    if kinds == {"full_attention"}:
+        return 0
+    if kinds != {"sliding_attention"}:
+        _refuse(model_type, "sliding-window attention on some layers only")
+    return int(hf["sliding_window"])
+
+
+def llama_config_from_hf(hf, model_type):
+    """LLaMA 2/3/3.1, Mistral, Qwen 2/2.5, Qwen 3 -> llama.Config."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        _refuse(model_type, f"hidden_act={hf['hidden_act']!r}")
+    if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
+        _refuse(model_type, "attention_bias (a bias on o_proj as well as Q, K, V)")
+    if model_type == "llama" and hf.get("mlp_bias"):
+        _refuse(model_type, "mlp_bias")
+    window = 0
+    if model_type == "mistral":
+        window = hf.get("sliding_window") or 0
+    elif model_type in ("qwen2", "qwen3"):
+        window = _qwen_window(hf, model_type)
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    return llama.Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or dim // heads, ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
+        sliding_window=int(window), qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_from_hf(hf, model_type))
+
+
+def llama_config_to_hf(cfg):
+    """llama.Config -> (model_type, config.json fields): the plainest HF family that has
+    every feature used (QK-norm: Qwen 3; Q/K/V bias: Qwen 2; sliding window: Mistral)."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise UsageError("no Hugging Face family has QK-norm with a bias on Q, K, V only; "
+                         "cannot export")
+    model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else
+                  "mistral" if cfg.sliding_window else "llama")
+    scaling = None
+    if cfg.rope_scaling_factor:
+        scaling = dict(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                       low_freq_factor=cfg.rope_low_freq_factor,
+                       high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+              num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
+              tie_word_embeddings=cfg.tie_embeddings,
+              # transformers 5 reads rope_parameters; 4.x rope_theta and rope_scaling.
+              rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
+              rope_theta=cfg.rope_theta, rope_scaling=scaling)
+    if model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if model_type == "llama":
+        hf["mlp_bias"] = False
+    if model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if model_type in ("qwen2", "qwen3"):
+        window = cfg.sliding_window
+        hf.update(use_sliding_window=bool(window), sliding_window=window or None, max_window_layers=0,
+                  layer_types=[("sliding" if window else "full") + "_attention"] * cfg.n_layers)
+    return model_type, hf
+
+
+def gpt2_config_from_hf(hf, model_type):
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        _refuse(model_type, f"activation_function={hf['activation_function']!r} (ours: tanh GELU)")
+    for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if hf.get(key, ours) != ours:
+            _refuse(model_type, f"{key}={hf[key]}")
+    return gpt.Config(vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"],
+                      n_heads=hf["n_head"], ffn_dim=hf.get("n_inner") or 0,
+                      max_seq_len=hf.get("n_positions", 1024),
+                      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
+def gpt2_config_to_hf(cfg):
+    return "gpt2", dict(vocab_size=cfg.vocab_size, n_embd=cfg.dim, n_layer=cfg.n_layers,
+                        n_head=cfg.n_heads, n_inner=cfg.ffn_dim, n_positions=cfg.max_seq_len,
+                        n_ctx=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                        activation_function="gelu_new", tie_word_embeddings=cfg.tie_embeddings,
+                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+
+
+# HF model_type -> (our model name, config reader); our model name -> config writer.
+FAMILIES = {"gpt2": ("gpt", gpt2_config_from_hf), "llama": ("llama", llama_config_from_hf),
+            "mistral": ("llama", llama_config_from_hf), "qwen2": ("llama", llama_config_from_hf),
+            "qwen3": ("llama", llama_config_from_hf)}
+CONFIG_TO_HF = {"gpt": gpt2_config_to_hf, "llama": llama_config_to_hf}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+
+# ----------------------------------------------------------------------------
+# 2. Tensors: names and layouts (from_hf lives in the model files, to_hf here)
+# ----------------------------------------------------------------------------
+
+MODEL_FILES = {"gpt": gpt, "llama": llama}
+# Families whose from_hf is the identity: a rank can read just its own region from disk.
+READS_SLICES = {"llama"}
+
+
+def to_hf(model_name, name, tensor):
+    """Our tensor `name` in Hugging Face's layout: the inverse of `<model file>.from_hf`."""
+    if model_name == "gpt":
+        if ".attn.qkv." in name:  # (3, dim, ...) -> HF's fused [Q | K | V]
+            tensor = tensor.reshape(-1, *tensor.shape[2:])
+        if "layers." in name and name.endswith("weight") and tensor.dim() == 2:
+            tensor = tensor.t()  # HF's Conv1D stores (in, out)
+    return tensor
+
+
+def model_name(model):
+    """The registry name ("llama", "gpt") of a model built by models.build."""
+    for name, (_, _, cls) in models.MODELS.items():
+        if isinstance(model, cls) and name in MODEL_FILES:
+            return name
+    raise UsageError(f"{type(model).__name__} has no Hugging Face conversion")
+
+
+# Buffers that old transformers versions saved with the weights: not parameters.
+OLD_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+# ----------------------------------------------------------------------------
+# 3. Import: read config.json, stream each parameter's region from safetensors
+# ----------------------------------------------------------------------------
+
+
+class _HFTensors:
+    """The tensors of a HF folder by name, across one or several safetensors files.
+    Every file is opened up front, so a missing or truncated shard fails before any work."""
+
+    def __init__(self, hf_dir):
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    self.where = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"cannot read {index} ({e!r}); the folder is damaged") from None
+        elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+            self.where = None
+        else:
+            raise UsageError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json "
+                             f"(only safetensors weights are read; pickled .bin files never are)")
+        self.files = {}
+        names = ["model.safetensors"] if self.where is None else sorted(set(self.where.values()))
+        for name in names:
+            path = os.path.join(hf_dir, name)
+            if not os.path.isfile(path):
+                raise UsageError(f"{path} is missing (listed in {os.path.basename(index)})")
+            try:
+                self.files[name] = safe_open(path, framework="pt")
+            except (OSError, SafetensorError) as e:
+                raise UsageError(f"cannot read {path} ({e}); is it truncated or damaged?") from None
+        if self.where is None:
+            self.where = {key: "model.safetensors" for key in self.files["model.safetensors"].keys()}
+
+    def find(self, key):
+        """`key`, or `key` without its base-model prefix ("transformer.", "model."): files
+        saved from the base model (GPT-2's own) lack it, and transformers accepts both."""
+        return next((k for k in (key, key.partition(".")[2]) if k in self.where), None)
+
+    def get_slice(self, key):
+        try:
+            return self.files[self.where[key]].get_slice(key)
+        except SafetensorError as e:
+            raise UsageError(f"cannot read tensor {key} from {self.where[key]} ({e})") from None
+
+
+def read_hf_config(hf_dir):
+    """(our model name, Config) from HF_DIR/config.json."""
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except OSError:
+        raise UsageError(f"{hf_dir} has no config.json: not a Hugging Face model folder") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UsageError(f"{path}: model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(FAMILIES)}")
+    name, config_from_hf = FAMILIES[model_type]
+    try:
+        return name, config_from_hf(hf, model_type)
+    except KeyError as e:
+        raise UsageError(f"{path} has no {e.args[0]!r}, which a {model_type} config needs") from None
+
+
+@torch.no_grad()
+def load_hf_weights(model, hf_dir):
+    """Fill every parameter of `model` (from models.build, under any layout) with its
+    region of the HF folder's tensors. Returns the model."""
+    name = model_name(model)
+    family, tensors = MODEL_FILES[name], _HFTensors(hf_dir)
+    used = set()
+    for ours, param in model.named_parameters():
+        key = tensors.find(family.hf_name(ours))
+        if key is None:
+            raise UsageError(f"{hf_dir} has no tensor {family.hf_name(ours)} (our {ours}); the "
+                             f"weights do not match config.json")
+        shape, offset, extent = parallel.global_region(param)
+        expected = list(to_hf(name, ours, torch.empty(shape, device="meta")).shape)
+        hf_slice = tensors.get_slice(key)
+        if list(hf_slice.get_shape()) != expected:
+            raise UsageError(f"{key} has shape {list(hf_slice.get_shape())} in {hf_dir}, but "
+                             f"config.json implies {expected}")
+        region = tuple(slice(o, o + n) for o, n in zip(offset, extent))
+        if name in READS_SLICES:
+            piece = hf_slice[region]  # reads this rank's region only
+        else:
+            piece = family.from_hf(ours, hf_slice[:])[region]
+        param.zero_()  # vocabulary padding past the global tensor stays zero
+        param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
+        used.add(key)
+    if getattr(model.layout, "pp", 1) == 1:  # the whole model: every tensor must find a place
+        tied = getattr(model.cfg, "tie_embeddings", False)
+        extra = sorted(k for k in tensors.where if k not in used and not k.endswith(OLD_BUFFERS)
+                       and not (tied and k == "lm_head.weight"))
+        if extra:
+            raise UsageError(f"{hf_dir} holds {len(extra)} tensor(s) our {name} model has no place "
+                             f"for ({', '.join(extra[:3])}...); config.json does not describe them")
+        if tied and "lm_head.weight" in tensors.where:  # a stored copy must be a copy (as in HF)
+            embed = dict(model.named_parameters())["embed.weight"]
+            _, offset, extent = parallel.global_region(embed)
+            head = tensors.get_slice("lm_head.weight")[tuple(slice(o, o + n)
+                                                             for o, n in zip(offset, extent))]
+            if not torch.equal(head.to(embed.dtype), embed[tuple(slice(0, n) for n in extent)]):
+                raise UsageError(f"{hf_dir}: config.json ties the output layer to the embedding, "
+                                 f"but lm_head.weight differs from it; set tie_word_embeddings "
+                                 f"false")
+    return model
+
+
+def from_hf(path, device="cpu"):
+    """A one-process model (eval mode) with the weights of the HF folder `path`."""
+    name, cfg = read_hf_config(path)
+    model = models.build(name, cfg, torch.device(device), seed=0)
+    return load_hf_weights(model, path).eval()
+
+
+def tokenizer_name(hf_dir):
+    """The data.get_tokenizer name for a HF folder: its tokenizer.json, else bytes."""
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return data.HF_PREFIX + os.path.abspath(hf_dir)
+    return data.BYTE_TOKENIZER
+
+
+def train_flags(name, cfg, tokenizer):
+    """train.py flags that rebuild exactly `cfg` (overrides of the family's default preset)."""
+    preset = {"llama": "llama2-7b", "gpt": "gpt2"}[name]
+    base, flags = models.make_config(name, preset), ["--model", name, "--config", preset]
+    for field in dataclasses.fields(cfg):
+        if getattr(cfg, field.name) != getattr(base, field.name):
+            flags += ["--set", f"{field.name}={getattr(cfg, field.name)}"]
+    return flags + (["--tokenizer", tokenizer] if tokenizer != data.BYTE_TOKENIZER else [])
+
+# ----------------------------------------------------------------------------
+# 4. Writing: atomic target directories, import into a checkpoint, export
+# ----------------------------------------------------------------------------
+
+
+def _check_target(target):
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise UsageError(f"{target} already exists and is not empty: refusing to overwrite it; "
+                         f"choose another directory")
+
+
+def _write_atomically(target, write):
+    """write(tmp) into a temporary sibling of `target`, then rename it to `target`."""
+    _check_target(target)
+    tmp = f"{os.path.abspath(target).rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, target)  # also replaces an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def import_hf(hf_dir, ckpt_dir):
+    """HF folder -> a checkpoint root that `train.py --load CKPT_DIR` resumes (step 0, fresh
+    AdamW moments). Returns (its step directory, the model)."""
+    _check_target(ckpt_dir)
+    model = from_hf(hf_dir).train()
+    layout = parallel.Layout()
+    optimizer = parallel.AdamW(parallel.DataParallel(model, layout), lr=0.0, weight_decay=0.0)
+    meta = {"model": model_name(model), "config": dataclasses.asdict(model.cfg),
+            "tokenizer": tokenizer_name(hf_dir), "tokens_seen": 0, "optimizer_steps": 0, "seed": 0,
+            "loss_scale": 65536.0, "loss_scale_clean_steps": 0}  # as train.py writes them
+    _write_atomically(ckpt_dir, lambda tmp: checkpoint.save(tmp, 0, model, optimizer, layout, meta))
+    return os.path.join(ckpt_dir, checkpoint.step_dir_name(0)), model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
+    """Write a one-process model as a HF folder: config.json + model.safetensors (fp32),
+    plus the tokenizer files of `tokenizer_dir` if given."""
+    name = model_name(model)
+    if model.layout.tp > 1 or getattr(model.layout, "pp", 1) > 1:
+        raise UsageError("export needs the whole model: build it with parallel.Layout() "
+                         "(checkpoint.load reassembles the shards)")
+    model_type, fields = CONFIG_TO_HF[name](model.cfg)
+    if eos_token_id is not None and not 0 <= eos_token_id < model.cfg.vocab_size:
+        eos_token_id = None
+    config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **fields,
+              "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
+              "torch_dtype": "float32", "dtype": "float32"}
+    # Copies (contiguous, unshared): parameters may be views of one flat training buffer.
+    # A tied model has no lm_head parameter, so none is written.
+    tensors = {MODEL_FILES[name].hf_name(n): to_hf(name, n, p.detach().cpu().float()).contiguous()
+               .clone() for n, p in model.named_parameters()}
+
+    def write(tmp):
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for file in TOKENIZER_FILES if tokenizer_dir else ():
+            if os.path.isfile(os.path.join(tokenizer_dir, file)):
+                shutil.copy(os.path.join(tokenizer_dir, file), tmp)
+    _write_atomically(hf_dir, write)
+    return model_type
+
+
+def export(ckpt, hf_dir):
+    """One of our checkpoints (a save root or a step directory) -> a HF folder."""
+    step_dir = checkpoint.resolve(ckpt)
+    meta = checkpoint.read_meta(step_dir)
+    _check_target(hf_dir)
+    cfg = models.config_from_dict(meta["model"], meta["config"])
+    model = models.build(meta["model"], cfg, "cpu", 0)
+    checkpoint.load(step_dir, model, None, parallel.Layout())  # reassembles tp shards
+    tok = meta.get("tokenizer", data.BYTE_TOKENIZER)
+    tokenizer_dir = tok[len(data.HF_PREFIX):] if tok.startswith(data.HF_PREFIX) else None
+    eos = None
+    if tok == data.BYTE_TOKENIZER or tokenizer_dir:  # at hand without a download
+        try:
+            eos = data.get_tokenizer(tok).eot_token
+        except UsageError:  # e.g. the tokenizer's folder has moved
+            pass
+    return step_dir, export_model(model, hf_dir, eos, tokenizer_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Hugging Face import/export.")
+    commands = p.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("import", help="HF model folder -> checkpoint root for train.py --load")
+    c.add_argument("hf_dir")
+    c.add_argument("ckpt_dir")
+    c = commands.add_parser("export", help="checkpoint (save root or step dir) -> HF model folder")
+    c.add_argument("ckpt_dir")
+    c.add_argument("hf_dir")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "import":
+            step_dir, model = import_hf(args.hf_dir, args.ckpt_dir)
+            name, n = model_name(model), sum(p.numel() for p in model.parameters())
+            flags = train_flags(name, model.cfg, tokenizer_name(args.hf_dir))
+            print(f"imported {args.hf_dir} ({name}, {n / 1e6:.2f}M parameters) into {step_dir}; "
+                  f"train with: python train.py {shlex.join(flags + ['--load', args.ckpt_dir])}")
+        else:
+            step_dir, model_type = export(args.ckpt_dir, args.hf_dir)
+            print(f"exported {step_dir} to {args.hf_dir} ({ARCHITECTURES[model_type]}: "
+                  f"config.json + model.safetensors)")
+    except UsageError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""convert.py: Hugging Face import/export against transformers, tensor-parallel import
+(each rank reads only its slice), checkpoints, the hf: tokenizer, and bad input.
+
+Every HF model is built from a small config with random weights and saved locally:
+nothing is downloaded."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import convert
+import data
+import generate
+import gpt
+import llama
+import models
+import parallel
+import train
+from parallel import UsageError
+
+tf = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+GPT2 = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+# name -> (transformers model class, config)
+VARIANTS = {
+    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2)),
+    "gpt2-untied": (tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2, tie_word_embeddings=False)),
+    "llama-gqa": (tf.LlamaForCausalLM, tf.LlamaConfig(**COMMON)),
+    "llama-tied": (tf.LlamaForCausalLM, tf.LlamaConfig(**COMMON, tie_word_embeddings=True)),
+    "llama3.1-rope-scaling": (tf.LlamaForCausalLM, tf.LlamaConfig(
+        **COMMON, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})),
+    "mistral-window": (tf.MistralForCausalLM, tf.MistralConfig(**COMMON, sliding_window=5)),
+    "qwen2-bias-tied": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**{**COMMON, "num_key_value_heads": 1},
+                                                            tie_word_embeddings=True)),
+    "qwen2-window": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**COMMON, use_sliding_window=True,
+                                                         sliding_window=6, max_window_layers=0)),
+    "qwen3-qknorm": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**COMMON, head_dim=32)),
+}
+IDS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than the windows
+
+
+def random_hf(variant, **config_overrides):
+    """A transformers model with every parameter random (biases and norm gains too, which
+    HF initializes to constants that would hide a mapping error)."""
+    cls, config = VARIANTS[variant]
+    config = type(config).from_dict({**config.to_dict(), **config_overrides})
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """variant -> (saved HF folder, the HF model): each built once for the module."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            model = random_hf(variant)
+            path = tmp_path_factory.mktemp(variant)
+            model.save_pretrained(path, safe_serialization=True)
+            cache[variant] = (str(path), model)
+        return cache[variant]
+    return get
+
+
+def hf_logits(model, ids=IDS, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------
+# Logits equal transformers', importing and exporting
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_import_and_export_match_transformers(variant, hf_dirs, tmp_path):
+    hf_dir, hf = hf_dirs(variant)
+    expected = hf_logits(hf)
+    ours = convert.from_hf(hf_dir)
+    with torch.no_grad():
+        assert max_diff(ours(IDS), expected) <= 1e-4
+    convert.export_model(ours, tmp_path / "out")
+    back, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    assert back.config.model_type == hf.config.model_type
+    assert max_diff(hf_logits(back.eval()), expected) <= 1e-4
+    # The config survives the round trip exactly.
+    assert convert.read_hf_config(tmp_path / "out") == convert.read_hf_config(hf_dir)
+
+
+def test_attention_mask_like_transformers(hf_dirs):
+    hf_dir, hf = hf_dirs("qwen2-bias-tied")
+    mask = torch.ones_like(IDS)
+    mask[1, :5] = 0  # left padding
+    expected = hf_logits(hf, attention_mask=mask)
+    with torch.no_grad():
+        got = convert.from_hf(hf_dir)(IDS, attention_mask=mask)
+    assert max_diff(got[mask.bool()], expected[mask.bool()]) <= 1e-4
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = random_hf("llama-gqa")
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    with torch.no_grad():
+        assert max_diff(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "gpt2"])
+def test_bf16_checkpoint_is_read_into_fp32(variant, tmp_path):
+    """Published checkpoints are mostly bf16: read, then upcast to our fp32 parameters."""
+    hf = random_hf(variant).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    ours = convert.from_hf(str(tmp_path))
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    with torch.no_grad():
+        assert max_diff(ours(IDS), hf_logits(hf.float())) <= 1e-4
+
+
+def test_names_without_the_base_model_prefix(hf_dirs, tmp_path):
+    """GPT-2's own checkpoint was saved from GPT2Model: wte.weight, not transformer.wte.weight."""
+    hf_dir, hf = hf_dirs("gpt2")
+    shutil.copy(os.path.join(hf_dir, "config.json"), tmp_path)
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        assert max_diff(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf)) <= 1e-4
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt"])
+def test_to_hf_inverts_from_hf(model_name, hf_dirs):
+    """to_hf(from_hf(t)) == t for every tensor, and to_hf gives HF's shapes."""
+    hf_dir, hf = hf_dirs({"llama": "qwen3-qknorm", "gpt": "gpt2-untied"}[model_name])
+    family = convert.MODEL_FILES[model_name]
+    hf_state = hf.state_dict()
+    for name, p in convert.from_hf(hf_dir).named_parameters():
+        theirs = hf_state[family.hf_name(name)]
+        ours = family.from_hf(name, theirs)
+        assert ours.shape == p.shape and torch.equal(ours, p)
+        assert torch.equal(convert.to_hf(model_name, name, ours), theirs)
+        assert torch.equal(family.from_hf(name, convert.to_hf(model_name, name, p)), p)
+
+
+# ----------------------------------------------------------------------------
+# Tensor-parallel import: each rank holds, and reads, only its slice
+# ----------------------------------------------------------------------------
+
+class SpyFile:
+    """Wraps safe_open's handle and records how many elements each read returned."""
+
+    def __init__(self, handle, reads):
+        self.handle, self.reads = handle, reads
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key):
+        raise AssertionError("load_hf_weights must read through get_slice")
+
+    def get_slice(self, key):
+        spy = self
+
+        class Slice:
+            def get_shape(self):
+                return spy.handle.get_slice(key).get_shape()
+
+            def __getitem__(self, index):
+                t = spy.handle.get_slice(key)[index]
+                spy.reads.setdefault(key, []).append(t.numel())
+                return t
+        return Slice()
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm", "gpt2"])
+def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypatch):
+    hf_dir, hf = hf_dirs(variant)
+    name, cfg = convert.read_hf_config(hf_dir)
+    family, hf_state = convert.MODEL_FILES[name], hf.state_dict()
+    real_open = convert.safe_open
+    for rank in (0, 1):
+        reads = {}
+        monkeypatch.setattr(convert, "safe_open", lambda *a, **k: SpyFile(real_open(*a, **k), reads))
+        model = convert.load_hf_weights(models.build(name, cfg, "cpu", 0, parallel.Layout(tp=2, rank=rank)),
+                                        hf_dir)
+        sharded = 0
+        for ours, p in model.named_parameters():
+            shape, offset, extent = parallel.global_region(p)
+            full = family.from_hf(ours, hf_state[family.hf_name(ours)])
+            mine = p[tuple(slice(0, n) for n in extent)]
+            assert torch.equal(mine, full[tuple(slice(o, o + n) for o, n in zip(offset, extent))]), ours
+            padding = p.detach().clone()
+            padding[tuple(slice(0, n) for n in extent)] = 0
+            assert not padding.any()  # vocabulary padding past the global tensor is zero
+            (numel,) = reads[family.hf_name(ours)]
+            if name in convert.READS_SLICES:  # LLaMA: exactly this rank's region came off disk
+                assert numel == math.prod(extent)
+            else:  # GPT-2 transposes on the way in: that one tensor is read whole
+                assert numel == full.numel()
+            sharded += getattr(p, "tp_sharded", False) and math.prod(extent) < full.numel()
+        assert sharded >= 6 * cfg.n_layers + 1  # each layer's matrices, and the embedding
+
+
+# ----------------------------------------------------------------------------
+# Our checkpoints: import -> train.py / generate.py, export back
+# ----------------------------------------------------------------------------
+
+def test_import_then_generate_and_export(hf_dirs, tmp_path):
+    hf_dir, hf = hf_dirs("qwen2-bias-tied")
+    step_dir, _ = convert.import_hf(hf_dir, tmp_path / "ckpt")
+    assert step_dir == str(tmp_path / "ckpt" / checkpoint.step_dir_name(0))
+    meta = checkpoint.read_meta(step_dir)
+    assert meta["tokenizer"] == "byte" and meta["optimizer_steps"] == 0
+    model, tokenizer = generate.load_model(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert max_diff(model(IDS), hf_logits(hf)) <= 1e-4
+    model, _ = generate.load_model(hf_dir)  # a HF folder loads directly too
+    with torch.no_grad():
+        assert max_diff(model(IDS), hf_logits(hf)) <= 1e-4
+    convert.export(str(tmp_path / "ckpt"), tmp_path / "back")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert max_diff(hf_logits(back), hf_logits(hf)) <= 1e-4
+
+
+def test_import_then_train_resumes_from_hf_weights(tmp_path):
+    """train.py --load on an imported checkpoint: its first loss is the HF model's loss."""
+    hf = random_hf("llama-gqa", vocab_size=300)  # room for the byte tokenizer's 257 tokens
+    hf.save_pretrained(tmp_path / "hf")
+    step_dir, model = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    flags = convert.train_flags("llama", model.cfg, "byte")
+    train.main(flags + ["--load", str(tmp_path / "ckpt"), "--data", str(text), "--steps", "2",
+                        "--seq-len", "16", "--global-batch-size", "2", "--warmup-steps", "1",
+                        "--seed", "5", "--sample-tokens", "0", "--peak-tflops", "1",
+                        "--eval-every", "0", "--eval-batches", "1", "--metrics", str(tmp_path / "m.jsonl")])
+    first = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    train_data, _ = data.load_dataset(str(text), "byte", 16)
+    x, y = train_data.batch(0, 5, 2, 16)
+    expected = F.cross_entropy(hf_logits(hf, x).flatten(0, 1), y.flatten()).item()
+    assert first["step"] == 1 and abs(first["loss"] - expected) <= 1e-5 * expected
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face tokenizers
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE trained here on a few sentences, saved as tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10 +
+                            ["def main():\n    return 0\n"] * 10, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return str(path)
+
+
+def test_hf_tokenizer(hf_tokenizer_dir, tmp_path):
+    enc = data.get_tokenizer("hf:" + hf_tokenizer_dir)
+    assert enc.name == "hf:" + hf_tokenizer_dir and enc.eot_token == 1 and enc.n_vocab == 300
+    text = "the quick brown fox\n\tnaïve café 日本語 🎉 <|endoftext|>"
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text
+    assert enc.eot_token not in ids  # special-token text is ordinary text, as in tiktoken
+    assert len(enc.encode_ordinary("the quick brown fox")) < len("the quick brown fox")  # merges
+    # Training data through it: in memory and prepared shards.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def main():\n    return 0\n" * 100)
+    ids = enc.encode_ordinary(corpus.read_text())
+    train_data, val = data.load_dataset(str(corpus), enc.name, 8)
+    assert train_data.n_tokens + val.n_tokens == len(ids) + 1  # + end-of-text
+    data.prepare(str(corpus), str(tmp_path / "prepared"), enc.name, val_fraction=0.1)
+    prepared, _ = data.load_dataset(str(tmp_path / "prepared"), enc.name, 8)
+    assert list(prepared.shards[0][:10]) == ids[:10]
+
+
+def test_hf_tokenizer_needs_the_package(hf_tokenizer_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    with pytest.raises(UsageError, match="pip install tokenizers"):
+        data.get_tokenizer("hf:" + hf_tokenizer_dir)
+
+
+def test_import_with_tokenizer_samples_and_exports_it(hf_dirs, hf_tokenizer_dir, tmp_path):
+    hf_dir = tmp_path / "hf"
+    hf = random_hf("llama-gqa", vocab_size=300)
+    hf.save_pretrained(hf_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(hf_tokenizer_dir, f), hf_dir)
+    convert.import_hf(str(hf_dir), str(tmp_path / "ckpt"))
+    model, name = generate.load_model(str(tmp_path / "ckpt"))
+    assert name == "hf:" + str(hf_dir)
+    text = generate.sample_text(model, data.get_tokenizer(name), "def main", 5, seed=0)
+    assert text.startswith("def main") and len(text) > len("def main")
+    convert.export(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    assert os.path.isfile(tmp_path / "back" / "tokenizer.json")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == 1
+
+
+# ----------------------------------------------------------------------------
+# Configs and bad input: one-line UsageErrors, targets untouched
+# ----------------------------------------------------------------------------
+
+LLAMA_JSON = dict(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+
+
+def config_of(tmp_path, **fields):
+    """read_hf_config of LLAMA_JSON with `fields` changed (None: removed)."""
+    config = {k: v for k, v in {**LLAMA_JSON, **fields}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return convert.read_hf_config(str(tmp_path))
+
+
+def test_config_details(tmp_path):
+    # transformers 4.x style: rope_theta and rope_scaling at the top level.
+    _, cfg = config_of(tmp_path, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_original_max_seq_len) == (500000.0, 8.0, 8192)
+    assert cfg.n_kv_heads == 4 and cfg.head_dim == 16 and not cfg.tie_embeddings
+    # Qwen configs carry a sliding_window that is off unless use_sliding_window.
+    _, cfg = config_of(tmp_path, model_type="qwen2", use_sliding_window=False, sliding_window=4096)
+    assert cfg.sliding_window == 0 and cfg.qkv_bias
+    _, cfg = config_of(tmp_path, model_type="qwen3", use_sliding_window=True, sliding_window=8,
+                       max_window_layers=0)
+    assert cfg.sliding_window == 8 and cfg.qk_norm
+    with pytest.raises(UsageError, match="QK-norm with a bias"):
+        convert.llama_config_to_hf(llama.Config(**llama.PRESETS["test"], qk_norm=True, qkv_bias=True))
+    assert convert.gpt2_config_from_hf(convert.gpt2_config_to_hf(gpt.Config())[1], "gpt2") == gpt.Config()
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(model_type="bert"), "model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling of type 'yarn'"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+     "some layers only"),
+    (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, activation_function="relu"),
+     "activation_function"),
+    (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True),
+     "scale_attn_by_inverse_layer_idx"),
+    (dict(hidden_size=None), "no 'hidden_size'"),
+])
+def test_unsupported_configs_are_refused(tmp_path, fields, message):
+    with pytest.raises(UsageError, match=message):
+        config_of(tmp_path, **fields)
+
+
+def copy_of(hf_dirs, tmp_path, variant="llama-gqa"):
+    path = tmp_path / "hf"
+    shutil.copytree(hf_dirs(variant)[0], path)
+    return path
+
+
+def untouched(target, tmp_path):
+    """The target does not exist and no temporary sibling was left behind."""
+    return not os.path.exists(target) and not any(".tmp-" in f for f in os.listdir(tmp_path))
+
+
+def test_truncated_safetensors(hf_dirs, tmp_path):
+    path = copy_of(hf_dirs, tmp_path)
+    weights = path / "model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with pytest.raises(UsageError, match="truncated or damaged"):
+        convert.import_hf(str(path), str(tmp_path / "ckpt"))
+    assert untouched(tmp_path / "ckpt", tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    random_hf("llama-gqa").save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shard = sorted(f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / "hf" / shard)
+    with pytest.raises(UsageError, match=f"{shard} is missing"):
+        convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    assert untouched(tmp_path / "ckpt", tmp_path)
+
+
+def test_weights_that_do_not_match_the_config(hf_dirs, tmp_path):
+    path = copy_of(hf_dirs, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": 102}))
+    with pytest.raises(UsageError, match=r"model.embed_tokens.weight has shape \[101, 64\]"):
+        convert.from_hf(str(path))
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(UsageError, match="lm_head.weight differs"):  # transformers won't tie it either
+        convert.from_hf(str(path))
+    tensors = load_file(path / "model.safetensors")  # a true copy is fine (older tied checkpoints)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()},
+              path / "model.safetensors", metadata={"format": "pt"})
+    assert convert.from_hf(str(path)).cfg.tie_embeddings
+    random_hf("llama-gqa", attention_bias=True).save_pretrained(tmp_path / "bias")
+    config = json.loads((tmp_path / "bias" / "config.json").read_text())
+    (tmp_path / "bias" / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    with pytest.raises(UsageError, match="has no place for .*o_proj.bias"):
+        convert.from_hf(str(tmp_path / "bias"))
+    os.remove(path / "model.safetensors")
+    with pytest.raises(UsageError, match="no model.safetensors"):
+        convert.from_hf(str(path))
+
+
+def test_existing_targets_are_never_overwritten(hf_dirs, tmp_path):
+    hf_dir, _ = hf_dirs("llama-gqa")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty"):
+        convert.import_hf(hf_dir, str(target))
+    convert.import_hf(hf_dir, str(tmp_path / "ckpt"))
+    with pytest.raises(UsageError, match="not empty"):
+        convert.export(str(tmp_path / "ckpt"), str(target))
+    assert os.listdir(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    convert.export(str(tmp_path / "ckpt"), str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+
+
+def test_cli(hf_dirs, tmp_path, capsys):
+    hf_dir, hf = hf_dirs("mistral-window")
+    proc = subprocess.run([sys.executable, "convert.py", "import", hf_dir, str(tmp_path / "ckpt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1 and "train with: python train.py --model llama" in proc.stdout
+    convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")])
+    assert "exported" in capsys.readouterr().out
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert max_diff(hf_logits(back), hf_logits(hf)) <= 1e-4
+    capsys.readouterr()
+    for argv in (["import", str(tmp_path / "nothing"), str(tmp_path / "x")],
+                 ["export", str(tmp_path / "ckpt"), str(tmp_path / "back")]):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
