@@ -11,6 +11,9 @@ Modes:
   zero1-memory  optimizer-state bytes per rank at dp=4 with and without ZeRO-1 (expect ~1/4)
   sp-memory     activations saved for backward per rank at tp=2, seq 1024, with and without
                 sequence parallelism (expect the norm/residual part ~1/2)
+  kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
+                RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
+                attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak)
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
 
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import kernels
 import models
 from parallel import UsageError
 
@@ -56,9 +60,10 @@ def header(device):
 
 
 def print_table(rows, columns):
-    """rows: list of dicts; columns: list of (key, title, format spec)."""
+    """rows: list of dicts; columns: list of (key, title, format spec); None prints n/a."""
     cells = [[title for _, title, _ in columns]] + [
-        [format(row[key], spec) for key, _, spec in columns] for row in rows]
+        ["n/a" if row.get(key) is None else format(row[key], spec) for key, _, spec in columns]
+        for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for n, r in enumerate(cells):
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -448,12 +453,190 @@ def add_pp_schedules(p):
     p.add_argument("--steps", type=int, default=3)
 
 
+# ----------------------------------------------------------------------------
+# Kernels: kernels.py against PyTorch (on a GPU the Triton path; on a CPU the
+# reference path at small shapes, so the command runs everywhere but says nothing
+# about Triton there)
+# ----------------------------------------------------------------------------
+
+# Datasheet HBM bandwidth (GB/s) of cards we know; others print "n/a".
+HBM_PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000,
+                 "H100 NVL": 3900, "A100-SXM4-80GB": 2039, "A100-PCIE-80GB": 1935,
+                 "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "L40S": 864, "A10": 600,
+                 "L4": 300, "RTX 4090": 1008, "RTX 3090": 936}
+
+
+def hbm_peak_gbps(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, gbps in sorted(HBM_PEAK_GBPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return gbps
+    return None
+
+
+def time_ms(fn, device, reps):
+    """Median milliseconds of fn() over `reps` runs, after warm-up runs (which include
+    Triton's compilation and autotuning, and torch.compile's)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return median(times)
+
+
+def sdpa_flash(q, k, v, causal):
+    """torch's attention, pinned to its FlashAttention backend when it has one here."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        if q.is_cuda:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    except ImportError:
+        pass
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def fwd_bwd_fns(fn, inputs, grad_out_like):
+    """(forward-only callable, backward-only callable) for fn(*inputs)."""
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs)
+    out = fn(*inputs)
+    grad = torch.randn_like(out if grad_out_like is None else grad_out_like)
+
+    def backward():
+        torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return forward, backward
+
+
+def bench_attention(device, seq_lens, head_dim, heads, tokens, reps, dtype):
+    rows = []
+    for T in seq_lens:
+        B = max(1, tokens // T)
+        for causal in (False, True):
+            q, k, v = (torch.randn(B, heads, T, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            # FLOPs of the two matmuls QK^T and PV, halved when causal; the backward pass
+            # does five such matmuls against the forward's two: 2.5x (FlashAttention's count).
+            fwd_flops = 4 * B * heads * T * T * head_dim * (0.5 if causal else 1.0)
+            impl = kernels.backend(q)
+            ours = fwd_bwd_fns(lambda a, b, c: kernels.attention(a, b, c, causal=causal), (q, k, v), None)
+            base = fwd_bwd_fns(lambda a, b, c: sdpa_flash(a, b, c, causal), (q, k, v), None)
+            for i, pas in enumerate(("fwd", "bwd")):
+                flops = fwd_flops * (1.0 if pas == "fwd" else 2.5)
+                ms_ours, ms_base = time_ms(ours[i], device, reps), time_ms(base[i], device, reps)
+                rows.append({"kernel": "attention", "pass": pas, "shape": f"B{B} H{heads} T{T} D{head_dim}",
+                             "causal": causal, "impl": impl, "ms": ms_ours,
+                             "tflops": flops / ms_ours / 1e9, "baseline": "sdpa",
+                             "baseline_ms": ms_base, "baseline_tflops": flops / ms_base / 1e9,
+                             "speedup": ms_base / ms_ours})
+            del q, k, v, ours, base
+    return rows
+
+
+def bench_memory_bound(device, rows_, dim, ffn_dim, reps, dtype, compile_reference):
+    """RMSNorm and SwiGLU: GB/s = bytes each pass must read and write / its time."""
+    peak = hbm_peak_gbps(device)
+    out = []
+    x = torch.randn(rows_, dim, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
+    gate, up = (torch.randn(rows_, ffn_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    size = torch.finfo(dtype).bits // 8
+    cases = [
+        # name, ours, reference, inputs, bytes fwd (read x, write y), bytes bwd (read x, dy; write dx)
+        ("rmsnorm", lambda a, b: kernels.rmsnorm(a, b, 1e-5), lambda a, b: kernels.rmsnorm_reference(a, b, 1e-5),
+         (x, w), 2 * x.numel() * size, 3 * x.numel() * size),
+        # swiglu: read gate, up; write y. Backward: read gate, up, dy; write dgate, dup.
+        ("swiglu", kernels.swiglu, kernels.swiglu_reference, (gate, up),
+         3 * gate.numel() * size, 5 * gate.numel() * size),
+    ]
+    for name, ours_fn, ref_fn, inputs, bytes_fwd, bytes_bwd in cases:
+        impls = {"ours": ours_fn, "eager": ref_fn}
+        if compile_reference:
+            impls["compiled"] = torch.compile(ref_fn, dynamic=False)
+        fns = {k: fwd_bwd_fns(f, inputs, None) for k, f in impls.items() if k != "compiled"}
+        if "compiled" in impls:
+            try:
+                fns["compiled"] = fwd_bwd_fns(impls["compiled"], inputs, None)
+            except Exception as e:  # a baseline that does not build is reported, not fatal
+                print(f"torch.compile of the {name} reference failed: {type(e).__name__}: {e}")
+        for i, (pas, nbytes) in enumerate((("fwd", bytes_fwd), ("bwd", bytes_bwd))):
+            ms = {k: time_ms(f[i], device, reps) for k, f in fns.items()}
+            gbps = {k: nbytes / t / 1e6 for k, t in ms.items()}
+            out.append({"kernel": name, "pass": pas, "shape": "x".join(map(str, inputs[0].shape)),
+                        "impl": kernels.backend(inputs[0]), "ms": ms["ours"], "gbps": gbps["ours"],
+                        "compiled_gbps": gbps.get("compiled"), "eager_gbps": gbps["eager"],
+                        "peak_gbps": peak, "pct_of_peak": 100 * gbps["ours"] / peak if peak else None})
+    return out
+
+
+def add_kernels_options(p):
+    p.add_argument("--seq-lens", default=None,
+                   help="comma-separated attention sequence lengths (default: 1024..16384 on a GPU, 128 on a CPU)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+
+
+def benchmark_kernels(args, device):
+    """Run the kernel benchmarks, print two tables, return the rows (list of dicts)."""
+    gpu = device.type == "cuda"
+    quick = getattr(args, "quick", False)
+    if getattr(args, "seq_lens", None):
+        seq_lens = [int(s) for s in str(args.seq_lens).split(",")]
+    else:
+        seq_lens = ([1024, 4096] if quick else [1024, 2048, 4096, 8192, 16384]) if gpu else [128]
+    reps = getattr(args, "reps", None) or (20 if gpu else 3)
+    head_dim = getattr(args, "head_dim", 128) if gpu else 64
+    dtype = torch.bfloat16 if gpu else torch.float32
+    compile_reference = gpu and not getattr(args, "no_compile", False)  # inductor on CPU takes minutes
+
+    rows = bench_attention(device, seq_lens, head_dim, heads=16 if gpu else 4,
+                           tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
+    if gpu:
+        mem_rows, dim, ffn = 16384, 4096, 14336
+    else:
+        mem_rows, dim, ffn = 512, 256, 704
+    rows += bench_memory_bound(device, mem_rows, dim, ffn, reps, dtype, compile_reference)
+
+    print(f"kernels on {torch.cuda.get_device_name(device) if gpu else 'cpu'}, {dtype}"
+          + ("" if gpu else " (cpu: the reference path; says nothing about the Triton kernels)"))
+    print_table([r for r in rows if r["kernel"] == "attention"], [
+        ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("causal", "causal", ""),
+        ("impl", "ours", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".3g"),
+        ("baseline_ms", "sdpa ms", ".3f"), ("baseline_tflops", "sdpa TFLOP/s", ".3g"),
+        ("speedup", "speedup", ".2f")])
+    print()
+    print_table([r for r in rows if r["kernel"] != "attention"], [
+        ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
+        ("ms", "ms", ".3f"), ("gbps", "GB/s", ".0f"), ("pct_of_peak", "% HBM peak", ".0f"),
+        ("compiled_gbps", "compiled GB/s", ".0f"), ("eager_gbps", "eager GB/s", ".0f")])
+    return rows
+
+
 # mode -> (function, help, options). One entry per mode.
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
     "sp-memory": (sp_memory, "activation bytes per rank at tp with/without sequence parallelism",
                   add_sp_memory),
+    "kernels": (benchmark_kernels, "attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak",
+                add_kernels_options),
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
                      add_pp_schedules),
 }

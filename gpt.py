@@ -86,14 +86,15 @@ class Attention(nn.Module):
         self.qkv = parallel.ColumnParallelLinear(cfg.dim, 3 * cfg.dim, layout, bias=True, groups=3)
         self.proj = parallel.RowParallelLinear(cfg.dim, cfg.dim, layout, bias=True)
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None):
+    def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
         x = parallel.enter_tp_region(x, self.layout)
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        y = kernels.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
+                                       key_padding_mask=key_padding_mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -119,8 +120,8 @@ class Block(nn.Module):
         if layout.sp:  # norms run on this rank's tokens only
             parallel.mark_partial_grad(*self.attn_norm.parameters(), *self.mlp_norm.parameters())
 
-    def forward(self, x, key_padding_mask=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), key_padding_mask, kv_cache)
+    def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, key_padding_mask, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -176,14 +177,15 @@ class GPT(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise parallel.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
+        # Global positions of this rank's tokens (under cp, its zigzag share of them).
+        positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
         if self.chunk.first:
-            positions = torch.arange(start, start + T, device=input_ids.device)
             pos = parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
-            x = self.embed(input_ids) + pos
+            x = self.embed(parallel.context_shard(input_ids, self.layout)) + pos
         else:
             x = hidden
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, attention_mask, kv_caches[i] if kv_caches else None)
+            x = layer(x, positions, attention_mask, kv_caches[i] if kv_caches else None)
         if not self.chunk.last:
             return x
         x = self.norm(x)
@@ -191,6 +193,7 @@ class GPT(nn.Module):
         logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)
         if labels is None:
             return parallel.gather_logits(logits, self.layout, self.cfg.vocab_size)
+        labels = parallel.context_shard(labels, self.layout)
         return parallel.vocab_parallel_cross_entropy_sum(logits, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):

@@ -1,30 +1,121 @@
-"""The compute kernels the models call: attention, RMSNorm, SwiGLU.
+"""The compute kernels the models call: attention, RMSNorm, SwiGLU (and RoPE, KV cache).
 
-Each kernel has a plain PyTorch reference (the `*_reference` functions): short,
-obviously correct, and the oracle every faster implementation is tested against.
-The public functions (`attention`, `rmsnorm`, `swiglu`) are what models call; they
-dispatch through `backend()` to the fastest implementation available.
+Each kernel sits beside its plain PyTorch reference (the `*_reference` functions):
+short, obviously correct, and the oracle every faster implementation is tested
+against. The public functions (`attention`, `rmsnorm`, `swiglu`) are what models call;
+they dispatch through `backend()`:
 
-Today the only implementation is PyTorch: `attention` uses
-`torch.nn.functional.scaled_dot_product_attention` (FlashAttention on CUDA, which
-also handles grouped-query attention without copying K/V), and RMSNorm/SwiGLU are
-their references. Triton kernels plug into `backend()`: set KERNELS_BACKEND=torch
-to force the reference path.
+  - "triton": the Triton kernels of this file, each wrapped in a torch.autograd.Function
+    (forward and backward kernels). Chosen automatically for CUDA tensors when Triton
+    is installed.
+  - "torch": plain PyTorch. `attention` uses scaled_dot_product_attention (which picks
+    FlashAttention/cuDNN/memory-efficient kernels on CUDA, the math path on CPU);
+    RMSNorm and SwiGLU are their references. Chosen everywhere else.
+
+KERNELS_BACKEND=torch|triton forces either. Triton kernels can also run on a CPU
+through Triton's interpreter (TRITON_INTERPRET=1, which executes each kernel program
+with numpy: slow, for tests at small shapes). Triton decides between compiling and
+interpreting when a function is decorated with @triton.jit: Triton's own library when
+triton is first imported, our kernels when this file is. So TRITON_INTERPRET must be set
+before the process first imports triton (or this file, which imports it).
+
+Triton is optional: without it this file imports, `BACKENDS` is ("torch",) and every
+function runs its reference.
+
+Sections: backend dispatch; attention (FlashAttention-2 forward and backward); RMSNorm;
+SwiGLU; RoPE.
 """
 import os
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("torch",)
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+    class _NoTriton:
+        """Stand-in for `triton` and `triton.language` when Triton is not installed, so
+        that the kernel definitions below still execute as plain (never launched)
+        Python functions: backend() never chooses "triton" without Triton."""
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton
+
+
+def _interpret_requested():
+    """TRITON_INTERPRET as Triton itself reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+# Whether the kernels below are defined for Triton's CPU interpreter (see the docstring).
+_INTERPRET = HAVE_TRITON and _interpret_requested()
+
+BACKENDS = ("torch", "triton") if HAVE_TRITON else ("torch",)
 
 
 def backend(x):
-    """Which implementation runs for tensor `x` (KERNELS_BACKEND overrides)."""
-    choice = os.environ.get("KERNELS_BACKEND", "torch")
-    if choice not in BACKENDS:
-        raise ValueError(f"KERNELS_BACKEND={choice!r} is not available; choose from {BACKENDS}")
+    """Which implementation runs for tensor `x`: "triton" for CUDA tensors when Triton is
+    installed, else "torch". KERNELS_BACKEND=torch|triton overrides; forcing "triton"
+    for a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1)."""
+    choice = os.environ.get("KERNELS_BACKEND", "")
+    if not choice:
+        return "triton" if HAVE_TRITON and x.is_cuda else "torch"
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"KERNELS_BACKEND={choice!r} is not a backend; choose from {BACKENDS}")
+    if choice == "triton":
+        if not HAVE_TRITON:
+            raise ValueError("KERNELS_BACKEND=triton, but triton is not installed: "
+                             "pip install triton (or unset KERNELS_BACKEND)")
+        if not x.is_cuda and not _INTERPRET:
+            hint = ("TRITON_INTERPRET=1 was set after `import kernels`; set it before "
+                    "triton is first imported" if _interpret_requested()
+                    else "set TRITON_INTERPRET=1 (before triton or kernels is imported) to "
+                         "run them in Triton's interpreter, which is slow and meant for tests")
+            raise ValueError(f"KERNELS_BACKEND=triton on a {x.device.type} tensor: Triton "
+                             f"kernels compile for GPUs only; {hint}")
     return choice
+
+
+def _autotune(key, hopper, ampere, interpreter):
+    """triton.autotune over a short list of launch configurations for this GPU.
+
+    Configurations are (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, one list for
+    Hopper (sm_90: more shared memory and registers per SM, so larger tiles and deeper
+    pipelines pay) and one for Ampere (sm_80/86/89). The first launch for a new `key`
+    times each one and keeps the fastest; configurations that do not fit the card's
+    shared memory are skipped by the autotuner. Under the interpreter there is one
+    small fixed configuration: timing is meaningless there, and slow.
+    """
+    if not HAVE_TRITON:
+        return lambda fn: fn
+
+    def config(c):
+        block_m, block_n, num_warps, num_stages = c
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                             num_warps=num_warps, num_stages=num_stages)
+
+    if _INTERPRET:
+        return triton.autotune([config(interpreter)], key=key)  # one config: nothing is timed
+    hopper, ampere = [config(c) for c in hopper], [config(c) for c in ampere]
+
+    def this_gpu(configs, named_args, **kwargs):
+        return hopper if torch.cuda.get_device_capability()[0] >= 9 else ampere
+
+    return triton.autotune(hopper + ampere, key=key,
+                           prune_configs_by={"early_config_prune": this_gpu})
+
+
+def _launch_ready(t):
+    """Kernels take strides for every dimension but the last, which must be 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------
@@ -53,27 +144,462 @@ def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_m
     return mask
 
 
-def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None):
-    """softmax(q k^T * scale + mask) v, written out. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D)
-    with H a multiple of Hkv (grouped-query attention: query head h reads KV head h // (H/Hkv))."""
+def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
+                        bias=None):
+    """softmax(q k^T * scale + bias + mask) v, written out. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D)
+    with H a multiple of Hkv (grouped-query attention: query head h reads KV head h // (H/Hkv)).
+    `bias` (broadcastable to (B, H, Tq, Tk)) is an additive position bias (T5).
+    A query row whose keys are all masked gets NaN here (0/0); the Triton path defines it as 0."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
     mask = attention_mask(q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None):
+# FlashAttention-2 (Dao, 2023) in Triton.
+#
+# Attention for one query row i is softmax(s_i) V with s_ij = scale * q_i . k_j. The
+# reference materializes the whole (Tq, Tk) score matrix; FlashAttention never does.
+# Each program owns a block of BLOCK_M query rows and streams over blocks of BLOCK_N
+# keys, keeping for each row a running maximum m, a running denominator l and an
+# unnormalized output acc ("online softmax"). When a new block raises the maximum from
+# m to m', everything accumulated so far is rescaled by exp(m - m'), so at the end
+# acc / l is exactly the softmax-weighted sum. Memory is O(T) instead of O(T^2), and
+# each K/V block is read from HBM once per query block instead of materializing S and P.
+#
+# Conventions shared by the kernels below:
+#   - Scores are kept in base 2: s2 = s * log2(e), so exp(x) becomes exp2(x2), one
+#     hardware instruction. The saved log-sum-exp LSE is in the same base-2 units.
+#   - Query index i (0 <= i < Tq) sits at position i + Tk - Tq (queries are the last Tq
+#     positions: KV-cached decoding), key index j at position j.
+#   - GQA: query head h reads KV head h // GROUP, GROUP = H / Hkv; K and V are never
+#     repeated in memory.
+#   - A query row with no visible key (all keys padded) outputs 0 and gets LSE = +inf,
+#     which makes its recomputed probabilities exp2(s2 - LSE) exactly 0 in the backward
+#     pass, so it contributes no gradient instead of NaN.
+#   - Masking: `_attn_visible` is the Triton twin of `attention_mask`. Blocks that are
+#     entirely masked by causality or the window are skipped by the loop bounds
+#     (`_attn_key_range`, `_attn_query_range`); the mask is evaluated on the blocks that
+#     remain. (FlashAttention-2 proper also splits off the diagonal blocks so that full
+#     blocks skip the mask arithmetic; we keep one loop for clarity.)
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+@triton.jit
+def _attn_visible(q_pos, k_idx, k_real, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """May query position q_pos attend key position k_idx? (broadcastable tiles)
+
+    `k_real` is False for keys past the end of the sequence or padded out; causal keeps
+    k <= q, the sliding window keeps k > q - window (exactly `attention_mask`)."""
+    visible = k_real
+    if IS_CAUSAL:
+        visible = visible & (k_idx <= q_pos)
+    if HAS_WINDOW:
+        visible = visible & (k_idx > q_pos - window)
+    return visible
+
+
+@triton.jit
+def _attn_key_real(KPM, stride_mt, k_idx, Tk, HAS_PADDING: tl.constexpr):
+    """Which keys of the block exist and are real tokens (key_padding_mask True)."""
+    real = k_idx < Tk
+    if HAS_PADDING:
+        real = real & (tl.load(KPM + k_idx * stride_mt, mask=k_idx < Tk, other=0) != 0)
+    return real
+
+
+@triton.jit
+def _attn_key_range(start_m, offset, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, hi): the keys that queries start_m .. start_m + BLOCK_M - 1 can see.
+
+    Causal: the last query of the block (position start_m + BLOCK_M - 1 + offset) sees
+    keys up to its own position. Window: the first query (position start_m + offset)
+    sees keys from position - window + 1 on; `lo` is rounded down to a key block so the
+    loads stay aligned. Key blocks outside [lo, hi) are skipped, not masked: this is
+    where causal attention saves half the work and a window saves all but ~w/T of it."""
+    lo = 0
+    hi = Tk
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m + offset - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _attn_query_range(start_n, offset, Tq, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, hi): the queries that can see keys start_n .. start_n + BLOCK_N - 1.
+
+    The mirror image of `_attn_key_range`: causal, key j is seen by queries at positions
+    >= j (index >= j - offset); window, by positions < j + window."""
+    lo = 0
+    hi = Tq
+    if IS_CAUSAL:
+        lo = tl.maximum(0, start_n - offset) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 - offset + window)
+    return lo, hi
+
+
+_ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS_PADDING"]
+
+
+@_autotune(_ATTN_KEY,
+           hopper=[(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+           ampere=[(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+           interpreter=(16, 32, 4, 1))
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     stride_mb, stride_mt,
+                     H, GROUP, Tq, Tk, window, qk_scale,
+                     Q_BUCKET, K_BUCKET,  # autotuning keys only (powers of two of Tq, Tk)
+                     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Forward pass: one program computes O and LSE for BLOCK_M query rows of one head.
+
+    For each visible key block: S = Q K^T (scaled, base 2), mask, raise the running row
+    maximum m, rescale the running sum l and the accumulator by exp2(m_old - m_new), add
+    P = exp2(S - m_new) and P V. At the end O = acc / l and LSE = m + log2(l), saved for
+    the backward pass (it replaces the softmax matrix there). grid: (query blocks, B * H)."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks see the most keys: start them first, so that
+        pid_m = tl.num_programs(0) - 1 - pid_m  # the long programs are not the last wave
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: b * stride overflows int32 on big batches
+    h = pid_bh % H
+    h_kv = h // GROUP  # GQA: index the shared KV head, never copy it
+    offset = Tk - Tq  # position of query 0
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=offs_m[:, None] < Tq, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    kpm_base = KPM + b * stride_mb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running denominator
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)       # running numerator, P V
+
+    lo, hi = _attn_key_range(start_m, offset, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_idx = start_n + offs_n
+        k = tl.load(k_base + k_idx[:, None] * stride_kt + offs_d[None, :],
+                    mask=k_idx[:, None] < Tk, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
+        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
+                                window, IS_CAUSAL, HAS_WINDOW)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet has m_new = -inf; subtracting 0 instead
+        # keeps exp2(-inf - -inf) = NaN out (its p and alpha are then exactly 0).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + k_idx[:, None] * stride_vt + offs_d[None, :],
+                    mask=k_idx[:, None] < Tk, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked: define the output as 0 (the reference gives NaN)
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=offs_m[:, None] < Tq)
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
+                                stride_db, stride_dh, stride_dt, H, Tq,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id, for each query row.
+
+    Softmax's backward is dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) =
+    rowsum(P * (dO V^T)) = rowsum(dO * (P V)) = rowsum(dO * O): one number per row,
+    computed once here instead of in every key block. grid: (query blocks, B * H)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                 mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@_autotune(_ATTN_KEY,
+           hopper=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+           ampere=[(32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+           interpreter=(16, 32, 4, 1))
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          stride_mb, stride_mt,
+                          H, GROUP, Tq, Tk, window, qk_scale, sm_scale,
+                          Q_BUCKET, K_BUCKET,
+                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward, dK and dV: one program owns BLOCK_N keys of one KV head.
+
+    It holds its K, V block and accumulators in registers and streams over the query
+    blocks that can see it, for every query head of its GQA group (so dK and dV are
+    summed over the group here, with no atomics and no per-query-head copies). For each
+    query block it recomputes P^T = exp2(K Q^T * scale - LSE) from the saved LSE, then
+      dV += P^T dO,   dP^T = V dO^T,   dS^T = P^T * (dP^T - delta),   dK += dS^T Q * scale.
+    grid: (key blocks, B * Hkv). The price of summing the group in-program: with few KV
+    heads and a small batch there are fewer programs than with one per query head
+    (FlashAttention-2 writes per-query-head dK, dV and sums them: more memory, more
+    parallelism)."""
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    H_kv = H // GROUP
+    b = (pid_bkv // H_kv).to(tl.int64)
+    h_kv = pid_bkv % H_kv
+    offset = Tk - Tq
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = offs_n[:, None] < Tk
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=keys, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=keys, other=0.0)
+    k_real = _attn_key_real(KPM + b * stride_mb, stride_mt, offs_n, Tk, HAS_PADDING)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    lo, hi = _attn_query_range(start_n, offset, Tq, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for h in range(h_kv * GROUP, (h_kv + 1) * GROUP):
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * Tq  # LSE and delta are (B, H, Tq), contiguous
+        for start_m in range(lo, hi, BLOCK_M):
+            q_idx = start_m + offs_m
+            rows = q_idx[:, None] < Tq
+            q = tl.load(q_base + q_idx[:, None] * stride_qt + offs_d[None, :], mask=rows, other=0.0)
+            do = tl.load(do_base + q_idx[:, None] * stride_dot + offs_d[None, :], mask=rows, other=0.0)
+            lse = tl.load(LSE + row_base + q_idx, mask=q_idx < Tq, other=float("inf"))
+            delta = tl.load(DELTA + row_base + q_idx, mask=q_idx < Tq, other=0.0)
+
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (keys, queries)
+            visible = _attn_visible(q_idx[None, :] + offset, offs_n[:, None], k_real[:, None],
+                                    window, IS_CAUSAL, HAS_WINDOW)
+            p_t = tl.exp2(tl.where(visible, s_t, float("-inf")) - lse[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=keys)
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=keys)
+
+
+@_autotune(_ATTN_KEY,
+           hopper=[(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+           ampere=[(128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+           interpreter=(16, 32, 4, 1))
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        stride_mb, stride_mt,
+                        H, GROUP, Tq, Tk, window, qk_scale, sm_scale,
+                        Q_BUCKET, K_BUCKET,
+                        HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward, dQ: one program owns BLOCK_M query rows of one head and streams over the
+    key blocks they can see (the forward's loop), recomputing P from LSE:
+      dP = dO V^T,   dS = P * (dP - delta),   dQ += dS K * scale.
+    A separate pass rather than atomic adds from the dK/dV kernel: deterministic, and
+    each dQ row is written once. grid: (query blocks, B * H)."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # longest programs first, as in the forward pass
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    h_kv = h // GROUP
+    offset = Tk - Tq
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=rows, other=0.0)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    kpm_base = KPM + b * stride_mb
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, hi = _attn_key_range(start_m, offset, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_idx = start_n + offs_n
+        k = tl.load(k_base + k_idx[:, None] * stride_kt + offs_d[None, :],
+                    mask=k_idx[:, None] < Tk, other=0.0)
+        v = tl.load(v_base + k_idx[:, None] * stride_vt + offs_d[None, :],
+                    mask=k_idx[:, None] < Tk, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
+        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
+                                window, IS_CAUSAL, HAS_WINDOW)
+        p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rows)
+
+
+def _strides(t):
+    """Strides of the leading three dimensions (batch, head, position) of (B, H, T, D)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class FlashAttention(torch.autograd.Function):
+    """attention() on the Triton kernels above: forward saves (q, k, v, o, LSE), backward
+    runs the delta preprocess, the dK/dV kernel and the dQ kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, key_padding_mask, scale):
+        q, k, v = (_launch_ready(t) for t in (q, k, v))
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        ctx.scale = D ** -0.5 if scale is None else scale
+        kpm = None
+        if key_padding_mask is not None:  # bool -> int8 (one byte per key); (1, Tk) broadcasts
+            kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).expand(B, Tk)
+        # What the attention kernels take after their tensors, strides and scales:
+        ctx.sizes = (H, H // k.shape[1], Tq, Tk, window or 0)
+        ctx.flags = dict(Q_BUCKET=triton.next_power_of_2(Tq), K_BUCKET=triton.next_power_of_2(Tk),
+                         HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+                         HAS_PADDING=kpm is not None,
+                         # fp32 inputs: exact fp32 products (torch's default), not TF32
+                         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+        # O is laid out (B, Tq, H, D) in memory: the caller's o.transpose(1, 2).reshape(...)
+        # back to (B, Tq, H * D) is then free.
+        o = torch.empty(B, Tq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+
+        def grid(meta):
+            return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, kpm if kpm is not None else q,  # (a dummy pointer when unused)
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            *(kpm.stride() if kpm is not None else (0, 0)),
+            *ctx.sizes, ctx.scale * LOG2E, **ctx.flags)
+        ctx.save_for_backward(q, k, v, o, lse, kpm)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kpm = ctx.saved_tensors
+        do = _launch_ready(do)
+        B, H, Tq, D = q.shape
+        H_kv, Tk = k.shape[1], k.shape[2]
+        kpm_ptr, kpm_strides = (kpm, kpm.stride()) if kpm is not None else (q, (0, 0))
+        scales = (ctx.scale * LOG2E, ctx.scale)
+
+        delta = torch.empty_like(lse)
+        block = 16 if _INTERPRET else 64
+        _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, block), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_M=block)
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+        def dkdv_grid(meta):
+            return triton.cdiv(Tk, meta["BLOCK_N"]), B * H_kv
+        _attn_bwd_dkdv_kernel[dkdv_grid](
+            q, k, v, do, lse, delta, dk, dv, kpm_ptr,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            *kpm_strides, *ctx.sizes, *scales, **ctx.flags)
+
+        def dq_grid(meta):
+            return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
+        _attn_bwd_dq_kernel[dq_grid](
+            q, k, v, do, lse, delta, dq, kpm_ptr,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            *kpm_strides, *ctx.sizes, *scales, **ctx.flags)
+        return dq, dk, dv, None, None, None, None
+
+
+def _flash_supports(q, k, v, bias):
+    """The cases the Triton attention handles; anything else takes the torch path."""
+    D = q.shape[-1]
+    return (bias is None  # additive position bias (T5): not yet in the kernels
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.dtype == k.dtype == v.dtype
+            and D in (16, 32, 64, 128, 256) and k.shape[-1] == D and v.shape[-1] == D
+            and q.shape[1] % k.shape[1] == 0
+            and q.shape[2] > 0 and k.shape[2] > 0)
+
+
+def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None, bias=None):
     """Multi-head attention with GQA, causal / sliding-window / key-padding masks.
-    Shapes as in `attention_reference`; returns (B, H, Tq, D)."""
-    backend(q)
-    simple_causal = causal and window is None and key_padding_mask is None and q.shape[2] == k.shape[2]
+    Shapes as in `attention_reference`; returns (B, H, Tq, D).
+
+    Triton path (backend "triton"): FlashAttention-2 above, for head dims 16..256 that
+    are powers of two; a row with every key masked outputs 0. `bias` (an additive
+    position bias, for T5) is not supported by the Triton kernels yet: with a bias, or
+    another head dim, this runs the torch path (scaled_dot_product_attention)."""
+    use_triton = backend(q) == "triton"
+    if use_triton and torch.is_autocast_enabled(q.device.type):
+        # A custom Function is invisible to autocast; cast as autocast casts SDPA.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if use_triton and _flash_supports(q, k, v, bias):
+        return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale)
+
+    simple_causal = (causal and window is None and key_padding_mask is None and bias is None
+                     and q.shape[2] == k.shape[2])
     mask = None if simple_causal else attention_mask(
         q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask)
+    if bias is not None:  # a float mask is added to the scores: bias, and -inf where masked
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=simple_causal,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -105,7 +631,7 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------
-# RMSNorm and SwiGLU
+# RMSNorm
 # ----------------------------------------------------------------------------
 
 def rmsnorm_reference(x, weight, eps):
@@ -115,19 +641,118 @@ def rmsnorm_reference(x, weight, eps):
     return weight * normed.to(x.dtype)
 
 
+# RMSNorm is memory-bound (a few flops per byte), so the kernels' job is to read x once
+# and write y once: each program loads a tile of whole rows, reduces in registers and
+# stores. The tile shape is a heuristic, not autotuned: about 4K elements, so short rows
+# (QK-norm's head_dim) are batched several per program and long ones take one each.
+
+@triton.jit
+def _rmsnorm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """y = w * round_to_x_dtype(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), per row.
+
+    Statistics in fp32 whatever the input dtype; the normalized value is rounded to x's
+    dtype before the weight multiplies it, exactly as `rmsnorm_reference` (and Hugging
+    Face's LLaMA) do, so the two agree bit for bit up to the order of the sum. rstd is
+    saved for the backward pass. grid: (cdiv(n_rows, BLOCK_ROWS),)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty),
+             mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, n_rows, n_cols,
+                        stride_x, stride_dy, stride_dx,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """dx and this program's share of dw.
+
+    With x_hat = x * rstd and y = w * x_hat:
+      dw = sum over rows of dy * x_hat
+      dx = rstd * (g - x_hat * mean(g * x_hat)),  g = dy * w
+    (the second term is the gradient through rstd, which depends on the whole row).
+    dw is a reduction over *all* rows: each program walks a strided set of row tiles,
+    keeps its partial dw in registers and writes one row of DW_PARTIAL; the caller sums
+    those few rows. No atomics, so the result is deterministic.
+    grid: (n_programs,), at most a few per SM."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_COLS)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+    for start in range(pid * BLOCK_ROWS, n_rows, tl.num_programs(0) * BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        rows64 = rows.to(tl.int64)
+        mask = (rows[:, None] < n_rows) & col_ok[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
+        x_hat = x * rstd[:, None]
+        # the forward multiplied w by x_hat rounded to x's dtype: so does its gradient
+        dw += tl.sum(dy * x_hat.to(X.dtype.element_ty).to(tl.float32), 0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, 1) / n_cols)[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
+
+
+def _row_tile(n_cols):
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps) for row-wise kernels: ~4K elements per tile."""
+    block_cols = triton.next_power_of_2(n_cols)
+    block_rows = max(1, 4096 // block_cols)
+    num_warps = 4 if block_cols <= 4096 else 8 if block_cols <= 16384 else 16
+    return block_rows, block_cols, num_warps
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """rmsnorm() on the Triton kernels above."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape, n_cols = x.shape, x.shape[-1]
+        x2 = _launch_ready(x.reshape(-1, n_cols))
+        n_rows = x2.shape[0]
+        y = torch.empty(n_rows, n_cols, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        block_rows, block_cols, num_warps = _row_tile(n_cols)
+        _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = shape
+        return y.view(*shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = _launch_ready(dy.reshape(n_rows, n_cols))
+        dx = torch.empty(n_rows, n_cols, device=x2.device, dtype=x2.dtype)
+        block_rows, block_cols, num_warps = _row_tile(n_cols)
+        tiles = triton.cdiv(n_rows, block_rows)
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+        n_programs = min(tiles, 4 * sms)
+        dw_partial = torch.empty(n_programs, n_cols, device=x2.device, dtype=torch.float32)
+        _rmsnorm_bwd_kernel[(n_programs,)](
+            x2, weight, dy2, rstd, dx, dw_partial, n_rows, n_cols,
+            x2.stride(0), dy2.stride(0), dx.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+        dw = dw_partial.sum(0).to(weight.dtype)
+        return dx.view(ctx.x_shape), dw, None
+
+
 def rmsnorm(x, weight, eps=1e-6):
-    backend(x)
+    """RMSNorm over the last dimension (see `rmsnorm_reference`)."""
+    if (backend(x) == "triton" and x.numel() > 0 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and weight.dim() == 1 and weight.numel() == x.shape[-1] <= 65536):
+        return RMSNormFunction.apply(x, weight, eps)
     return rmsnorm_reference(x, weight, eps)
-
-
-def swiglu_reference(gate, up):
-    """SwiGLU's elementwise part: silu(gate) * up."""
-    return F.silu(gate) * up
-
-
-def swiglu(gate, up):
-    backend(gate)
-    return swiglu_reference(gate, up)
 
 
 class RMSNorm(torch.nn.Module):
@@ -140,6 +765,76 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x):
         return rmsnorm(x, self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------
+# SwiGLU
+# ----------------------------------------------------------------------------
+
+def swiglu_reference(gate, up):
+    """SwiGLU's elementwise part: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+# Unfused, silu(gate) * up reads gate, writes silu(gate), reads it back with up and
+# writes the product (and autograd keeps silu(gate) for the backward pass). The fused
+# kernels read each input once and write each output once, and the backward pass
+# recomputes the sigmoid instead of storing it.
+
+SWIGLU_BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+    """y = silu(g) * u = g * sigmoid(g) * u, elementwise, computed in fp32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(G, U, DY, DG, DU, n, BLOCK: tl.constexpr):
+    """du = dy * silu(g);  dg = dy * u * silu'(g), silu'(g) = sig(g) * (1 + g * (1 - sig(g)))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(DU + offs, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """swiglu() on the Triton kernels above (inputs flattened: the op is elementwise)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        _swiglu_fwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, y, n, BLOCK=SWIGLU_BLOCK)
+        ctx.save_for_backward(gate, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _swiglu_bwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, dy, dg, du, n, BLOCK=SWIGLU_BLOCK)
+        return dg, du
+
+
+def swiglu(gate, up):
+    """silu(gate) * up (see `swiglu_reference`)."""
+    if (backend(gate) == "triton" and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.dtype in (torch.float16, torch.bfloat16, torch.float32) and gate.numel() > 0):
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_reference(gate, up)
 
 
 # ----------------------------------------------------------------------------

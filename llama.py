@@ -116,7 +116,7 @@ class Attention(nn.Module):
             if layout.tp > 1:  # shared by all heads, but each rank sees only its own heads
                 parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
 
-    def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
+    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
         x = parallel.enter_tp_region(x, self.layout)
         B, T, _ = x.shape
         hd = self.cfg.head_dim
@@ -129,8 +129,9 @@ class Attention(nn.Module):
         q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        y = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window or None,
-                              key_padding_mask=key_padding_mask)
+        y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
+                                       window=self.cfg.sliding_window or None,
+                                       key_padding_mask=key_padding_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -160,8 +161,8 @@ class Block(nn.Module):
         if layout.sp:  # norms run on this rank's tokens only
             parallel.mark_partial_grad(self.attn_norm.weight, self.mlp_norm.weight)
 
-    def forward(self, x, cos, sin, key_padding_mask=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, kv_cache)
+    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, cos, sin, key_padding_mask, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -215,11 +216,12 @@ class Llama(nn.Module):
         A chunk after the first takes the previous chunk's output as `hidden`; a chunk
         before the last returns its hidden states."""
         start = kv_caches[0].length if kv_caches else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        # Global positions of this rank's tokens (under cp, its zigzag share of them).
+        positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
         cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
-        x = self.embed(input_ids) if self.chunk.first else hidden
+        x = self.embed(parallel.context_shard(input_ids, self.layout)) if self.chunk.first else hidden
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
+            x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
         if not self.chunk.last:
             return x
         x = self.norm(x)
@@ -228,6 +230,7 @@ class Llama(nn.Module):
         logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)
         if labels is None:
             return parallel.gather_logits(logits, self.layout, self.cfg.vocab_size)
+        labels = parallel.context_shard(labels, self.layout)
         return parallel.vocab_parallel_cross_entropy_sum(logits, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):

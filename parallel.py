@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import kernels
 
 
 # ----------------------------------------------------------------------------
@@ -57,6 +60,8 @@ class Layout:
     dp_group: object = None
     pp_group: object = None
     embedding_group: object = None  # first + last pipeline stage (tied embeddings)
+    dp_cp_group: object = None      # replicas of the same weights: gradients reduce here
+    cp_comm: str = "ring"           # context parallelism: "ring" or "allgather"
     vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
 
     @property
@@ -79,6 +84,16 @@ class Layout:
     @property
     def pp_rank(self):
         return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def dp_cp(self):
+        """Ranks holding the same weights: data-parallel replicas and context-parallel
+        ranks (which see other tokens of the same sequences) reduce gradients together."""
+        return self.dp * self.cp
+
+    @property
+    def dp_cp_rank(self):
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def is_main(self):
@@ -133,7 +148,8 @@ def _ranks_along(axis, layout_sizes):
     return groups
 
 
-def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, device=None, timeout_minutes=10):
+def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", device=None,
+                     timeout_minutes=10):
     """Set up the process groups from torchrun's environment (RANK, WORLD_SIZE, ...),
     or a single process when launched with plain `python`.
 
@@ -150,8 +166,8 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, device=None, timeou
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, rank=rank,
-                    device=device)
+    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, cp_comm=cp_comm,
+                    rank=rank, device=device)
     if world == 1:
         return layout
 
@@ -167,6 +183,14 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, device=None, timeou
             group = dist.new_group(ranks)
             if rank in ranks:
                 setattr(layout, f"{axis}_group", group)
+    if dp * cp > 1:
+        for ranks in _ranks_along("dp", sizes):
+            if (ranks[0] // tp) % cp:
+                continue  # one group per (tp, pp) coordinate: start from cp coordinate 0
+            group_ranks = sorted(r + i * tp for r in ranks for i in range(cp))
+            group = dist.new_group(group_ranks)
+            if rank in group_ranks:
+                layout.dp_cp_group = group
     if pp > 1:  # the first and the last stage of each pipeline
         for ranks in _ranks_along("pp", sizes):
             group = dist.new_group([ranks[0], ranks[-1]])
@@ -491,8 +515,8 @@ class DataParallel:
     """
 
     def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
-        self.layout, self.zero1 = layout, zero1 and layout.dp > 1
-        self.group = layout.dp_group
+        self.layout, self.zero1 = layout, zero1 and layout.dp_cp > 1
+        self.group = layout.dp_cp_group
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
                              if p.requires_grad]
@@ -519,7 +543,7 @@ class DataParallel:
 
     def _make_bucket(self, named, deferred=False):
         numel = sum(p.numel() for _, p in named)
-        padded = -(-numel // self.layout.dp) * self.layout.dp  # ZeRO slices must be equal
+        padded = -(-numel // self.layout.dp_cp) * self.layout.dp_cp  # ZeRO slices must be equal
         device = named[0][1].device
         grads = torch.zeros(padded, device=device)
         data = torch.zeros(padded, device=device)
@@ -532,8 +556,8 @@ class DataParallel:
             p.data = data[offset:offset + n].view_as(p)
             p.grad = grads[offset:offset + n].view_as(p)
             offset += n
-        shard = padded // self.layout.dp if self.zero1 else padded
-        start = self.layout.dp_rank * shard if self.zero1 else 0
+        shard = padded // self.layout.dp_cp if self.zero1 else padded
+        start = self.layout.dp_cp_rank * shard if self.zero1 else 0
         return {"params": named, "grads": grads, "data": data, "shard": slice(start, start + shard),
                 "grad_shard": torch.zeros(shard, device=device) if self.zero1 else grads,
                 "ready": 0, "handle": None, "deferred": deferred}
@@ -912,3 +936,171 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
     for handle in sends:
         handle.wait()
     return total
+
+
+# ----------------------------------------------------------------------------
+# 8. Context parallelism: zigzag sequence split and ring attention
+# ----------------------------------------------------------------------------
+# The sequence is cut into 2 * cp chunks and rank r keeps chunks r and 2cp - 1 - r
+# ("zigzag"): under a causal mask early chunks attend to little and late chunks to
+# much, so pairing them gives every rank the same work. Positions stay global (RoPE
+# and learned positions see the true index); labels are split the same way, so the
+# loss is still over every token of the sequence. Everything outside attention is
+# per-token and needs no change; gradients of the (replicated) weights are summed
+# over dp x cp by DataParallel.
+
+def zigzag_positions(seq_len, layout, device=None):
+    """Global positions of this cp rank's tokens, in its local order."""
+    if layout.cp == 1:
+        return torch.arange(seq_len, device=device)
+    if seq_len % (2 * layout.cp):
+        raise UsageError(f"sequence length {seq_len} is not divisible by 2*cp = {2 * layout.cp}, "
+                         f"as context parallelism needs; change --seq-len or --cp")
+    chunk, r = seq_len // (2 * layout.cp), layout.cp_rank
+    first = torch.arange(r * chunk, (r + 1) * chunk, device=device)
+    return torch.cat([first, first + (2 * layout.cp - 1 - 2 * r) * chunk])
+
+
+def context_shard(x, layout, dim=1):
+    """This cp rank's tokens (zigzag) of a full-sequence tensor."""
+    if layout.cp == 1:
+        return x
+    return x.index_select(dim, zigzag_positions(x.shape[dim], layout, x.device))
+
+
+def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale):
+    """Attention of q on one block of keys, and the log-sum-exp of each query's scores,
+    so that blocks can be merged exactly (online softmax). Rows whose keys are all
+    masked get lse = -inf and output 0."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q.device)
+    if causal:
+        mask &= k_pos[None, :] <= q_pos[:, None]
+    if window:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - safe[..., None]) @ v.float(), lse
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Combine two partial softmax results over disjoint key sets."""
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    return (out * torch.exp(lse - safe)[..., None] + block_out * torch.exp(block_lse - safe)[..., None],
+            new_lse)
+
+
+def _block_could_attend(q_pos, k_pos, causal, window):
+    """False when the mask hides the whole block: then it is skipped, not computed."""
+    if causal and k_pos.min() > q_pos.max():
+        return False
+    if window and k_pos.max() <= q_pos.min() - window:
+        return False
+    return True
+
+
+class _RingPass(torch.autograd.Function):
+    """Send a tensor to the next cp rank and receive the previous rank's. Backward:
+    the gradient goes the other way round the ring (this is how dK and dV return)."""
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return _ring_exchange(x, layout, forward=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ring_exchange(grad, ctx.layout, forward=False), None
+
+
+def _cp_peer(layout, offset):
+    """Global rank of the cp rank `offset` places further round the ring."""
+    return layout.rank + ((layout.cp_rank + offset) % layout.cp - layout.cp_rank) * layout.tp
+
+
+def _ring_exchange(x, layout, forward):
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    to, frm = (_cp_peer(layout, 1), _cp_peer(layout, -1)) if forward else (_cp_peer(layout, -1), _cp_peer(layout, 1))
+    ops = [dist.P2POp(dist.isend, x, to), dist.P2POp(dist.irecv, out, frm)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return out
+
+
+def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale):
+    # Recomputed in backward instead of stored: memory per block is its inputs, not the
+    # (queries x keys) score matrix (the FlashAttention trade, at block granularity).
+    return torch.utils.checkpoint.checkpoint(_masked_attention_lse, q, k, v, q_pos, k_pos, causal,
+                                             window, scale, use_reentrant=False)
+
+
+def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=None):
+    """Attention of this cp rank's queries on the whole sequence's keys.
+
+    q (B, H, T_local, D); k, v (B, Hkv, T_local, D): only the KV heads travel. In cp
+    steps the K/V blocks go round the ring; at each step every rank attends its queries
+    to the block it holds (skipping blocks the mask hides entirely) and merges the
+    result by log-sum-exp. Each rank's positions are known from its ring index, so only
+    K and V are sent. Exact forward and backward (autograd through the ring passes).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = lse = None
+    seq_len = len(positions) * layout.cp
+    for step in range(layout.cp):
+        owner = Layout(cp=layout.cp, tp=1, rank=(layout.cp_rank - step) % layout.cp)
+        k_pos = zigzag_positions(seq_len, owner, q.device)
+        if _block_could_attend(positions, k_pos, causal, window):
+            out, lse = _merge(out, lse, *_checkpointed_block(q, k, v, positions, k_pos, causal,
+                                                             window, scale))
+        if step < layout.cp - 1:
+            k, v = _RingPass.apply(k, layout), _RingPass.apply(v, layout)
+    return out.to(q.dtype)
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """All-gather along the sequence (dim 2) over cp; backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [p.contiguous() for p in grad.chunk(dist.get_world_size(ctx.group), dim=2)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        return out, None
+
+
+def allgather_attention(q, k, v, positions, layout, causal=True, window=None, scale=None):
+    """The simple baseline: gather every rank's K/V (and know their positions), then
+    attend locally. cp - 1 blocks received either way, but all at once in memory."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = (_AllGatherSequence.apply(t, layout.cp_group) for t in (k, v))
+    seq_len = len(positions) * layout.cp
+    k_pos = torch.cat([zigzag_positions(seq_len, Layout(cp=layout.cp, rank=r), q.device)
+                       for r in range(layout.cp)])
+    out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale)
+    return out.to(q.dtype)
+
+
+def context_attention(q, k, v, positions, layout, causal=True, window=None, key_padding_mask=None):
+    """The attention call of the models: plain attention without cp, else ring (or
+    all-gather, `--cp-comm allgather`) attention over the cp group."""
+    if layout.cp == 1:
+        return kernels.attention(q, k, v, causal=causal, window=window,
+                                 key_padding_mask=key_padding_mask)
+    if key_padding_mask is not None:
+        raise UsageError("context parallelism does not support attention masks (padding)")
+    fn = ring_attention if layout.cp_comm == "ring" else allgather_attention
+    return fn(q, k, v, positions, layout, causal, window)

@@ -46,6 +46,8 @@ def parse_args(argv=None):
       help="pipeline schedule (with --vpp > 1 always interleaved 1F1B)")
     a("--pp-layers", default=None, metavar="N,N,...",
       help="layers per pipeline chunk (pp*vpp counts), for an uneven split")
+    a("--cp-comm", choices=["ring", "allgather"], default="ring",
+      help="context parallelism: ring attention, or all-gather K/V (the simple baseline)")
     a("--sp", action=argparse.BooleanOptionalAction, default=True,
       help="sequence parallelism (only meaningful with --tp > 1)")
     a("--zero1", action=argparse.BooleanOptionalAction, default=True,
@@ -191,13 +193,15 @@ def train(args):
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
-                                       setup_device(args))
+                                       args.cp_comm, setup_device(args))
     device = layout.device
-    if args.cp > 1 or args.ep > 1:
-        raise UsageError("context and expert parallelism are not built yet; use --tp, --pp "
-                         "and data parallelism (more processes with torchrun)")
-    if layout.sp and args.seq_len % layout.tp:
-        raise UsageError(f"--seq-len {args.seq_len} is not divisible by tp={layout.tp}, as "
+    if args.ep > 1:
+        raise UsageError("expert parallelism is not built yet (it comes with Mixtral)")
+    if args.seq_len % (2 * layout.cp):
+        raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * layout.cp}, "
+                         f"as context parallelism needs; change --seq-len or --cp")
+    if layout.sp and args.seq_len // layout.cp % layout.tp:
+        raise UsageError(f"--seq-len {args.seq_len} / cp is not divisible by tp={layout.tp}, as "
                          f"sequence parallelism needs; change --seq-len or pass --no-sp")
     precision = args.precision if args.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
@@ -293,7 +297,7 @@ def train(args):
     rows_per_rank = args.global_batch_size // layout.dp
     mbs = rows_per_rank // micro_steps
     global_targets = tokens_per_step  # every position of every sequence has a target
-    seq_per_rank = args.seq_len // layout.tp if layout.sp else args.seq_len
+    seq_per_rank = args.seq_len // layout.cp // (layout.tp if layout.sp else 1)
     hidden_shape = (mbs, seq_per_rank, cfg.dim)  # what pipeline stages send each other
 
     def step_fn(batch_rows, forward_only=False):
@@ -310,7 +314,7 @@ def train(args):
             actions, chunks, modules, micro_batches, layout, hidden_shape,
             ddp=None if forward_only else ddp, autocast=autocast, forward_only=forward_only,
             loss_scale=(scaler.scale if scaler.enabled else 1.0) / global_targets)
-        for group in (layout.dp_group, layout.pp_group):  # the loss lives on the last stage
+        for group in (layout.dp_cp_group, layout.pp_group):  # the loss lives on the last stage
             parallel.all_reduce(loss_sum, group)
         return loss_sum.item() / global_targets
 
@@ -356,7 +360,7 @@ def train(args):
         save(args.steps)
     if first_loss is not None:
         log(f"done: loss {first_loss:.4f} -> {loss_value:.4f} in {time.perf_counter() - t_start:.0f}s")
-    if args.sample_tokens and layout.tp == 1 and layout.pp == 1 and layout.is_main:
+    if args.sample_tokens and layout.tp == layout.pp == layout.cp == 1 and layout.is_main:
         text = generate.sample_text(modules[0], tokenizer, "", args.sample_tokens, seed=args.seed)
         log("---- sample ----\n" + text + "\n----------------")
     elif args.sample_tokens and args.save:

@@ -1,0 +1,353 @@
+"""kernels.py's Triton kernels against their PyTorch references.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1: each kernel
+program executed with numpy), at tiny shapes. With a GPU the same tests run compiled on
+CUDA, and the tests marked `gpu` add bf16 at real shapes (python -m pytest -m gpu).
+
+Why a fresh process, sometimes: Triton reads TRITON_INTERPRET when a function is
+decorated with @triton.jit, and that includes Triton's own library (tl.zeros, ...,
+decorated when `import triton` runs). So the variable must be set before triton is
+first imported in the process. Run alone (pytest tests/test_triton.py) this module sets
+it in time. In the full suite, pytest imports every test module before running any, and
+earlier ones import kernels, which imports triton: too late. Then this module's tests
+are skipped here and `test_interpreter_tests_in_a_fresh_process` runs this file again in
+a new Python process with the variable set, and reports its result.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+import models  # noqa: E402
+
+# On a CPU, can this process run the kernels in Triton's interpreter? (see above)
+FRESH_PROCESS = not CUDA and not kernels._INTERPRET
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if FRESH_PROCESS and request.node.originalname != "test_interpreter_tests_in_a_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "run in a fresh process by test_interpreter_tests_in_a_fresh_process")
+
+
+def test_interpreter_tests_in_a_fresh_process():
+    if not FRESH_PROCESS:
+        pytest.skip("this process runs the tests itself")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("KERNELS_BACKEND", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.abspath(__file__)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    print(run.stdout.strip().splitlines()[-1])  # the child's summary line, shown with -rA / -s
+
+
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+
+
+def _attention_case(B, H, Hkv, Tq, Tk, D, dtype, padded=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, t, D, generator=g).to(DEVICE, dtype).requires_grad_()
+               for h, t in ((H, Tq), (Hkv, Tk), (Hkv, Tk)))
+    mask = None
+    if padded:  # random holes; every 4th key stays, so no query row is left without keys
+        mask = torch.rand(B, Tk, generator=g) > 0.4
+        mask[:, ::4] = True
+        mask = mask.to(DEVICE)
+    do = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
+    return q, k, v, mask, do
+
+
+def _forward_backward(fn, q, k, v, do, **kw):
+    out = fn(q, k, v, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+# B, H, Hkv, Tq, Tk, D, causal, window, padded. The interpreter runs with BLOCK_M=16 and
+# BLOCK_N=32 (see `_autotune`), so 37, 50 and 80 end mid-block, a window of 5 is smaller than
+# a block and 34 larger (34 also puts the last query that sees a key block at the start of
+# a query block: an off-by-one there shows), and GQA groups of 1, 4 and 8 appear.
+ATTENTION_CASES = [
+    (2, 4, 4, 37, 37, 16, True, None, False),
+    (1, 4, 1, 37, 37, 32, False, None, False),
+    (1, 8, 1, 50, 50, 16, True, 5, False),
+    (1, 4, 2, 80, 80, 16, True, 34, False),
+    (2, 4, 2, 37, 37, 16, True, None, True),
+    (2, 4, 2, 37, 37, 16, False, None, True),
+    (1, 4, 2, 7, 37, 16, True, 12, False),    # decoding: 7 queries after 30 cached keys
+    (2, 4, 4, 1, 37, 32, True, None, True),   # one query, padded cache
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,window,padded", ATTENTION_CASES)
+def test_attention_matches_reference_fp32(triton_backend, B, H, Hkv, Tq, Tk, D, causal, window, padded):
+    q, k, v, mask, do = _attention_case(B, H, Hkv, Tq, Tk, D, torch.float32, padded)
+    kw = dict(causal=causal, window=window, key_padding_mask=mask)
+    got = _forward_backward(kernels.attention, q, k, v, do, **kw)
+    want = _forward_backward(kernels.attention_reference, q, k, v, do, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,window,padded", [
+    (2, 8, 2, 37, 37, 32, True, None, False),
+    (1, 4, 1, 50, 50, 16, False, 18, True),
+])
+def test_attention_matches_reference_fp16(triton_backend, B, H, Hkv, Tq, Tk, D, causal, window, padded):
+    """fp16 kernels against the reference in fp32 on the same (fp16-rounded) inputs."""
+    q, k, v, mask, do = _attention_case(B, H, Hkv, Tq, Tk, D, torch.float16, padded)
+    kw = dict(causal=causal, window=window, key_padding_mask=mask)
+    got = _forward_backward(kernels.attention, q, k, v, do, **kw)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = _forward_backward(kernels.attention_reference, q32, k32, v32, do.float(), **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.float(), b, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_fully_masked_rows_are_zero(triton_backend):
+    """A sequence whose keys are all padding: the reference gives NaN, Triton gives 0 (and
+    zero gradients), without disturbing the other sequences of the batch."""
+    q, k, v, _, do = _attention_case(2, 4, 2, 19, 19, 16, torch.float32)
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out, dq, dk, dv = _forward_backward(kernels.attention, q, k, v, do, causal=False, key_padding_mask=mask)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+        assert (t[1] == 0).all()
+    want = _forward_backward(kernels.attention_reference, q, k, v, do, causal=False, key_padding_mask=mask)
+    for a, b in zip((out, dq, dk, dv), want):
+        torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=1e-4)
+
+
+def test_attention_bias_falls_back_to_torch(triton_backend):
+    """The position-bias hook (for T5) is not in the Triton kernels: attention() takes the
+    torch path with it, and still matches the reference."""
+    q, k, v, mask, _ = _attention_case(2, 4, 2, 9, 9, 16, torch.float32, padded=True)
+    bias = torch.randn(1, 4, 9, 9, device=DEVICE)
+    got = kernels.attention(q, k, v, causal=True, key_padding_mask=mask, bias=bias)
+    want = kernels.attention_reference(q, k, v, causal=True, key_padding_mask=mask, bias=bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,x_dtype,w_dtype", [
+    ((10, 100, 32), torch.float32, torch.float32),  # 1000 rows: each backward program loops
+    ((3, 7, 300), torch.float32, torch.float32),    # a row length that is not a power of two
+    ((4, 9, 48), torch.float16, torch.float32),     # the model's case: fp16 activations, fp32 gain
+    ((4, 9, 48), torch.float16, torch.float16),
+])
+def test_rmsnorm_matches_reference(triton_backend, shape, x_dtype, w_dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(DEVICE, x_dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEVICE, w_dtype).requires_grad_()
+    y = kernels.rmsnorm(x, w, 1e-5)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
+    ref = kernels.rmsnorm_reference(x, w, 1e-5)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if x_dtype == w_dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(y, ref, **tol)
+    got, want = torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(ref, (x, w), dy)
+    for name, a, b in zip(("dx", "dw"), got, want):
+        assert a.dtype == b.dtype
+        if name == "dw" and a.dtype == torch.float32:  # a sum over all rows, in another order
+            tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_matches_reference(triton_backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 37, 50, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    y = kernels.swiglu(gate, up)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, dtype)
+    ref = kernels.swiglu_reference(gate, up)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(y, ref, **tol)
+    for a, b in zip(torch.autograd.grad(y, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def _train_losses(overrides=(), steps=3):
+    cfg = models.make_config("llama", "test", overrides)
+    model = models.build("llama", cfg, DEVICE, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=g).to(DEVICE)
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:]) / tokens[:, 1:].numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("overrides", [(), ("sliding_window=8", "qk_norm=true")],
+                         ids=["llama", "window+qk_norm"])
+def test_llama_trains_the_same_on_triton_kernels(monkeypatch, overrides):
+    """A `test` LLaMA, 3 AdamW steps: the Triton kernels follow the reference's losses
+    (and with Mistral's sliding window and Qwen 3's QK-norm, which RMSNorms each head)."""
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    want = _train_losses(overrides)
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    got = _train_losses(overrides)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_backend_dispatch(monkeypatch):
+    x = torch.ones(2, device=DEVICE)
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    assert kernels.backend(x) == ("triton" if CUDA else "torch")
+    assert kernels.BACKENDS == ("torch", "triton")
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    assert kernels.backend(x) == "torch"
+    # Forcing Triton on a CPU tensor without the interpreter is refused with the fix named.
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.backend(torch.ones(2))
+
+
+def test_kernels_import_and_run_without_triton():
+    """Triton is optional: with it unimportable, kernels.py imports and runs references."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "assert kernels.BACKENDS == ('torch',) and not kernels.HAVE_TRITON\n"
+            "x = torch.randn(2, 3, 8)\n"
+            "kernels.rmsnorm(x, torch.ones(8)); kernels.swiglu(x, x)\n"
+            "q = torch.randn(1, 2, 5, 8); kernels.attention(q, q, q)\n")
+    env = {k: v for k, v in os.environ.items() if k != "KERNELS_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+# The interpreter runs kernels as Python and so cannot tell whether they compile for a
+# GPU (types, layouts, shared memory). Triton can compile ahead of time for a named GPU
+# without having one: this does so for Hopper and Ampere, in a process where TRITON_INTERPRET
+# is off, with the first autotuning configuration of each list.
+AOT_COMPILE = r"""
+import triton, kernels
+from triton.backends.compiler import GPUTarget
+
+def compile_for(kernel, capability, dtype, config, **constexprs):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    constexprs.update(config.kwargs if config else {})
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs: signature[name] = "constexpr"
+        elif name in ("LSE", "DELTA", "RSTD", "DW_PARTIAL"): signature[name] = "*fp32"
+        elif name == "KPM": signature[name] = "*i8"
+        elif name in ("eps", "qk_scale", "sm_scale"): signature[name] = "fp32"
+        elif name.isupper() and name not in ("H", "GROUP", "Q_BUCKET", "K_BUCKET"): signature[name] = "*" + dtype
+        else: signature[name] = "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+flags = dict(IS_CAUSAL=True, HAS_WINDOW=True, HAS_PADDING=True, DOT_PRECISION="tf32")
+for capability, head_dim in ((90, 128), (80, 64)):
+    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel, kernels._attn_bwd_dq_kernel):
+        # kernel.configs is the Hopper list then the Ampere list: take the first of each
+        config = kernel.configs[0 if capability == 90 else len(kernel.configs) // 2]
+        compile_for(kernel, capability, "bf16", config, HEAD_DIM=head_dim, **flags)
+rows, cols, _ = kernels._row_tile(4096)
+for kernel in (kernels._rmsnorm_fwd_kernel, kernels._rmsnorm_bwd_kernel):
+    compile_for(kernel, 90, "bf16", None, BLOCK_ROWS=rows, BLOCK_COLS=cols)
+for kernel in (kernels._swiglu_fwd_kernel, kernels._swiglu_bwd_kernel):
+    compile_for(kernel, 90, "bf16", None, BLOCK=kernels.SWIGLU_BLOCK)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the tests above compile and run the kernels")
+def test_kernels_compile_for_hopper_and_ampere():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", AOT_COMPILE], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------
+# GPU: bf16 at real shapes (python -m pytest -m gpu tests/test_triton.py)
+# ----------------------------------------------------------------------------
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D", [(1024, 64), (2048, 128)])
+@pytest.mark.parametrize("Hkv,causal,window,padded", [
+    (16, True, None, False), (4, True, None, False), (16, False, None, False),
+    (4, True, 256, False), (16, False, None, True)])
+def test_attention_bf16_gpu(monkeypatch, T, D, Hkv, causal, window, padded):
+    """bf16 Triton vs an fp32 reference on the same inputs: its error must be no worse
+    than that of torch's own bf16 attention (SDPA) on those inputs, within a margin."""
+    q, k, v, mask, do = _attention_case(2, 16, Hkv, T, T, D, torch.bfloat16, padded)
+    kw = dict(causal=causal, window=window, key_padding_mask=mask)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = _forward_backward(kernels.attention_reference, q32, k32, v32, do.float(), **kw)
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    sdpa = _forward_backward(kernels.attention, q, k, v, do, **kw)
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    got = _forward_backward(kernels.attention, q, k, v, do, **kw)
+    for name, a, s, e in zip(("out", "dq", "dk", "dv"), got, sdpa, exact):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), name
+        assert _max_err(a, e) <= 2 * _max_err(s, e) + 1e-2, (name, _max_err(a, e), _max_err(s, e))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dim", [4096, 896, 128])
+def test_rmsnorm_bf16_gpu(triton_backend, dim):
+    x = torch.randn(2, 2048, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(dim, device="cuda")).requires_grad_()
+    y, ref = kernels.rmsnorm(x, w, 1e-5), kernels.rmsnorm_reference(x, w, 1e-5)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)
+    for a, b in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(ref, (x, w), dy)):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_cuda
+def test_swiglu_bf16_gpu(triton_backend):
+    gate, up = (torch.randn(2, 2048, 14336, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+    y, ref = kernels.swiglu(gate, up), kernels.swiglu_reference(gate, up)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(torch.autograd.grad(y, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy)):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_cuda
+def test_llama_trains_the_same_on_triton_kernels_bf16_gpu(monkeypatch):
+    """bf16 autocast: Triton and torch kernels give losses within bf16 noise."""
+    def losses():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _train_losses()
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    want = losses()
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    assert losses() == pytest.approx(want, rel=2e-2)
