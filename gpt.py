@@ -167,7 +167,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
-        parallel.vocab_parallel_cross_entropy_sum). `attention_mask` (B, T) marks real
+        parallel.output_layer). `attention_mask` (B, T) marks real
         tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
         after the cached tokens. Under sp the residual stream holds this rank's tokens.
         A chunk after the first takes the previous chunk's output as `hidden`; a chunk
@@ -190,11 +190,7 @@ class GPT(nn.Module):
             return x
         x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        logits = parallel.vocab_parallel_logits(x, head.weight, self.layout)
-        if labels is None:
-            return parallel.gather_logits(logits, self.layout, self.cfg.vocab_size)
-        labels = parallel.context_shard(labels, self.layout)
-        return parallel.vocab_parallel_cross_entropy_sum(logits, labels, self.layout, self.cfg.vocab_size)
+        return parallel.output_layer(x, head.weight, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token of the whole model: 3 x forward, where the forward is

@@ -461,6 +461,16 @@ def gather_logits(logits, layout, vocab_size):
     return logits[..., :vocab_size]
 
 
+def output_layer(x, weight, labels, layout, vocab_size):
+    """The end of every language model here: logits through the vocabulary-sharded
+    output matrix, then the full logits (no labels: sampling, HF parity) or the sum of
+    the token losses over this rank's targets (under cp, its share of the sequence)."""
+    logits = vocab_parallel_logits(x, weight, layout)
+    if labels is None:
+        return gather_logits(logits, layout, vocab_size)
+    return vocab_parallel_cross_entropy_sum(logits, context_shard(labels, layout), layout, vocab_size)
+
+
 def vocab_parallel_cross_entropy_sum(logits, labels, layout, vocab_size):
     """Sum over tokens of -log softmax(logits)[label], labels == -100 ignored, without
     ever gathering the full logits: each rank holds a slice of the vocabulary, and the
