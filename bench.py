@@ -11,6 +11,8 @@ Modes:
   zero1-memory  optimizer-state bytes per rank at dp=4 with and without ZeRO-1 (expect ~1/4)
   sp-memory     activations saved for backward per rank at tp=2, seq 1024, with and without
                 sequence parallelism (expect the norm/residual part ~1/2)
+  cp-memory     activation memory per rank of the tiny llama at seq 8192 with cp = 1, 2, 4
+                (expect ~1/cp), and bytes sent per rank, ring vs all-gather
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
                 RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak)
@@ -453,6 +455,64 @@ def add_pp_schedules(p):
     p.add_argument("--steps", type=int, default=3)
 
 
+def _cp_step(preset, seq_len, comm):
+    """One forward + backward of a sequence under cp: activation bytes saved for
+    backward and bytes this rank sent to the others (counted at the send calls)."""
+    import torch.distributed as dist
+    import parallel
+    world = int(os.environ["WORLD_SIZE"])
+    layout = parallel.init_distributed(cp=world, cp_comm=comm, device="cpu")
+    model = models.build("llama", models.make_config("llama", preset, [f"max_seq_len={seq_len}"]),
+                         layout.device, 0, layout)
+    sent = {"bytes": 0}
+
+    def counting(collective):  # all_gather / reduce_scatter: the local tensor to each peer
+        def wrapper(*a, **k):
+            local = a[1] if collective is originals["all_gather"] else a[0]
+            sent["bytes"] += local.numel() * local.element_size() * (world - 1)
+            return collective(*a, **k)
+        return wrapper
+    originals = {name: getattr(dist, name) for name in ("all_gather", "reduce_scatter")}
+    dist.all_gather, dist.reduce_scatter = (counting(originals[n]) for n in ("all_gather", "reduce_scatter"))
+    original_p2p = dist.P2POp
+
+    def p2p(op, tensor, peer, *a, **k):
+        if op is dist.isend:
+            sent["bytes"] += tensor.numel() * tensor.element_size()
+        return original_p2p(op, tensor, peer, *a, **k)
+    dist.P2POp = p2p
+    ids = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with ActivationMeter() as meter:
+        loss = model(ids, labels=ids)
+        loss.backward()
+    parallel.destroy_distributed()
+    return {"peak": meter.peak, "sent": sent["bytes"]}
+
+
+def cp_memory(args, device):
+    """Activation memory per rank at cp = 1, 2, 4 and bytes sent, ring vs all-gather."""
+    rows = []
+    for cp in args.cp:
+        for comm in (["ring", "allgather"] if cp > 1 else ["ring"]):
+            r = run_ranks(cp, _cp_step, preset=args.config, seq_len=args.seq_len, comm=comm)
+            rows.append({"cp": cp, "comm": comm if cp > 1 else "-",
+                         "peak_mb": max(x["peak"] for x in r.values()) / 2**20,
+                         "sent_mb": max(x["sent"] for x in r.values()) / 2**20})
+    print_table(rows, [("cp", "cp", "d"), ("comm", "K/V exchange", "s"),
+                       ("peak_mb", "activations MB/rank (peak)", ".1f"),
+                       ("sent_mb", "MB sent/rank (fwd+bwd)", ".1f")])
+    base = rows[0]["peak_mb"]
+    ratios = ", ".join(f"cp={r['cp']} {r['comm']}: {r['peak_mb'] / base:.2f}x" for r in rows[1:])
+    print(f"summary: activations vs cp=1 at seq {args.seq_len}: {ratios}")
+    return {"rows": rows}
+
+
+def add_cp_memory(p):
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seq-len", type=int, default=8192)
+
+
 # ----------------------------------------------------------------------------
 # Kernels: kernels.py against PyTorch (on a GPU the Triton path; on a CPU the
 # reference path at small shapes, so the command runs everywhere but says nothing
@@ -635,6 +695,8 @@ MODES = {
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
     "sp-memory": (sp_memory, "activation bytes per rank at tp with/without sequence parallelism",
                   add_sp_memory),
+    "cp-memory": (cp_memory, "context parallelism: activations per rank, bytes sent, ring vs all-gather",
+                  add_cp_memory),
     "kernels": (benchmark_kernels, "attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak",
                 add_kernels_options),
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
