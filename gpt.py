@@ -14,7 +14,6 @@ Parameter names are chosen for readability; `convert.py` maps them to Hugging Fa
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -10,7 +10,6 @@ One step, for every layout:
 Every layout therefore follows the single-process loss curve.
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
