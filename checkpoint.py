@@ -87,6 +87,20 @@ def _extent_slices(extent):
     return tuple(slice(0, n) for n in extent)
 
 
+def _writes(param, layout):
+    """Whether this rank writes `param` (and its optimizer state): one copy of each piece.
+    Replicas along dp x cp hold the same tensors and only coordinate 0 writes them (for
+    experts, the first of their expert-data-parallel replicas); tensor-parallel ranks
+    write their own shards, and tp rank 0 what is replicated over tp; the last stage's
+    copy of tied embeddings is written by the first stage."""
+    if getattr(param, "expert_parallel", False):
+        first_replica = layout.expert_dp_rank == 0
+    else:
+        first_replica = layout.dp_cp_rank == 0
+    tp_owner = getattr(param, "tp_sharded", False) or layout.tp_rank == 0
+    return first_replica and tp_owner and not getattr(param, "pp_tied_copy", False)
+
+
 def save(root, step, modules, optimizer, layout, meta):
     """Write one checkpoint of this rank's model chunks (a module or a list). Call on
     every rank; returns the step directory."""
@@ -100,20 +114,16 @@ def save(root, step, modules, optimizer, layout, meta):
     parallel.barrier()
 
     state = train_state_tensors(modules, optimizer)
-    # Replicas along dp and cp hold the same tensors: only coordinate 0 writes them;
-    # tensor-parallel ranks each write their own shards.
-    if layout.dp_rank == 0 and layout.cp_rank == 0:
-        shard = f"shard-{layout.rank:05d}.safetensors"
-        tensors, pieces = {}, {}
-        for key, (tensor, param) in state.items():
-            if not getattr(param, "tp_sharded", False) and layout.tp_rank != 0:
-                continue  # replicated over tp: tp rank 0 writes it
-            if getattr(param, "pp_tied_copy", False):
-                continue  # the last stage's copy of tied embeddings: the first stage writes it
-            shape, offset, extent = parallel.global_region(param)
-            tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
-            pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
-                           "pieces": [{"file": shard, "offset": offset, "shape": extent}]}
+    shard = f"shard-{layout.rank:05d}.safetensors"
+    tensors, pieces = {}, {}
+    for key, (tensor, param) in state.items():
+        if not _writes(param, layout):
+            continue
+        shape, offset, extent = parallel.global_region(param)
+        tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
+        pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
+                       "pieces": [{"file": shard, "offset": offset, "shape": extent}]}
+    if tensors:
         save_file(tensors, os.path.join(tmp, shard))
         _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
     rng = {"cpu": torch.get_rng_state()}

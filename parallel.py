@@ -6,8 +6,12 @@ Each section is one concept and can be read (and copied) alone:
   1. Errors meant for the user
   2. The layout: how `world = tp * cp * dp * pp` ranks are arranged and grouped
   3. Layout-independent initialization: the same global weights whatever the layout
-  4. Data parallelism: bucketed gradient all-reduce overlapped with backward
-  5. Loss and gradient-norm helpers that must agree across ranks
+  4. Tensor parallelism (Megatron) and sequence parallelism
+  5. Data parallelism (bucketed, overlapped with backward), ZeRO-1 and AdamW
+  6. Gradient norm and loss scaling, which must agree across ranks
+  7. Pipeline parallelism: stages, point-to-point, schedules
+  8. Context parallelism: zigzag sequence split and ring attention
+  9. Expert parallelism: experts sharded over data-parallel ranks, all-to-all dispatch
 
 Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp, so
 tensor-parallel peers (which talk the most) sit on the same node.
@@ -63,6 +67,8 @@ class Layout:
     dp_cp_group: object = None      # replicas of the same weights: gradients reduce here
     cp_comm: str = "ring"           # context parallelism: "ring" or "allgather"
     vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
+    ep_group: object = None         # ranks holding different experts (section 9)
+    expert_dp_group: object = None  # replicas of the same experts: their gradients reduce here
 
     @property
     def world(self):
@@ -96,6 +102,16 @@ class Layout:
         return self.dp_rank * self.cp + self.cp_rank
 
     @property
+    def ep_rank(self):
+        """Which slice of the experts this rank holds (section 9)."""
+        return self.dp_cp_rank % self.ep
+
+    @property
+    def expert_dp_rank(self):
+        """Position among the ranks holding the same experts (ZeRO-1 slices of experts)."""
+        return self.dp_cp_rank // self.ep
+
+    @property
     def is_main(self):
         """Rank 0 prints, logs and writes the checkpoint index."""
         return self.rank == 0
@@ -127,8 +143,7 @@ def check_layout(world, tp=1, cp=1, pp=1, ep=1):
                          f"{model_parallel}; launch a multiple of {model_parallel} processes "
                          f"(torchrun --nproc-per-node) or change --tp/--cp/--pp")
     dp = world // model_parallel
-    if (dp * cp) % ep:
-        raise UsageError(f"--ep {ep} must divide dp*cp = {dp}*{cp} = {dp * cp}")
+    check_expert_layout(Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
     return dp
 
 
@@ -191,6 +206,7 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", dev
             group = dist.new_group(group_ranks)
             if rank in group_ranks:
                 layout.dp_cp_group = group
+    init_expert_groups(layout)
     if pp > 1:  # the first and the last stage of each pipeline
         for ranks in _ranks_along("pp", sizes):
             group = dist.new_group([ranks[0], ranks[-1]])
@@ -522,11 +538,14 @@ class DataParallel:
     count, so the sum over ranks is exactly the gradient of the global mean. On
     accumulation micro-steps run backward inside `no_sync()`: gradients only accumulate.
     Parameters marked by `mark_partial_grad` are also summed over tp here.
+
+    Expert parameters (`mark_expert_parallel`, section 9) are replicated only over the
+    expert-data-parallel group: they get buckets of their own, reduced (and ZeRO-sharded)
+    over that group instead of dp x cp.
     """
 
     def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
-        self.layout, self.zero1 = layout, zero1 and layout.dp_cp > 1
-        self.group = layout.dp_cp_group
+        self.layout, self.zero1 = layout, zero1
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
                              if p.requires_grad]
@@ -535,25 +554,33 @@ class DataParallel:
         # group first, and that cannot wait inside a backward that feeds the pipeline.
         tied = [(n, p) for n, p in self.named_params if getattr(p, "pp_tied", False)]
         self.buckets = [self._make_bucket(tied, deferred=True)] if tied else []
-        bucket, size = [], 0
-        for name, p in reversed(self.named_params):
-            if getattr(p, "pp_tied", False):
-                continue
-            bucket.append((name, p))
-            size += p.numel()
-            if size * 4 >= bucket_mb * 2**20:
+        for expert in (False, True):
+            bucket, size = [], 0
+            for name, p in reversed(self.named_params):
+                if getattr(p, "pp_tied", False) or getattr(p, "expert_parallel", False) != expert:
+                    continue
+                bucket.append((name, p))
+                size += p.numel()
+                if size * 4 >= bucket_mb * 2**20:
+                    self.buckets.append(self._make_bucket(bucket))
+                    bucket, size = [], 0
+            if bucket:
                 self.buckets.append(self._make_bucket(bucket))
-                bucket, size = [], 0
-        if bucket:
-            self.buckets.append(self._make_bucket(bucket))
         self.sync = True
         for b in self.buckets:
             for _, p in b["params"]:
                 p.register_post_accumulate_grad_hook(self._make_hook(b))
 
     def _make_bucket(self, named, deferred=False):
+        layout = self.layout
+        expert = getattr(named[0][1], "expert_parallel", False) and layout.ep > 1
+        if expert:
+            group, replicas, rank = layout.expert_dp_group, layout.dp_cp // layout.ep, layout.expert_dp_rank
+        else:
+            group, replicas, rank = layout.dp_cp_group, layout.dp_cp, layout.dp_cp_rank
+        sharded = self.zero1 and replicas > 1
         numel = sum(p.numel() for _, p in named)
-        padded = -(-numel // self.layout.dp_cp) * self.layout.dp_cp  # ZeRO slices must be equal
+        padded = -(-numel // replicas) * replicas  # ZeRO slices must be equal
         device = named[0][1].device
         grads = torch.zeros(padded, device=device)
         data = torch.zeros(padded, device=device)
@@ -566,10 +593,11 @@ class DataParallel:
             p.data = data[offset:offset + n].view_as(p)
             p.grad = grads[offset:offset + n].view_as(p)
             offset += n
-        shard = padded // self.layout.dp_cp if self.zero1 else padded
-        start = self.layout.dp_cp_rank * shard if self.zero1 else 0
+        shard = padded // replicas if sharded else padded
+        start = rank * shard if sharded else 0
         return {"params": named, "grads": grads, "data": data, "shard": slice(start, start + shard),
-                "grad_shard": torch.zeros(shard, device=device) if self.zero1 else grads,
+                "grad_shard": torch.zeros(shard, device=device) if sharded else grads,
+                "group": group, "sharded": sharded, "expert": expert,
                 "ready": 0, "handle": None, "deferred": deferred}
 
     def _make_hook(self, bucket):
@@ -584,12 +612,12 @@ class DataParallel:
         return hook
 
     def _reduce(self, bucket, async_op):
-        if self.group is None:
+        if bucket["group"] is None:
             return None
-        if self.zero1:
+        if bucket["sharded"]:
             return dist.reduce_scatter_single(bucket["grad_shard"], bucket["grads"],
-                                              group=self.group, async_op=async_op)
-        return dist.all_reduce(bucket["grads"], group=self.group, async_op=async_op)
+                                              group=bucket["group"], async_op=async_op)
+        return dist.all_reduce(bucket["grads"], group=bucket["group"], async_op=async_op)
 
     class _NoSync:
         def __init__(self, ddp):
@@ -627,9 +655,9 @@ class DataParallel:
 
     def all_gather_params(self):
         """ZeRO-1: after each rank updated its slice, share the slices."""
-        if self.zero1:
-            for b in self.buckets:
-                dist.all_gather_single(b["data"], b["data"][b["shard"]].clone(), group=self.group)
+        for b in self.buckets:
+            if b["sharded"]:
+                dist.all_gather_single(b["data"], b["data"][b["shard"]].clone(), group=b["group"])
 
 
 class AdamW:
@@ -673,9 +701,9 @@ class AdamW:
     def _full(self, flat_states):
         fulls = []
         for b, state in zip(self.ddp.buckets, flat_states):
-            if self.ddp.zero1:
+            if b["sharded"]:
                 full = torch.empty_like(b["grads"])
-                dist.all_gather_single(full, state, group=self.ddp.group)
+                dist.all_gather_single(full, state, group=b["group"])
                 state = full
             fulls.append(state)
         return fulls
@@ -711,18 +739,25 @@ class AdamW:
 def clip_grad_norm(ddp, max_norm):
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
-    Each element is counted exactly once: ZeRO slices are summed over dp, tp shards
-    are summed over tp, pipeline stages over pp; parameters replicated over tp count on
-    tp rank 0 only, and the last stage's copy of tied embeddings not at all.
+    Each element is counted exactly once: ZeRO slices are summed over their bucket's
+    group, experts over ep (each ep rank holds others), tp shards over tp, pipeline
+    stages over pp; parameters replicated over tp count on tp rank 0 only, and the last
+    stage's copy of tied embeddings not at all.
     """
     layout = ddp.layout
-    total = torch.zeros((), device=layout.device)
+    dense, experts = torch.zeros((), device=layout.device), torch.zeros((), device=layout.device)
     for b in ddp.buckets:
         if "norm_weight" not in b:
             b["norm_weight"] = _norm_weights(b, layout)
-        total += (b["grad_shard"].float().pow(2) * b["norm_weight"]).sum()
-    if ddp.zero1:
-        all_reduce(total, ddp.group)
+        square = (b["grad_shard"].float().pow(2) * b["norm_weight"]).sum()
+        if b["expert"]:
+            experts += square
+        else:
+            dense += square
+    if ddp.zero1:  # each rank holds a slice of each bucket (or all of it: group None)
+        all_reduce(dense, layout.dp_cp_group)
+        all_reduce(experts, layout.expert_dp_group)
+    total = dense + all_reduce(experts, layout.ep_group)
     all_reduce(total, layout.tp_group)
     all_reduce(total, layout.pp_group)
     norm = total.sqrt()
@@ -761,7 +796,8 @@ class LossScaler:
         for b in ddp.buckets:
             b["grad_shard"].div_(self.scale)
             bad += (~torch.isfinite(b["grad_shard"])).sum()
-        for group in (ddp.group, ddp.layout.tp_group, ddp.layout.pp_group):
+        # Over dp x cp, tp and pp: every rank of the world (expert buckets included).
+        for group in (ddp.layout.dp_cp_group, ddp.layout.tp_group, ddp.layout.pp_group):
             all_reduce(bad, group)
         finite = bad.item() == 0
         if finite:
@@ -897,7 +933,9 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
     `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
     hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
     loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
-    loss scale). With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
+    loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
+    router losses, in the loss sum's units): it joins the objective on that chunk's rank.
+    With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
     """
     autocast = autocast or contextlib.nullcontext()
     local = {c.index: i for i, c in enumerate(chunks)}
@@ -929,16 +967,19 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
             else:
                 send(out.detach(), 0, micro, chunk.index, layout.pp_next)
             if not forward_only:
-                stored[(micro, chunk.index)] = (hidden, out)
+                stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
         else:
-            hidden, out = stored.pop((micro, chunk.index))
+            hidden, out, extra = stored.pop((micro, chunk.index))
             if ddp is not None:
                 ddp.sync = i == last_backward  # reduce gradients only in the last backward
             if chunk.last:
-                (out * loss_scale).backward()
+                ((out if extra is None else out + extra) * loss_scale).backward()
             else:
                 grad = recv(1, micro, chunk.index + 1, layout.pp_next)
-                torch.autograd.backward(out, grad)
+                if extra is None:
+                    torch.autograd.backward(out, grad)
+                else:  # None: the scalar's gradient is 1
+                    torch.autograd.backward([out, extra * loss_scale], [grad, None])
             if not chunk.first:
                 send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
     if ddp is not None:
@@ -976,6 +1017,21 @@ def context_shard(x, layout, dim=1):
     if layout.cp == 1:
         return x
     return x.index_select(dim, zigzag_positions(x.shape[dim], layout, x.device))
+
+
+def context_gather(x, layout, dim=1):
+    """The whole sequence of a tensor of which each cp rank holds its zigzag share
+    (the inverse of context_shard; no gradient). Used for decisions that need every
+    token of a sequence in order, such as an expert's capacity."""
+    if layout.cp == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(layout.cp)]
+    dist.all_gather(parts, x.contiguous(), group=layout.cp_group)
+    seq_len = x.shape[dim] * layout.cp
+    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=layout.cp, rank=r), x.device)
+                           for r in range(layout.cp)])
+    gathered = torch.cat(parts, dim)
+    return torch.empty_like(gathered).index_copy_(dim, positions, gathered)
 
 
 def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale):
@@ -1114,3 +1170,175 @@ def context_attention(q, k, v, positions, layout, causal=True, window=None, key_
         raise UsageError("context parallelism does not support attention masks (padding)")
     fn = ring_attention if layout.cp_comm == "ring" else allgather_attention
     return fn(q, k, v, positions, layout, causal, window)
+
+
+# ----------------------------------------------------------------------------
+# 9. Expert parallelism: experts sharded over data-parallel ranks, all-to-all dispatch
+# ----------------------------------------------------------------------------
+# A mixture-of-experts layer sends each token to top_k of n_experts feed-forward
+# networks. Under ep the experts are split over `ep` ranks that hold *different tokens*
+# (ep groups are carved out of the dp x cp ranks: ep divides dp * cp), so each rank
+# stores n_experts / ep of them, and the tokens travel instead:
+#
+#   route this rank's tokens -> sort the (token, expert) assignments by expert
+#   -> all-to-all: each assignment to the rank holding its expert (variable sizes,
+#      exchanged first) -> that rank runs its experts on what it received
+#   -> all-to-all back (the exact reverse) -> weight by the router, sum per token
+#
+# With j = dp_cp_rank (cp fastest), the ep group of a rank is the `ep` consecutive
+# values of j around it (same tp and pp coordinates), ep_rank = j % ep, and expert e
+# lives on ep_rank e // (n_experts / ep), under its global name on every layout.
+#
+# Gradients: the reverse all-to-all in backward brings each expert the gradients of
+# every token it processed, from every rank of its ep group. The ranks with the same
+# ep_rank in different ep groups hold the same experts: the expert-data-parallel group
+# (dp * cp / ep ranks). DataParallel sums expert gradients there, and only there.
+# Nothing here changes which tokens a rank holds, so the loss and the (reduced)
+# gradients are those of one process holding every expert.
+
+def check_expert_layout(layout, n_experts=None):
+    """ep must divide the expert count and dp * cp (the ranks it is carved from)."""
+    if n_experts is not None and n_experts % layout.ep:
+        raise UsageError(f"n_experts={n_experts} is not divisible by --ep {layout.ep}; "
+                         f"choose an --ep that divides it")
+    if (layout.dp * layout.cp) % layout.ep:
+        raise UsageError(f"--ep {layout.ep} must divide dp*cp = {layout.dp}*{layout.cp} = "
+                         f"{layout.dp * layout.cp} (expert parallelism splits the data-parallel "
+                         f"ranks); launch more processes or choose another --ep")
+
+
+def local_experts(layout, n_experts):
+    """Global indices of the experts this rank holds."""
+    per_rank = n_experts // layout.ep
+    return range(layout.ep_rank * per_rank, (layout.ep_rank + 1) * per_rank)
+
+
+def mark_expert_parallel(*params):
+    """These parameters belong to experts held by one rank of each ep group: their
+    gradients are summed over the expert-data-parallel group only, and their norm over
+    the ep group (each of its ranks holds different experts)."""
+    for p in params:
+        p.expert_parallel = True
+
+
+def _replica_ranks(layout):
+    """For each (tp, pp) coordinate: its dp * cp ranks ordered by dp_cp_rank."""
+    tp, dpcp = layout.tp, layout.dp * layout.cp
+    for pp_rank in range(layout.pp):
+        for tp_rank in range(tp):
+            yield [tp_rank + tp * j + tp * dpcp * pp_rank for j in range(dpcp)]
+
+
+def ep_groups(layout):
+    """Rank lists of all ep groups: `ep` consecutive data(-context)-parallel ranks."""
+    ep = layout.ep
+    return [ranks[i:i + ep] for ranks in _replica_ranks(layout) for i in range(0, len(ranks), ep)]
+
+
+def expert_dp_groups(layout):
+    """Rank lists of all expert-data-parallel groups: the same ep_rank in every ep group."""
+    ep = layout.ep
+    return [ranks[i::ep] for ranks in _replica_ranks(layout) for i in range(ep)]
+
+
+def init_expert_groups(layout):
+    """Set layout.ep_group and layout.expert_dp_group (None where one rank). Collective:
+    every rank calls it, after dp_cp_group exists (init_distributed does)."""
+    check_expert_layout(layout)  # the expert count is checked by the model
+    layout.ep_group = None
+    layout.expert_dp_group = layout.dp_cp_group if layout.ep == 1 else None
+    if layout.ep == 1 or not dist.is_initialized():
+        return layout
+    for name, lists in (("ep_group", ep_groups(layout)), ("expert_dp_group", expert_dp_groups(layout))):
+        for ranks in lists:
+            if len(ranks) == 1:
+                continue
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if layout.rank in ranks:
+                setattr(layout, name, group)
+    return layout
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable split sizes; backward is the reverse exchange
+    (what was sent to rank r comes back from rank r, in the same order)."""
+
+    @staticmethod
+    def forward(ctx, x, send_sizes, recv_sizes, group):
+        ctx.sizes, ctx.group = (send_sizes, recv_sizes), group
+        return _all_to_all(x, send_sizes, recv_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_sizes, recv_sizes = ctx.sizes
+        return _all_to_all(grad, recv_sizes, send_sizes, ctx.group), None, None, None
+
+
+def _all_to_all(x, send_sizes, recv_sizes, group):
+    out = x.new_empty((sum(recv_sizes), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=group)
+    return out
+
+
+def _run_experts(x, counts, experts):
+    """Rows of x sorted by local expert, counts[i] rows for experts[i]: a loop of dense
+    matmuls, one contiguous slice per expert. An expert with no rows still runs (on an
+    empty slice), so every expert parameter gets a gradient and its DataParallel hook fires.
+
+    A loop rather than one batched matmul over experts padded to the largest count:
+    dropless routing gives each expert a different number of rows, and padding costs
+    compute and memory in proportion to the imbalance (and needs a capacity to bound
+    it). The loop multiplies exactly the routed rows, in large dense GEMMs when batches
+    are large; its price is three kernel launches per local expert. A grouped GEMM
+    (one launch for all experts, e.g. torch._grouped_mm) is the drop-in replacement."""
+    parts = x.split(counts.tolist())
+    return torch.cat([expert(part) for expert, part in zip(experts, parts)])
+
+
+def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, traffic=None):
+    """sum_k weights[:, k] * expert_{expert_ids[:, k]}(x), the experts possibly on other ranks.
+
+    x (N, dim): this rank's tokens; expert_ids (N, top_k): global expert indices, -1 for an
+    assignment dropped by a capacity limit (it contributes 0); weights (N, top_k);
+    `experts`: this rank's experts in order (local_experts). Returns (N, dim). If given,
+    `traffic` (a dict) gets "bytes_sent": what this rank sends to other ranks in the two
+    exchanges of the forward (the backward sends as much again).
+    """
+    n_tokens, top_k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    token = torch.arange(n_tokens, device=x.device).repeat_interleave(top_k)
+    # Assignments sorted by expert (stable: token order within each expert). Experts
+    # are contiguous per rank, so this is also sorted by destination rank.
+    kept = (flat >= 0).nonzero().squeeze(1)
+    assignment = kept[torch.argsort(flat[kept], stable=True)]
+    counts = torch.bincount(flat[kept], minlength=n_experts)  # rows per global expert
+    rows = x[token[assignment]]
+
+    if layout.ep == 1:
+        out = _run_experts(rows, counts, experts)
+    else:
+        if layout.ep_group is None:
+            raise RuntimeError("ep > 1 needs the expert-parallel groups: call init_expert_groups")
+        per_rank = n_experts // layout.ep
+        # 1. Counts: recv[s, i] = rows rank s sends to my local expert i.
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=layout.ep_group)
+        recv = recv.view(layout.ep, per_rank)
+        send_sizes = counts.view(layout.ep, per_rank).sum(1).tolist()
+        recv_sizes = recv.sum(1).tolist()
+        if traffic is not None:
+            me = layout.ep_rank  # rows to itself do not travel
+            rows_out = sum(send_sizes) - send_sizes[me] + sum(recv_sizes) - recv_sizes[me]
+            traffic["bytes_sent"] = rows_out * rows.shape[1] * rows.element_size()
+        # 2. Tokens. They arrive grouped by source rank, then by local expert.
+        received = _AllToAll.apply(rows, send_sizes, recv_sizes, layout.ep_group)
+        # 3. Regroup by local expert, run the experts, restore the arrival order.
+        local_id = torch.arange(per_rank, device=x.device).repeat(layout.ep)
+        by_expert = torch.argsort(local_id.repeat_interleave(recv.reshape(-1)), stable=True)
+        y = _run_experts(received[by_expert], recv.sum(0), experts)
+        y = y[torch.argsort(by_expert)]
+        # 4. Back to the ranks the tokens came from (the reverse exchange).
+        out = _AllToAll.apply(y, recv_sizes, send_sizes, layout.ep_group)
+
+    w = weights.reshape(-1)[assignment]
+    return torch.zeros_like(x).index_add(0, token[assignment], (out * w[:, None]).to(x.dtype))
