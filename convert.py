@@ -43,6 +43,7 @@ import checkpoint
 import data
 import gpt
 import llama
+import mixtral
 import models
 import parallel
 from parallel import UsageError
@@ -173,22 +174,56 @@ def gpt2_config_to_hf(cfg):
                         scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
 
 
+def mixtral_config_from_hf(hf, model_type):
+    """Mixtral -> mixtral.Config. The router's training settings (router_aux_loss_coef,
+    whose loss is normalized differently from ours) are not architecture and are not read."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        _refuse(model_type, f"hidden_act={hf['hidden_act']!r}")
+    if hf.get("router_jitter_noise"):
+        _refuse(model_type, f"router_jitter_noise={hf['router_jitter_noise']}")
+    rope = _rope_from_hf(hf, model_type)
+    if set(rope) != {"rope_theta"}:
+        _refuse(model_type, "RoPE scaling")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    return mixtral.Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or dim // heads, ffn_dim=hf["intermediate_size"],
+        n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 4096),
+        sliding_window=int(hf.get("sliding_window") or 0),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=rope["rope_theta"])
+
+
+def mixtral_config_to_hf(cfg):
+    return "mixtral", dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len, sliding_window=cfg.sliding_window or None,
+        tie_word_embeddings=cfg.tie_embeddings, router_jitter_noise=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta)
+
+
 # HF model_type -> (our model name, config reader); our model name -> config writer.
 FAMILIES = {"gpt2": ("gpt", gpt2_config_from_hf), "llama": ("llama", llama_config_from_hf),
             "mistral": ("llama", llama_config_from_hf), "qwen2": ("llama", llama_config_from_hf),
-            "qwen3": ("llama", llama_config_from_hf)}
-CONFIG_TO_HF = {"gpt": gpt2_config_to_hf, "llama": llama_config_to_hf}
+            "qwen3": ("llama", llama_config_from_hf), "mixtral": ("mixtral", mixtral_config_from_hf)}
+CONFIG_TO_HF = {"gpt": gpt2_config_to_hf, "llama": llama_config_to_hf, "mixtral": mixtral_config_to_hf}
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 # ----------------------------------------------------------------------------
 # 2. Tensors: names and layouts (from_hf lives in the model files, to_hf here)
 # ----------------------------------------------------------------------------
 
-MODEL_FILES = {"gpt": gpt, "llama": llama}
-# Families whose from_hf is the identity: a rank can read just its own region from disk.
-READS_SLICES = {"llama"}
+MODEL_FILES = {"gpt": gpt, "llama": llama, "mixtral": mixtral}
+# Families whose from_hf is the identity: a rank can read just its own region from disk
+# (Mixtral: an expert-parallel rank reads only its experts' tensors).
+READS_SLICES = {"llama", "mixtral"}
 
 
 def to_hf(model_name, name, tensor):
@@ -246,6 +281,34 @@ class _HFTensors:
                 raise UsageError(f"cannot read {path} ({e}); is it truncated or damaged?") from None
         if self.where is None:
             self.where = {key: "model.safetensors" for key in self.files["model.safetensors"].keys()}
+        self.views = {}
+        self._split_fused_experts()
+
+    def _split_fused_experts(self):
+        """Mixtral files name one tensor per expert (`block_sparse_moe.experts.5.w1.weight`);
+        transformers 5 holds them fused in memory and writes them fused only when asked
+        (save_original_format=False): `mlp.experts.gate_up_proj` (experts, 2 * ffn, dim, w1
+        rows then w3 rows), `mlp.experts.down_proj` (experts, dim, ffn), `mlp.gate.weight`.
+        Such tensors are listed under the file names: {name: (fused name, expert, rows)}."""
+        fused = [k for k in self.where
+                 if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
+        if not fused:
+            return
+        for key in fused + [k for k in self.where if k.endswith(".mlp.gate.weight")]:
+            layer, _, kind = key.partition(".mlp.")
+            moe = layer + ".block_sparse_moe."
+            shape = self.files[self.where[key]].get_slice(key).get_shape()
+            if kind == "gate.weight":
+                views = {moe + kind: (key, None, None)}
+            elif kind == "experts.down_proj":
+                views = {f"{moe}experts.{e}.w2.weight": (key, e, None) for e in range(shape[0])}
+            else:
+                ffn = shape[1] // 2
+                views = {f"{moe}experts.{e}.{w}.weight": (key, e, rows) for e in range(shape[0])
+                         for w, rows in (("w1", (0, ffn)), ("w3", (ffn, 2 * ffn)))}
+            for name, view in views.items():
+                self.views[name], self.where[name] = view, self.where[key]
+            del self.where[key]
 
     def find(self, key):
         """`key`, or `key` without its base-model prefix ("transformer.", "model."): files
@@ -254,9 +317,32 @@ class _HFTensors:
 
     def get_slice(self, key):
         try:
+            if key in self.views:
+                return _ExpertView(self.files[self.where[key]].get_slice(self.views[key][0]),
+                                   *self.views[key][1:])
             return self.files[self.where[key]].get_slice(key)
         except SafetensorError as e:
             raise UsageError(f"cannot read tensor {key} from {self.where[key]} ({e})") from None
+
+
+class _ExpertView:
+    """One expert's tensor (and rows) inside a fused tensor, read like a safetensors slice."""
+
+    def __init__(self, fused, expert, rows):
+        self.fused, self.expert, self.rows = fused, expert, rows
+
+    def get_shape(self):
+        shape = self.fused.get_shape()[0 if self.expert is None else 1:]
+        return [self.rows[1] - self.rows[0], *shape[1:]] if self.rows else shape
+
+    def __getitem__(self, region):
+        if self.expert is None:
+            return self.fused[region]
+        rows, *rest = region if isinstance(region, tuple) else (region,)
+        if self.rows:  # a region of w1 or w3: the same rows shifted within gate_up_proj
+            start, stop, _ = rows.indices(self.rows[1] - self.rows[0])
+            rows = slice(self.rows[0] + start, self.rows[0] + stop)
+        return self.fused[(slice(self.expert, self.expert + 1), rows, *rest)][0]
 
 
 def read_hf_config(hf_dir):
@@ -306,7 +392,8 @@ def load_hf_weights(model, hf_dir):
         param.zero_()  # vocabulary padding past the global tensor stays zero
         param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
         used.add(key)
-    if getattr(model.layout, "pp", 1) == 1:  # the whole model: every tensor must find a place
+    # The whole model (no pipeline stage, no expert shard): every tensor must find a place.
+    if getattr(model.layout, "pp", 1) == 1 and getattr(model.layout, "ep", 1) == 1:
         tied = getattr(model.cfg, "tie_embeddings", False)
         extra = sorted(k for k in tensors.where if k not in used and not k.endswith(OLD_BUFFERS)
                        and not (tied and k == "lm_head.weight"))
@@ -341,7 +428,7 @@ def tokenizer_name(hf_dir):
 
 def train_flags(name, cfg, tokenizer):
     """train.py flags that rebuild exactly `cfg` (overrides of the family's default preset)."""
-    preset = {"llama": "llama2-7b", "gpt": "gpt2"}[name]
+    preset = {"llama": "llama2-7b", "gpt": "gpt2", "mixtral": "mixtral-8x7b"}[name]
     base, flags = models.make_config(name, preset), ["--model", name, "--config", preset]
     for field in dataclasses.fields(cfg):
         if getattr(cfg, field.name) != getattr(base, field.name):
@@ -394,7 +481,7 @@ def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
     """Write a one-process model as a HF folder: config.json + model.safetensors (fp32),
     plus the tokenizer files of `tokenizer_dir` if given."""
     name = model_name(model)
-    if model.layout.tp > 1 or getattr(model.layout, "pp", 1) > 1:
+    if model.layout.tp > 1 or getattr(model.layout, "pp", 1) > 1 or getattr(model.layout, "ep", 1) > 1:
         raise UsageError("export needs the whole model: build it with parallel.Layout() "
                          "(checkpoint.load reassembles the shards)")
     model_type, fields = CONFIG_TO_HF[name](model.cfg)

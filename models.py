@@ -9,12 +9,14 @@ import torch
 
 import gpt
 import llama
+import mixtral
 from parallel import UsageError
 
 # name -> (Config class, presets, model class)
 MODELS = {
     "llama": (llama.Config, llama.PRESETS, llama.Llama),
     "gpt": (gpt.Config, gpt.PRESETS, gpt.GPT),
+    "mixtral": (mixtral.Config, mixtral.PRESETS, mixtral.Mixtral),
 }
 
 
