@@ -18,6 +18,8 @@ Modes:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak)
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
+  moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
+                same process counts) with the same global batch, and all-to-all bytes per step
 
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
 summary line and returns its results, plus a function adding its options, and register
@@ -30,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from statistics import median
 
 import torch
@@ -309,11 +312,19 @@ def _worker(rank, world, port, fn, kwargs, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    results.put((rank, fn(**kwargs)))
+    try:
+        results.put((rank, fn(**kwargs)))
+    except BaseException:
+        results.put((rank, _Failed(traceback.format_exc())))
+
+
+class _Failed(str):
+    """A rank's traceback, passed back instead of its result."""
 
 
 def run_ranks(world, fn, **kwargs):
-    """Run fn(**kwargs) in `world` processes joined by gloo; {rank: its return value}."""
+    """Run fn(**kwargs) in `world` processes joined by gloo; {rank: its return value}.
+    A rank that raises makes this raise, with its traceback."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:  # a free port for this run's rendezvous
@@ -327,6 +338,9 @@ def run_ranks(world, fn, **kwargs):
     out = dict(results.get(timeout=600) for _ in procs)
     for p in procs:
         p.join()
+    for rank, result in sorted(out.items()):
+        if isinstance(result, _Failed):
+            raise RuntimeError(f"rank {rank} of {world} failed:\n{result}")
     return out
 
 
@@ -511,6 +525,80 @@ def add_cp_memory(p):
     p.add_argument("--config", default="tiny")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-len", type=int, default=8192)
+
+
+def _moe_steps(preset, ep, global_batch, seq_len, steps):
+    """Training steps of Mixtral at this world size and ep (dp = world): median step
+    time after one warm-up step; the bytes this rank sent to others per step through
+    all_to_all_single (counted at the call: tokens, results, their gradients, counts),
+    and the model's own count of them (router_stats, forward x 2), both averaged."""
+    import torch.distributed as dist
+    import parallel
+    layout = parallel.init_distributed(ep=ep, device="cpu")
+    model = models.build("mixtral", models.make_config("mixtral", preset), layout.device, 0, layout)
+    ddp = parallel.DataParallel(model, layout, zero1=True)
+    optimizer = parallel.AdamW(ddp, lr=1e-3, weight_decay=0.1)
+    rows = global_batch // layout.dp
+    ids = torch.randint(0, 256, (global_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids[layout.dp_rank * rows:(layout.dp_rank + 1) * rows]
+    sent = {"bytes": 0}
+    original = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        sizes = input_split_sizes or [input.shape[0] // layout.ep] * layout.ep
+        row_bytes = input[:1].numel() * input.element_size()
+        sent["bytes"] += (sum(sizes) - sizes[layout.ep_rank]) * row_bytes
+        return original(output, input, output_split_sizes, input_split_sizes, **kwargs)
+    dist.all_to_all_single = counting
+    times, sent_per_step = [], []
+    for step in range(steps + 1):
+        if step == 1:
+            model.pop_router_stats()  # the warm-up step does not count
+        sent["bytes"] = 0
+        ddp.zero_grad()
+        parallel.barrier()
+        t0 = time.perf_counter()
+        loss = model(ids[:, :-1], labels=ids[:, 1:])
+        ((loss + model.extra_loss) / (global_batch * seq_len)).backward()
+        ddp.finish()
+        optimizer.step()
+        parallel.barrier()
+        times.append(time.perf_counter() - t0)
+        sent_per_step.append(sent["bytes"])
+    reported = 2 * model.pop_router_stats()["all_to_all_bytes"].item() / steps
+    parallel.destroy_distributed()
+    return {"step_s": median(times[1:]), "sent": sum(sent_per_step[1:]) / steps, "reported": reported}
+
+
+def moe_ep(args, device):
+    """Tokens/s of Mixtral at ep = 1, 2, 4 (and plain dp) with one global batch."""
+    rows = []
+    for world in args.world:
+        for ep in sorted({1, world}):
+            r = run_ranks(world, _moe_steps, preset=args.config, ep=ep, global_batch=args.global_batch,
+                          seq_len=args.seq_len, steps=args.steps)
+            step = max(x["step_s"] for x in r.values())
+            rows.append({"world": world, "ep": ep, "step_s": step,
+                         "tokens_per_s": args.global_batch * args.seq_len / step,
+                         "a2a_mb": sum(x["sent"] for x in r.values()) / 2**20,
+                         "model_mb": sum(x["reported"] for x in r.values()) / 2**20})
+    print_table(rows, [("world", "processes", "d"), ("ep", "ep", "d"), ("step_s", "step s", ".3f"),
+                       ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("a2a_mb", "all-to-all MB/step (all ranks)", ".2f"),
+                       ("model_mb", "model's count MB", ".2f")])
+    base = rows[0]["tokens_per_s"]
+    ratios = ", ".join(f"world={r['world']} ep={r['ep']}: {r['tokens_per_s'] / base:.2f}x" for r in rows[1:])
+    print(f"summary: tokens/s vs one process (global batch {args.global_batch} x {args.seq_len}): "
+          f"{ratios}; one process per core at most on {os.cpu_count()} cores")
+    return {"rows": rows}
+
+
+def add_moe_ep(p):
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4], help="process counts")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
 
 
 # ----------------------------------------------------------------------------
@@ -701,6 +789,7 @@ MODES = {
                 add_kernels_options),
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
                      add_pp_schedules),
+    "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),
 }
 
 

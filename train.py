@@ -51,6 +51,13 @@ def parse_args(argv=None):
       help="sequence parallelism (only meaningful with --tp > 1)")
     a("--zero1", action=argparse.BooleanOptionalAction, default=True,
       help="ZeRO-1: shard optimizer state over data-parallel ranks")
+    a("--moe-capacity-factor", type=float, default=None,
+      help="mixture of experts: each expert keeps at most factor x its even share of a "
+           "micro-batch's choices, dropping the rest (default: the preset's, 0 = dropless)")
+    a("--moe-aux-loss-coef", type=float, default=None,
+      help="mixture of experts: load-balancing loss coefficient (default: the preset's)")
+    a("--moe-z-loss-coef", type=float, default=None,
+      help="mixture of experts: router z-loss coefficient (default: the preset's)")
     a("--steps", type=int, default=200)
     a("--warmup-steps", type=int, default=20)
     a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
@@ -174,9 +181,50 @@ def setup_device(args):
     return device
 
 
+def apply_moe_flags(cfg, args):
+    """--moe-* flags -> the config fields of a mixture-of-experts model."""
+    flags = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
+             "z_loss_coef": args.moe_z_loss_coef}
+    given = {field: value for field, value in flags.items() if value is not None}
+    if given and not hasattr(cfg, "n_experts"):
+        raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
+                         f"not to --model {args.model}")
+    if given.get("capacity_factor", 0) < 0:
+        raise UsageError("--moe-capacity-factor must be >= 0 (0: dropless)")
+    return dataclasses.replace(cfg, **given)
+
+
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
+
+def router_figures(modules, layout, global_targets):
+    """Mixture of experts: this step's router figures over all ranks (models keep shares,
+    see mixtral.py), or {} for a model without a router. Collective."""
+    stats = [m.pop_router_stats() for m in modules if hasattr(m, "pop_router_stats")]
+    if not stats:
+        return {}
+    keys = sorted(stats[0])
+    flat = torch.cat([sum(s[k] for s in stats).reshape(-1) for k in keys])
+    for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):  # the whole world
+        parallel.all_reduce(flat, group)
+    total = dict(zip(keys, flat.split([stats[0][k].numel() for k in keys])))
+    return {"aux_loss": total["aux_loss"].item() / global_targets,
+            "z_loss": total["z_loss"].item() / global_targets,
+            "tokens_per_expert": total["tokens_per_expert"],  # (layers, experts)
+            "dropped": total["dropped"].item(), "choices": total["choices"].item(),
+            "all_to_all_bytes": 2 * total["all_to_all_bytes"].item()}  # forward + backward
+
+
+def describe_router(steps):
+    """The router's part of a log line: mean losses over the interval's steps, tokens per
+    expert (fewest and most, over layers and experts) and the dropped fraction summed."""
+    tokens = sum(s["tokens_per_expert"] for s in steps)
+    dropped = sum(s["dropped"] for s in steps) / sum(s["choices"] for s in steps)
+    return (f" | aux {sum(s['aux_loss'] for s in steps) / len(steps):.4f} "
+            f"z {sum(s['z_loss'] for s in steps) / len(steps):.2e} | tokens/expert "
+            f"{tokens.min().item():,.0f}-{tokens.max().item():,.0f} | dropped {dropped:.1%}")
+
 
 @torch.no_grad()
 def evaluate(step_fn, val, args, layout):
@@ -191,11 +239,13 @@ def evaluate(step_fn, val, args, layout):
 def train(args):
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
+    config_cls = models.MODELS[args.model][0] if args.model in models.MODELS else None
+    if args.ep > 1 and config_cls and not hasattr(config_cls, "n_experts"):
+        raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
+                         f"needs a mixture-of-experts model (--model mixtral)")
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
                                        args.cp_comm, setup_device(args))
     device = layout.device
-    if args.ep > 1:
-        raise UsageError("expert parallelism is not built yet (it comes with Mixtral)")
     if args.seq_len % (2 * layout.cp):
         raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * layout.cp}, "
                          f"as context parallelism needs; change --seq-len or --cp")
@@ -219,6 +269,7 @@ def train(args):
             args.tokenizer = convert.tokenizer_name(hf_dir)
     else:
         cfg = models.make_config(args.model, args.config, args.set)
+    cfg = apply_moe_flags(cfg, args)
     tokenizer = data.get_tokenizer(args.tokenizer)
     if tokenizer.n_vocab > cfg.vocab_size:
         raise UsageError(f"tokenizer {args.tokenizer} has {tokenizer.n_vocab} tokens but the model's "
@@ -257,13 +308,14 @@ def train(args):
     if args.save:
         check_save_root(args, start_step)
 
-    n_params = sum(math.prod(parallel.global_region(p)[2]) for m in modules for p in m.parameters()
-                   if (getattr(p, "tp_sharded", False) or layout.tp_rank == 0)
-                   and not getattr(p, "pp_tied_copy", False))
-    n_params = torch.tensor(float(n_params), device=device)
+    counts = torch.zeros(2, device=device)  # [dense, experts]: each ep rank holds other experts
+    for p in (p for m in modules for p in m.parameters()):
+        if (getattr(p, "tp_sharded", False) or layout.tp_rank == 0) and not getattr(p, "pp_tied_copy", False):
+            counts[int(getattr(p, "expert_parallel", False))] += math.prod(parallel.global_region(p)[2])
+    parallel.all_reduce(counts[1:], layout.ep_group)
     for group in (layout.tp_group, layout.pp_group):
-        parallel.all_reduce(n_params, group)
-    n_params = int(n_params)
+        parallel.all_reduce(counts, group)
+    n_params = int(counts.sum())
     tokens_per_step = args.global_batch_size * args.seq_len
     flops_per_step = modules[0].flops_per_token(args.seq_len) * tokens_per_step
     peak = peak_flops(device, args)
@@ -318,6 +370,7 @@ def train(args):
         return loss_sum.item() / global_targets
 
     first_loss, t_start, window_start = None, time.perf_counter(), time.perf_counter()
+    interval = []  # router figures of the steps since the last log line
     for step in range(start_step, args.steps):
         optimizer.lr = lr = lr_at(step, args)
         ddp.zero_grad()
@@ -329,6 +382,7 @@ def train(args):
         if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
             optimizer.step()
         tokens_seen += tokens_per_step
+        router = router_figures(modules, layout, global_targets)
 
         done = step + 1
         first_loss = first_loss or loss_value
@@ -338,13 +392,23 @@ def train(args):
                   "tokens_per_s": tokens_per_step / step_time,
                   "mfu": flops_per_step / step_time / (peak * layout.world) if peak else None,
                   "mem_gb": memory_gb(device), "tokens_seen": tokens_seen}
+        if router:  # mixture of experts; the log line shows the interval since the last one
+            tokens = router["tokens_per_expert"]
+            record.update(aux_loss=router["aux_loss"], z_loss=router["z_loss"],
+                          tokens_per_expert_min=tokens.min().item(),
+                          tokens_per_expert_max=tokens.max().item(),
+                          dropped_fraction=router["dropped"] / router["choices"],
+                          all_to_all_bytes=router["all_to_all_bytes"])
+            interval.append(router)
         if done % (args.eval_every or args.steps) == 0 or done == args.steps:
             record["val_loss"] = evaluate(step_fn, val_data, args, layout)
         if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
             eta = (now - t_start) / (done - start_step) * (args.steps - done)
             mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
             val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-            log(f"step {done:5d}/{args.steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
+            moe = describe_router(interval) if interval else ""
+            interval = []
+            log(f"step {done:5d}/{args.steps} | loss {loss_value:.4f}{val}{moe} | lr {lr:.2e} | "
                 f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
                 f"mfu {mfu} | mem {record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
         if metrics_file:
@@ -359,7 +423,7 @@ def train(args):
         save(args.steps)
     if first_loss is not None:
         log(f"done: loss {first_loss:.4f} -> {loss_value:.4f} in {time.perf_counter() - t_start:.0f}s")
-    if args.sample_tokens and layout.tp == layout.pp == layout.cp == 1 and layout.is_main:
+    if args.sample_tokens and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
         text = generate.sample_text(modules[0], tokenizer, "", args.sample_tokens, seed=args.seed)
         log("---- sample ----\n" + text + "\n----------------")
     elif args.sample_tokens and args.save:

@@ -16,3 +16,17 @@ def test_train_vs_hf_runs_and_checks_logits(tmp_path, capsys):
         assert results[name]["tokens_per_s"] > 0
     assert results["ours"]["params_m"] == results["hf"]["params_m"]
     assert "train-vs-hf: ours" in capsys.readouterr().out
+
+
+def test_moe_ep_counts_all_to_all_bytes(tmp_path, capsys):
+    out = tmp_path / "moe.json"
+    bench.main(["moe-ep", "--config", "test", "--world", "1", "2", "--seq-len", "32",
+                "--global-batch", "4", "--steps", "1", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [(r["world"], r["ep"]) for r in rows] == [(1, 1), (2, 1), (2, 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["a2a_mb"] == rows[1]["a2a_mb"] == 0 < rows[2]["a2a_mb"]
+    # Counted at the all_to_all calls = the model's own count + the exchanged expert
+    # counts: 2 ranks x 2 layers x 2 int64 counts sent to the other rank.
+    assert abs((rows[2]["a2a_mb"] - rows[2]["model_mb"]) * 2**20 - 2 * 2 * 2 * 8) < 1e-6
+    assert "tokens/s vs one process" in capsys.readouterr().out
