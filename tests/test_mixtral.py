@@ -396,3 +396,10 @@ def test_capacity_drops_the_same_tokens_under_expert_and_context_parallelism(tmp
 ])
 def test_bad_expert_flags_are_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, argv + ["--config", "test"])
+
+
+def test_ep_not_dividing_the_experts_is_named_under_torchrun():
+    proc = run(["--model", "mixtral", *FAST, "--ep", "2", "--set", "n_experts=3"], nproc=2,
+               expect_ok=False)
+    assert proc.returncode != 0
+    assert "error: n_experts=3 is not divisible by --ep 2; choose an --ep that divides it" in proc.stderr
