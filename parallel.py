@@ -756,8 +756,11 @@ def clip_grad_norm(ddp, max_norm):
             dense += square
     if ddp.zero1:  # each rank holds a slice of each bucket (or all of it: group None)
         all_reduce(dense, layout.dp_cp_group)
-        all_reduce(experts, layout.expert_dp_group)
-    total = dense + all_reduce(experts, layout.ep_group)
+    if layout.ep > 1:  # expert buckets exist only then (with ep = 1 experts count as dense)
+        if ddp.zero1:
+            all_reduce(experts, layout.expert_dp_group)
+        all_reduce(experts, layout.ep_group)
+    total = dense + experts
     all_reduce(total, layout.tp_group)
     all_reduce(total, layout.pp_group)
     norm = total.sqrt()
