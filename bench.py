@@ -16,6 +16,9 @@ Modes:
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
                 RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak)
+  kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
+                sm_80 and sm_90, no GPU needed: registers and spilled bytes (ptxas), shared
+                memory against the card's limit
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
   moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
@@ -777,6 +780,134 @@ def benchmark_kernels(args, device):
     return rows
 
 
+# ----------------------------------------------------------------------------
+# Kernels compiled for real GPUs, without one. triton.compile builds a kernel for a
+# named target (sm_80, sm_90) ahead of time, exactly as the first launch on that card
+# would, down to ptxas's machine code: so on any machine with Triton we can check that
+# every kernel and autotune configuration compiles, read ptxas's register and spill
+# counts, and compare the shared memory each needs with the card's limit. Spilled
+# registers go to local memory (slow); a configuration over the shared-memory limit
+# cannot launch (the autotuner skips it). Neither needs a GPU to see.
+# ----------------------------------------------------------------------------
+
+# Shared memory one block may use (bytes, with the opt-in): A100 163 KiB, H100/H200 227 KiB.
+# (sm_86/89 cards have 99 KiB: there the autotuner skips the larger configurations.)
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Scalar kernel arguments that are floats; every other scalar is an int32.
+FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}
+ATTENTION_MASKS = {"causal": (True, False, False), "masked": (True, True, True), "none": (False, False, False)}
+
+
+def _compile_jobs(head_dims, dtypes, masks):
+    """One job per (kernel, target, shape, configuration) that the public functions of
+    kernels.py can launch: (kernel, arch, label, constexprs, pointer dtypes, warps, stages)."""
+    jobs = []
+    for arch in SHARED_MEMORY_LIMIT:
+        for dtype in dtypes:
+            for head_dim in head_dims:
+                pointers = {**dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], dtype),
+                            "LSE": "fp32", "DELTA": "fp32", "KPM": "i8"}
+                for mask in masks:
+                    causal, window, padding = ATTENTION_MASKS[mask]
+                    flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window,
+                                 HAS_PADDING=padding, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+                        for c in getattr(kernels, name).configs_by_arch[arch]:
+                            jobs.append((name, arch, f"{dtype} D{head_dim} {mask}", {**flags, **c.kwargs},
+                                         pointers, c.num_warps, c.num_stages))
+                jobs.append(("_attn_bwd_preprocess_kernel", arch, f"{dtype} D{head_dim}",
+                             dict(HEAD_DIM=head_dim, BLOCK_M=64), pointers, 4, 3))
+            for dim in (4096, 8192):
+                block_rows, block_cols, num_warps = kernels._row_tile(dim)
+                pointers = {**dict.fromkeys(["X", "W", "Y", "DY", "DX"], dtype),
+                            "RSTD": "fp32", "DW_PARTIAL": "fp32"}
+                for name in ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"):
+                    jobs.append((name, arch, f"{dtype} dim {dim}",
+                                 dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), pointers, num_warps, 3))
+            pointers = dict.fromkeys(["G", "U", "Y", "DY", "DG", "DU"], dtype)
+            for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+                jobs.append((name, arch, dtype, dict(BLOCK=kernels.SWIGLU_BLOCK), pointers, 4, 3))
+    return jobs
+
+
+def _compile_one(job):
+    """Compile one job for its target; return ptxas's counts and the shared memory."""
+    import contextlib
+    import io
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, arch, label, constexprs, pointers, num_warps, num_stages = job
+    kernel = getattr(kernels, name)
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # unwrap autotuned ones
+    signature = {}
+    for arg in fn.arg_names:
+        signature[arg] = ("constexpr" if arg in constexprs else "*" + pointers[arg] if arg in pointers
+                          else "fp32" if arg in FLOAT_ARGS else "i32")
+    row = {"kernel": name.strip("_").removesuffix("_kernel"), "arch": f"sm_{arch}", "case": label,
+           "config": "/".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+                     + f" w{num_warps} s{num_stages}"}
+    triton.knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
+    triton.knobs.nvidia.dump_ptxas_log = True       # ptxas -v's report, printed to stdout
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:  # reported per row: one bad configuration must not hide the others
+        return {**row, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"}
+    registers = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    shared = compiled.metadata.shared
+    return {**row, "registers": int(registers.group(1)) if registers else None,
+            "spill_bytes": int(spills.group(1)) if spills else None, "shared_kib": shared / 1024,
+            "fits": shared <= SHARED_MEMORY_LIMIT[arch], "seconds": time.perf_counter() - start}
+
+
+def add_kernels_compile_options(p):
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--masks", nargs="+", default=["causal"], choices=list(ATTENTION_MASKS),
+                   help="attention variants: causal; masked (causal + window + key padding); none")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="compiles run in parallel")
+
+
+def kernels_compile(args, device):
+    """Compile every kernel configuration for sm_80 and sm_90; print and return the rows."""
+    import concurrent.futures
+    import multiprocessing
+    if not kernels.HAVE_TRITON:
+        raise UsageError("kernels-compile needs triton: pip install triton")
+    if kernels._INTERPRET:
+        raise UsageError("kernels-compile compiles for GPUs: unset TRITON_INTERPRET")
+    if args.workers < 1 or min(args.head_dims) < 16 or any(d & (d - 1) for d in args.head_dims):
+        raise UsageError("--workers must be >= 1 and --head-dims powers of two >= 16")
+    jobs = _compile_jobs(args.head_dims, args.dtypes, args.masks)
+    start = time.perf_counter()
+    # spawn, not fork: the parent has torch's thread pools running
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = []
+        for row in pool.map(_compile_one, jobs):
+            rows.append(row)
+            if len(rows) % 10 == 0 or len(rows) == len(jobs):
+                print(f"compiled {len(rows)}/{len(jobs)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    failed = [r for r in rows if "error" in r]
+    print_table(rows, [
+        ("kernel", "kernel", ""), ("arch", "arch", ""), ("case", "case", ""), ("config", "BLOCK_M/N warps stages", ""),
+        ("registers", "registers", "d"), ("spill_bytes", "spilled bytes", "d"), ("shared_kib", "shared KiB", ".0f"),
+        ("fits", "fits", "")] + ([("error", "error", "")] if failed else []))
+    groups = {(r["kernel"], r["arch"], r["case"]) for r in rows}
+    clean = {(r["kernel"], r["arch"], r["case"]) for r in rows if r.get("fits") and r.get("spill_bytes") == 0}
+    print(f"kernels-compile: {len(rows)} compiles in {time.perf_counter() - start:.0f} s, {len(failed)} failed; "
+          f"{len(clean)} of {len(groups)} (kernel, arch, case) have a configuration that fits and spills nothing")
+    return rows
+
+
 # mode -> (function, help, options). One entry per mode.
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
@@ -787,6 +918,8 @@ MODES = {
                   add_cp_memory),
     "kernels": (benchmark_kernels, "attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak",
                 add_kernels_options),
+    "kernels-compile": (kernels_compile, "every Triton kernel config compiled for sm_80/sm_90 (no GPU): "
+                        "registers, spills, shared memory", add_kernels_compile_options),
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
                      add_pp_schedules),
     "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),

@@ -93,6 +93,11 @@ def _autotune(key, hopper, ampere, interpreter):
     times each one and keeps the fastest; configurations that do not fit the card's
     shared memory are skipped by the autotuner. Under the interpreter there is one
     small fixed configuration: timing is meaningless there, and slow.
+
+    The lists were chosen from `python bench.py kernels-compile`, which compiles every
+    configuration for sm_80 and sm_90 without a GPU and reports ptxas's register spills
+    and the shared memory used: each list has configurations that spill nothing at head
+    dims 64 and 128. The decorated kernel keeps them as `configs_by_arch`.
     """
     if not HAVE_TRITON:
         return lambda fn: fn
@@ -102,15 +107,20 @@ def _autotune(key, hopper, ampere, interpreter):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
                              num_warps=num_warps, num_stages=num_stages)
 
-    if _INTERPRET:
-        return triton.autotune([config(interpreter)], key=key)  # one config: nothing is timed
-    hopper, ampere = [config(c) for c in hopper], [config(c) for c in ampere]
+    by_arch = {90: [config(c) for c in hopper], 80: [config(c) for c in ampere]}
 
     def this_gpu(configs, named_args, **kwargs):
-        return hopper if torch.cuda.get_device_capability()[0] >= 9 else ampere
+        return by_arch[90 if torch.cuda.get_device_capability()[0] >= 9 else 80]
 
-    return triton.autotune(hopper + ampere, key=key,
-                           prune_configs_by={"early_config_prune": this_gpu})
+    def decorate(fn):
+        if _INTERPRET:  # one config: nothing is timed
+            tuner = triton.autotune([config(interpreter)], key=key)(fn)
+        else:
+            tuner = triton.autotune(by_arch[90] + by_arch[80], key=key,
+                                    prune_configs_by={"early_config_prune": this_gpu})(fn)
+        tuner.configs_by_arch = by_arch
+        return tuner
+    return decorate
 
 
 def _launch_ready(t):
@@ -255,8 +265,8 @@ _ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS
 
 
 @_autotune(_ATTN_KEY,
-           hopper=[(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-           ampere=[(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+           hopper=[(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+           ampere=[(128, 64, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
@@ -353,8 +363,8 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
 
 
 @_autotune(_ATTN_KEY,
-           hopper=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-           ampere=[(32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+           hopper=[(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
+           ampere=[(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
@@ -428,8 +438,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
 
 
 @_autotune(_ATTN_KEY,
-           hopper=[(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-           ampere=[(128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+           hopper=[(128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+           ampere=[(128, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
@@ -572,7 +582,10 @@ def _flash_supports(q, k, v, bias):
     return (bias is None  # additive position bias (T5): not yet in the kernels
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.dtype == k.dtype == v.dtype
-            and D in (16, 32, 64, 128, 256) and k.shape[-1] == D and v.shape[-1] == D
+            # fp32 tiles are twice as large: at head dim 256 no configuration fits Hopper's
+            # shared memory (bench.py kernels-compile), so fp32 stops at 128
+            and D in (16, 32, 64, 128, 256) and D <= (128 if q.dtype == torch.float32 else 256)
+            and k.shape[-1] == D and v.shape[-1] == D
             and q.shape[1] % k.shape[1] == 0
             and q.shape[2] > 0 and k.shape[2] > 0)
 
@@ -582,7 +595,7 @@ def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=No
     Shapes as in `attention_reference`; returns (B, H, Tq, D).
 
     Triton path (backend "triton"): FlashAttention-2 above, for head dims 16..256 that
-    are powers of two; a row with every key masked outputs 0. `bias` (an additive
+    are powers of two (16..128 in fp32); a row with every key masked outputs 0. `bias` (an additive
     position bias, for T5) is not supported by the Triton kernels yet: with a bias, or
     another head dim, this runs the torch path (scaled_dot_product_attention)."""
     use_triton = backend(q) == "triton"

@@ -13,6 +13,7 @@ earlier ones import kernels, which imports triton: too late. Then this module's 
 are skipped here and `test_interpreter_tests_in_a_fresh_process` runs this file again in
 a new Python process with the variable set, and reports its result.
 """
+import json
 import os
 import subprocess
 import sys
@@ -147,6 +148,18 @@ def test_attention_bias_falls_back_to_torch(triton_backend):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_fp32_at_head_dim_256_takes_the_torch_path(triton_backend, monkeypatch):
+    """fp32 tiles of head dim 256 fit no kernel configuration in Hopper's shared memory
+    (bench.py kernels-compile), so that case runs SDPA; fp16 at 256 stays on Triton."""
+    calls, apply = [], kernels.FlashAttention.apply
+    monkeypatch.setattr(kernels.FlashAttention, "apply", lambda *a: calls.append(a[0].dtype) or apply(*a))
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, _, _ = _attention_case(1, 2, 2, 5, 5, 256, dtype)
+        want = kernels.attention_reference(q.float(), k.float(), v.float())
+        torch.testing.assert_close(kernels.attention(q, k, v).float(), want, atol=1e-2, rtol=1e-2)
+    assert calls == [torch.float16]
+
+
 @pytest.mark.parametrize("shape,x_dtype,w_dtype", [
     ((10, 100, 32), torch.float32, torch.float32),  # 1000 rows: each backward program loops
     ((3, 7, 300), torch.float32, torch.float32),    # a row length that is not a power of two
@@ -239,50 +252,31 @@ def test_kernels_import_and_run_without_triton():
 
 
 # The interpreter runs kernels as Python and so cannot tell whether they compile for a
-# GPU (types, layouts, shared memory). Triton can compile ahead of time for a named GPU
-# without having one: this does so for Hopper and Ampere, in a process where TRITON_INTERPRET
-# is off, with the first autotuning configuration of each list.
-AOT_COMPILE = r"""
-import triton, kernels
-from triton.backends.compiler import GPUTarget
-
-def compile_for(kernel, capability, dtype, config, **constexprs):
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs.update(config.kwargs if config else {})
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs: signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA", "RSTD", "DW_PARTIAL"): signature[name] = "*fp32"
-        elif name == "KPM": signature[name] = "*i8"
-        elif name in ("eps", "qk_scale", "sm_scale"): signature[name] = "fp32"
-        elif name.isupper() and name not in ("H", "GROUP", "Q_BUCKET", "K_BUCKET"): signature[name] = "*" + dtype
-        else: signature[name] = "i32"
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-
-flags = dict(IS_CAUSAL=True, HAS_WINDOW=True, HAS_PADDING=True, DOT_PRECISION="tf32")
-for capability, head_dim in ((90, 128), (80, 64)):
-    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel, kernels._attn_bwd_dq_kernel):
-        # kernel.configs is the Hopper list then the Ampere list: take the first of each
-        config = kernel.configs[0 if capability == 90 else len(kernel.configs) // 2]
-        compile_for(kernel, capability, "bf16", config, HEAD_DIM=head_dim, **flags)
-rows, cols, _ = kernels._row_tile(4096)
-for kernel in (kernels._rmsnorm_fwd_kernel, kernels._rmsnorm_bwd_kernel):
-    compile_for(kernel, 90, "bf16", None, BLOCK_ROWS=rows, BLOCK_COLS=cols)
-for kernel in (kernels._swiglu_fwd_kernel, kernels._swiglu_bwd_kernel):
-    compile_for(kernel, 90, "bf16", None, BLOCK=kernels.SWIGLU_BLOCK)
-print("compiled")
-"""
-
+# GPU (types, layouts, registers, shared memory). Triton compiles ahead of time for a named
+# GPU without having one: `bench.py kernels-compile` does so for sm_80 and sm_90, for every
+# autotuning configuration, in a process where TRITON_INTERPRET is off.
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the tests above compile and run the kernels")
-def test_kernels_compile_for_hopper_and_ampere():
+def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
+    report = tmp_path / "compile.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", AOT_COMPILE], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
+    run = subprocess.run([sys.executable, "bench.py", "kernels-compile", "--head-dims", "128",
+                          "--masks", "causal", "masked", "--json", str(report)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(report.read_text())["results"]
+    assert [r for r in rows if "error" in r] == []
+    names = {r["kernel"] for r in rows}
+    assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rmsnorm_bwd", "swiglu_bwd"} <= names
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    groups = {(r["kernel"], r["arch"], r["case"]) for r in rows}
+    # The autotuner needs one configuration that fits the card; the common case (causal)
+    # must also have one that spills no registers (the lists were chosen for that).
+    assert groups == {(r["kernel"], r["arch"], r["case"]) for r in rows if r["fits"]}
+    assert {g for g in groups if "masked" not in g[2]} == {
+        (r["kernel"], r["arch"], r["case"]) for r in rows if r["fits"] and r["spill_bytes"] == 0
+        and "masked" not in r["case"]}
 
 
 # ----------------------------------------------------------------------------
