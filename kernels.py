@@ -23,7 +23,7 @@ Triton is optional: without it this file imports, `BACKENDS` is ("torch",) and e
 function runs its reference.
 
 Sections: backend dispatch; attention (FlashAttention-2 forward and backward); RMSNorm;
-SwiGLU; RoPE.
+SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE.
 """
 import os
 
@@ -848,6 +848,112 @@ def swiglu(gate, up):
             and gate.dtype in (torch.float16, torch.bfloat16, torch.float32) and gate.numel() > 0):
         return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
+
+
+# ----------------------------------------------------------------------------
+# Linear + cross-entropy, chunked
+# ----------------------------------------------------------------------------
+
+def linear_cross_entropy_reference(x, weight, labels):
+    """Sum over tokens of -log softmax(x W^T)[label], labels == -100 ignored, written out:
+    the logits of every token at once, (tokens, vocab) floats, the largest activation of a
+    language model (llama3-8b, 8 x 4096 tokens: 4.2 billion of them)."""
+    logits = F.linear(x, weight).float()
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+# The loss is a sum over tokens, so it and its gradient can be computed a chunk of tokens
+# at a time. For each chunk the forward pass computes the logits, the loss, and at once the
+# gradient of the loss with respect to the logits, softmax - onehot, which it pushes
+# through the linear layer (dx for the chunk's tokens, dW accumulated) before freeing the
+# chunk. Only dx and dW (the sizes of x and W) wait for the backward pass, which scales
+# them by the incoming gradient. Peak memory: one chunk's logits instead of all of them.
+# The matmuls are the same ones autograd would run (cuBLAS on a GPU), so this needs no
+# kernel of its own; the price is that the gradient is computed even if backward never
+# comes, which is why it runs only when a gradient is wanted.
+#
+# Vocabulary parallelism (tensor parallelism at the output layer): `weight` may hold
+# rows vocab_start .. of a vocabulary split over ranks. The softmax then needs three
+# numbers per token from the other ranks, the max, the sum of exponentials and the
+# target's logit (the rank holding it contributes it, the others 0): `all_reduce(t, op)`,
+# op "max" or "sum", supplies them (parallel.py passes tp's all-reduce). Rows at or past
+# `vocab_size` are padding and take no probability.
+
+LOGITS_PER_CHUNK = 2 ** 26  # fp32 elements of one chunk's logits (256 MiB)
+
+
+def _linear_cross_entropy_chunks(x, weight, labels, vocab_start, vocab_size, all_reduce,
+                                 chunk_tokens, want_dx, want_dw):
+    """(loss sum, dx, dw) of x (tokens, dim) against labels (tokens,); dx, dw None unless wanted."""
+    per_rank = weight.shape[0]
+    padding = torch.arange(vocab_start, vocab_start + per_rank, device=x.device) >= vocab_size
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None  # contiguous
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_tokens):
+        xc, lc = x[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+        logits = F.linear(xc, weight).float()  # under autocast a bf16 matmul, as in the reference
+        logits.masked_fill_(padding, float("-inf"))
+        max_logit = logits.max(dim=-1).values
+        all_reduce(max_logit, "max")
+        logits -= max_logit[:, None]
+        local = lc - vocab_start
+        mine = (local >= 0) & (local < per_rank)
+        local = local.clamp(0, per_rank - 1)
+        target = logits.gather(-1, local[:, None])[:, 0] * mine
+        probs = logits.exp_()  # in place: the shifted logits are not needed again
+        sums = torch.stack([probs.sum(dim=-1), target])
+        all_reduce(sums, "sum")
+        sum_exp, target = sums
+        ignored = lc == -100
+        loss += (sum_exp.log() - target).masked_fill(ignored, 0.0).sum()
+        if want_dx or want_dw:
+            # d loss / d logits = softmax - onehot(label), zero for ignored tokens. The
+            # matmuls run in the weight's dtype, or autocast's (bf16), as autograd's would.
+            probs /= sum_exp[:, None]
+            probs[torch.arange(len(lc), device=x.device)[mine], local[mine]] -= 1.0
+            probs[ignored] = 0.0
+            grad_logits = probs.to(weight.dtype)
+            if want_dx:
+                dx[start:start + chunk_tokens] = grad_logits @ weight
+            if want_dw:
+                dw += grad_logits.t() @ xc.to(weight.dtype)  # (bf16 under autocast) into fp32
+    return loss, dx, dw
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy() with its gradient computed chunk by chunk in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, vocab_start, vocab_size, all_reduce, chunk_tokens):
+        loss, dx, dw = _linear_cross_entropy_chunks(
+            x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), vocab_start, vocab_size,
+            all_reduce, chunk_tokens, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(dx, dw)
+        ctx.x_shape = x.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        dx = None if dx is None else dx.view(ctx.x_shape) * grad_loss.to(dx.dtype)
+        dw = None if dw is None else dw * grad_loss
+        return dx, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(x, weight, labels, vocab_start=0, vocab_size=None, all_reduce=None,
+                         chunk_tokens=None):
+    """The summed cross-entropy of `linear_cross_entropy_reference` without materializing
+    the logits of more than `chunk_tokens` tokens (default: LOGITS_PER_CHUNK logits), for
+    a vocabulary that may be split over ranks (see above). Without a gradient to compute
+    (evaluation), the chunks only compute the loss."""
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    all_reduce = all_reduce or (lambda tensor, op: None)
+    chunk_tokens = chunk_tokens or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(x, weight, labels, vocab_start, vocab_size, all_reduce, chunk_tokens)
+    return _linear_cross_entropy_chunks(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), vocab_start,
+                                        vocab_size, all_reduce, chunk_tokens, False, False)[0]
 
 
 # ----------------------------------------------------------------------------

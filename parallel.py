@@ -462,12 +462,6 @@ class VocabParallelEmbedding(nn.Module):
         return leave_tp_region(x.masked_fill(outside[..., None], 0.0), self.layout)
 
 
-def vocab_parallel_logits(x, weight, layout):
-    """Logits for this rank's slice of the (padded) vocabulary: the output layer is a
-    column-parallel layer whose weight may be the embedding's (tied)."""
-    return F.linear(enter_tp_region(x, layout), weight)
-
-
 def gather_logits(logits, layout, vocab_size):
     """Full-vocabulary logits from the tp slices, padding dropped (for sampling, HF parity)."""
     if layout.tp > 1:
@@ -478,41 +472,26 @@ def gather_logits(logits, layout, vocab_size):
 
 
 def output_layer(x, weight, labels, layout, vocab_size):
-    """The end of every language model here: logits through the vocabulary-sharded
-    output matrix, then the full logits (no labels: sampling, HF parity) or the sum of
-    the token losses over this rank's targets (under cp, its share of the sequence)."""
-    logits = vocab_parallel_logits(x, weight, layout)
-    if labels is None:
-        return gather_logits(logits, layout, vocab_size)
-    return vocab_parallel_cross_entropy_sum(logits, context_shard(labels, layout), layout, vocab_size)
-
-
-def vocab_parallel_cross_entropy_sum(logits, labels, layout, vocab_size):
-    """Sum over tokens of -log softmax(logits)[label], labels == -100 ignored, without
-    ever gathering the full logits: each rank holds a slice of the vocabulary, and the
-    softmax needs only three numbers per token from the others, the max, the sum of
-    exponentials and the target's logit (the rank holding it contributes it, others 0).
+    """The end of every language model here: a column-parallel layer over the (padded)
+    vocabulary, whose weight may be the embedding's (tied). Without labels, the full
+    logits (sampling, HF parity); with labels, the sum of the token losses over this
+    rank's targets (under cp, its share of the sequence), from `kernels.linear_cross_entropy`:
+    chunked, so the logits of the whole batch never exist at once, and vocabulary-parallel,
+    each rank holding its slice of the vocabulary and the softmax needing only three
+    numbers per token from the other ranks (max, sum of exponentials, target logit).
 
     The caller divides by the global count of target tokens, which makes the loss the
     exact mean over the global batch however it is split into ranks and micro-batches.
     """
-    per_rank = logits.shape[-1]
-    start = layout.tp_rank * per_rank
-    logits = logits.float()
-    if start + per_rank > vocab_size:  # padding columns take no probability
-        padding = torch.arange(start, start + per_rank, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
-    max_logit = all_reduce(logits.max(dim=-1).values.detach(), layout.tp_group, dist.ReduceOp.MAX)
-    shifted = logits - max_logit[..., None]
-    sum_exp = shifted.exp().sum(dim=-1)
-    local = labels - start
-    mine = (local >= 0) & (local < per_rank)
-    target = shifted.gather(-1, local.clamp(0, per_rank - 1)[..., None])[..., 0] * mine
-    if layout.tp > 1:
-        sum_exp = _ReduceFromTP.apply(sum_exp, layout.tp_group)
-        target = _ReduceFromTP.apply(target, layout.tp_group)
-    loss = sum_exp.log() - target
-    return loss.masked_fill(labels == -100, 0.0).sum()
+    x = enter_tp_region(x, layout)
+    if labels is None:
+        return gather_logits(F.linear(x, weight), layout, vocab_size)
+
+    def tp_all_reduce(tensor, op):
+        all_reduce(tensor, layout.tp_group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return kernels.linear_cross_entropy(x, weight, context_shard(labels, layout),
+                                        vocab_start=layout.tp_rank * weight.shape[0],
+                                        vocab_size=vocab_size, all_reduce=tp_all_reduce)
 
 
 # ----------------------------------------------------------------------------
