@@ -3,7 +3,8 @@
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh
 #
-# 1. the GPU tests (bf16 kernels at real shapes against their references),
+# 1. the GPU tests (bf16 kernels at real shapes against their references; the chunked
+#    cross-entropy's peak memory against the logits-at-once reference),
 # 2. bench.py kernels (attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak),
 # 3. a bf16 training step of qwen2.5-0.5b (head dim 64) and a 4-layer llama3-8b (head dim
 #    128) with the Triton kernels and with torch's, tokens/s and MFU from train.py.
@@ -34,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-step gpu-tests 240 python3 -m pytest -q -m gpu tests/test_triton.py
+step gpu-tests 240 python3 -m pytest -q -m gpu tests/test_triton.py tests/test_kernels.py
 step bench-kernels 240 python3 bench.py kernels --json "$out/kernels.json"
 for backend in triton torch; do
     step "train-qwen-$backend" 90 env KERNELS_BACKEND=$backend python3 train.py --model llama \
