@@ -15,7 +15,8 @@ Modes:
                 (expect ~1/cp), and bytes sent per rank, ring vs all-gather
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
                 RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
-                attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak)
+                attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak);
+                chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory
   kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
                 sm_80 and sm_90, no GPU needed: registers and spilled bytes (ptxas), shared
                 memory against the card's limit
@@ -735,6 +736,35 @@ def bench_memory_bound(device, rows_, dim, ffn_dim, reps, dtype, compile_referen
     return out
 
 
+def bench_cross_entropy(device, tokens, dim, vocab, reps, dtype):
+    """Chunked linear + cross-entropy against the logits-at-once reference: forward +
+    backward time, bytes autograd keeps for backward, and (on a GPU) the peak memory."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, dim, device=device, generator=g).requires_grad_()
+    w = (0.02 * torch.randn(vocab, dim, device=device, generator=g)).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+    rows = []
+    for name, fn in (("chunked", kernels.linear_cross_entropy),
+                     ("reference", kernels.linear_cross_entropy_reference)):
+        def step():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = fn(x, w, labels)
+            torch.autograd.grad(loss, (x, w))
+        ms = time_ms(step, device, reps)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        with ActivationMeter() as meter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = fn(x, w, labels)
+        kept = meter.peak
+        torch.autograd.grad(loss, (x, w))
+        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+        rows.append({"kernel": "linear_cross_entropy", "impl": name, "shape": f"{tokens}x{dim} vocab {vocab}",
+                     "ms": ms, "kept_mib": kept / 2**20, "peak_mib": peak / 2**20 if peak is not None else None})
+        del loss
+    return rows
+
+
 def add_kernels_options(p):
     p.add_argument("--seq-lens", default=None,
                    help="comma-separated attention sequence lengths (default: 1024..16384 on a GPU, 128 on a CPU)")
@@ -764,6 +794,8 @@ def benchmark_kernels(args, device):
     else:
         mem_rows, dim, ffn = 512, 256, 704
     rows += bench_memory_bound(device, mem_rows, dim, ffn, reps, dtype, compile_reference)
+    ce_tokens, ce_dim = (8192, 4096) if gpu else (256, 64)
+    rows += bench_cross_entropy(device, ce_tokens, ce_dim, 128256, reps, dtype)
 
     print(f"kernels on {torch.cuda.get_device_name(device) if gpu else 'cpu'}, {dtype}"
           + ("" if gpu else " (cpu: the reference path; says nothing about the Triton kernels)"))
@@ -773,10 +805,14 @@ def benchmark_kernels(args, device):
         ("baseline_ms", "sdpa ms", ".3f"), ("baseline_tflops", "sdpa TFLOP/s", ".3g"),
         ("speedup", "speedup", ".2f")])
     print()
-    print_table([r for r in rows if r["kernel"] != "attention"], [
+    print_table([r for r in rows if r["kernel"] in ("rmsnorm", "swiglu")], [
         ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
         ("ms", "ms", ".3f"), ("gbps", "GB/s", ".0f"), ("pct_of_peak", "% HBM peak", ".0f"),
         ("compiled_gbps", "compiled GB/s", ".0f"), ("eager_gbps", "eager GB/s", ".0f")])
+    print()
+    print_table([r for r in rows if r["kernel"] == "linear_cross_entropy"], [
+        ("kernel", "kernel", ""), ("impl", "impl", ""), ("shape", "shape", ""), ("ms", "fwd+bwd ms", ".1f"),
+        ("kept_mib", "kept for backward MiB", ".0f"), ("peak_mib", "peak MiB", ".0f")])
     return rows
 
 

@@ -886,14 +886,17 @@ def _linear_cross_entropy_chunks(x, weight, labels, vocab_start, vocab_size, all
                                  chunk_tokens, want_dx, want_dw):
     """(loss sum, dx, dw) of x (tokens, dim) against labels (tokens,); dx, dw None unless wanted."""
     per_rank = weight.shape[0]
-    padding = torch.arange(vocab_start, vocab_start + per_rank, device=x.device) >= vocab_size
+    padding = None  # (a bool worked out on the host: no device sync in the loop below)
+    if vocab_start + per_rank > vocab_size:
+        padding = torch.arange(vocab_start, vocab_start + per_rank, device=x.device) >= vocab_size
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None  # contiguous
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk_tokens):
         xc, lc = x[start:start + chunk_tokens], labels[start:start + chunk_tokens]
         logits = F.linear(xc, weight).float()  # under autocast a bf16 matmul, as in the reference
-        logits.masked_fill_(padding, float("-inf"))
+        if padding is not None:
+            logits.masked_fill_(padding, float("-inf"))
         max_logit = logits.max(dim=-1).values
         all_reduce(max_logit, "max")
         logits -= max_logit[:, None]
@@ -910,9 +913,10 @@ def _linear_cross_entropy_chunks(x, weight, labels, vocab_start, vocab_size, all
         if want_dx or want_dw:
             # d loss / d logits = softmax - onehot(label), zero for ignored tokens. The
             # matmuls run in the weight's dtype, or autocast's (bf16), as autograd's would.
-            probs /= sum_exp[:, None]
-            probs[torch.arange(len(lc), device=x.device)[mine], local[mine]] -= 1.0
-            probs[ignored] = 0.0
+            # (scaled and indexed without boolean indexing, which would sync with the GPU)
+            kept = (~ignored).float()
+            probs *= (kept / sum_exp)[:, None]
+            probs.scatter_add_(1, local[:, None], -(mine * kept)[:, None])
             grad_logits = probs.to(weight.dtype)
             if want_dx:
                 dx[start:start + chunk_tokens] = grad_logits @ weight

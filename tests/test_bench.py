@@ -30,3 +30,16 @@ def test_moe_ep_counts_all_to_all_bytes(tmp_path, capsys):
     # counts: 2 ranks x 2 layers x 2 int64 counts sent to the other rank.
     assert abs((rows[2]["a2a_mb"] - rows[2]["model_mb"]) * 2**20 - 2 * 2 * 2 * 8) < 1e-6
     assert "tokens/s vs one process" in capsys.readouterr().out
+
+
+def test_kernels_runs_on_cpu(tmp_path, capsys):
+    """On a CPU `bench.py kernels` times the reference paths at small shapes, so the
+    command a GPU session runs is exercised everywhere."""
+    out = tmp_path / "kernels.json"
+    bench.main(["kernels", "--device", "cpu", "--seq-lens", "64", "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert {r["kernel"] for r in rows} == {"attention", "rmsnorm", "swiglu", "linear_cross_entropy"}
+    assert all(r["ms"] > 0 for r in rows)
+    chunked, reference = (next(r for r in rows if r.get("impl") == name) for name in ("chunked", "reference"))
+    assert chunked["kept_mib"] < reference["kept_mib"] / 4  # dx and dW instead of every logit
+    assert "linear_cross_entropy" in capsys.readouterr().out
