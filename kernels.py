@@ -1,4 +1,5 @@
-"""The compute kernels the models call: attention, RMSNorm, SwiGLU (and RoPE, KV cache).
+"""The compute kernels the models call: attention, RMSNorm, SwiGLU, the loss (linear +
+cross-entropy), and RoPE and the KV cache.
 
 Each kernel sits beside its plain PyTorch reference (the `*_reference` functions):
 short, obviously correct, and the oracle every faster implementation is tested
@@ -11,6 +12,9 @@ they dispatch through `backend()`:
   - "torch": plain PyTorch. `attention` uses scaled_dot_product_attention (which picks
     FlashAttention/cuDNN/memory-efficient kernels on CUDA, the math path on CPU);
     RMSNorm and SwiGLU are their references. Chosen everywhere else.
+
+`linear_cross_entropy` (the loss, through parallel.output_layer) is plain PyTorch on every
+backend: its saving is memory, from computing the loss in chunks of tokens.
 
 KERNELS_BACKEND=torch|triton forces either. Triton kernels can also run on a CPU
 through Triton's interpreter (TRITON_INTERPRET=1, which executes each kernel program
