@@ -355,6 +355,7 @@ def _optimizer_bytes(preset, zero1):
     ddp = parallel.DataParallel(model, layout, zero1=zero1)
     optimizer = parallel.AdamW(ddp, lr=1e-3, weight_decay=0.1)
     state = sum(t.numel() * t.element_size() for t in optimizer.exp_avg + optimizer.exp_avg_sq)
+    ddp.close()
     parallel.destroy_distributed()
     return state
 
@@ -438,6 +439,7 @@ def _pipeline_step(preset, schedule, n_micro, seq_len, steps):
         ddp.finish()
         parallel.barrier()
         times.append(time.perf_counter() - t0)
+    ddp.close()
     parallel.destroy_distributed()
     return {"peak": meter.peak, "step_s": median(times)}
 
@@ -570,6 +572,7 @@ def _moe_steps(preset, ep, global_batch, seq_len, steps):
         times.append(time.perf_counter() - t0)
         sent_per_step.append(sent["bytes"])
     reported = 2 * model.pop_router_stats()["all_to_all_bytes"].item() / steps
+    ddp.close()
     parallel.destroy_distributed()
     return {"step_s": median(times[1:]), "sent": sum(sent_per_step[1:]) / steps, "reported": reported}
 

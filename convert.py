@@ -466,11 +466,13 @@ def import_hf(hf_dir, ckpt_dir):
     _check_target(ckpt_dir)
     model = from_hf(hf_dir).train()
     layout = parallel.Layout()
-    optimizer = parallel.AdamW(parallel.DataParallel(model, layout), lr=0.0, weight_decay=0.0)
+    ddp = parallel.DataParallel(model, layout)
+    optimizer = parallel.AdamW(ddp, lr=0.0, weight_decay=0.0)
     meta = {"model": model_name(model), "config": dataclasses.asdict(model.cfg),
             "tokenizer": tokenizer_name(hf_dir), "tokens_seen": 0, "optimizer_steps": 0, "seed": 0,
             "loss_scale": 65536.0, "loss_scale_clean_steps": 0}  # as train.py writes them
     _write_atomically(ckpt_dir, lambda tmp: checkpoint.save(tmp, 0, model, optimizer, layout, meta))
+    ddp.close()  # the model goes back to the caller without gradient hooks
     return os.path.join(ckpt_dir, checkpoint.step_dir_name(0)), model
 
 

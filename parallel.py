@@ -546,9 +546,18 @@ class DataParallel:
             if bucket:
                 self.buckets.append(self._make_bucket(bucket))
         self.sync = True
-        for b in self.buckets:
-            for _, p in b["params"]:
-                p.register_post_accumulate_grad_hook(self._make_hook(b))
+        self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(b))
+                      for b in self.buckets for _, p in b["params"]]
+
+    def close(self):
+        """Remove the gradient hooks (call when training ends). The cycle parameter ->
+        hook -> self -> parameter is not always visible to Python's garbage collector
+        (autograd also owns the parameters, from C++), so without this the model and its
+        process groups live until the interpreter exits, and tearing gloo down that late
+        can abort the process after a run that otherwise succeeded."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
     def _make_bucket(self, named, deferred=False):
         layout = self.layout

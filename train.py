@@ -428,6 +428,7 @@ def train(args):
         log("---- sample ----\n" + text + "\n----------------")
     elif args.sample_tokens and args.save:
         log(f"(sampling needs the whole model in one process: python generate.py --load {args.save})")
+    ddp.close()
     if metrics_file:
         metrics_file.close()
     if wandb_run:
@@ -446,6 +447,7 @@ def main(argv=None):
         sys.exit(2)
     # Any other exception propagates without the (collective) teardown: the process
     # exits, and torchrun stops the other ranks instead of leaving them waiting.
+    parallel.barrier()  # leave together: no rank closes its connections while a peer still talks
     parallel.destroy_distributed()
 
 

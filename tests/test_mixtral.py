@@ -299,6 +299,7 @@ def _ep_worker(tp, scenarios, cp=1):
             shape, offset, extent = parallel.global_region(p)  # beyond extent: vocabulary padding
             grads[name] = (p.grad[tuple(slice(0, n) for n in extent)].numpy().copy(), offset)
         kept = [layer.mlp.kept.numpy().copy() for layer in model.layers.values()]
+        ddp.close()
         results.append((torch.cat([main, router]).tolist(), grads, kept, layout.dp_rank))
     parallel.destroy_distributed()
     return results
