@@ -59,10 +59,12 @@ def build(model, cfg, device, seed, layout=None, chunk=None):
     init), then allocate on `device` and fill with the layout-independent initialization."""
     with torch.device("meta"):
         module = MODELS[model][2](cfg, layout, chunk)
-    # to_empty makes new Parameter objects: carry over what the parallel layers recorded
+    # Allocating makes new Parameter objects: carry over what the parallel layers recorded
     # on them (where each shard sits in its global tensor, which gradients are partial).
     marks = {name: dict(vars(p)) for name, p in module.named_parameters()}
-    module.to_empty(device=device)
+    # What Module.to_empty does, but with torch.empty: empty_like of a meta tensor takes
+    # torch's Python reference path, whose first call imports sympy (~0.7 s per process).
+    module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for name, p in module.named_parameters():
         vars(p).update(marks[name])
     module.init_weights(seed)
