@@ -79,12 +79,15 @@ def main(argv=None):
                    help="checkpoint (a save root or one step directory) or Hugging Face model folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
+        for flag in ("max_new_tokens", "temperature", "top_k"):
+            if getattr(args, flag) < 0:
+                raise parallel.UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
         model, tokenizer_name = load_model(args.load, args.device)
         tokenizer = data.get_tokenizer(tokenizer_name)
         print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,

@@ -147,6 +147,27 @@ def memory_gb(device):
 # Setup checks
 # ----------------------------------------------------------------------------
 
+# The smallest value each numeric flag accepts (None: the flag's default applies).
+FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_len": 1,
+                "vpp": 1, "lr_decay_steps": 1, "log_every": 1, "eval_batches": 1,
+                "warmup_steps": 0, "save_every": 0, "eval_every": 0, "sample_tokens": 0,
+                "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0}
+
+
+def check_flags(args):
+    """Refuse numeric flags no run can use, before anything starts (every rank alike)."""
+    for name, minimum in FLAG_MINIMUM.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if args.min_lr_ratio > 1:
+        raise UsageError(f"--min-lr-ratio is a fraction of --lr: between 0 and 1, got {args.min_lr_ratio}")
+    for name in ("adam_eps", "peak_tflops"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
 def check_batch(args, layout):
     """Micro-batches per step, after checking that the batch divides over dp."""
     gbs, dp = args.global_batch_size, layout.dp
@@ -160,7 +181,17 @@ def check_batch(args, layout):
 
 
 def check_save_root(args, start_step):
-    """Never overwrite a user's checkpoints: a save root may hold only steps we resume from."""
+    """Never overwrite a user's checkpoints: a save root may hold only steps we resume from.
+    And find out now, not after training, that the root cannot be written."""
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise UsageError(f"--save {args.save} is a file; checkpoints need a directory")
+    try:
+        os.makedirs(args.save, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--save {args.save}: cannot create it ({e.strerror}); choose another "
+                         f"directory") from None
+    if not os.access(args.save, os.W_OK | os.X_OK):
+        raise UsageError(f"--save {args.save}: not writable; choose another directory")
     later = [s for s in checkpoint.complete_steps(args.save) if s > start_step]
     if later and not args.load:
         raise UsageError(f"--save {args.save} already holds checkpoints (newest step {later[-1]}); "
@@ -237,6 +268,7 @@ def evaluate(step_fn, val, args, layout):
 
 
 def train(args):
+    check_flags(args)
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
     config_cls = models.MODELS[args.model][0] if args.model in models.MODELS else None
@@ -256,8 +288,6 @@ def train(args):
         "bf16" if device.type == "cuda" else "fp32")
     autocast = precision_context(precision, device)
     micro_steps = check_batch(args, layout)
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
 
     hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
     if hf_dir:

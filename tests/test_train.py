@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import generate
 import parallel
 import train
 
@@ -122,9 +123,28 @@ def one_line_error(capsys, argv):
     (["--model", "llama", "--load", "/no/such/dir"], "no such directory"),
     (["--model", "llama", "--set", "n_heads=5"], "n_kv_heads"),
     (["--model", "llama", "--precision", "fp8"], "fp8"),
+    (["--model", "llama", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--model", "llama", "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--model", "llama", "--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--model", "llama", "--eval-batches", "0"], "--eval-batches must be >= 1"),
+    (["--model", "llama", "--lr", "-0.001"], "--lr must be >= 0"),
+    (["--model", "llama", "--warmup-steps", "-3"], "--warmup-steps must be >= 0"),
+    (["--model", "llama", "--min-lr-ratio", "2"], "between 0 and 1"),
+    (["--model", "llama", "--adam-eps", "0"], "--adam-eps must be > 0"),
+    (["--model", "llama", "--steps", "0"], "--steps must be >= 1"),
+    (["--model", "llama", "--save", "/proc/no-checkpoints-here"], "cannot create it"),
+    (["--model", "llama", "--save", os.path.join(ROOT, "README.md")], "is a file"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, argv + ["--config", "test"] * ("--config" not in argv))
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--temperature", "--top-k"])
+def test_generate_refuses_negative_sampling_flags(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--load", "checked-after-the-flags", flag, "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {flag} must be >= 0, got -1")
 
 
 def test_checkpoints_are_never_overwritten_or_silently_loaded_when_damaged(tmp_path, capsys):
