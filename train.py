@@ -359,7 +359,11 @@ def train(args):
             f"theoretical bubble {parallel.bubble_fraction(schedule, micro_steps, layout):.1%}")
     if start_step:
         log(f"resumed from {step_dir} at step {start_step}")
-    metrics_file = open(args.metrics, "a") if args.metrics and layout.is_main else None
+    try:
+        metrics_file = open(args.metrics, "a") if args.metrics and layout.is_main else None
+    except OSError as e:
+        raise UsageError(f"--metrics {args.metrics}: cannot open it ({e.strerror}); choose "
+                         f"another file") from None
     wandb_run = None
     if args.wandb and layout.is_main:
         try:

@@ -134,6 +134,7 @@ def one_line_error(capsys, argv):
     (["--model", "llama", "--steps", "0"], "--steps must be >= 1"),
     (["--model", "llama", "--save", "/proc/no-checkpoints-here"], "cannot create it"),
     (["--model", "llama", "--save", os.path.join(ROOT, "README.md")], "is a file"),
+    (["--model", "llama", "--metrics", "/proc/no-metrics-here.jsonl"], "--metrics /proc/no-metrics-here.jsonl: cannot open"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, argv + ["--config", "test"] * ("--config" not in argv))
