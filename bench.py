@@ -36,7 +36,6 @@ import os
 import platform
 import sys
 import time
-import traceback
 from statistics import median
 
 import torch
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 import data
 import kernels
 import models
-from parallel import UsageError
+import parallel
+from errors import UsageError
 
 
 # ----------------------------------------------------------------------------
@@ -312,51 +312,14 @@ class ActivationMeter:
         self.hooks.__exit__(*exc)
 
 
-def _worker(rank, world, port, fn, kwargs, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        results.put((rank, fn(**kwargs)))
-    except BaseException:
-        results.put((rank, _Failed(traceback.format_exc())))
-
-
-class _Failed(str):
-    """A rank's traceback, passed back instead of its result."""
-
-
-def run_ranks(world, fn, **kwargs):
-    """Run fn(**kwargs) in `world` processes joined by gloo; {rank: its return value}.
-    A rank that raises makes this raise, with its traceback."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:  # a free port for this run's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, kwargs, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join()
-    for rank, result in sorted(out.items()):
-        if isinstance(result, _Failed):
-            raise RuntimeError(f"rank {rank} of {world} failed:\n{result}")
-    return out
-
-
 def _optimizer_bytes(preset, zero1):
-    import parallel
     layout = parallel.init_distributed(device="cpu")
     model = models.build("llama", models.make_config("llama", preset), layout.device, 0, layout)
     ddp = parallel.DataParallel(model, layout, zero1=zero1)
     optimizer = parallel.AdamW(ddp, lr=1e-3, weight_decay=0.1)
     state = sum(t.numel() * t.element_size() for t in optimizer.exp_avg + optimizer.exp_avg_sq)
     ddp.close()
-    parallel.destroy_distributed()
+    parallel.destroy_distributed(layout)
     return state
 
 
@@ -364,7 +327,7 @@ def zero1_memory(args, device):
     """Optimizer-state bytes per rank at dp=N with and without ZeRO-1."""
     rows = []
     for zero1 in (False, True):
-        per_rank = run_ranks(args.dp, _optimizer_bytes, preset=args.config, zero1=zero1)
+        per_rank = parallel.run_ranks(args.dp, _optimizer_bytes, preset=args.config, zero1=zero1)
         rows.append({"zero1": str(zero1), "max_mb": max(per_rank.values()) / 2**20,
                      "min_mb": min(per_rank.values()) / 2**20})
     print_table(rows, [("zero1", "ZeRO-1", "s"), ("max_mb", "state MB/rank (max)", ".2f"),
@@ -381,7 +344,6 @@ def add_zero1_memory(p):
 
 
 def _activation_bytes(preset, seq_len, sp):
-    import parallel
     layout = parallel.init_distributed(tp=int(os.environ["WORLD_SIZE"]), sp=sp, device="cpu")
     model = models.build("llama", models.make_config("llama", preset, [f"max_seq_len={seq_len}"]),
                          layout.device, 0, layout)
@@ -389,7 +351,7 @@ def _activation_bytes(preset, seq_len, sp):
     with ActivationMeter([model]) as meter:
         loss = model(ids, labels=ids)
     del loss
-    parallel.destroy_distributed()
+    parallel.destroy_distributed(layout)
     return {"total": meter.peak, **meter.by_module}
 
 
@@ -397,7 +359,7 @@ def sp_memory(args, device):
     """Activation bytes saved for backward per rank at tp=N, with and without sp."""
     rows, detail = [], {}
     for sp in (False, True):
-        per_rank = run_ranks(args.tp, _activation_bytes, preset=args.config, seq_len=args.seq_len, sp=sp)
+        per_rank = parallel.run_ranks(args.tp, _activation_bytes, preset=args.config, seq_len=args.seq_len, sp=sp)
         r0 = per_rank[0]
         # Residual additions save nothing for backward: the norms are what sp shards.
         rows.append({"sp": str(sp), "total_mb": r0["total"] / 2**20,
@@ -419,7 +381,6 @@ def add_sp_memory(p):
 
 
 def _pipeline_step(preset, schedule, n_micro, seq_len, steps):
-    import parallel
     world = int(os.environ["WORLD_SIZE"])
     layout = parallel.init_distributed(pp=world, device="cpu")
     cfg = models.make_config("llama", preset)
@@ -440,18 +401,18 @@ def _pipeline_step(preset, schedule, n_micro, seq_len, steps):
         parallel.barrier()
         times.append(time.perf_counter() - t0)
     ddp.close()
-    parallel.destroy_distributed()
+    parallel.destroy_distributed(layout)
     return {"peak": meter.peak, "step_s": median(times)}
 
 
 def pp_schedules(args, device):
     """First-stage activation memory of GPipe vs 1F1B, and step time vs the bubble."""
     rows = []
-    base = run_ranks(1, _pipeline_step, preset=args.config, schedule="1f1b", n_micro=args.micro,
+    base = parallel.run_ranks(1, _pipeline_step, preset=args.config, schedule="1f1b", n_micro=args.micro,
                      seq_len=args.seq_len, steps=args.steps)[0]
     for pp in args.pp:
         for schedule in ("gpipe", "1f1b"):
-            r = run_ranks(pp, _pipeline_step, preset=args.config, schedule=schedule, n_micro=args.micro,
+            r = parallel.run_ranks(pp, _pipeline_step, preset=args.config, schedule=schedule, n_micro=args.micro,
                           seq_len=args.seq_len, steps=args.steps)
             bubble = (pp - 1) / (args.micro + pp - 1)
             ideal = base["step_s"] / pp / (1 - bubble)  # perfect split plus the bubble
@@ -479,7 +440,6 @@ def _cp_step(preset, seq_len, comm):
     """One forward + backward of a sequence under cp: activation bytes saved for
     backward and bytes this rank sent to the others (counted at the send calls)."""
     import torch.distributed as dist
-    import parallel
     world = int(os.environ["WORLD_SIZE"])
     layout = parallel.init_distributed(cp=world, cp_comm=comm, device="cpu")
     model = models.build("llama", models.make_config("llama", preset, [f"max_seq_len={seq_len}"]),
@@ -505,7 +465,7 @@ def _cp_step(preset, seq_len, comm):
     with ActivationMeter() as meter:
         loss = model(ids, labels=ids)
         loss.backward()
-    parallel.destroy_distributed()
+    parallel.destroy_distributed(layout)
     return {"peak": meter.peak, "sent": sent["bytes"]}
 
 
@@ -514,7 +474,7 @@ def cp_memory(args, device):
     rows = []
     for cp in args.cp:
         for comm in (["ring", "allgather"] if cp > 1 else ["ring"]):
-            r = run_ranks(cp, _cp_step, preset=args.config, seq_len=args.seq_len, comm=comm)
+            r = parallel.run_ranks(cp, _cp_step, preset=args.config, seq_len=args.seq_len, comm=comm)
             rows.append({"cp": cp, "comm": comm if cp > 1 else "-",
                          "peak_mb": max(x["peak"] for x in r.values()) / 2**20,
                          "sent_mb": max(x["sent"] for x in r.values()) / 2**20})
@@ -539,7 +499,6 @@ def _moe_steps(preset, ep, global_batch, seq_len, steps):
     all_to_all_single (counted at the call: tokens, results, their gradients, counts),
     and the model's own count of them (router_stats, forward x 2), both averaged."""
     import torch.distributed as dist
-    import parallel
     layout = parallel.init_distributed(ep=ep, device="cpu")
     model = models.build("mixtral", models.make_config("mixtral", preset), layout.device, 0, layout)
     ddp = parallel.DataParallel(model, layout, zero1=True)
@@ -573,7 +532,7 @@ def _moe_steps(preset, ep, global_batch, seq_len, steps):
         sent_per_step.append(sent["bytes"])
     reported = 2 * model.pop_router_stats()["all_to_all_bytes"].item() / steps
     ddp.close()
-    parallel.destroy_distributed()
+    parallel.destroy_distributed(layout)
     return {"step_s": median(times[1:]), "sent": sum(sent_per_step[1:]) / steps, "reported": reported}
 
 
@@ -582,7 +541,7 @@ def moe_ep(args, device):
     rows = []
     for world in args.world:
         for ep in sorted({1, world}):
-            r = run_ranks(world, _moe_steps, preset=args.config, ep=ep, global_batch=args.global_batch,
+            r = parallel.run_ranks(world, _moe_steps, preset=args.config, ep=ep, global_batch=args.global_batch,
                           seq_len=args.seq_len, steps=args.steps)
             step = max(x["step_s"] for x in r.values())
             rows.append({"world": world, "ep": ep, "step_s": step,

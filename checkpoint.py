@@ -89,16 +89,11 @@ def _extent_slices(extent):
 
 def _writes(param, layout):
     """Whether this rank writes `param` (and its optimizer state): one copy of each piece.
-    Replicas along dp x cp hold the same tensors and only coordinate 0 writes them (for
-    experts, the first of their expert-data-parallel replicas); tensor-parallel ranks
-    write their own shards, and tp rank 0 what is replicated over tp; the last stage's
-    copy of tied embeddings is written by the first stage."""
-    if getattr(param, "expert_parallel", False):
-        first_replica = layout.expert_dp_rank == 0
-    else:
-        first_replica = layout.dp_cp_rank == 0
-    tp_owner = getattr(param, "tp_sharded", False) or layout.tp_rank == 0
-    return first_replica and tp_owner and not getattr(param, "pp_tied_copy", False)
+    Replicas along dp x cp hold the same tensors and only the first writes them (for
+    experts, the first of their expert-data-parallel replicas); among tp ranks and pipeline
+    stages, the copy that counts once (parallel.counts_once)."""
+    first_replica = (layout.expert_dp_rank if parallel.tags(param).expert else layout.dp_cp_rank) == 0
+    return first_replica and parallel.counts_once(param, layout)
 
 
 def save(root, step, modules, optimizer, layout, meta):

@@ -12,8 +12,12 @@ or shards listed in `model.safetensors.index.json`). Conversion is two translati
   1. the config (section 1): HF's config.json <-> our Config, one small function per
      family and direction. A setting our model cannot reproduce (a bias on o_proj, a
      RoPE scaling other than LLaMA 3.1's, another activation) is refused, never ignored;
-  2. the tensors (section 2): each model file's `hf_name(name)` names our parameter's HF
-     tensor and `from_hf(name, tensor)` puts it in our layout; `to_hf` here is the inverse.
+  2. the tensors: each model file's `hf_name(name)` names our parameter's HF tensor,
+     `from_hf(name, tensor)` puts it in our layout and `to_hf(name, tensor)` back.
+
+Each family is one record in FAMILIES (section 2): the model file, its two config
+translations, the HF model types it covers. Adding a family touches that table, plus the
+model file's three functions.
 
 Import streams (section 3). The model is built first, only this rank's part of it (its
 tensor-parallel shards; a pipeline stage would simply have fewer parameters); then each
@@ -46,7 +50,7 @@ import llama
 import mixtral
 import models
 import parallel
-from parallel import UsageError
+from errors import UsageError
 
 # ----------------------------------------------------------------------------
 # 1. Configs: Hugging Face config.json <-> our Config, per family
@@ -196,6 +200,10 @@ def mixtral_config_from_hf(hf, model_type):
 
 
 def mixtral_config_to_hf(cfg):
+    for field, what in (("qkv_bias", "a bias on Q, K, V"), ("qk_norm", "QK-norm"),
+                        ("rope_scaling_factor", "RoPE scaling")):
+        if getattr(cfg, field):
+            raise UsageError(f"Hugging Face's Mixtral has no {what} ({field}); cannot export")
     return "mixtral", dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -206,50 +214,48 @@ def mixtral_config_to_hf(cfg):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         rope_theta=cfg.rope_theta)
 
-
-# HF model_type -> (our model name, config reader); our model name -> config writer.
-FAMILIES = {"gpt2": ("gpt", gpt2_config_from_hf), "llama": ("llama", llama_config_from_hf),
-            "mistral": ("llama", llama_config_from_hf), "qwen2": ("llama", llama_config_from_hf),
-            "qwen3": ("llama", llama_config_from_hf), "mixtral": ("mixtral", mixtral_config_from_hf)}
-CONFIG_TO_HF = {"gpt": gpt2_config_to_hf, "llama": llama_config_to_hf, "mixtral": mixtral_config_to_hf}
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}
-
 # ----------------------------------------------------------------------------
-# 2. Tensors: names and layouts (from_hf lives in the model files, to_hf here)
+# 2. Families: one record each
 # ----------------------------------------------------------------------------
 
-MODEL_FILES = {"gpt": gpt, "llama": llama, "mixtral": mixtral}
-# Families whose from_hf is the identity: a rank can read just its own region from disk
-# (Mixtral: an expert-parallel rank reads only its experts' tensors).
-READS_SLICES = {"llama", "mixtral"}
+@dataclasses.dataclass
+class Family:
+    """One model file and its Hugging Face counterparts."""
+    model: str           # our registry name (models.MODELS)
+    module: object       # the model file: hf_name, from_hf and to_hf of each parameter
+    config_from_hf: object  # (config.json dict, model_type) -> our Config
+    config_to_hf: object    # our Config -> (model_type, config.json fields)
+    architectures: dict  # HF model_type -> the transformers class written into config.json
+    reads_slices: bool   # from_hf is the identity, so a rank reads only its region from disk
+    preset: str          # train_flags writes a config as overrides of this preset
 
 
-def to_hf(model_name, name, tensor):
-    """Our tensor `name` in Hugging Face's layout: the inverse of `<model file>.from_hf`."""
-    if model_name == "gpt":
-        if ".attn.qkv." in name:  # (3, dim, ...) -> HF's fused [Q | K | V]
-            tensor = tensor.reshape(-1, *tensor.shape[2:])
-        if "layers." in name and name.endswith("weight") and tensor.dim() == 2:
-            tensor = tensor.t()  # HF's Conv1D stores (in, out)
-    return tensor
+FAMILIES = {f.model: f for f in (
+    Family("gpt", gpt, gpt2_config_from_hf, gpt2_config_to_hf, {"gpt2": "GPT2LMHeadModel"},
+           reads_slices=False, preset="gpt2"),  # GPT-2's Conv1D weights are transposed
+    Family("llama", llama, llama_config_from_hf, llama_config_to_hf,
+           {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"},
+           reads_slices=True, preset="llama2-7b"),
+    Family("mixtral", mixtral, mixtral_config_from_hf, mixtral_config_to_hf,
+           {"mixtral": "MixtralForCausalLM"}, reads_slices=True, preset="mixtral-8x7b"),
+)}
+BY_HF_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.architectures}
 
 
-def model_name(model):
-    """The registry name ("llama", "gpt") of a model built by models.build."""
-    for name, (_, _, cls) in models.MODELS.items():
-        if isinstance(model, cls) and name in MODEL_FILES:
-            return name
-    raise UsageError(f"{type(model).__name__} has no Hugging Face conversion")
-
-
-# Buffers that old transformers versions saved with the weights: not parameters.
-OLD_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+def family_of(model):
+    """The Family of a model built by models.build."""
+    name = models.name_of(model)
+    if name not in FAMILIES:
+        raise UsageError(f"{type(model).__name__} has no Hugging Face conversion")
+    return FAMILIES[name]
 
 # ----------------------------------------------------------------------------
 # 3. Import: read config.json, stream each parameter's region from safetensors
 # ----------------------------------------------------------------------------
+
+# Buffers that old transformers versions saved with the weights: not parameters.
+OLD_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
 class _HFTensors:
@@ -356,12 +362,12 @@ def read_hf_config(hf_dir):
     except ValueError as e:
         raise UsageError(f"{path} is not valid JSON ({e})") from None
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in BY_HF_TYPE:
         raise UsageError(f"{path}: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(FAMILIES)}")
-    name, config_from_hf = FAMILIES[model_type]
+                         f"{', '.join(BY_HF_TYPE)}")
+    family = BY_HF_TYPE[model_type]
     try:
-        return name, config_from_hf(hf, model_type)
+        return family.model, family.config_from_hf(hf, model_type)
     except KeyError as e:
         raise UsageError(f"{path} has no {e.args[0]!r}, which a {model_type} config needs") from None
 
@@ -370,25 +376,24 @@ def read_hf_config(hf_dir):
 def load_hf_weights(model, hf_dir):
     """Fill every parameter of `model` (from models.build, under any layout) with its
     region of the HF folder's tensors. Returns the model."""
-    name = model_name(model)
-    family, tensors = MODEL_FILES[name], _HFTensors(hf_dir)
-    used = set()
+    family, tensors = family_of(model), _HFTensors(hf_dir)
+    module, used = family.module, set()
     for ours, param in model.named_parameters():
-        key = tensors.find(family.hf_name(ours))
+        key = tensors.find(module.hf_name(ours))
         if key is None:
-            raise UsageError(f"{hf_dir} has no tensor {family.hf_name(ours)} (our {ours}); the "
+            raise UsageError(f"{hf_dir} has no tensor {module.hf_name(ours)} (our {ours}); the "
                              f"weights do not match config.json")
         shape, offset, extent = parallel.global_region(param)
-        expected = list(to_hf(name, ours, torch.empty(shape, device="meta")).shape)
+        expected = list(module.to_hf(ours, torch.empty(shape, device="meta")).shape)
         hf_slice = tensors.get_slice(key)
         if list(hf_slice.get_shape()) != expected:
             raise UsageError(f"{key} has shape {list(hf_slice.get_shape())} in {hf_dir}, but "
                              f"config.json implies {expected}")
         region = tuple(slice(o, o + n) for o, n in zip(offset, extent))
-        if name in READS_SLICES:
+        if family.reads_slices:
             piece = hf_slice[region]  # reads this rank's region only
         else:
-            piece = family.from_hf(ours, hf_slice[:])[region]
+            piece = module.from_hf(ours, hf_slice[:])[region]
         param.zero_()  # vocabulary padding past the global tensor stays zero
         param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
         used.add(key)
@@ -398,7 +403,7 @@ def load_hf_weights(model, hf_dir):
         extra = sorted(k for k in tensors.where if k not in used and not k.endswith(OLD_BUFFERS)
                        and not (tied and k == "lm_head.weight"))
         if extra:
-            raise UsageError(f"{hf_dir} holds {len(extra)} tensor(s) our {name} model has no place "
+            raise UsageError(f"{hf_dir} holds {len(extra)} tensor(s) our {family.model} model has no place "
                              f"for ({', '.join(extra[:3])}...); config.json does not describe them")
         if tied and "lm_head.weight" in tensors.where:  # a stored copy must be a copy (as in HF)
             embed = dict(model.named_parameters())["embed.weight"]
@@ -428,7 +433,7 @@ def tokenizer_name(hf_dir):
 
 def train_flags(name, cfg, tokenizer):
     """train.py flags that rebuild exactly `cfg` (overrides of the family's default preset)."""
-    preset = {"llama": "llama2-7b", "gpt": "gpt2", "mixtral": "mixtral-8x7b"}[name]
+    preset = FAMILIES[name].preset
     base, flags = models.make_config(name, preset), ["--model", name, "--config", preset]
     for field in dataclasses.fields(cfg):
         if getattr(cfg, field.name) != getattr(base, field.name):
@@ -468,7 +473,7 @@ def import_hf(hf_dir, ckpt_dir):
     layout = parallel.Layout()
     ddp = parallel.DataParallel(model, layout)
     optimizer = parallel.AdamW(ddp, lr=0.0, weight_decay=0.0)
-    meta = {"model": model_name(model), "config": dataclasses.asdict(model.cfg),
+    meta = {"model": family_of(model).model, "config": dataclasses.asdict(model.cfg),
             "tokenizer": tokenizer_name(hf_dir), "tokens_seen": 0, "optimizer_steps": 0, "seed": 0,
             "loss_scale": 65536.0, "loss_scale_clean_steps": 0}  # as train.py writes them
     _write_atomically(ckpt_dir, lambda tmp: checkpoint.save(tmp, 0, model, optimizer, layout, meta))
@@ -482,20 +487,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
     """Write a one-process model as a HF folder: config.json + model.safetensors (fp32),
     plus the tokenizer files of `tokenizer_dir` if given."""
-    name = model_name(model)
-    if model.layout.tp > 1 or getattr(model.layout, "pp", 1) > 1 or getattr(model.layout, "ep", 1) > 1:
+    family = family_of(model)
+    if model.layout.tp > 1 or model.layout.pp > 1 or model.layout.ep > 1:
         raise UsageError("export needs the whole model: build it with parallel.Layout() "
                          "(checkpoint.load reassembles the shards)")
-    model_type, fields = CONFIG_TO_HF[name](model.cfg)
+    model_type, fields = family.config_to_hf(model.cfg)
     if eos_token_id is not None and not 0 <= eos_token_id < model.cfg.vocab_size:
         eos_token_id = None
-    config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **fields,
+    config = {"architectures": [family.architectures[model_type]], "model_type": model_type, **fields,
               "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
               "torch_dtype": "float32", "dtype": "float32"}
     # Copies (contiguous, unshared): parameters may be views of one flat training buffer.
     # A tied model has no lm_head parameter, so none is written.
-    tensors = {MODEL_FILES[name].hf_name(n): to_hf(name, n, p.detach().cpu().float()).contiguous()
-               .clone() for n, p in model.named_parameters()}
+    tensors = {family.module.hf_name(n): family.module.to_hf(n, p.detach().cpu().float())
+               .contiguous().clone() for n, p in model.named_parameters()}
 
     def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -540,13 +545,14 @@ def main(argv=None):
     try:
         if args.command == "import":
             step_dir, model = import_hf(args.hf_dir, args.ckpt_dir)
-            name, n = model_name(model), sum(p.numel() for p in model.parameters())
+            name, n = family_of(model).model, sum(p.numel() for p in model.parameters())
             flags = train_flags(name, model.cfg, tokenizer_name(args.hf_dir))
             print(f"imported {args.hf_dir} ({name}, {n / 1e6:.2f}M parameters) into {step_dir}; "
                   f"train with: python train.py {shlex.join(flags + ['--load', args.ckpt_dir])}")
         else:
             step_dir, model_type = export(args.ckpt_dir, args.hf_dir)
-            print(f"exported {step_dir} to {args.hf_dir} ({ARCHITECTURES[model_type]}: "
+            architecture = BY_HF_TYPE[model_type].architectures[model_type]
+            print(f"exported {step_dir} to {args.hf_dir} ({architecture}: "
                   f"config.json + model.safetensors)")
     except UsageError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from parallel import UsageError
+from errors import UsageError
 
 BYTE_TOKENIZER = "byte"
 TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
@@ -122,6 +122,15 @@ def eot_token(enc) -> int:
 
 def _dtype(enc):
     return np.uint16 if enc.n_vocab <= 2**16 else np.uint32
+
+
+def _encode(enc, text):
+    """Token ids of a text (None: a document's end) as an array of _dtype(enc)."""
+    if text is None:
+        return np.array([enc.eot_token], _dtype(enc))
+    if enc.name == BYTE_TOKENIZER:  # the ids are the UTF-8 bytes: no tokenizer needed (10x faster)
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(_dtype(enc))
+    return np.array(enc.encode_ordinary(text), _dtype(enc))
 
 
 class TokenDataset:
@@ -238,9 +247,7 @@ def load_dataset(spec: str | None, tokenizer_name: str, seq_len: int,
         return train, val
 
     enc, name = get_tokenizer(tokenizer_name), f"--data {spec or 'stdlib'}"
-    tokens = np.concatenate([np.array(enc.encode_ordinary(text) if text is not None
-                                      else [enc.eot_token], _dtype(enc))
-                             for text, _ in _read(_source_files(spec))])
+    tokens = np.concatenate([_encode(enc, text) for text, _ in _read(_source_files(spec))])
     # The last val_fraction of the stream is validation, but at least one window's worth.
     n_val = max(int(len(tokens) * val_fraction), seq_len + 1)
     if len(tokens) - n_val < seq_len + 1:
@@ -299,7 +306,7 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
         # Validation is the last val_fraction of the bytes, the same "tail of the stream" rule
         # as load_dataset's in-memory split; unlike a split by documents, it works for one file.
         for text, split in _read(paths, val_fraction):
-            writers[split].write(enc.encode_ordinary(text) if text is not None else [enc.eot_token])
+            writers[split].write(_encode(enc, text))
         meta = {"format": 1, "tokenizer": tokenizer_name, "dtype": np.dtype(_dtype(enc)).name,
                 **{split: w.close() for split, w in writers.items()}}
         if not meta["train"] or not meta["val"]:

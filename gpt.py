@@ -75,6 +75,15 @@ def from_hf(name, tensor):
     return tensor
 
 
+def to_hf(name, tensor):
+    """Our tensor in Hugging Face's layout: the inverse of from_hf."""
+    if ".attn.qkv." in name:  # (3, dim, ...) -> HF's fused [Q | K | V]
+        tensor = tensor.reshape(-1, *tensor.shape[2:])
+    if "layers." in name and name.endswith("weight") and tensor.dim() == 2:
+        tensor = tensor.t()  # HF's Conv1D stores (in, out)
+    return tensor
+
+
 class Attention(nn.Module):
     """Causal self-attention; under tp each rank owns n_heads/tp heads."""
 
@@ -116,8 +125,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layout)
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, layout)
-        if layout.sp:  # norms run on this rank's tokens only
-            parallel.mark_partial_grad(*self.attn_norm.parameters(), *self.mlp_norm.parameters())
 
     def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), positions, key_padding_mask, kv_cache)
@@ -125,32 +132,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The whole model, or under pipeline parallelism one chunk of it (`chunk`: which
-    layers, and whether it is the first chunk, with the embedding, and/or the last,
-    with the final norm and the output layer)."""
+    """Token and learned position embeddings, the blocks, a final LayerNorm, and the
+    output layer (the token embedding matrix when tied). Under pipeline parallelism one
+    chunk of it (see parallel.keep_chunk); the embeddings belong to the first chunk."""
 
     def __init__(self, cfg: Config, layout=None, chunk=None):
         super().__init__()
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
-        self.chunk = chunk = chunk or parallel.Chunk(0, list(range(cfg.n_layers)), True, True)
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
-        if chunk.first or (chunk.last and cfg.tie_embeddings):
-            self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        if cfg.tie_embeddings and chunk.first != chunk.last:
-            parallel.mark_tied_across_stages(*((self.embed.weight, None) if chunk.first
-                                               else (None, self.embed.weight)))
-        if chunk.first:
-            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
-            if layout.sp:  # each rank adds positions to its own tokens only
-                parallel.mark_partial_grad(self.pos_embed.weight)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in chunk.layers})
-        if chunk.last:
-            self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-            if layout.sp:
-                parallel.mark_partial_grad(*self.norm.parameters())
-            if not cfg.tie_embeddings:
-                self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
+            cfg.vocab_size, cfg.dim, layout)
+        parallel.keep_chunk(self, chunk, first=["embed", "pos_embed"], last=["norm", "lm_head"],
+                            tied_embedding="embed" if cfg.tie_embeddings else None)
 
     def init_weights(self, seed):
         """Deterministic, layout-independent initialization (see parallel.init_parameters).
@@ -165,12 +163,8 @@ class GPT(nn.Module):
         return [kernels.KVCache(max_len) for _ in self.layers]
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
-        """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
-        parallel.output_layer). `attention_mask` (B, T) marks real
-        tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
-        after the cached tokens. Under sp the residual stream holds this rank's tokens.
-        A chunk after the first takes the previous chunk's output as `hidden`; a chunk
-        before the last returns its hidden states."""
+        """Called like every model here (llama.Llama.forward says how): logits, or with
+        `labels` the sum of token losses. Learned positions end at max_seq_len."""
         start = kv_caches[0].length if kv_caches else 0
         T = input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
@@ -178,7 +172,7 @@ class GPT(nn.Module):
                                       f"{self.cfg.max_seq_len} (learned positions)")
         # Global positions of this rank's tokens (under cp, its zigzag share of them).
         positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
-        if self.chunk.first:
+        if hidden is None:
             pos = parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
             x = self.embed(parallel.context_shard(input_ids, self.layout)) + pos
         else:
@@ -187,9 +181,8 @@ class GPT(nn.Module):
             x = layer(x, positions, attention_mask, kv_caches[i] if kv_caches else None)
         if not self.chunk.last:
             return x
-        x = self.norm(x)
         head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(x, head.weight, labels, self.layout, self.cfg.vocab_size)
+        return parallel.output_layer(self.norm(x), head.weight, labels, self.layout, self.cfg.vocab_size)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token of the whole model: 3 x forward, where the forward is

@@ -88,6 +88,11 @@ def from_hf(name, tensor):
     return tensor
 
 
+def to_hf(name, tensor):
+    """Our tensor in Hugging Face's layout: the inverse of from_hf (the same)."""
+    return tensor
+
+
 def hf_name(name):
     """Our parameter name -> Hugging Face's (LlamaForCausalLM, Mistral, Qwen2, Qwen3)."""
     if name == "lm_head.weight":
@@ -113,8 +118,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = kernels.RMSNorm(hd, cfg.norm_eps)
             self.k_norm = kernels.RMSNorm(hd, cfg.norm_eps)
-            if layout.tp > 1:  # shared by all heads, but each rank sees only its own heads
-                parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
+            # Shared by all heads, but under tp each rank sees only its own heads.
+            parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
 
     def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
         x = parallel.enter_tp_region(x, self.layout)
@@ -152,14 +157,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layout):
+    """Pre-norm residual block: attention, then the feed-forward network `mlp` (the SwiGLU
+    MLP here; Mixtral passes its mixture of experts)."""
+
+    def __init__(self, cfg: Config, layout, mlp):
         super().__init__()
         self.attn_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layout)
         self.mlp_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg, layout)
-        if layout.sp:  # norms run on this rank's tokens only
-            parallel.mark_partial_grad(self.attn_norm.weight, self.mlp_norm.weight)
+        self.mlp = mlp
 
     def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), positions, cos, sin, key_padding_mask, kv_cache)
@@ -167,40 +173,41 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The whole model, or under pipeline parallelism one chunk of it (`chunk`: which
-    layers, and whether it is the first chunk, with the embedding, and/or the last,
-    with the final norm and the output layer)."""
+    """The whole model, or under pipeline parallelism one chunk of it (`chunk`, see
+    parallel.keep_chunk: which layers, and whether it holds the embedding and/or the
+    final norm and output layer)."""
 
     def __init__(self, cfg: Config, layout=None, chunk=None):
         super().__init__()
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
-        self.chunk = chunk = chunk or parallel.Chunk(0, list(range(cfg.n_layers)), True, True)
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                                  ffn_dim=cfg.ffn_dim)
-        if chunk.first or (chunk.last and cfg.tie_embeddings):
-            self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        if cfg.tie_embeddings and chunk.first != chunk.last:
-            parallel.mark_tied_across_stages(*((self.embed.weight, None) if chunk.first
-                                               else (None, self.embed.weight)))
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in chunk.layers})
-        if chunk.last:
-            self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-            if layout.sp:
-                parallel.mark_partial_grad(self.norm.weight)
-            if not cfg.tie_embeddings:
-                self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout, self.feed_forward(cfg, layout))
+                                     for i in range(cfg.n_layers)})
+        self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied: the output layer multiplies by the embedding matrix (vocabulary-sharded too).
+        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
+            cfg.vocab_size, cfg.dim, layout)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        parallel.keep_chunk(self, chunk, first=["embed"], last=["norm", "lm_head"],
+                            tied_embedding="embed" if cfg.tie_embeddings else None)
+
+    @staticmethod
+    def feed_forward(cfg, layout):
+        """Each block's feed-forward network (mixtral.py replaces it with experts)."""
+        return MLP(cfg, layout)
 
     def init_weights(self, seed):
         """Deterministic, layout-independent initialization (see parallel.init_parameters).
         Output projections of each residual branch get std / sqrt(2 * n_layers) (GPT-2)."""
-        std = self.cfg.init_std
+        c = self.cfg
 
         def std_for(name):
-            return std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            residual_output = name.endswith(("o_proj.weight", "down_proj.weight"))
+            return c.init_std / math.sqrt(2 * c.n_layers) if residual_output else c.init_std
         parallel.init_parameters(self, seed, std_for)
-        c = self.cfg
         self.inv_freq.copy_(kernels.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor,
                                                   c.rope_low_freq_factor, c.rope_high_freq_factor,
                                                   c.rope_original_max_seq_len))
@@ -210,24 +217,27 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
-        parallel.output_layer). `attention_mask` (B, T) marks real
-        tokens as HF does; `kv_caches` (from new_kv_caches) makes this a decoding step
-        after the cached tokens. Under sp the residual stream holds this rank's tokens.
-        A chunk after the first takes the previous chunk's output as `hidden`; a chunk
-        before the last returns its hidden states."""
+        parallel.output_layer). `attention_mask` (B, T) marks real tokens as HF does;
+        `kv_caches` (from new_kv_caches) makes this a decoding step after the cached
+        tokens. Under sp the residual stream holds this rank's tokens. A pipeline chunk
+        after the first takes the previous chunk's output as `hidden`; one before the
+        last returns its hidden states."""
         start = kv_caches[0].length if kv_caches else 0
         # Global positions of this rank's tokens (under cp, its zigzag share of them).
         positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
         cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
-        x = self.embed(parallel.context_shard(input_ids, self.layout)) if self.chunk.first else hidden
+        x = self.embed(parallel.context_shard(input_ids, self.layout)) if hidden is None else hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
         if not self.chunk.last:
             return x
-        x = self.norm(x)
-        # The output layer multiplies by a vocabulary-sharded matrix: the embedding's when tied.
         head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(x, head.weight, labels, self.layout, self.cfg.vocab_size)
+        return parallel.output_layer(self.norm(x), head.weight, labels, self.layout, self.cfg.vocab_size)
+
+    @staticmethod
+    def ffn_matmul_weights(cfg):
+        """Matrix weights one token multiplies in a block's feed-forward network."""
+        return 3 * cfg.dim * cfg.ffn_dim
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token of the whole model (forward + backward = 3 x forward):
@@ -237,7 +247,7 @@ class Llama(nn.Module):
         c = self.cfg
         q_and_o = 2 * c.dim * c.n_heads * c.head_dim
         k_and_v = 2 * c.dim * c.n_kv_heads * c.head_dim
-        mlp = 3 * c.dim * c.ffn_dim
-        matmul_weights = c.n_layers * (q_and_o + k_and_v + mlp) + c.dim * c.vocab_size
+        per_layer = q_and_o + k_and_v + self.ffn_matmul_weights(c)
+        matmul_weights = c.n_layers * per_layer + c.dim * c.vocab_size
         attention = c.n_layers * c.n_heads * 2 * 2 * seq_len * c.head_dim
         return 3 * (2 * matmul_weights + attention)

@@ -3,9 +3,10 @@
     tokens -> embedding -> n_layers x [ x + Attention(RMSNorm(x)); x + MoE(RMSNorm(x)) ]
            -> RMSNorm -> linear head -> logits
 
-Attention is LLaMA's/Mistral's (RoPE, grouped-query, optional sliding window): the class
-below is a copy of llama.py's without its Qwen options, as model files do not import
-each other. The MoE replaces the one SwiGLU MLP by n_experts of them and a router:
+Mixtral is LLaMA with a mixture of experts (MoE) in place of each block's MLP, so this file
+imports llama.py and keeps only what differs: attention (RoPE, grouped-query, optional
+sliding window), the blocks, the pipeline chunks and the output layer are llama.py's. The
+MoE replaces the one SwiGLU MLP by n_experts of them and a router:
 
     probs = softmax(router(x))          router: one linear layer, dim -> n_experts
     the top_k experts of each token by probability, their weights renormalized to sum 1
@@ -15,10 +16,10 @@ each other. The MoE replaces the one SwiGLU MLP by n_experts of them and a route
 Mixtral 8x7B: 8 experts, 2 per token, 46.7B parameters of which 12.9B active per token.
 
 Experts are named by their global index, `layers.3.mlp.experts.5.gate_proj.weight`, as
-layers are: under expert parallelism (parallel.py, section 9) a rank builds, initializes
-and loads only its n_experts / ep experts, under the same names, so initialization and
-checkpoints never depend on the layout, and the names map one to one onto Hugging Face's
-files.
+layers are: under expert parallelism (parallel.py, "Expert parallelism") a rank builds,
+initializes and loads only its n_experts / ep experts, under the same names, so
+initialization and checkpoints never depend on the layout, and the names map one to one
+onto Hugging Face's files.
 Under tp each expert is split like llama's MLP.
 
 Router losses. The forward with labels returns the token-loss sum, like llama.py's, and
@@ -64,36 +65,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import llama
 import parallel
 
 
 @dataclass
-class Config:
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
+class Config(llama.Config):
+    """llama.Config (every LLaMA field applies to the attention and norms) with Mixtral
+    8x7B's sizes as defaults, and the mixture of experts."""
     n_kv_heads: int = 8
-    head_dim: int = 0              # 0: dim // n_heads
     ffn_dim: int = 14336           # of each expert
-    n_experts: int = 8
-    top_k: int = 2
-    norm_eps: float = 1e-5
     max_seq_len: int = 32768
     rope_theta: float = 1000000.0
-    sliding_window: int = 0        # 0 = full causal attention
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    n_experts: int = 8
+    top_k: int = 2
     aux_loss_coef: float = 0.01    # load balancing
     z_loss_coef: float = 0.0
     capacity_factor: float = 0.0   # 0 = dropless
 
     def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise parallel.UsageError(f"n_heads={self.n_heads} is not a multiple of "
-                                      f"n_kv_heads={self.n_kv_heads}")
+        super().__post_init__()
         if not 1 <= self.top_k <= self.n_experts:
             raise parallel.UsageError(f"top_k={self.top_k} must be between 1 and "
                                       f"n_experts={self.n_experts}")
@@ -116,14 +107,13 @@ def active_parameters(cfg):
     """Parameters one token uses: all but the experts, and top_k of each layer's experts."""
     with torch.device("meta"):
         model = Mixtral(cfg)
-    dense = sum(p.numel() for p in model.parameters() if not getattr(p, "expert_parallel", False))
-    experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert_parallel", False))
+    dense = sum(p.numel() for p in model.parameters() if not parallel.tags(p).expert)
+    experts = sum(p.numel() for p in model.parameters() if parallel.tags(p).expert)
     return dense + experts * cfg.top_k // cfg.n_experts
 
 
-def from_hf(name, tensor):
-    """A Hugging Face tensor (as saved: one tensor per expert) in our layout: the same."""
-    return tensor
+# Hugging Face's Mixtral files hold one tensor per expert, in LLaMA's layout.
+from_hf, to_hf = llama.from_hf, llama.to_hf
 
 
 def hf_name(name):
@@ -139,40 +129,8 @@ def hf_name(name):
     return "model." + name
 
 
-class Attention(nn.Module):
-    """Grouped-query attention (a copy of llama.py's, without QKV bias and QK-norm)."""
-
-    def __init__(self, cfg: Config, layout):
-        super().__init__()
-        self.cfg, self.layout = cfg, layout
-        hd = cfg.head_dim
-        self.q_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, layout)
-        self.k_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout)
-        self.v_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout)
-        self.o_proj = parallel.RowParallelLinear(cfg.n_heads * hd, cfg.dim, layout)
-
-    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
-        x = parallel.enter_tp_region(x, self.layout)
-        B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, self.cfg.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
-        y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
-                                       window=self.cfg.sliding_window or None,
-                                       key_padding_mask=key_padding_mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class Expert(nn.Module):
-    """One SwiGLU MLP; under tp each rank owns ffn_dim/tp of its hidden features."""
-
-    def __init__(self, cfg: Config, layout):
-        super().__init__()
-        self.gate_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout)
-        self.up_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout)
-        self.down_proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout)
+class Expert(llama.MLP):
+    """One SwiGLU MLP, llama.py's; under tp each rank owns ffn_dim/tp of its hidden features."""
 
     def forward(self, x):
         # down_proj's weight only: under tp its output is a partial sum, and the sum over
@@ -198,8 +156,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): Expert(cfg, layout)
                                       for e in parallel.local_experts(layout, cfg.n_experts)})
         parallel.mark_expert_parallel(*self.experts.parameters())
-        if layout.tp > 1:  # replicated, but each tp rank's copy weights only its partial outputs
-            parallel.mark_partial_grad(self.router.weight)
+        # Replicated over tp, but each tp rank's copy weights only its partial outputs.
+        parallel.mark_partial_grad(self.router.weight)
 
     def forward(self, x):
         c = self.cfg
@@ -242,81 +200,30 @@ class MoE(nn.Module):
         self.z_loss = c.z_loss_coef * logits.logsumexp(dim=-1).pow(2).sum() / layout.tp
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: Config, layout):
-        super().__init__()
-        self.attn_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layout)
-        self.mlp_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MoE(cfg, layout)
-        if layout.sp:  # norms run on this rank's tokens only
-            parallel.mark_partial_grad(self.attn_norm.weight, self.mlp_norm.weight)
-
-    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, cos, sin, key_padding_mask, kv_cache)
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class Mixtral(nn.Module):
-    """The whole model, or under pipeline parallelism one chunk of it (as llama.Llama)."""
+class Mixtral(llama.Llama):
+    """llama.Llama (the whole model, or one pipeline chunk of it) with a mixture of experts
+    as each block's feed-forward network; its forward also leaves the router losses in
+    `aux_loss`, `z_loss` and `extra_loss`, and counts the router's statistics."""
 
     def __init__(self, cfg: Config, layout=None, chunk=None):
-        super().__init__()
-        self.cfg = cfg
-        self.layout = layout = layout or parallel.Layout()
-        self.chunk = chunk = chunk or parallel.Chunk(0, list(range(cfg.n_layers)), True, True)
-        parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                                 ffn_dim=cfg.ffn_dim)
-        parallel.check_expert_layout(layout, cfg.n_experts)
-        if chunk.first or (chunk.last and cfg.tie_embeddings):
-            self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        if cfg.tie_embeddings and chunk.first != chunk.last:
-            parallel.mark_tied_across_stages(*((self.embed.weight, None) if chunk.first
-                                               else (None, self.embed.weight)))
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in chunk.layers})
-        if chunk.last:
-            self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-            if layout.sp:
-                parallel.mark_partial_grad(self.norm.weight)
-            if not cfg.tie_embeddings:
-                self.lm_head = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        parallel.check_expert_layout(layout or parallel.Layout(), cfg.n_experts)
+        super().__init__(cfg, layout, chunk)
 
-    def init_weights(self, seed):
-        """Layout-independent (parallel.init_parameters: each expert has its own stream,
-        keyed by its global name). Residual-branch outputs get std / sqrt(2 * n_layers)."""
-        std = self.cfg.init_std
-
-        def std_for(name):
-            residual_output = name.endswith(("o_proj.weight", "down_proj.weight"))
-            return std / math.sqrt(2 * self.cfg.n_layers) if residual_output else std
-        parallel.init_parameters(self, seed, std_for)
-        self.inv_freq.copy_(kernels.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
-
-    def new_kv_caches(self, max_len):
-        return [kernels.KVCache(max_len) for _ in self.layers]
+    @staticmethod
+    def feed_forward(cfg, layout):
+        return MoE(cfg, layout)
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
         """As llama.Llama.forward: logits, or with `labels` the sum of token losses. Also
         sets this forward's router losses and statistics (module docstring)."""
-        start = kv_caches[0].length if kv_caches else 0
-        # Global positions of this rank's tokens (under cp, its zigzag share of them).
-        positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
-        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
-        x = self.embed(parallel.context_shard(input_ids, self.layout)) if self.chunk.first else hidden
-        for i, layer in enumerate(self.layers.values()):
-            x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
+        out = super().forward(input_ids, labels, attention_mask, kv_caches, hidden)
         moe = [layer.mlp for layer in self.layers.values()]
         self.aux_loss = sum(m.aux_loss for m in moe)
         self.z_loss = sum(m.z_loss for m in moe)
         self.extra_loss = self.aux_loss + self.z_loss
         if self.training:
             self.count_router_stats(moe)
-        if not self.chunk.last:
-            return x
-        x = self.norm(x)
-        head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(x, head.weight, labels, self.layout, self.cfg.vocab_size)
+        return out
 
     def count_router_stats(self, moe):
         """Add this forward's router figures to `router_stats` (module docstring)."""
@@ -338,13 +245,8 @@ class Mixtral(nn.Module):
         stats, self.router_stats = getattr(self, "router_stats", None) or {}, None
         return stats
 
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward = 3 x forward), counting the active
-        parameters only: attention, the router and top_k experts (see llama.py)."""
-        c = self.cfg
-        q_and_o = 2 * c.dim * c.n_heads * c.head_dim
-        k_and_v = 2 * c.dim * c.n_kv_heads * c.head_dim
-        moe = c.dim * c.n_experts + c.top_k * 3 * c.dim * c.ffn_dim
-        matmul_weights = c.n_layers * (q_and_o + k_and_v + moe) + c.dim * c.vocab_size
-        attention = c.n_layers * c.n_heads * 2 * 2 * seq_len * c.head_dim
-        return 3 * (2 * matmul_weights + attention)
+    @staticmethod
+    def ffn_matmul_weights(cfg):
+        """Matrix weights one token multiplies in a block's MoE: the router's, and top_k
+        experts' (only the active parameters count, see llama.Llama.flops_per_token)."""
+        return cfg.dim * cfg.n_experts + cfg.top_k * 3 * cfg.dim * cfg.ffn_dim

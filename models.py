@@ -10,7 +10,7 @@ import torch
 import gpt
 import llama
 import mixtral
-from parallel import UsageError
+from errors import UsageError
 
 # name -> (Config class, presets, model class)
 MODELS = {
@@ -69,6 +69,11 @@ def build(model, cfg, device, seed, layout=None, chunk=None):
         vars(p).update(marks[name])
     module.init_weights(seed)
     return module
+
+
+def name_of(model):
+    """The registry name of a model built here ("llama", "mixtral", ...)."""
+    return next(name for name, (_, _, cls) in MODELS.items() if type(model) is cls)
 
 
 def config_from_dict(model, values):

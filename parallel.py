@@ -1,54 +1,54 @@
 """Parallelism written by hand over torch.distributed.
 
-This file holds every piece of distributed machinery the models and train.py use.
-Each section is one concept and can be read (and copied) alone:
+Every piece of distributed machinery the models and train.py use is here, in sections
+that can each be read (and copied) alone. Each section uses only the sections above it:
 
-  1. Errors meant for the user
-  2. The layout: how `world = tp * cp * dp * pp` ranks are arranged and grouped
-  3. Layout-independent initialization: the same global weights whatever the layout
-  4. Tensor parallelism (Megatron) and sequence parallelism
-  5. Data parallelism (bucketed, overlapped with backward), ZeRO-1 and AdamW
-  6. Gradient norm and loss scaling, which must agree across ranks
-  7. Pipeline parallelism: stages, point-to-point, schedules
-  8. Context parallelism: zigzag sequence split and ring attention
-  9. Expert parallelism: experts sharded over data-parallel ranks, all-to-all dispatch
+  The layout             how `world = tp * cp * dp * pp` ranks are arranged, and their groups
+  Parameter tags         what the machinery must know of each parameter (sharded, partial, ...)
+  Initialization         the same global weights whatever the layout
+  Tensor parallelism     Megatron's column/row-parallel layers, and sequence parallelism
+  Context parallelism    zigzag sequence split and ring attention
+  Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
+  Model chunks           a model cut into pipeline chunks; the output layer and loss
+  Pipeline schedules     GPipe, 1F1B, interleaved 1F1B, and running them
+  Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
+  Gradient norm          clipping and fp16 loss scaling, agreed across ranks
+  Local ranks            N processes on one machine, for tests and benchmarks
 
 Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp, so
 tensor-parallel peers (which talk the most) sit on the same node.
 """
 import contextlib
 import datetime
+import math
 import os
+import queue
+import socket
+import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import kernels
+from errors import UsageError  # model files raise it as parallel.UsageError
 
 
 # ----------------------------------------------------------------------------
-# 1. Errors meant for the user
-# ----------------------------------------------------------------------------
-
-class UsageError(ValueError):
-    """Bad input from the user (flags, paths, layouts). train.py prints its message
-    as one line and exits with status 2, instead of a traceback."""
-
-
-# ----------------------------------------------------------------------------
-# 2. The layout
+# The layout: the rank grid and its process groups
 # ----------------------------------------------------------------------------
 
 @dataclass
 class Layout:
     """Where this process sits in the (pp, dp, cp, tp) grid, and its process groups.
 
-    A group is None when its axis has size 1 (nothing to communicate), and every
+    A group is None when it would hold one rank (nothing to communicate), and every
     helper below treats None as "single process on this axis".
     """
     tp: int = 1
@@ -56,19 +56,21 @@ class Layout:
     dp: int = 1
     pp: int = 1
     ep: int = 1
-    sp: bool = False               # sequence parallelism (meaningful when tp > 1)
+    sp: bool = False                # sequence parallelism (meaningful when tp > 1)
+    vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
+    cp_comm: str = "ring"           # context parallelism: "ring" or "allgather"
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: object = None
     cp_group: object = None
     dp_group: object = None
     pp_group: object = None
-    embedding_group: object = None  # first + last pipeline stage (tied embeddings)
     dp_cp_group: object = None      # replicas of the same weights: gradients reduce here
-    cp_comm: str = "ring"           # context parallelism: "ring" or "allgather"
-    vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
-    ep_group: object = None         # ranks holding different experts (section 9)
+    embedding_group: object = None  # first + last pipeline stage (tied embeddings)
+    ep_group: object = None         # ranks holding different experts ("Expert parallelism")
     expert_dp_group: object = None  # replicas of the same experts: their gradients reduce here
+    created: list = field(default_factory=list, repr=False)  # groups made by init_distributed
+    owns_world: bool = False        # init_distributed also made the default process group
 
     @property
     def world(self):
@@ -103,7 +105,7 @@ class Layout:
 
     @property
     def ep_rank(self):
-        """Which slice of the experts this rank holds (section 9)."""
+        """Which slice of the experts this rank holds."""
         return self.dp_cp_rank % self.ep
 
     @property
@@ -132,6 +134,12 @@ class Layout:
                 f"ep={self.ep} device={self.device}")
 
 
+def world_size():
+    """Processes of this job: the default process group's if one exists, else torchrun's
+    WORLD_SIZE, else 1 (plain `python`)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_layout(world, tp=1, cp=1, pp=1, ep=1):
     """Return dp for this world size, or raise UsageError naming the fix."""
     for name, size in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep)):
@@ -147,77 +155,112 @@ def check_layout(world, tp=1, cp=1, pp=1, ep=1):
     return dp
 
 
-def _ranks_along(axis, layout_sizes):
+def check_expert_layout(layout, n_experts=None):
+    """ep must divide the expert count and dp * cp (the ranks it is carved from)."""
+    if n_experts is not None and n_experts % layout.ep:
+        raise UsageError(f"n_experts={n_experts} is not divisible by --ep {layout.ep}; "
+                         f"choose an --ep that divides it")
+    if (layout.dp * layout.cp) % layout.ep:
+        raise UsageError(f"--ep {layout.ep} must divide dp*cp = {layout.dp}*{layout.cp} = "
+                         f"{layout.dp * layout.cp} (expert parallelism splits the data-parallel "
+                         f"ranks); launch more processes or choose another --ep")
+
+
+def _ranks_along(axis, layout):
     """All groups of ranks that differ only in `axis` ('tp', 'cp', 'dp' or 'pp')."""
     order = ("tp", "cp", "dp", "pp")  # fastest first
-    sizes = [layout_sizes[a] for a in order]
+    sizes = [getattr(layout, a) for a in order]
     strides = [1]
     for s in sizes[:-1]:
         strides.append(strides[-1] * s)
     a = order.index(axis)
-    world = strides[-1] * sizes[-1]
     groups = []
-    for base in range(world):
+    for base in range(layout.world):
         if (base // strides[a]) % sizes[a] == 0:  # the member with coordinate 0 on `axis`
             groups.append([base + i * strides[a] for i in range(sizes[a])])
     return groups
 
 
+def _replica_ranks(layout):
+    """For each (tp, pp) coordinate: its dp * cp ranks ordered by dp_cp_rank (cp fastest)."""
+    tp, dpcp = layout.tp, layout.dp * layout.cp
+    return [[tp_rank + tp * j + tp * dpcp * pp_rank for j in range(dpcp)]
+            for pp_rank in range(layout.pp) for tp_rank in range(tp)]
+
+
+def ep_groups(layout):
+    """Rank lists of all ep groups: `ep` consecutive data(-context)-parallel ranks."""
+    ep = layout.ep
+    return [ranks[i:i + ep] for ranks in _replica_ranks(layout) for i in range(0, len(ranks), ep)]
+
+
+def expert_dp_groups(layout):
+    """Rank lists of all expert-data-parallel groups: the same ep_rank in every ep group."""
+    ep = layout.ep
+    return [ranks[i::ep] for ranks in _replica_ranks(layout) for i in range(ep)]
+
+
+def group_ranks(layout):
+    """{Layout field: the rank lists of every instance of that group}, in creation order."""
+    groups = {f"{axis}_group": _ranks_along(axis, layout) for axis in ("tp", "cp", "dp", "pp")}
+    groups["dp_cp_group"] = _replica_ranks(layout)
+    if layout.ep > 1:  # with ep = 1 the expert-data-parallel group is dp_cp_group itself
+        groups["ep_group"] = ep_groups(layout)
+        groups["expert_dp_group"] = expert_dp_groups(layout)
+    if layout.pp > 1:  # the first and the last stage of each pipeline
+        groups["embedding_group"] = [[ranks[0], ranks[-1]] for ranks in _ranks_along("pp", layout)]
+    return groups
+
+
 def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", device=None,
                      timeout_minutes=10):
-    """Set up the process groups from torchrun's environment (RANK, WORLD_SIZE, ...),
-    or a single process when launched with plain `python`.
+    """This process's Layout, with its process groups.
 
-    CUDA + NCCL when a GPU is present, CPU + gloo otherwise; `device` forces one.
+    The processes are torchrun's (RANK, WORLD_SIZE, ...), or one under plain `python`, or
+    those of a default process group that already exists (a test running many layouts in
+    the same processes, see "Local ranks"): then only the layout's groups are made, and
+    destroy_distributed removes only those. CUDA + NCCL when a GPU is present, CPU + gloo
+    otherwise; `device` forces one.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = world_size()
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     dp = check_layout(world, tp, cp, pp, ep)
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, cp_comm=cp_comm,
                     rank=rank, device=device)
     if world == 1:
         return layout
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
-    sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
-    for axis in ("tp", "cp", "dp", "pp"):
-        if sizes[axis] == 1:
-            continue
-        # new_group is collective: every rank creates every group, in the same order.
-        for ranks in _ranks_along(axis, sizes):
-            group = dist.new_group(ranks)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
+        layout.owns_world = True
+    for name, rank_lists in group_ranks(layout).items():
+        for ranks in rank_lists:
+            if len(ranks) == 1:
+                continue
+            group = dist.new_group(ranks)  # collective: every rank makes every group, in order
+            layout.created.append(group)
             if rank in ranks:
-                setattr(layout, f"{axis}_group", group)
-    if dp * cp > 1:
-        for ranks in _ranks_along("dp", sizes):
-            if (ranks[0] // tp) % cp:
-                continue  # one group per (tp, pp) coordinate: start from cp coordinate 0
-            group_ranks = sorted(r + i * tp for r in ranks for i in range(cp))
-            group = dist.new_group(group_ranks)
-            if rank in group_ranks:
-                layout.dp_cp_group = group
-    init_expert_groups(layout)
-    if pp > 1:  # the first and the last stage of each pipeline
-        for ranks in _ranks_along("pp", sizes):
-            group = dist.new_group([ranks[0], ranks[-1]])
-            if rank in (ranks[0], ranks[-1]):
-                layout.embedding_group = group
+                setattr(layout, name, group)
+    if ep == 1:
+        layout.expert_dp_group = layout.dp_cp_group
     return layout
 
 
-def destroy_distributed():
+def destroy_distributed(layout):
+    """Undo init_distributed: its groups, and the default group if it made that too."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if layout.owns_world:
+            dist.destroy_process_group()
+        else:
+            for group in layout.created:
+                dist.destroy_process_group(group)
+    layout.created = []
 
 
 def barrier():
@@ -233,19 +276,77 @@ def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
 
 
 # ----------------------------------------------------------------------------
-# 3. Layout-independent initialization, and where a shard sits in its global tensor
+# Parameter tags: what the machinery must know of each parameter
 # ----------------------------------------------------------------------------
+
+@dataclass
+class Tags:
+    """What a parameter is, for the parallel machinery: set where the parameter is made
+    (the parallel layers below, or a model where its math decides), read by DataParallel,
+    the gradient norm, checkpoints and Hugging Face import. The defaults describe a plain
+    parameter replicated on every rank."""
+    global_shape: list = None   # the whole tensor's shape, when this is a part of it
+    global_offset: list = None  # where this part starts in the whole tensor
+    tp_sharded: bool = False    # a slice of a tensor split over tp: each tp rank holds another
+    partial_grad: bool = False  # replicated over tp, but each tp rank computes only part of the
+                                # gradient (a QK-norm seeing its heads): summed over tp
+    pp_tied: bool = False       # a tied embedding held by the first and the last pipeline stage
+    pp_tied_copy: bool = False  # ... and this is the last stage's copy: never saved or counted
+    expert: bool = False        # an expert's: one rank of each ep group holds it
+
+
+def tags(param):
+    """The Tags of `param` (the defaults until something tags it)."""
+    if not hasattr(param, "tags"):
+        param.tags = Tags()
+    return param.tags
+
 
 def global_region(param):
     """Where this rank's `param` sits in its global tensor: (global shape, offset,
-    extent). Sharded layers set `param.global_shape` / `param.global_offset`; anything
-    else is whole. The extent is the shard's shape clipped to the global shape: a shard
-    may reach past it (vocabulary padding), and that part belongs to no global tensor."""
-    shape = list(getattr(param, "global_shape", param.shape))
-    offset = list(getattr(param, "global_offset", [0] * param.dim()))
+    extent). The extent is the part's shape clipped to the global shape: a part may reach
+    past it (vocabulary padding), and that part belongs to no global tensor."""
+    t = tags(param)
+    shape = list(t.global_shape or param.shape)
+    offset = list(t.global_offset or [0] * param.dim())
     extent = [max(0, min(n, g - o)) for n, g, o in zip(param.shape, shape, offset)]
     return shape, offset, extent
 
+
+def grad_is_partial(param, layout):
+    """Whether each tp rank computes only part of `param`'s gradient, to be summed over tp:
+    tagged so, or, under sequence parallelism, any parameter not split over tp, as it then
+    sees only this rank's tokens (norms, learned positions, a bias added after the
+    reduce-scatter). Without sp those see every token and hold the whole gradient."""
+    t = tags(param)
+    return layout.tp > 1 and (t.partial_grad or (layout.sp and not t.tp_sharded))
+
+
+def counts_once(param, layout):
+    """Whether this rank's copy of `param` is the one that counts among the tp ranks and
+    pipeline stages: a tp shard is a part of its own, a tensor replicated over tp counts on
+    tp rank 0, the last stage's copy of a tied embedding never counts. The gradient norm,
+    checkpoints and the parameter count use it. (Replicas over dp x cp hold the same
+    values: each user of this predicate handles them its own way.)"""
+    t = tags(param)
+    return (t.tp_sharded or layout.tp_rank == 0) and not t.pp_tied_copy
+
+
+def count_parameters(modules, layout):
+    """Parameters of the whole model, from this rank's parts (collective)."""
+    counts = torch.zeros(2, device=layout.device)  # [dense, experts]: each ep rank holds others
+    for p in (p for m in modules for p in m.parameters()):
+        if counts_once(p, layout):
+            counts[int(tags(p).expert)] += math.prod(global_region(p)[2])
+    all_reduce(counts[1:], layout.ep_group)
+    for group in (layout.tp_group, layout.pp_group):
+        all_reduce(counts, group)
+    return int(counts.sum())
+
+
+# ----------------------------------------------------------------------------
+# Initialization: the same global weights whatever the layout
+# ----------------------------------------------------------------------------
 
 def init_parameters(module, seed, std_for):
     """Fill every parameter of `module` so that the *global* weights depend only on
@@ -274,7 +375,7 @@ def init_parameters(module, seed, std_for):
 
 
 # ----------------------------------------------------------------------------
-# 4. Tensor parallelism (Megatron) and sequence parallelism
+# Tensor parallelism (Megatron) and sequence parallelism
 # ----------------------------------------------------------------------------
 # A transformer layer under tp: the input is made available to every tp rank
 # (`enter_tp_region`), column-parallel layers compute a slice of the output features
@@ -367,11 +468,12 @@ def sequence_shard(x, layout):
 
 
 def mark_partial_grad(*params):
-    """These replicated parameters see only part of the work on each tp rank (norms on
-    sequence shards, a QK-norm on a slice of the heads): their gradients are summed over
-    tp before the optimizer step (DataParallel does it)."""
+    """These parameters are replicated over tp, but each tp rank computes only part of
+    their gradient (a QK-norm acting on this rank's heads, a router weighting partial
+    expert outputs): DataParallel sums them over tp. (Under sp, parameters outside the
+    tensor-parallel layers are partial without being marked: see grad_is_partial.)"""
     for p in params:
-        p.tp_partial_grad = True
+        tags(p).partial_grad = True
 
 
 def _shard(param, dim, layout, global_size):
@@ -381,8 +483,8 @@ def _shard(param, dim, layout, global_size):
     shape[dim] = global_size
     offset = [0] * param.dim()
     offset[dim] = layout.tp_rank * param.shape[dim]
-    param.global_shape, param.global_offset = shape, offset
-    param.tp_sharded = True
+    t = tags(param)
+    t.global_shape, t.global_offset, t.tp_sharded = shape, offset, True
 
 
 def check_divisible(tp, **sizes):
@@ -431,8 +533,6 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, _split(in_features, layout.tp, name)))
         _shard(self.weight, 1, layout, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        if bias and layout.sp:
-            mark_partial_grad(self.bias)
 
     def forward(self, x):
         y = leave_tp_region(F.linear(x, self.weight), self.layout)
@@ -471,517 +571,10 @@ def gather_logits(logits, layout, vocab_size):
     return logits[..., :vocab_size]
 
 
-def output_layer(x, weight, labels, layout, vocab_size):
-    """The end of every language model here: a column-parallel layer over the (padded)
-    vocabulary, whose weight may be the embedding's (tied). Without labels, the full
-    logits (sampling, HF parity); with labels, the sum of the token losses over this
-    rank's targets (under cp, its share of the sequence), from `kernels.linear_cross_entropy`:
-    chunked, so the logits of the whole batch never exist at once, and vocabulary-parallel,
-    each rank holding its slice of the vocabulary and the softmax needing only three
-    numbers per token from the other ranks (max, sum of exponentials, target logit).
-
-    The caller divides by the global count of target tokens, which makes the loss the
-    exact mean over the global batch however it is split into ranks and micro-batches.
-    """
-    x = enter_tp_region(x, layout)
-    if labels is None:
-        return gather_logits(F.linear(x, weight), layout, vocab_size)
-
-    def tp_all_reduce(tensor, op):
-        all_reduce(tensor, layout.tp_group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return kernels.linear_cross_entropy(x, weight, context_shard(labels, layout),
-                                        vocab_start=layout.tp_rank * weight.shape[0],
-                                        vocab_size=vocab_size, all_reduce=tp_all_reduce)
 
 
 # ----------------------------------------------------------------------------
-# 5. Data parallelism, ZeRO-1 and the optimizer
-# ----------------------------------------------------------------------------
-
-class DataParallel:
-    """Hand-written DDP, with ZeRO-1 as an option.
-
-    Every parameter's .grad is a view into one flat fp32 buffer per bucket. Buckets are
-    filled in reverse parameter order (roughly the order backward produces gradients);
-    a post-accumulate-grad hook counts a bucket's parameters as their gradients land,
-    and when the bucket is complete its reduction starts asynchronously while backward
-    goes on computing earlier layers. `finish()` waits for all of them.
-
-      plain DP: all-reduce each bucket; every rank then updates every parameter.
-      ZeRO-1:   reduce-scatter each bucket, so rank r receives the summed gradient of
-                its 1/dp slice only; the optimizer state exists only for that slice,
-                the update runs on it, and the updated slices are all-gathered back
-                into the parameters (which are views into a flat buffer too).
-
-    Gradients are summed, not averaged: the loss is already divided by the global token
-    count, so the sum over ranks is exactly the gradient of the global mean. On
-    accumulation micro-steps run backward inside `no_sync()`: gradients only accumulate.
-    Parameters marked by `mark_partial_grad` are also summed over tp here.
-
-    Expert parameters (`mark_expert_parallel`, section 9) are replicated only over the
-    expert-data-parallel group: they get buckets of their own, reduced (and ZeRO-sharded)
-    over that group instead of dp x cp.
-    """
-
-    def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
-        self.layout, self.zero1 = layout, zero1
-        modules = modules if isinstance(modules, (list, tuple)) else [modules]
-        self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
-                             if p.requires_grad]
-        # Tied embeddings split over the first and last pipeline stage get their own
-        # bucket, reduced in finish(): their two halves must be summed over the embedding
-        # group first, and that cannot wait inside a backward that feeds the pipeline.
-        tied = [(n, p) for n, p in self.named_params if getattr(p, "pp_tied", False)]
-        self.buckets = [self._make_bucket(tied, deferred=True)] if tied else []
-        for expert in (False, True):
-            bucket, size = [], 0
-            for name, p in reversed(self.named_params):
-                if getattr(p, "pp_tied", False) or getattr(p, "expert_parallel", False) != expert:
-                    continue
-                bucket.append((name, p))
-                size += p.numel()
-                if size * 4 >= bucket_mb * 2**20:
-                    self.buckets.append(self._make_bucket(bucket))
-                    bucket, size = [], 0
-            if bucket:
-                self.buckets.append(self._make_bucket(bucket))
-        self.sync = True
-        self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(b))
-                      for b in self.buckets for _, p in b["params"]]
-
-    def close(self):
-        """Remove the gradient hooks (call when training ends). The cycle parameter ->
-        hook -> self -> parameter is not always visible to Python's garbage collector
-        (autograd also owns the parameters, from C++), so without this the model and its
-        process groups live until the interpreter exits, and tearing gloo down that late
-        can abort the process after a run that otherwise succeeded."""
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-
-    def _make_bucket(self, named, deferred=False):
-        layout = self.layout
-        expert = getattr(named[0][1], "expert_parallel", False) and layout.ep > 1
-        if expert:
-            group, replicas, rank = layout.expert_dp_group, layout.dp_cp // layout.ep, layout.expert_dp_rank
-        else:
-            group, replicas, rank = layout.dp_cp_group, layout.dp_cp, layout.dp_cp_rank
-        sharded = self.zero1 and replicas > 1
-        numel = sum(p.numel() for _, p in named)
-        padded = -(-numel // replicas) * replicas  # ZeRO slices must be equal
-        device = named[0][1].device
-        grads = torch.zeros(padded, device=device)
-        data = torch.zeros(padded, device=device)
-        offset = 0
-        for _, p in named:
-            n = p.numel()
-            data[offset:offset + n] = p.detach().reshape(-1)
-            # The parameter's storage becomes the flat buffer (ZeRO all-gathers into it),
-            # and autograd accumulates into an existing .grad in place, so views stay views.
-            p.data = data[offset:offset + n].view_as(p)
-            p.grad = grads[offset:offset + n].view_as(p)
-            offset += n
-        shard = padded // replicas if sharded else padded
-        start = rank * shard if sharded else 0
-        return {"params": named, "grads": grads, "data": data, "shard": slice(start, start + shard),
-                "grad_shard": torch.zeros(shard, device=device) if sharded else grads,
-                "group": group, "sharded": sharded, "expert": expert,
-                "ready": 0, "handle": None, "deferred": deferred}
-
-    def _make_hook(self, bucket):
-        def hook(param):
-            if not self.sync:
-                return
-            if getattr(param, "tp_partial_grad", False) and self.layout.tp > 1:
-                all_reduce(param.grad, self.layout.tp_group)
-            bucket["ready"] += 1
-            if bucket["ready"] == len(bucket["params"]) and not bucket["deferred"]:
-                bucket["handle"] = self._reduce(bucket, async_op=True)
-        return hook
-
-    def _reduce(self, bucket, async_op):
-        if bucket["group"] is None:
-            return None
-        if bucket["sharded"]:
-            return dist.reduce_scatter_single(bucket["grad_shard"], bucket["grads"],
-                                              group=bucket["group"], async_op=async_op)
-        return dist.all_reduce(bucket["grads"], group=bucket["group"], async_op=async_op)
-
-    class _NoSync:
-        def __init__(self, ddp):
-            self.ddp = ddp
-
-        def __enter__(self):
-            self.ddp.sync = False
-
-        def __exit__(self, *exc):
-            self.ddp.sync = True
-
-    def no_sync(self):
-        return self._NoSync(self)
-
-    def finish(self):
-        """Wait for every bucket's reduction (call after the last backward of a step)."""
-        for b in self.buckets:
-            if b["deferred"]:
-                all_reduce(b["grads"], self.layout.embedding_group)
-                self._reduce(b, async_op=False)
-            elif b["ready"] < len(b["params"]):
-                # Some parameter got no gradient this step (an unused branch): reduce
-                # anyway, so that every rank issues the same collectives.
-                for _, p in b["params"]:
-                    if getattr(p, "tp_partial_grad", False) and self.layout.tp > 1:
-                        all_reduce(p.grad, self.layout.tp_group)
-                self._reduce(b, async_op=False)
-            elif b["handle"] is not None:
-                b["handle"].wait()
-            b["handle"], b["ready"] = None, 0
-
-    def zero_grad(self):
-        for b in self.buckets:
-            b["grads"].zero_()
-
-    def all_gather_params(self):
-        """ZeRO-1: after each rank updated its slice, share the slices."""
-        for b in self.buckets:
-            if b["sharded"]:
-                dist.all_gather_single(b["data"], b["data"][b["shard"]].clone(), group=b["group"])
-
-
-class AdamW:
-    """AdamW on the flat buffers of a DataParallel: each rank updates its own slice of
-    every bucket (the whole bucket without ZeRO-1). fp32 state and master weights.
-
-    No weight decay on norms, biases and embeddings: only on weight matrices (dim >= 2)
-    whose name does not contain "embed".
-    """
-
-    def __init__(self, ddp, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
-        self.ddp, self.lr, self.betas, self.eps = ddp, lr, betas, eps
-        self.steps = 0
-        self.exp_avg = [torch.zeros_like(b["grad_shard"]) for b in ddp.buckets]
-        self.exp_avg_sq = [torch.zeros_like(b["grad_shard"]) for b in ddp.buckets]
-        self.decay = []  # per bucket: weight_decay where it applies, else 0, on the slice
-        for b in ddp.buckets:
-            full = torch.zeros_like(b["grads"])
-            offset = 0
-            for name, p in b["params"]:
-                if p.dim() >= 2 and "embed" not in name:
-                    full[offset:offset + p.numel()] = weight_decay
-                offset += p.numel()
-            self.decay.append(full[b["shard"]].clone())
-
-    @torch.no_grad()
-    def step(self):
-        self.steps += 1
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for b, m, v, decay in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decay):
-            param, grad = b["data"][b["shard"]], b["grad_shard"]
-            param.mul_(1 - self.lr * decay)
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
-        self.ddp.all_gather_params()
-
-    # Checkpoints store the moments per parameter, whole: layout-free. Under ZeRO-1 the
-    # slices are all-gathered first (a transient full-size copy on each dp rank).
-    def _full(self, flat_states):
-        fulls = []
-        for b, state in zip(self.ddp.buckets, flat_states):
-            if b["sharded"]:
-                full = torch.empty_like(b["grads"])
-                dist.all_gather_single(full, state, group=b["group"])
-                state = full
-            fulls.append(state)
-        return fulls
-
-    def state_tensors(self):
-        """{param name: (exp_avg, exp_avg_sq)} with each tensor shaped like its parameter."""
-        out = {}
-        for b, m, v in zip(self.ddp.buckets, self._full(self.exp_avg), self._full(self.exp_avg_sq)):
-            offset = 0
-            for name, p in b["params"]:
-                n = p.numel()
-                out[name] = (m[offset:offset + n].view_as(p), v[offset:offset + n].view_as(p))
-                offset += n
-        return out
-
-    def load_state_tensors(self, read_into, steps):
-        """`read_into(name, key, tensor)` fills a tensor shaped like the parameter."""
-        self.steps = steps
-        for b, m, v in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq):
-            for flat, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
-                full = torch.zeros_like(b["grads"])
-                offset = 0
-                for name, p in b["params"]:
-                    read_into(name, key, full[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
-                flat.copy_(full[b["shard"]])
-
-
-# ----------------------------------------------------------------------------
-# 6. Gradient norm and loss scaling
-# ----------------------------------------------------------------------------
-
-def clip_grad_norm(ddp, max_norm):
-    """Clip gradients by their global L2 norm and return that norm (before clipping).
-
-    Each element is counted exactly once: ZeRO slices are summed over their bucket's
-    group, experts over ep (each ep rank holds others), tp shards over tp, pipeline
-    stages over pp; parameters replicated over tp count on tp rank 0 only, and the last
-    stage's copy of tied embeddings not at all.
-    """
-    layout = ddp.layout
-    dense, experts = torch.zeros((), device=layout.device), torch.zeros((), device=layout.device)
-    for b in ddp.buckets:
-        if "norm_weight" not in b:
-            b["norm_weight"] = _norm_weights(b, layout)
-        square = (b["grad_shard"].float().pow(2) * b["norm_weight"]).sum()
-        if b["expert"]:
-            experts += square
-        else:
-            dense += square
-    if ddp.zero1:  # each rank holds a slice of each bucket (or all of it: group None)
-        all_reduce(dense, layout.dp_cp_group)
-    if layout.ep > 1:  # expert buckets exist only then (with ep = 1 experts count as dense)
-        if ddp.zero1:
-            all_reduce(experts, layout.expert_dp_group)
-        all_reduce(experts, layout.ep_group)
-    total = dense + experts
-    all_reduce(total, layout.tp_group)
-    all_reduce(total, layout.pp_group)
-    norm = total.sqrt()
-    if max_norm and max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for b in ddp.buckets:
-            b["grad_shard"].mul_(scale)
-    return norm
-
-
-def _norm_weights(bucket, layout):
-    full = torch.zeros_like(bucket["grads"])
-    offset = 0
-    for _, p in bucket["params"]:
-        counted = getattr(p, "tp_sharded", False) or layout.tp_rank == 0
-        if counted and not getattr(p, "pp_tied_copy", False):
-            full[offset:offset + p.numel()] = 1.0
-        offset += p.numel()
-    return full[bucket["shard"]].clone()
-
-
-class LossScaler:
-    """Dynamic loss scaling for fp16: multiply the loss so small gradients do not
-    underflow, divide the gradients back, skip the step (and halve the scale) when any
-    rank saw inf/nan, double the scale after `growth_interval` clean steps."""
-
-    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
-        self.enabled, self.scale, self.growth_interval = enabled, scale, growth_interval
-        self.clean_steps = 0
-
-    def unscale_and_check(self, ddp):
-        """Divide the gradients by the scale; True if they are finite on every rank."""
-        if not self.enabled:
-            return True
-        bad = torch.zeros((), device=ddp.layout.device)
-        for b in ddp.buckets:
-            b["grad_shard"].div_(self.scale)
-            bad += (~torch.isfinite(b["grad_shard"])).sum()
-        # Over dp x cp, tp and pp: every rank of the world (expert buckets included).
-        for group in (ddp.layout.dp_cp_group, ddp.layout.tp_group, ddp.layout.pp_group):
-            all_reduce(bad, group)
-        finite = bad.item() == 0
-        if finite:
-            self.clean_steps += 1
-            if self.clean_steps % self.growth_interval == 0:
-                self.scale *= 2
-        else:
-            self.scale, self.clean_steps = self.scale / 2, 0
-        return finite
-
-    def state(self):
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
-
-
-# ----------------------------------------------------------------------------
-# 7. Pipeline parallelism: stages, point-to-point, schedules
-# ----------------------------------------------------------------------------
-# The layers are cut into pp * vpp consecutive chunks; chunk c lives on pipeline rank
-# c % pp (with vpp > 1 each rank holds vpp chunks, "virtual stages", taken round-robin
-# as Megatron's interleaved schedule wants). A rank builds only its chunks' layers; the
-# first chunk also holds the embedding, the last the final norm, head and loss.
-#
-# A schedule is a list of actions ("F" or "B", micro-batch, chunk) per rank. Running
-# it: a forward receives its input activation from the previous chunk's rank and sends
-# its output to the next; a backward receives the output's gradient from the next and
-# sends the input's gradient back. Sends are asynchronous; receives wait. Every message
-# is tagged by (direction, micro-batch, chunk), so it meets exactly its receive.
-
-def pipeline_chunks(n_layers, pp, vpp=1, layers_per_chunk=None):
-    """Layer indices of each of the pp * vpp chunks, in model order."""
-    n_chunks = pp * vpp
-    if layers_per_chunk is None:
-        if n_layers % n_chunks:
-            raise UsageError(f"n_layers={n_layers} is not divisible by pp*vpp = {n_chunks}; "
-                             f"choose --pp/--vpp that divide it, or list layers per stage with "
-                             f"--pp-layers")
-        layers_per_chunk = [n_layers // n_chunks] * n_chunks
-    if len(layers_per_chunk) != n_chunks or sum(layers_per_chunk) != n_layers or min(layers_per_chunk) < 1:
-        raise UsageError(f"--pp-layers {','.join(map(str, layers_per_chunk))}: need {n_chunks} "
-                         f"positive counts (pp*vpp) that add up to n_layers={n_layers}")
-    bounds = [sum(layers_per_chunk[:c]) for c in range(n_chunks + 1)]
-    return [list(range(bounds[c], bounds[c + 1])) for c in range(n_chunks)]
-
-
-@dataclass
-class Chunk:
-    """One model chunk of this rank: its global index and what it holds."""
-    index: int
-    layers: list
-    first: bool  # holds the embedding
-    last: bool   # holds the final norm, the output layer and the loss
-
-
-def rank_chunks(layout, n_layers, layers_per_chunk=None):
-    """The chunks this pipeline rank builds, in execution order."""
-    all_chunks = pipeline_chunks(n_layers, layout.pp, layout.vpp, layers_per_chunk)
-    return [Chunk(c, all_chunks[c], c == 0, c == len(all_chunks) - 1)
-            for c in range(layout.pp_rank, len(all_chunks), layout.pp)]
-
-
-def mark_tied_across_stages(first_stage_param=None, last_stage_copy=None):
-    """Tied embeddings under pp: the first stage owns the embedding, the last stage a
-    copy for its output layer (initialized identically: same global name). Their
-    gradients are summed over the embedding group so the two stay equal; the copy is
-    neither saved nor counted in the gradient norm."""
-    for p in (first_stage_param, last_stage_copy):
-        if p is not None:
-            p.pp_tied = True
-    if last_stage_copy is not None:
-        last_stage_copy.pp_tied_copy = True
-
-
-def schedule_gpipe(n_micro, layout):
-    """All forwards, then all backwards (GPipe): simple, but every micro-batch's
-    activations are alive at once."""
-    return [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
-
-
-def schedule_1f1b(n_micro, layout):
-    """1F1B (PipeDream-flush): rank r runs pp - r - 1 warm-up forwards, then alternates
-    one forward and one backward, then drains the backwards. Same bubble as GPipe, but
-    at most pp - r micro-batches of activations are alive."""
-    warmup = min(layout.pp - layout.pp_rank - 1, n_micro)
-    actions = [("F", m, 0) for m in range(warmup)]
-    for i in range(n_micro - warmup):
-        actions += [("F", warmup + i, 0), ("B", i, 0)]
-    return actions + [("B", m, 0) for m in range(n_micro - warmup, n_micro)]
-
-
-def schedule_interleaved_1f1b(n_micro, layout):
-    """Interleaved 1F1B (Megatron): each rank holds vpp chunks; micro-batches move
-    through them in groups of pp, which cuts the bubble by vpp at the cost of vpp
-    times more point-to-point messages. Needs n_micro to be a multiple of pp."""
-    pp, vpp, rank = layout.pp, layout.vpp, layout.pp_rank
-    if n_micro % pp:
-        raise UsageError(f"the interleaved schedule needs the number of micro-batches "
-                         f"({n_micro}) to be a multiple of pp={pp}; change --global-batch-size "
-                         f"or --micro-batch-size")
-    total = n_micro * vpp
-
-    def unit(k, backward):
-        """The k-th forward (or backward) of this rank: (micro-batch, local chunk)."""
-        group, within = divmod(k, pp * vpp)
-        chunk = within // pp
-        return group * pp + within % pp, (vpp - 1 - chunk) if backward else chunk
-
-    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-    actions = [("F", *unit(k, False)) for k in range(warmup)]
-    for i in range(total - warmup):
-        actions += [("F", *unit(warmup + i, False)), ("B", *unit(i, True))]
-    return actions + [("B", *unit(k, True)) for k in range(total - warmup, total)]
-
-
-SCHEDULES = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "interleaved": schedule_interleaved_1f1b}
-
-
-def bubble_fraction(schedule, n_micro, layout):
-    """Idle fraction of a step in theory: (pp - 1) / (m * v + pp - 1) with v = vpp for
-    the interleaved schedule and 1 otherwise."""
-    v = layout.vpp if schedule == "interleaved" else 1
-    return (layout.pp - 1) / (n_micro * v + layout.pp - 1)
-
-
-def _tag(direction, micro, chunk):
-    return (micro * 1024 + chunk) * 2 + direction
-
-
-def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
-                 loss_scale=1.0, autocast=None, forward_only=False):
-    """Execute a pipeline schedule for one step; return the sum of the micro-batches'
-    loss sums (non-zero only on the rank holding the last chunk).
-
-    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
-    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
-    loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
-    loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
-    router losses, in the loss sum's units): it joins the objective on that chunk's rank.
-    With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
-    """
-    autocast = autocast or contextlib.nullcontext()
-    local = {c.index: i for i, c in enumerate(chunks)}
-    stored, sends, total = {}, [], torch.zeros((), device=layout.device)
-    last_backward = max((i for i, a in enumerate(actions) if a[0] == "B"), default=-1)
-
-    def recv(direction, micro, chunk, src):
-        buf = torch.empty(hidden_shape, device=layout.device)
-        dist.recv(buf, src, tag=_tag(direction, micro, chunk))
-        return buf
-
-    def send(tensor, direction, micro, chunk, dst):
-        sends.append(dist.isend(tensor.contiguous(), dst, tag=_tag(direction, micro, chunk)))
-
-    for i, (kind, micro, local_chunk) in enumerate(actions):
-        if forward_only and kind == "B":
-            continue
-        chunk = chunks[local_chunk]
-        model = modules[local_chunk]
-        ids, labels = micro_batches[micro]
-        if kind == "F":
-            hidden = None
-            if not chunk.first:  # from the previous chunk, on the previous rank
-                hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
-            with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
-                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
-            if chunk.last:
-                total += out.detach()
-            else:
-                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
-            if not forward_only:
-                stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
-        else:
-            hidden, out, extra = stored.pop((micro, chunk.index))
-            if ddp is not None:
-                ddp.sync = i == last_backward  # reduce gradients only in the last backward
-            if chunk.last:
-                ((out if extra is None else out + extra) * loss_scale).backward()
-            else:
-                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
-                if extra is None:
-                    torch.autograd.backward(out, grad)
-                else:  # None: the scalar's gradient is 1
-                    torch.autograd.backward([out, extra * loss_scale], [grad, None])
-            if not chunk.first:
-                send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
-    if ddp is not None:
-        ddp.sync = True
-    for handle in sends:
-        handle.wait()
-    return total
-
-
-# ----------------------------------------------------------------------------
-# 8. Context parallelism: zigzag sequence split and ring attention
+# Context parallelism: zigzag sequence split and ring attention
 # ----------------------------------------------------------------------------
 # The sequence is cut into 2 * cp chunks and rank r keeps chunks r and 2cp - 1 - r
 # ("zigzag"): under a causal mask early chunks attend to little and late chunks to
@@ -1164,7 +757,7 @@ def context_attention(q, k, v, positions, layout, causal=True, window=None, key_
 
 
 # ----------------------------------------------------------------------------
-# 9. Expert parallelism: experts sharded over data-parallel ranks, all-to-all dispatch
+# Expert parallelism: experts sharded over data-parallel ranks, all-to-all dispatch
 # ----------------------------------------------------------------------------
 # A mixture-of-experts layer sends each token to top_k of n_experts feed-forward
 # networks. Under ep the experts are split over `ep` ranks that hold *different tokens*
@@ -1187,17 +780,6 @@ def context_attention(q, k, v, positions, layout, causal=True, window=None, key_
 # Nothing here changes which tokens a rank holds, so the loss and the (reduced)
 # gradients are those of one process holding every expert.
 
-def check_expert_layout(layout, n_experts=None):
-    """ep must divide the expert count and dp * cp (the ranks it is carved from)."""
-    if n_experts is not None and n_experts % layout.ep:
-        raise UsageError(f"n_experts={n_experts} is not divisible by --ep {layout.ep}; "
-                         f"choose an --ep that divides it")
-    if (layout.dp * layout.cp) % layout.ep:
-        raise UsageError(f"--ep {layout.ep} must divide dp*cp = {layout.dp}*{layout.cp} = "
-                         f"{layout.dp * layout.cp} (expert parallelism splits the data-parallel "
-                         f"ranks); launch more processes or choose another --ep")
-
-
 def local_experts(layout, n_experts):
     """Global indices of the experts this rank holds."""
     per_rank = n_experts // layout.ep
@@ -1209,45 +791,7 @@ def mark_expert_parallel(*params):
     gradients are summed over the expert-data-parallel group only, and their norm over
     the ep group (each of its ranks holds different experts)."""
     for p in params:
-        p.expert_parallel = True
-
-
-def _replica_ranks(layout):
-    """For each (tp, pp) coordinate: its dp * cp ranks ordered by dp_cp_rank."""
-    tp, dpcp = layout.tp, layout.dp * layout.cp
-    for pp_rank in range(layout.pp):
-        for tp_rank in range(tp):
-            yield [tp_rank + tp * j + tp * dpcp * pp_rank for j in range(dpcp)]
-
-
-def ep_groups(layout):
-    """Rank lists of all ep groups: `ep` consecutive data(-context)-parallel ranks."""
-    ep = layout.ep
-    return [ranks[i:i + ep] for ranks in _replica_ranks(layout) for i in range(0, len(ranks), ep)]
-
-
-def expert_dp_groups(layout):
-    """Rank lists of all expert-data-parallel groups: the same ep_rank in every ep group."""
-    ep = layout.ep
-    return [ranks[i::ep] for ranks in _replica_ranks(layout) for i in range(ep)]
-
-
-def init_expert_groups(layout):
-    """Set layout.ep_group and layout.expert_dp_group (None where one rank). Collective:
-    every rank calls it, after dp_cp_group exists (init_distributed does)."""
-    check_expert_layout(layout)  # the expert count is checked by the model
-    layout.ep_group = None
-    layout.expert_dp_group = layout.dp_cp_group if layout.ep == 1 else None
-    if layout.ep == 1 or not dist.is_initialized():
-        return layout
-    for name, lists in (("ep_group", ep_groups(layout)), ("expert_dp_group", expert_dp_groups(layout))):
-        for ranks in lists:
-            if len(ranks) == 1:
-                continue
-            group = dist.new_group(ranks)  # every rank creates every group, in the same order
-            if layout.rank in ranks:
-                setattr(layout, name, group)
-    return layout
+        tags(p).expert = True
 
 
 class _AllToAll(torch.autograd.Function):
@@ -1308,8 +852,6 @@ def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, tra
     if layout.ep == 1:
         out = _run_experts(rows, counts, experts)
     else:
-        if layout.ep_group is None:
-            raise RuntimeError("ep > 1 needs the expert-parallel groups: call init_expert_groups")
         per_rank = n_experts // layout.ep
         # 1. Counts: recv[s, i] = rows rank s sends to my local expert i.
         recv = torch.empty_like(counts)
@@ -1333,3 +875,657 @@ def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, tra
 
     w = weights.reshape(-1)[assignment]
     return torch.zeros_like(x).index_add(0, token[assignment], (out * w[:, None]).to(x.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Model chunks: a model cut into pipeline chunks; the output layer and loss
+# ----------------------------------------------------------------------------
+# Under pipeline parallelism the layers are cut into pp * vpp consecutive chunks; chunk c
+# lives on pipeline rank c % pp (with vpp > 1 each rank holds vpp chunks, "virtual stages",
+# taken round-robin as Megatron's interleaved schedule wants). The first chunk also holds
+# the embedding, the last the final norm, the output layer and the loss.
+#
+# A model file writes the whole model and ends its __init__ with keep_chunk, which drops
+# what its chunk does not hold; its forward takes the previous chunk's output (`hidden`)
+# instead of embedding tokens, and a chunk before the last returns its hidden states.
+# That is all a model knows of pipelines: sending and receiving happen in run_schedule.
+
+def pipeline_chunks(n_layers, pp, vpp=1, layers_per_chunk=None):
+    """Layer indices of each of the pp * vpp chunks, in model order."""
+    n_chunks = pp * vpp
+    if layers_per_chunk is None:
+        if n_layers % n_chunks:
+            raise UsageError(f"n_layers={n_layers} is not divisible by pp*vpp = {n_chunks}; "
+                             f"choose --pp/--vpp that divide it, or list layers per stage with "
+                             f"--pp-layers")
+        layers_per_chunk = [n_layers // n_chunks] * n_chunks
+    if len(layers_per_chunk) != n_chunks or sum(layers_per_chunk) != n_layers or min(layers_per_chunk) < 1:
+        raise UsageError(f"--pp-layers {','.join(map(str, layers_per_chunk))}: need {n_chunks} "
+                         f"positive counts (pp*vpp) that add up to n_layers={n_layers}")
+    bounds = [sum(layers_per_chunk[:c]) for c in range(n_chunks + 1)]
+    return [list(range(bounds[c], bounds[c + 1])) for c in range(n_chunks)]
+
+
+@dataclass
+class Chunk:
+    """One model chunk of this rank: its global index and what it holds."""
+    index: int
+    layers: list
+    first: bool  # holds the embedding
+    last: bool   # holds the final norm, the output layer and the loss
+
+
+def rank_chunks(layout, n_layers, layers_per_chunk=None):
+    """The chunks this pipeline rank builds, in execution order."""
+    all_chunks = pipeline_chunks(n_layers, layout.pp, layout.vpp, layers_per_chunk)
+    return [Chunk(c, all_chunks[c], c == 0, c == len(all_chunks) - 1)
+            for c in range(layout.pp_rank, len(all_chunks), layout.pp)]
+
+
+def keep_chunk(model, chunk, first, last, tied_embedding=None):
+    """Turn `model`, whose __init__ built the whole model, into the pipeline `chunk` of it
+    (None: keep the whole model). Its layers are `model.layers`, keyed by global index;
+    `first` names the modules only the first chunk holds (the embedding), `last` those only
+    the last one holds (final norm, output layer). With tied embeddings, `tied_embedding`
+    names the embedding, which the last chunk keeps too, for its output layer: split over
+    two stages, the two copies are tagged so that DataParallel sums their gradients (they
+    stay equal) and only the first stage's is saved and counted. Sets `model.chunk`.
+
+    Built on the meta device (models.build), the modules dropped here never had memory."""
+    chunk = chunk or Chunk(0, [int(i) for i in model.layers], True, True)
+    for i in list(model.layers):
+        if int(i) not in chunk.layers:
+            del model.layers[i]
+    for name in first:
+        if not chunk.first and not (chunk.last and name == tied_embedding):
+            setattr(model, name, None)
+    for name in last:
+        if not chunk.last:
+            setattr(model, name, None)
+    if tied_embedding and chunk.first != chunk.last:
+        t = tags(getattr(model, tied_embedding).weight)
+        t.pp_tied, t.pp_tied_copy = True, chunk.last
+    model.chunk = chunk
+    return model
+
+
+def output_layer(x, weight, labels, layout, vocab_size):
+    """The end of every language model here: a column-parallel layer over the (padded)
+    vocabulary, whose weight may be the embedding's (tied). Without labels, the full
+    logits (sampling, HF parity); with labels, the sum of the token losses over this
+    rank's targets (under cp, its share of the sequence), from `kernels.linear_cross_entropy`:
+    chunked, so the logits of the whole batch never exist at once, and vocabulary-parallel,
+    each rank holding its slice of the vocabulary and the softmax needing only three
+    numbers per token from the other ranks (max, sum of exponentials, target logit).
+
+    The caller divides by the global count of target tokens, which makes the loss the
+    exact mean over the global batch however it is split into ranks and micro-batches.
+    """
+    x = enter_tp_region(x, layout)
+    if labels is None:
+        return gather_logits(F.linear(x, weight), layout, vocab_size)
+
+    def tp_all_reduce(tensor, op):
+        all_reduce(tensor, layout.tp_group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return kernels.linear_cross_entropy(x, weight, context_shard(labels, layout),
+                                        vocab_start=layout.tp_rank * weight.shape[0],
+                                        vocab_size=vocab_size, all_reduce=tp_all_reduce)
+
+
+# ----------------------------------------------------------------------------
+# Pipeline schedules
+# ----------------------------------------------------------------------------
+# A schedule is a list of actions ("F" or "B", micro-batch, local chunk) per rank. Running
+# it: a forward receives its input activation from the previous chunk's rank and sends
+# its output to the next; a backward receives the output's gradient from the next and
+# sends the input's gradient back. Sends are asynchronous; receives wait.
+#
+# Messages carry a tag, (direction, micro-batch, chunk), and gloo matches a receive to the
+# send with its tag. NCCL ignores tags: between two ranks it matches sends and receives in
+# the order they are issued (all messages have the same shape, so a mismatch would pass
+# the wrong activation silently). So every schedule here must make each rank send to a
+# peer in exactly the order that peer receives from it; tests/test_pipeline_parallel.py
+# simulates every schedule and checks this, pair by pair.
+
+def schedule_gpipe(n_micro, layout):
+    """All forwards, then all backwards (GPipe): simple, but every micro-batch's
+    activations are alive at once."""
+    return [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
+
+
+def schedule_1f1b(n_micro, layout):
+    """1F1B (PipeDream-flush): rank r runs pp - r - 1 warm-up forwards, then alternates
+    one forward and one backward, then drains the backwards. Same bubble as GPipe, but
+    at most pp - r micro-batches of activations are alive."""
+    warmup = min(layout.pp - layout.pp_rank - 1, n_micro)
+    actions = [("F", m, 0) for m in range(warmup)]
+    for i in range(n_micro - warmup):
+        actions += [("F", warmup + i, 0), ("B", i, 0)]
+    return actions + [("B", m, 0) for m in range(n_micro - warmup, n_micro)]
+
+
+def schedule_interleaved_1f1b(n_micro, layout):
+    """Interleaved 1F1B (Megatron): each rank holds vpp chunks; micro-batches move
+    through them in groups of pp, which cuts the bubble by vpp at the cost of vpp
+    times more point-to-point messages. Needs n_micro to be a multiple of pp."""
+    pp, vpp, rank = layout.pp, layout.vpp, layout.pp_rank
+    if n_micro % pp:
+        raise UsageError(f"the interleaved schedule needs the number of micro-batches "
+                         f"({n_micro}) to be a multiple of pp={pp}; change --global-batch-size "
+                         f"or --micro-batch-size")
+    total = n_micro * vpp
+
+    def unit(k, backward):
+        """The k-th forward (or backward) of this rank: (micro-batch, local chunk)."""
+        group, within = divmod(k, pp * vpp)
+        chunk = within // pp
+        return group * pp + within % pp, (vpp - 1 - chunk) if backward else chunk
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    actions = [("F", *unit(k, False)) for k in range(warmup)]
+    for i in range(total - warmup):
+        actions += [("F", *unit(warmup + i, False)), ("B", *unit(i, True))]
+    return actions + [("B", *unit(k, True)) for k in range(total - warmup, total)]
+
+
+SCHEDULES = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "interleaved": schedule_interleaved_1f1b}
+
+
+def bubble_fraction(schedule, n_micro, layout):
+    """Idle fraction of a step in theory: (pp - 1) / (m * v + pp - 1) with v = vpp for
+    the interleaved schedule and 1 otherwise."""
+    v = layout.vpp if schedule == "interleaved" else 1
+    return (layout.pp - 1) / (n_micro * v + layout.pp - 1)
+
+
+def _tag(direction, micro, chunk):
+    return (micro * 1024 + chunk) * 2 + direction
+
+
+def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
+                 loss_scale=1.0, autocast=None, forward_only=False):
+    """Execute a pipeline schedule for one step; return the sum of the micro-batches'
+    loss sums (non-zero only on the rank holding the last chunk).
+
+    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
+    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
+    loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
+    loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
+    router losses, in the loss sum's units): it joins the objective on that chunk's rank.
+    With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
+
+    Gradient reduction (`ddp`): a chunk's gradients are complete after its last backward
+    of the step, so that backward, and only that one, runs with ddp.sync on; its buckets'
+    reductions then overlap with the backwards still to come. Earlier backwards only
+    accumulate: nothing leaves the rank during gradient accumulation.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    stored, sends, total = {}, [], torch.zeros((), device=layout.device)
+    last_backward = {local: i for i, (kind, _, local) in enumerate(actions) if kind == "B"}
+
+    def recv(direction, micro, chunk, src):
+        buf = torch.empty(hidden_shape, device=layout.device)
+        dist.recv(buf, src, tag=_tag(direction, micro, chunk))
+        return buf
+
+    def send(tensor, direction, micro, chunk, dst):
+        sends.append(dist.isend(tensor.contiguous(), dst, tag=_tag(direction, micro, chunk)))
+
+    for i, (kind, micro, local_chunk) in enumerate(actions):
+        if forward_only and kind == "B":
+            continue
+        chunk = chunks[local_chunk]
+        model = modules[local_chunk]
+        ids, labels = micro_batches[micro]
+        if kind == "F":
+            hidden = None
+            if not chunk.first:  # from the previous chunk, on the previous rank
+                hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
+            with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
+                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
+            if chunk.last:
+                total += out.detach()
+            else:
+                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
+            if not forward_only:
+                stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
+        else:
+            hidden, out, extra = stored.pop((micro, chunk.index))
+            if ddp is not None:
+                ddp.sync = i == last_backward[local_chunk]
+            if chunk.last:
+                ((out if extra is None else out + extra) * loss_scale).backward()
+            else:
+                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
+                if extra is None:
+                    torch.autograd.backward(out, grad)
+                else:  # None: the scalar's gradient is 1
+                    torch.autograd.backward([out, extra * loss_scale], [grad, None])
+            if not chunk.first:
+                send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
+    if ddp is not None:
+        ddp.sync = True
+    for handle in sends:
+        handle.wait()
+    return total
+
+
+# ----------------------------------------------------------------------------
+# Data parallelism: bucketed reduction overlapped with backward, ZeRO-1, AdamW
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients are reduced together, through one flat buffer."""
+    params: list              # (name, parameter) in their order in the flat buffers
+    grads: torch.Tensor       # every parameter's .grad is a view into this
+    data: torch.Tensor        # ... and its storage a view into this (ZeRO-1 gathers into it)
+    group: object             # the ranks holding replicas: dp x cp, or expert-data-parallel
+    sharded: bool             # ZeRO-1: each replica reduces to, and updates, its own slice
+    shard: slice              # the part of `data` this rank updates (all of it without ZeRO-1)
+    grad_shard: torch.Tensor  # its reduced gradient (`grads` itself without ZeRO-1)
+    norm_weight: torch.Tensor  # 1 where an element of the shard counts in the gradient norm
+    expert: bool = False      # experts' parameters (reduced over their own group)
+    deferred: bool = False    # tied embeddings across stages: reduced in finish()
+    done: set = field(default_factory=set)  # ids of parameters whose gradient is final
+    launched: bool = False    # its reduction started during backward ...
+    handle: object = None     # ... and this is it, in flight
+
+
+class DataParallel:
+    """Hand-written DDP, with ZeRO-1 as an option.
+
+    Every parameter's .grad is a view into one flat fp32 buffer per bucket. Buckets are
+    filled in reverse parameter order (roughly the order backward produces gradients);
+    a post-accumulate-grad hook records each parameter whose gradient is final, and
+    when a bucket is complete its reduction starts asynchronously while backward goes on
+    computing earlier layers. `finish()` waits for all of them.
+
+      plain DP: all-reduce each bucket; every rank then updates every parameter.
+      ZeRO-1:   reduce-scatter each bucket, so rank r receives the summed gradient of
+                its 1/dp slice only; the optimizer state exists only for that slice,
+                the update runs on it, and the updated slices are all-gathered back
+                into the parameters (which are views into a flat buffer too).
+
+    Gradients are summed, not averaged: the loss is already divided by the global token
+    count, so the sum over ranks is exactly the gradient of the global mean. Hooks act
+    only while `sync` is on (run_schedule turns it on for each chunk's last backward of
+    a step): during gradient accumulation nothing leaves the rank. Gradients that are
+    partial over tp (grad_is_partial) are summed over tp first, exactly once each.
+
+    Expert parameters (mark_expert_parallel) are replicated only over the
+    expert-data-parallel group: they get buckets of their own, reduced (and ZeRO-sharded)
+    over that group instead of dp x cp.
+    """
+
+    def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
+        self.layout, self.zero1 = layout, zero1
+        modules = modules if isinstance(modules, (list, tuple)) else [modules]
+        self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
+                             if p.requires_grad]
+        # Tied embeddings split over the first and last pipeline stage get their own
+        # bucket, reduced in finish(): their two halves must be summed over the embedding
+        # group first, and that cannot wait inside a backward that feeds the pipeline.
+        tied = [(n, p) for n, p in self.named_params if tags(p).pp_tied]
+        self.buckets = [self._make_bucket(tied, deferred=True)] if tied else []
+        for expert in (False, True):
+            bucket, size = [], 0
+            for name, p in reversed(self.named_params):
+                if tags(p).pp_tied or tags(p).expert != expert:
+                    continue
+                bucket.append((name, p))
+                size += p.numel()
+                if size * 4 >= bucket_mb * 2**20:
+                    self.buckets.append(self._make_bucket(bucket))
+                    bucket, size = [], 0
+            if bucket:
+                self.buckets.append(self._make_bucket(bucket))
+        self.sync = True
+        self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(b))
+                      for b in self.buckets for _, p in b.params]
+
+    def close(self):
+        """Remove the gradient hooks (call when training ends). The cycle parameter ->
+        hook -> self -> parameter is not always visible to Python's garbage collector
+        (autograd also owns the parameters, from C++), so without this the model and its
+        process groups live until the interpreter exits, and tearing gloo down that late
+        can abort the process after a run that otherwise succeeded."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _make_bucket(self, named, deferred=False):
+        layout = self.layout
+        expert = tags(named[0][1]).expert and layout.ep > 1
+        if expert:
+            group, replicas, rank = layout.expert_dp_group, layout.dp_cp // layout.ep, layout.expert_dp_rank
+        else:
+            group, replicas, rank = layout.dp_cp_group, layout.dp_cp, layout.dp_cp_rank
+        sharded = self.zero1 and replicas > 1
+        numel = sum(p.numel() for _, p in named)
+        padded = -(-numel // replicas) * replicas  # ZeRO slices must be equal
+        device = named[0][1].device
+        grads = torch.zeros(padded, device=device)
+        data = torch.zeros(padded, device=device)
+        counted = torch.zeros(padded, device=device)
+        offset = 0
+        for _, p in named:
+            n = p.numel()
+            data[offset:offset + n] = p.detach().reshape(-1)
+            # The parameter's storage becomes the flat buffer (ZeRO all-gathers into it),
+            # and autograd accumulates into an existing .grad in place, so views stay views.
+            p.data = data[offset:offset + n].view_as(p)
+            p.grad = grads[offset:offset + n].view_as(p)
+            counted[offset:offset + n] = float(counts_once(p, layout))
+            offset += n
+        shard = slice(rank * (padded // replicas), (rank + 1) * (padded // replicas)) if sharded \
+            else slice(0, padded)
+        return Bucket(params=named, grads=grads, data=data, group=group, sharded=sharded,
+                      shard=shard, grad_shard=torch.zeros(padded // replicas, device=device)
+                      if sharded else grads, norm_weight=counted[shard].clone(), expert=expert,
+                      deferred=deferred)
+
+    def _make_hook(self, bucket):
+        def hook(param):
+            if not self.sync:
+                return
+            self._sum_partial_grad(param)
+            bucket.done.add(id(param))
+            if len(bucket.done) == len(bucket.params) and not bucket.deferred:
+                bucket.handle, bucket.launched = self._reduce(bucket, async_op=True), True
+        return hook
+
+    def _sum_partial_grad(self, param):
+        if grad_is_partial(param, self.layout):
+            all_reduce(param.grad, self.layout.tp_group)
+
+    def _reduce(self, bucket, async_op):
+        if bucket.group is None:
+            return None
+        if bucket.sharded:
+            return dist.reduce_scatter_single(bucket.grad_shard, bucket.grads,
+                                              group=bucket.group, async_op=async_op)
+        return dist.all_reduce(bucket.grads, group=bucket.group, async_op=async_op)
+
+    def finish(self):
+        """Wait for every bucket's reduction (call after the last backward of a step).
+        A bucket not launched during backward is reduced here: the tied embeddings'
+        (summed over the embedding group first), and one with a parameter whose gradient
+        no synchronized backward finalized (a branch unused this step), so that every
+        rank issues the same collectives; what its hooks did not sum over tp is summed now."""
+        for b in self.buckets:
+            if b.launched:
+                if b.handle is not None:
+                    b.handle.wait()
+            else:
+                for _, p in b.params:
+                    if id(p) not in b.done:
+                        self._sum_partial_grad(p)
+                if b.deferred:
+                    all_reduce(b.grads, self.layout.embedding_group)
+                self._reduce(b, async_op=False)
+            b.done, b.launched, b.handle = set(), False, None
+
+    def zero_grad(self):
+        for b in self.buckets:
+            b.grads.zero_()
+
+    def all_gather_params(self):
+        """ZeRO-1: after each rank updated its slice, share the slices."""
+        for b in self.buckets:
+            if b.sharded:
+                dist.all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
+
+
+class AdamW:
+    """AdamW on the flat buffers of a DataParallel: each rank updates its own slice of
+    every bucket (the whole bucket without ZeRO-1). fp32 state and master weights.
+
+    No weight decay on norms, biases and embeddings: only on weight matrices (dim >= 2)
+    whose name does not contain "embed".
+    """
+
+    def __init__(self, ddp, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+        self.ddp, self.lr, self.betas, self.eps = ddp, lr, betas, eps
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
+        self.exp_avg_sq = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
+        self.decay = []  # per bucket: weight_decay where it applies, else 0, on the slice
+        for b in ddp.buckets:
+            full = torch.zeros_like(b.grads)
+            offset = 0
+            for name, p in b.params:
+                if p.dim() >= 2 and "embed" not in name:
+                    full[offset:offset + p.numel()] = weight_decay
+                offset += p.numel()
+            self.decay.append(full[b.shard].clone())
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for b, m, v, decay in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decay):
+            param, grad = b.data[b.shard], b.grad_shard
+            param.mul_(1 - self.lr * decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
+        self.ddp.all_gather_params()
+
+    # Checkpoints store the moments per parameter, whole: layout-free. Under ZeRO-1 the
+    # slices are all-gathered first (a transient full-size copy on each dp rank).
+    def _full(self, flat_states):
+        fulls = []
+        for b, state in zip(self.ddp.buckets, flat_states):
+            if b.sharded:
+                full = torch.empty_like(b.grads)
+                dist.all_gather_single(full, state, group=b.group)
+                state = full
+            fulls.append(state)
+        return fulls
+
+    def state_tensors(self):
+        """{param name: (exp_avg, exp_avg_sq)} with each tensor shaped like its parameter."""
+        out = {}
+        for b, m, v in zip(self.ddp.buckets, self._full(self.exp_avg), self._full(self.exp_avg_sq)):
+            offset = 0
+            for name, p in b.params:
+                n = p.numel()
+                out[name] = (m[offset:offset + n].view_as(p), v[offset:offset + n].view_as(p))
+                offset += n
+        return out
+
+    def load_state_tensors(self, read_into, steps):
+        """`read_into(name, key, tensor)` fills a tensor shaped like the parameter."""
+        self.steps = steps
+        for b, m, v in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq):
+            for flat, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
+                full = torch.zeros_like(b.grads)
+                offset = 0
+                for name, p in b.params:
+                    read_into(name, key, full[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                flat.copy_(full[b.shard])
+
+
+# ----------------------------------------------------------------------------
+# Gradient norm and loss scaling, agreed across ranks
+# ----------------------------------------------------------------------------
+
+def clip_grad_norm(ddp, max_norm):
+    """Clip gradients by their global L2 norm and return that norm (before clipping).
+
+    Each element is counted exactly once: ZeRO slices are summed over their bucket's
+    group, experts over ep (each ep rank holds others), tp shards over tp, pipeline
+    stages over pp; what counts_once excludes (copies replicated over tp, the last
+    stage's copy of tied embeddings) is weighted 0.
+    """
+    layout = ddp.layout
+    dense, experts = torch.zeros((), device=layout.device), torch.zeros((), device=layout.device)
+    for b in ddp.buckets:
+        square = (b.grad_shard.float().pow(2) * b.norm_weight).sum()
+        if b.expert:
+            experts += square
+        else:
+            dense += square
+    if ddp.zero1:  # each rank holds a slice of each bucket (or all of it: group None)
+        all_reduce(dense, layout.dp_cp_group)
+    if layout.ep > 1:  # expert buckets exist only then (with ep = 1 experts count as dense)
+        if ddp.zero1:
+            all_reduce(experts, layout.expert_dp_group)
+        all_reduce(experts, layout.ep_group)
+    total = dense + experts
+    all_reduce(total, layout.tp_group)
+    all_reduce(total, layout.pp_group)
+    norm = total.sqrt()
+    if max_norm and max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for b in ddp.buckets:
+            b.grad_shard.mul_(scale)
+    return norm
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: multiply the loss so small gradients do not
+    underflow, divide the gradients back, skip the step (and halve the scale) when any
+    rank saw inf/nan, double the scale after `growth_interval` clean steps."""
+
+    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
+        self.enabled, self.scale, self.growth_interval = enabled, scale, growth_interval
+        self.clean_steps = 0
+
+    def unscale_and_check(self, ddp):
+        """Divide the gradients by the scale; True if they are finite on every rank."""
+        if not self.enabled:
+            return True
+        bad = torch.zeros((), device=ddp.layout.device)
+        for b in ddp.buckets:
+            b.grad_shard.div_(self.scale)
+            bad += (~torch.isfinite(b.grad_shard)).sum()
+        # Over dp x cp, tp and pp: every rank of the world (expert buckets included).
+        for group in (ddp.layout.dp_cp_group, ddp.layout.tp_group, ddp.layout.pp_group):
+            all_reduce(bad, group)
+        finite = bad.item() == 0
+        if finite:
+            self.clean_steps += 1
+            if self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2
+        else:
+            self.scale, self.clean_steps = self.scale / 2, 0
+        return finite
+
+
+# ----------------------------------------------------------------------------
+# Local ranks: N processes on one machine, for tests and benchmarks
+# ----------------------------------------------------------------------------
+
+class _Failed(str):
+    """A rank's traceback, sent back instead of its result."""
+
+
+_READY = "ready"  # what each rank sends once it has joined the world
+
+
+def _rank_main(rank, world, port, jobs, results):
+    """One process of LocalRanks: join the gloo world, then run jobs until told to stop."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results.put((rank, _READY))
+    for fn, kwargs in iter(jobs.get, None):
+        try:
+            results.put((rank, fn(**kwargs)))
+        except BaseException:
+            results.put((rank, _Failed(traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class LocalRanks:
+    """`world` CPU processes joined by gloo, kept alive to run one job after another on
+    every rank, so that many layouts (a test's) or modes (a benchmark's) pay for starting
+    processes once. Each job sees a default process group of `world` ranks: init_distributed
+    makes its layout's groups inside it, and destroy_distributed removes them again.
+
+        with LocalRanks(4) as ranks:
+            results = ranks.run(fn, x=1)   # {rank: fn(x=1) on that rank}
+
+    `fn` must be importable by name (a module-level function). If a rank raises, or a job
+    runs past `timeout` seconds, every process is killed (none is left waiting in a
+    collective) and run() raises with the failing rank's traceback.
+    """
+
+    def __init__(self, world, timeout=300):
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        self.world, self.timeout, self.ready = world, timeout, False
+        self.results = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(world)]
+        self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, self.jobs[r], self.results),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, **kwargs):
+        if not self.procs:
+            raise RuntimeError("these ranks were closed (an earlier job failed)")
+        if not self.ready:  # starting the processes does not count against the job's time
+            self._collect(120, "starting")
+            self.ready = True
+        for jobs in self.jobs:
+            jobs.put((fn, kwargs))
+        return self._collect(self.timeout, fn.__name__)
+
+    def _collect(self, timeout, what):
+        """{rank: result} once every rank has answered; kill them all on a failure."""
+        out, start = {}, time.monotonic()
+        try:
+            while len(out) < self.world:
+                try:
+                    rank, result = self.results.get(timeout=1)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                    if dead:
+                        raise RuntimeError(f"rank {dead[0]} of {self.world} died (exit code "
+                                           f"{self.procs[dead[0]].exitcode})") from None
+                    if time.monotonic() - start > timeout:
+                        raise TimeoutError(f"{what} did not finish on {self.world} ranks in "
+                                           f"{timeout} s") from None
+                    continue
+                if isinstance(result, _Failed):
+                    raise RuntimeError(f"rank {rank} of {self.world} failed:\n{result}")
+                out[rank] = result
+        except BaseException:
+            self.kill()  # no rank is left waiting in a collective
+            raise
+        return out
+
+    def kill(self):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join()
+        self.procs = []
+
+    def close(self):
+        """Let every process leave cleanly (or kill it after 30 s)."""
+        for jobs in self.jobs[:len(self.procs)]:
+            jobs.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+        self.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_ranks(world, fn, **kwargs):
+    """Run fn(**kwargs) once on `world` fresh ranks: {rank: its return value}."""
+    with LocalRanks(world) as ranks:
+        return ranks.run(fn, **kwargs)

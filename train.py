@@ -51,6 +51,8 @@ def parse_args(argv=None):
       help="sequence parallelism (only meaningful with --tp > 1)")
     a("--zero1", action=argparse.BooleanOptionalAction, default=True,
       help="ZeRO-1: shard optimizer state over data-parallel ranks")
+    a("--ddp-bucket-mb", type=float, default=25.0,
+      help="gradients reduced together, in MiB of fp32 (each bucket's reduction overlaps backward)")
     a("--moe-capacity-factor", type=float, default=None,
       help="mixture of experts: each expert keeps at most factor x its even share of a "
            "micro-batch's choices, dropping the rest (default: the preset's, 0 = dropless)")
@@ -73,6 +75,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
       help="auto: bf16 on CUDA, fp32 on CPU")
+    a("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the loss scale to start from")
+    a("--loss-scale-window", type=int, default=1000,
+      help="fp16: double the loss scale after this many steps without overflow")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
     a("--tokenizer", default="byte",
@@ -144,40 +149,104 @@ def memory_gb(device):
 
 
 # ----------------------------------------------------------------------------
-# Setup checks
+# Setup: the model's config, every check of the flags, then the run itself
 # ----------------------------------------------------------------------------
+
+def model_config(args):
+    """(Config, tokenizer name, Hugging Face folder or None) from --model/--config/--set,
+    or from the folder of `--load hf:DIR`, with the --moe-* flags applied."""
+    hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
+    tokenizer = args.tokenizer
+    if hf_dir:
+        hf_model, cfg = convert.read_hf_config(hf_dir)
+        if hf_model != args.model:
+            raise UsageError(f"--load {args.load} is a {hf_model} model; pass --model {hf_model}")
+        cfg = dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set))
+        if tokenizer == data.BYTE_TOKENIZER:  # the folder's own, if it has one
+            tokenizer = convert.tokenizer_name(hf_dir)
+    else:
+        cfg = models.make_config(args.model, args.config, args.set)
+    moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
+           "z_loss_coef": args.moe_z_loss_coef}
+    moe = {field: value for field, value in moe.items() if value is not None}
+    if moe and not hasattr(cfg, "n_experts"):
+        raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
+                         f"not to --model {args.model}")
+    return dataclasses.replace(cfg, **moe), tokenizer, hf_dir
+
 
 # The smallest value each numeric flag accepts (None: the flag's default applies).
 FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_len": 1,
                 "vpp": 1, "lr_decay_steps": 1, "log_every": 1, "eval_batches": 1,
-                "warmup_steps": 0, "save_every": 0, "eval_every": 0, "sample_tokens": 0,
-                "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0}
+                "loss_scale_window": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
+                "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0}
 
 
-def check_flags(args):
-    """Refuse numeric flags no run can use, before anything starts (every rank alike)."""
+def pp_layers(args):
+    """--pp-layers as a list of layer counts, or None."""
+    try:
+        return [int(n) for n in args.pp_layers.split(",")] if args.pp_layers else None
+    except ValueError:
+        raise UsageError(f"--pp-layers {args.pp_layers}: expected comma-separated integers") from None
+
+
+def micro_steps(args, dp):
+    """Micro-batches per step and data-parallel rank."""
+    return args.global_batch_size // dp // (args.micro_batch_size or args.global_batch_size // dp)
+
+
+def check_args(args, cfg, tokenizer):
+    """Every check of the flags, before anything starts: a UsageError naming the fix, the
+    same on every rank."""
     for name, minimum in FLAG_MINIMUM.items():
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     if args.min_lr_ratio > 1:
         raise UsageError(f"--min-lr-ratio is a fraction of --lr: between 0 and 1, got {args.min_lr_ratio}")
-    for name in ("adam_eps", "peak_tflops"):
+    for name in ("adam_eps", "peak_tflops", "initial_loss_scale", "ddp_bucket_mb"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-
-
-def check_batch(args, layout):
-    """Micro-batches per step, after checking that the batch divides over dp."""
-    gbs, dp = args.global_batch_size, layout.dp
+    if args.precision == "fp8":
+        raise UsageError("--precision fp8 is not available yet (it comes with the FP8 matmul "
+                         "kernel); use bf16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    if getattr(cfg, "capacity_factor", 0) < 0:
+        raise UsageError("--moe-capacity-factor must be >= 0 (0: dropless)")
+    if args.ep > 1 and not hasattr(cfg, "n_experts"):
+        raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
+                         f"needs a mixture-of-experts model (--model mixtral)")
+    n_vocab = data.get_tokenizer(tokenizer).n_vocab
+    if n_vocab > cfg.vocab_size:
+        raise UsageError(f"tokenizer {tokenizer} has {n_vocab} tokens but the model's vocab_size "
+                         f"is {cfg.vocab_size}; pass --set vocab_size={n_vocab}")
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}; "
+                         f"pass --set max_seq_len={args.seq_len}")
+    # The layout.
+    dp = parallel.check_layout(parallel.world_size(), args.tp, args.cp, args.pp, args.ep)
+    if args.vpp > 1 and args.pp == 1:
+        raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
+    parallel.pipeline_chunks(cfg.n_layers, args.pp, args.vpp, pp_layers(args))
+    if args.seq_len % (2 * args.cp):
+        raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * args.cp}, "
+                         f"as context parallelism needs; change --seq-len or --cp")
+    if args.sp and args.tp > 1 and args.seq_len // args.cp % args.tp:
+        raise UsageError(f"--seq-len {args.seq_len} / cp is not divisible by tp={args.tp}, as "
+                         f"sequence parallelism needs; change --seq-len or pass --no-sp")
+    # The batch.
+    gbs, mbs = args.global_batch_size, args.micro_batch_size or args.global_batch_size // dp
     if gbs % dp:
         raise UsageError(f"--global-batch-size {gbs} is not divisible by dp={dp}")
-    mbs = args.micro_batch_size or gbs // dp
     if (gbs // dp) % mbs:
         raise UsageError(f"--global-batch-size {gbs} is not divisible by micro-batch-size x dp "
                          f"= {mbs} x {dp}")
-    return gbs // dp // mbs
+    if args.vpp > 1 and micro_steps(args, dp) % args.pp:
+        raise UsageError(f"the interleaved schedule (--vpp) needs the micro-batches per step "
+                         f"({micro_steps(args, dp)}) to be a multiple of pp={args.pp}; change "
+                         f"--global-batch-size or --micro-batch-size")
 
 
 def check_save_root(args, start_step):
@@ -202,31 +271,163 @@ def check_save_root(args, start_step):
                          f"--save directory")
 
 
-def setup_device(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
-    device = None if args.device == "auto" else args.device
-    if args.precision == "fp8":
-        raise UsageError("--precision fp8 is not available yet (it comes with the FP8 matmul "
-                         "kernel); use bf16")
-    return device
+@dataclasses.dataclass
+class Run:
+    """What one training run holds, made by setup()."""
+    args: argparse.Namespace
+    cfg: object
+    layout: parallel.Layout
+    tokenizer: str
+    train_data: object
+    val_data: object
+    chunks: list             # this rank's pipeline chunks (parallel.Chunk) ...
+    modules: list            # ... and their models
+    actions: list            # this rank's pipeline schedule
+    micro_steps: int         # micro-batches per step on this rank
+    ddp: parallel.DataParallel
+    optimizer: parallel.AdamW
+    scaler: parallel.LossScaler
+    autocast: object
+    precision: str
+    logger: object
+    start_step: int = 0
+    tokens_seen: int = 0
+
+    @property
+    def tokens_per_step(self):
+        return self.args.global_batch_size * self.args.seq_len
+
+    def close(self):
+        """Release what the run holds; also after an exception."""
+        self.ddp.close()
+        self.logger.close()
 
 
-def apply_moe_flags(cfg, args):
-    """--moe-* flags -> the config fields of a mixture-of-experts model."""
-    flags = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
-             "z_loss_coef": args.moe_z_loss_coef}
-    given = {field: value for field, value in flags.items() if value is not None}
-    if given and not hasattr(cfg, "n_experts"):
-        raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
-                         f"not to --model {args.model}")
-    if given.get("capacity_factor", 0) < 0:
-        raise UsageError("--moe-capacity-factor must be >= 0 (0: dropless)")
-    return dataclasses.replace(cfg, **given)
+def setup(args, cfg, tokenizer, hf_dir, layout):
+    """Build this rank's model chunks, optimizer and data; load --load; open the logs."""
+    device = layout.device
+    precision = args.precision if args.precision != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
+    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len)
+    chunks = parallel.rank_chunks(layout, cfg.n_layers, pp_layers(args))
+    schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
+    steps_per_rank = micro_steps(args, layout.dp)
+
+    torch.manual_seed(args.seed + layout.rank)
+    modules = [models.build(args.model, cfg, device, args.seed, layout, c) for c in chunks]
+    ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb)
+    optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
+    scaler = parallel.LossScaler(precision == "fp16", args.initial_loss_scale, args.loss_scale_window)
+    run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer, train_data=train_data,
+              val_data=val_data, chunks=chunks, modules=modules,
+              actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
+              micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
+              autocast=precision_context(precision, device), precision=precision, logger=None)
+    try:
+        if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
+            for m in modules:
+                convert.load_hf_weights(m, hf_dir)
+        elif args.load:
+            step_dir = checkpoint.resolve(args.load)
+            saved = checkpoint.read_meta(step_dir)
+            if saved["model"] != args.model or models.config_from_dict(saved["model"], saved["config"]) != cfg:
+                raise UsageError(f"{step_dir} holds a different model ({saved['model']} "
+                                 f"{saved['config']}); pass the --model/--config/--set it was trained with")
+            meta = checkpoint.load(step_dir, modules, optimizer, layout)
+            run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
+            scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
+        if args.save:
+            check_save_root(args, run.start_step)
+        run.logger = Logger(args, layout)
+    except BaseException:
+        ddp.close()
+        raise
+    log = run.logger.print
+    log(f"{args.model}/{args.config}: {parallel.count_parameters(modules, layout) / 1e6:.2f}M "
+        f"parameters | {layout.describe()} | {precision} | data {args.data}: "
+        f"{train_data.n_tokens:,} train tokens | {run.tokens_per_step:,} tokens/step in "
+        f"{steps_per_rank} micro-batch(es) per rank")
+    if layout.pp > 1:
+        log(f"pipeline: {schedule} schedule, chunks of layers "
+            f"{parallel.pipeline_chunks(cfg.n_layers, layout.pp, layout.vpp, pp_layers(args))}, "
+            f"theoretical bubble {parallel.bubble_fraction(schedule, steps_per_rank, layout):.1%}")
+    if run.start_step:
+        log(f"resumed from {checkpoint.resolve(args.load)} at step {run.start_step}")
+    return run
+
+
+def save(run, step):
+    args = run.args
+    checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, {
+        "model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
+        "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
+        "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps})
+    run.logger.print(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
 
 
 # ----------------------------------------------------------------------------
-# Training
+# One step
+# ----------------------------------------------------------------------------
+
+def forward_backward(run, batch_rows, forward_only=False):
+    """Forward (+ backward) of this rank's micro-batches through the pipeline schedule;
+    returns the global mean loss. batch_rows(rows) -> (inputs, targets) of the global batch."""
+    args, layout = run.args, run.layout
+    rows_per_rank = args.global_batch_size // layout.dp
+    mbs = rows_per_rank // run.micro_steps
+    micro_batches = []
+    for micro in range(run.micro_steps):
+        first_row = layout.dp_rank * rows_per_rank + micro * mbs
+        x, y = batch_rows(slice(first_row, first_row + mbs))
+        micro_batches.append((x.to(layout.device, non_blocking=True), y.to(layout.device, non_blocking=True)))
+    for m in run.modules:
+        m.train(not forward_only)
+    # What pipeline stages send each other: this rank's share of a micro-batch's tokens.
+    seq_per_rank = args.seq_len // layout.cp // (layout.tp if layout.sp else 1)
+    global_targets = run.tokens_per_step  # every position of every sequence has a target
+    loss_sum = parallel.run_schedule(
+        run.actions, run.chunks, run.modules, micro_batches, layout, (mbs, seq_per_rank, run.cfg.dim),
+        ddp=None if forward_only else run.ddp, autocast=run.autocast, forward_only=forward_only,
+        loss_scale=(run.scaler.scale if run.scaler.enabled else 1.0) / global_targets)
+    for group in (layout.dp_cp_group, layout.pp_group):  # the loss lives on the last stage
+        parallel.all_reduce(loss_sum, group)
+    return loss_sum.item() / global_targets
+
+
+def train_step(run, step):
+    """One optimizer step: forward and backward of the step's global batch, gradients
+    reduced, unscaled (fp16), clipped, applied. Returns the step's record (metrics)."""
+    args = run.args
+    run.optimizer.lr = lr_at(step, args)
+    run.ddp.zero_grad()
+    loss = forward_backward(run, lambda rows: run.train_data.batch(
+        step, args.seed, args.global_batch_size, args.seq_len, rows))
+    run.ddp.finish()
+    finite = run.scaler.unscale_and_check(run.ddp)
+    grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad)
+    if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
+        run.optimizer.step()
+    run.tokens_seen += run.tokens_per_step
+    record = {"step": step + 1, "loss": loss, "lr": run.optimizer.lr, "grad_norm": grad_norm.item(),
+              "tokens_seen": run.tokens_seen}
+    if run.scaler.enabled:
+        record.update(loss_scale=run.scaler.scale, skipped=not finite)
+    return record
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Mean loss over --eval-batches fixed validation batches (the same every time)."""
+    args = run.args
+    total = 0.0
+    for i in range(args.eval_batches):
+        total += forward_backward(run, lambda rows: run.val_data.batch(
+            i, args.seed + 1, args.global_batch_size, args.seq_len, rows), forward_only=True)
+    return total / args.eval_batches
+
+
+# ----------------------------------------------------------------------------
+# Logging
 # ----------------------------------------------------------------------------
 
 def router_figures(modules, layout, global_targets):
@@ -240,233 +441,145 @@ def router_figures(modules, layout, global_targets):
     for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):  # the whole world
         parallel.all_reduce(flat, group)
     total = dict(zip(keys, flat.split([stats[0][k].numel() for k in keys])))
+    tokens = total["tokens_per_expert"]  # (layers, experts)
     return {"aux_loss": total["aux_loss"].item() / global_targets,
             "z_loss": total["z_loss"].item() / global_targets,
-            "tokens_per_expert": total["tokens_per_expert"],  # (layers, experts)
-            "dropped": total["dropped"].item(), "choices": total["choices"].item(),
-            "all_to_all_bytes": 2 * total["all_to_all_bytes"].item()}  # forward + backward
+            "tokens_per_expert_min": tokens.min().item(), "tokens_per_expert_max": tokens.max().item(),
+            "dropped_fraction": total["dropped"].item() / total["choices"].item(),
+            "all_to_all_bytes": 2 * total["all_to_all_bytes"].item(),  # forward + backward
+            "tokens_per_expert": tokens}
 
 
-def describe_router(steps):
-    """The router's part of a log line: mean losses over the interval's steps, tokens per
-    expert (fewest and most, over layers and experts) and the dropped fraction summed."""
-    tokens = sum(s["tokens_per_expert"] for s in steps)
-    dropped = sum(s["dropped"] for s in steps) / sum(s["choices"] for s in steps)
-    return (f" | aux {sum(s['aux_loss'] for s in steps) / len(steps):.4f} "
-            f"z {sum(s['z_loss'] for s in steps) / len(steps):.2e} | tokens/expert "
-            f"{tokens.min().item():,.0f}-{tokens.max().item():,.0f} | dropped {dropped:.1%}")
+class Logger:
+    """Where each step's record goes: a line every --log-every steps (rank 0; for Mixtral
+    with the router's figures over the steps since the last line), the --metrics file (JSON
+    lines) and wandb."""
+
+    def __init__(self, args, layout):
+        self.args, self.layout = args, layout
+        self.router_steps = []  # router figures since the last line
+        self.metrics = self.wandb = None
+        if not layout.is_main:
+            return
+        if args.metrics:
+            try:
+                self.metrics = open(args.metrics, "a")
+            except OSError as e:
+                raise UsageError(f"--metrics {args.metrics}: cannot open it ({e.strerror}); "
+                                 f"choose another file") from None
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                self.close()
+                raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=args.wandb, config=vars(args))
+
+    def print(self, *what, **kwargs):
+        if self.layout.is_main:
+            print(*what, **kwargs)
+
+    def step(self, record, router, eta):
+        if router:
+            self.router_steps.append(router)
+        done, args = record["step"], self.args
+        if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
+            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            moe = self.describe_router() if self.router_steps else ""
+            self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{val}{moe} | lr "
+                       f"{record['lr']:.2e} | grad {record['grad_norm']:.2f} | "
+                       f"{record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem "
+                       f"{record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.wandb:
+            self.wandb.log(record, step=done)
+
+    def describe_router(self):
+        """Mean losses over the interval's steps, tokens per expert (fewest and most, over
+        layers and experts) and the dropped fraction."""
+        steps, self.router_steps = self.router_steps, []
+        tokens = sum(s["tokens_per_expert"] for s in steps)
+        mean = {k: sum(s[k] for s in steps) / len(steps) for k in ("aux_loss", "z_loss", "dropped_fraction")}
+        return (f" | aux {mean['aux_loss']:.4f} z {mean['z_loss']:.2e} | tokens/expert "
+                f"{tokens.min().item():,.0f}-{tokens.max().item():,.0f} | dropped "
+                f"{mean['dropped_fraction']:.1%}")
+
+    def close(self):
+        if self.metrics:
+            self.metrics.close()
+        if self.wandb:
+            self.wandb.finish()
+        self.metrics = self.wandb = None
 
 
-@torch.no_grad()
-def evaluate(step_fn, val, args, layout):
-    """Mean loss over --eval-batches fixed validation batches (the same every time)."""
-    total = 0.0
-    for i in range(args.eval_batches):
-        total += step_fn(lambda rows: val.batch(i, args.seed + 1, args.global_batch_size,
-                                                 args.seq_len, rows), forward_only=True)
-    return total / args.eval_batches
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+def training_loop(run):
+    """Steps from the start (or the resumed) step to --steps: train, evaluate, log, save.
+    Returns the records of the steps run."""
+    args, layout = run.args, run.layout
+    flops_per_step = run.modules[0].flops_per_token(args.seq_len) * run.tokens_per_step
+    peak = peak_flops(layout.device, args)
+    records, t_start, last = [], time.perf_counter(), time.perf_counter()
+    for step in range(run.start_step, args.steps):
+        record = train_step(run, step)
+        router = router_figures(run.modules, layout, run.tokens_per_step)
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        record.update(tokens_per_s=run.tokens_per_step / step_time,
+                      mfu=flops_per_step / step_time / (peak * layout.world) if peak else None,
+                      mem_gb=memory_gb(layout.device),
+                      **{k: v for k, v in router.items() if k != "tokens_per_expert"})
+        done = step + 1
+        if done % (args.eval_every or args.steps) == 0 or done == args.steps:
+            record["val_loss"] = evaluate(run)
+        run.logger.step(record, router, eta=(now - t_start) / (done - run.start_step) * (args.steps - done))
+        records.append(record)
+        if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
+            save(run, done)
+    if args.save and run.start_step < args.steps:
+        save(run, args.steps)
+    if records:
+        run.logger.print(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} in "
+                         f"{time.perf_counter() - t_start:.0f}s")
+    if args.sample_tokens and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
+        text = generate.sample_text(run.modules[0], data.get_tokenizer(run.tokenizer), "",
+                                    args.sample_tokens, seed=args.seed)
+        run.logger.print("---- sample ----\n" + text + "\n----------------")
+    elif args.sample_tokens and args.save:
+        run.logger.print(f"(sampling needs the whole model in one process: python generate.py "
+                         f"--load {args.save})")
+    return records
 
 
 def train(args):
-    check_flags(args)
-    if args.vpp > 1 and args.pp == 1:
-        raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
-    config_cls = models.MODELS[args.model][0] if args.model in models.MODELS else None
-    if args.ep > 1 and config_cls and not hasattr(config_cls, "n_experts"):
-        raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
-                         f"needs a mixture-of-experts model (--model mixtral)")
+    """Train as the flags say; return the records of the steps run (one dict per step,
+    what --metrics writes). Under torchrun every rank calls this."""
+    cfg, tokenizer, hf_dir = model_config(args)
+    check_args(args, cfg, tokenizer)
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
-                                       args.cp_comm, setup_device(args))
-    device = layout.device
-    if args.seq_len % (2 * layout.cp):
-        raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * layout.cp}, "
-                         f"as context parallelism needs; change --seq-len or --cp")
-    if layout.sp and args.seq_len // layout.cp % layout.tp:
-        raise UsageError(f"--seq-len {args.seq_len} / cp is not divisible by tp={layout.tp}, as "
-                         f"sequence parallelism needs; change --seq-len or pass --no-sp")
-    precision = args.precision if args.precision != "auto" else (
-        "bf16" if device.type == "cuda" else "fp32")
-    autocast = precision_context(precision, device)
-    micro_steps = check_batch(args, layout)
-
-    hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
-    if hf_dir:
-        hf_model, cfg = convert.read_hf_config(hf_dir)
-        if hf_model != args.model:
-            raise UsageError(f"--load {args.load} is a {hf_model} model; pass --model {hf_model}")
-        cfg = dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set))
-        if args.tokenizer == "byte" and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-            args.tokenizer = convert.tokenizer_name(hf_dir)
-    else:
-        cfg = models.make_config(args.model, args.config, args.set)
-    cfg = apply_moe_flags(cfg, args)
-    tokenizer = data.get_tokenizer(args.tokenizer)
-    if tokenizer.n_vocab > cfg.vocab_size:
-        raise UsageError(f"tokenizer {args.tokenizer} has {tokenizer.n_vocab} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}; pass --set vocab_size={tokenizer.n_vocab}")
-    if args.seq_len > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}; "
-                         f"pass --set max_seq_len={args.seq_len}")
-    train_data, val_data = data.load_dataset(args.data, args.tokenizer, args.seq_len)
-
+                                       args.cp_comm, None if args.device == "auto" else args.device)
+    run = None
     try:
-        pp_layers = [int(n) for n in args.pp_layers.split(",")] if args.pp_layers else None
-    except ValueError:
-        raise UsageError(f"--pp-layers {args.pp_layers}: expected comma-separated integers") from None
-    chunks = parallel.rank_chunks(layout, cfg.n_layers, pp_layers)
-    schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
-    actions = parallel.SCHEDULES[schedule](micro_steps, layout)
-
-    torch.manual_seed(args.seed + layout.rank)
-    modules = [models.build(args.model, cfg, device, args.seed, layout, c) for c in chunks]
-    ddp = parallel.DataParallel(modules, layout, zero1=args.zero1)
-    optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
-    scaler = parallel.LossScaler(enabled=precision == "fp16")
-    start_step, tokens_seen = 0, 0
-    if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
-        for m in modules:
-            convert.load_hf_weights(m, hf_dir)
-    elif args.load:
-        step_dir = checkpoint.resolve(args.load)
-        saved = checkpoint.read_meta(step_dir)
-        if saved["model"] != args.model or saved["config"] != dataclasses.asdict(cfg):
-            raise UsageError(f"{step_dir} holds a different model ({saved['model']} "
-                             f"{saved['config']}); pass the --model/--config/--set it was trained with")
-        meta = checkpoint.load(step_dir, modules, optimizer, layout)
-        start_step, tokens_seen = meta["step"], meta["tokens_seen"]
-        scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
-    if args.save:
-        check_save_root(args, start_step)
-
-    counts = torch.zeros(2, device=device)  # [dense, experts]: each ep rank holds other experts
-    for p in (p for m in modules for p in m.parameters()):
-        if (getattr(p, "tp_sharded", False) or layout.tp_rank == 0) and not getattr(p, "pp_tied_copy", False):
-            counts[int(getattr(p, "expert_parallel", False))] += math.prod(parallel.global_region(p)[2])
-    parallel.all_reduce(counts[1:], layout.ep_group)
-    for group in (layout.tp_group, layout.pp_group):
-        parallel.all_reduce(counts, group)
-    n_params = int(counts.sum())
-    tokens_per_step = args.global_batch_size * args.seq_len
-    flops_per_step = modules[0].flops_per_token(args.seq_len) * tokens_per_step
-    peak = peak_flops(device, args)
-    log = print if layout.is_main else (lambda *a, **k: None)
-    log(f"{args.model}/{args.config}: {n_params / 1e6:.2f}M parameters | {layout.describe()} | "
-        f"{precision} | data {args.data}: {train_data.n_tokens:,} train tokens | "
-        f"{tokens_per_step:,} tokens/step in {micro_steps} micro-batch(es) per rank")
-    if layout.pp > 1:
-        log(f"pipeline: {schedule} schedule, chunks of layers "
-            f"{parallel.pipeline_chunks(cfg.n_layers, layout.pp, layout.vpp, pp_layers)}, "
-            f"theoretical bubble {parallel.bubble_fraction(schedule, micro_steps, layout):.1%}")
-    if start_step:
-        log(f"resumed from {step_dir} at step {start_step}")
-    try:
-        metrics_file = open(args.metrics, "a") if args.metrics and layout.is_main else None
-    except OSError as e:
-        raise UsageError(f"--metrics {args.metrics}: cannot open it ({e.strerror}); choose "
-                         f"another file") from None
-    wandb_run = None
-    if args.wandb and layout.is_main:
-        try:
-            import wandb
-        except ImportError:
-            raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-        wandb_run = wandb.init(project=args.wandb, config=vars(args))
-
-    def save(step):
-        checkpoint.save(args.save, step, modules, optimizer, layout, {
-            "model": args.model, "config": dataclasses.asdict(cfg), "tokenizer": args.tokenizer,
-            "tokens_seen": tokens_seen, "optimizer_steps": optimizer.steps, "seed": args.seed,
-            "loss_scale": scaler.scale, "loss_scale_clean_steps": scaler.clean_steps})
-        log(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
-
-    rows_per_rank = args.global_batch_size // layout.dp
-    mbs = rows_per_rank // micro_steps
-    global_targets = tokens_per_step  # every position of every sequence has a target
-    seq_per_rank = args.seq_len // layout.cp // (layout.tp if layout.sp else 1)
-    hidden_shape = (mbs, seq_per_rank, cfg.dim)  # what pipeline stages send each other
-
-    def step_fn(batch_rows, forward_only=False):
-        """Forward (+ backward) of this rank's micro-batches through the pipeline;
-        returns the global mean loss. batch_rows(rows) -> (inputs, targets)."""
-        micro_batches = []
-        for micro in range(micro_steps):
-            first_row = layout.dp_rank * rows_per_rank + micro * mbs
-            x, y = batch_rows(slice(first_row, first_row + mbs))
-            micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-        for m in modules:
-            m.train(not forward_only)
-        loss_sum = parallel.run_schedule(
-            actions, chunks, modules, micro_batches, layout, hidden_shape,
-            ddp=None if forward_only else ddp, autocast=autocast, forward_only=forward_only,
-            loss_scale=(scaler.scale if scaler.enabled else 1.0) / global_targets)
-        for group in (layout.dp_cp_group, layout.pp_group):  # the loss lives on the last stage
-            parallel.all_reduce(loss_sum, group)
-        return loss_sum.item() / global_targets
-
-    first_loss, t_start, window_start = None, time.perf_counter(), time.perf_counter()
-    interval = []  # router figures of the steps since the last log line
-    for step in range(start_step, args.steps):
-        optimizer.lr = lr = lr_at(step, args)
-        ddp.zero_grad()
-        loss_value = step_fn(lambda rows: train_data.batch(step, args.seed, args.global_batch_size,
-                                                           args.seq_len, rows))
-        ddp.finish()
-        finite = scaler.unscale_and_check(ddp)
-        grad_norm = parallel.clip_grad_norm(ddp, args.clip_grad)
-        if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
-            optimizer.step()
-        tokens_seen += tokens_per_step
-        router = router_figures(modules, layout, global_targets)
-
-        done = step + 1
-        first_loss = first_loss or loss_value
-        now = time.perf_counter()
-        step_time, window_start = now - window_start, now
-        record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": tokens_per_step / step_time,
-                  "mfu": flops_per_step / step_time / (peak * layout.world) if peak else None,
-                  "mem_gb": memory_gb(device), "tokens_seen": tokens_seen}
-        if router:  # mixture of experts; the log line shows the interval since the last one
-            tokens = router["tokens_per_expert"]
-            record.update(aux_loss=router["aux_loss"], z_loss=router["z_loss"],
-                          tokens_per_expert_min=tokens.min().item(),
-                          tokens_per_expert_max=tokens.max().item(),
-                          dropped_fraction=router["dropped"] / router["choices"],
-                          all_to_all_bytes=router["all_to_all_bytes"])
-            interval.append(router)
-        if done % (args.eval_every or args.steps) == 0 or done == args.steps:
-            record["val_loss"] = evaluate(step_fn, val_data, args, layout)
-        if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
-            eta = (now - t_start) / (done - start_step) * (args.steps - done)
-            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
-            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-            moe = describe_router(interval) if interval else ""
-            interval = []
-            log(f"step {done:5d}/{args.steps} | loss {loss_value:.4f}{val}{moe} | lr {lr:.2e} | "
-                f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"mfu {mfu} | mem {record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if wandb_run:
-            wandb_run.log(record, step=done)
-        if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
-            save(done)
-
-    if args.save and start_step < args.steps:
-        save(args.steps)
-    if first_loss is not None:
-        log(f"done: loss {first_loss:.4f} -> {loss_value:.4f} in {time.perf_counter() - t_start:.0f}s")
-    if args.sample_tokens and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
-        text = generate.sample_text(modules[0], tokenizer, "", args.sample_tokens, seed=args.seed)
-        log("---- sample ----\n" + text + "\n----------------")
-    elif args.sample_tokens and args.save:
-        log(f"(sampling needs the whole model in one process: python generate.py --load {args.save})")
-    ddp.close()
-    if metrics_file:
-        metrics_file.close()
-    if wandb_run:
-        wandb_run.finish()
+        run = setup(args, cfg, tokenizer, hf_dir, layout)
+        records = training_loop(run)
+    except UsageError:
+        # Every rank checks the same input and fails alike, so they can all leave cleanly.
+        parallel.destroy_distributed(layout)
+        raise
+    finally:  # on any exception too: the gradient hooks, the metrics file, wandb
+        if run is not None:
+            run.close()
+    # Any other exception has propagated without the (collective) teardown: the process
+    # exits, and torchrun stops the other ranks instead of leaving them waiting.
+    parallel.barrier()  # leave together: no rank closes its connections while a peer still talks
+    parallel.destroy_distributed(layout)
+    return records
 
 
 def main(argv=None):
@@ -474,15 +587,9 @@ def main(argv=None):
     try:
         train(args)
     except UsageError as e:
-        # Every rank checks the same input and fails alike, so they can all leave cleanly.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
-        parallel.destroy_distributed()
         sys.exit(2)
-    # Any other exception propagates without the (collective) teardown: the process
-    # exits, and torchrun stops the other ranks instead of leaving them waiting.
-    parallel.barrier()  # leave together: no rank closes its connections while a peer still talks
-    parallel.destroy_distributed()
 
 
 if __name__ == "__main__":

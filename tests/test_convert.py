@@ -24,10 +24,10 @@ import llama
 import models
 import parallel
 import train
-from parallel import UsageError
+from conftest import ROOT, assert_same_logits
+from errors import UsageError
 
 tf = pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 GPT2 = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
@@ -84,10 +84,6 @@ def hf_logits(model, ids=IDS, **kw):
         return model(input_ids=ids, **kw).logits
 
 
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
 # ----------------------------------------------------------------------------
 # Logits equal transformers', importing and exporting
 # ----------------------------------------------------------------------------
@@ -98,12 +94,12 @@ def test_import_and_export_match_transformers(variant, hf_dirs, tmp_path):
     expected = hf_logits(hf)
     ours = convert.from_hf(hf_dir)
     with torch.no_grad():
-        assert max_diff(ours(IDS), expected) <= 1e-4
+        assert_same_logits(ours(IDS), expected)
     convert.export_model(ours, tmp_path / "out")
     back, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert back.config.model_type == hf.config.model_type
-    assert max_diff(hf_logits(back.eval()), expected) <= 1e-4
+    assert_same_logits(hf_logits(back.eval()), expected)
     # The config survives the round trip exactly.
     assert convert.read_hf_config(tmp_path / "out") == convert.read_hf_config(hf_dir)
 
@@ -115,7 +111,7 @@ def test_attention_mask_like_transformers(hf_dirs):
     expected = hf_logits(hf, attention_mask=mask)
     with torch.no_grad():
         got = convert.from_hf(hf_dir)(IDS, attention_mask=mask)
-    assert max_diff(got[mask.bool()], expected[mask.bool()]) <= 1e-4
+    assert_same_logits(got[mask.bool()], expected[mask.bool()])
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -124,18 +120,20 @@ def test_sharded_checkpoint(tmp_path):
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
     with torch.no_grad():
-        assert max_diff(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf)) <= 1e-4
+        assert_same_logits(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf))
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "gpt2"])
 def test_bf16_checkpoint_is_read_into_fp32(variant, tmp_path):
     """Published checkpoints are mostly bf16: read, then upcast to our fp32 parameters."""
-    hf = random_hf(variant).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path)
+    random_hf(variant).to(torch.bfloat16).save_pretrained(tmp_path)
     ours = convert.from_hf(str(tmp_path))
     assert all(p.dtype == torch.float32 for p in ours.parameters())
+    # transformers reading the same file into fp32 (a bf16 model cast to fp32 would keep
+    # its RoPE frequencies rounded to bf16).
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert max_diff(ours(IDS), hf_logits(hf.float())) <= 1e-4
+        assert_same_logits(ours(IDS), hf_logits(hf))
 
 
 def test_names_without_the_base_model_prefix(hf_dirs, tmp_path):
@@ -146,21 +144,21 @@ def test_names_without_the_base_model_prefix(hf_dirs, tmp_path):
     save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
               tmp_path / "model.safetensors", metadata={"format": "pt"})
     with torch.no_grad():
-        assert max_diff(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf)) <= 1e-4
+        assert_same_logits(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf))
 
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt"])
 def test_to_hf_inverts_from_hf(model_name, hf_dirs):
     """to_hf(from_hf(t)) == t for every tensor, and to_hf gives HF's shapes."""
     hf_dir, hf = hf_dirs({"llama": "qwen3-qknorm", "gpt": "gpt2-untied"}[model_name])
-    family = convert.MODEL_FILES[model_name]
+    module = convert.FAMILIES[model_name].module
     hf_state = hf.state_dict()
     for name, p in convert.from_hf(hf_dir).named_parameters():
-        theirs = hf_state[family.hf_name(name)]
-        ours = family.from_hf(name, theirs)
+        theirs = hf_state[module.hf_name(name)]
+        ours = module.from_hf(name, theirs)
         assert ours.shape == p.shape and torch.equal(ours, p)
-        assert torch.equal(convert.to_hf(model_name, name, ours), theirs)
-        assert torch.equal(family.from_hf(name, convert.to_hf(model_name, name, p)), p)
+        assert torch.equal(module.to_hf(name, ours), theirs)
+        assert torch.equal(module.from_hf(name, module.to_hf(name, p)), p)
 
 
 # ----------------------------------------------------------------------------
@@ -197,7 +195,8 @@ class SpyFile:
 def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypatch):
     hf_dir, hf = hf_dirs(variant)
     name, cfg = convert.read_hf_config(hf_dir)
-    family, hf_state = convert.MODEL_FILES[name], hf.state_dict()
+    family, hf_state = convert.FAMILIES[name], hf.state_dict()
+    module = family.module
     real_open = convert.safe_open
     for rank in (0, 1):
         reads = {}
@@ -207,18 +206,18 @@ def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypat
         sharded = 0
         for ours, p in model.named_parameters():
             shape, offset, extent = parallel.global_region(p)
-            full = family.from_hf(ours, hf_state[family.hf_name(ours)])
+            full = module.from_hf(ours, hf_state[module.hf_name(ours)])
             mine = p[tuple(slice(0, n) for n in extent)]
             assert torch.equal(mine, full[tuple(slice(o, o + n) for o, n in zip(offset, extent))]), ours
             padding = p.detach().clone()
             padding[tuple(slice(0, n) for n in extent)] = 0
             assert not padding.any()  # vocabulary padding past the global tensor is zero
-            (numel,) = reads[family.hf_name(ours)]
-            if name in convert.READS_SLICES:  # LLaMA: exactly this rank's region came off disk
+            (numel,) = reads[module.hf_name(ours)]
+            if family.reads_slices:  # LLaMA: exactly this rank's region came off disk
                 assert numel == math.prod(extent)
             else:  # GPT-2 transposes on the way in: that one tensor is read whole
                 assert numel == full.numel()
-            sharded += getattr(p, "tp_sharded", False) and math.prod(extent) < full.numel()
+            sharded += parallel.tags(p).tp_sharded and math.prod(extent) < full.numel()
         assert sharded >= 6 * cfg.n_layers + 1  # each layer's matrices, and the embedding
 
 
@@ -234,13 +233,13 @@ def test_import_then_generate_and_export(hf_dirs, tmp_path):
     assert meta["tokenizer"] == "byte" and meta["optimizer_steps"] == 0
     model, tokenizer = generate.load_model(str(tmp_path / "ckpt"))
     with torch.no_grad():
-        assert max_diff(model(IDS), hf_logits(hf)) <= 1e-4
+        assert_same_logits(model(IDS), hf_logits(hf))
     model, _ = generate.load_model(hf_dir)  # a HF folder loads directly too
     with torch.no_grad():
-        assert max_diff(model(IDS), hf_logits(hf)) <= 1e-4
+        assert_same_logits(model(IDS), hf_logits(hf))
     convert.export(str(tmp_path / "ckpt"), tmp_path / "back")
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    assert max_diff(hf_logits(back), hf_logits(hf)) <= 1e-4
+    assert_same_logits(hf_logits(back), hf_logits(hf))
 
 
 def test_import_then_train_resumes_from_hf_weights(tmp_path):
@@ -456,7 +455,7 @@ def test_cli(hf_dirs, tmp_path, capsys):
     convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")])
     assert "exported" in capsys.readouterr().out
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    assert max_diff(hf_logits(back), hf_logits(hf)) <= 1e-4
+    assert_same_logits(hf_logits(back), hf_logits(hf))
     capsys.readouterr()
     for argv in (["import", str(tmp_path / "nothing"), str(tmp_path / "x")],
                  ["export", str(tmp_path / "ckpt"), str(tmp_path / "back")]):

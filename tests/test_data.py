@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from parallel import UsageError
+from errors import UsageError
 
 BYTE = data.get_tokenizer("byte")
 
@@ -19,6 +19,13 @@ def test_byte_tokenizer_is_lossless():
     assert BYTE.encode_ordinary(text) == list(text.encode())
     assert BYTE.decode(BYTE.encode_ordinary(text)) == text
     assert BYTE.encode("a<|endoftext|>", allowed_special="all") == [97, 256]
+
+
+def test_byte_fast_path_equals_the_tokenizer():
+    """data.py reads the byte tokenizer's ids straight off the UTF-8 bytes."""
+    text = "naïve café — 日本語 🎉 \ufffd <|endoftext|>\n" * 3
+    assert data._encode(BYTE, text).tolist() == BYTE.encode_ordinary(text)
+    assert data._encode(BYTE, None).tolist() == [256]
 
 
 def test_unknown_tokenizer():

@@ -1,17 +1,19 @@
-"""Pipeline parallelism: the schedules on paper, then training under torchrun against
-the one-process run."""
+"""Pipeline parallelism: the schedules on paper (dependencies, memory, and the order of
+messages between every pair of ranks), then training against the one-process run."""
 import pytest
 
 import parallel
-from test_train import FAST, assert_same_curve, losses, one_line_error, run
+from conftest import LAYOUT, assert_same_run, check_layouts, one_line_error, one_process, train_on
 
-FOUR_LAYERS = [*FAST, "--set", "n_layers=4", "--micro-batch-size", "1"]
+FOUR_LAYERS = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "1"]
 
 
 def simulate(schedule, pp, vpp, n_micro):
-    """Run every rank's action list against the pipeline's data dependencies, as the
-    real runner would (sends never block, receives wait); return the largest number of
-    micro-batches whose activations each rank holds at once. Fails on a deadlock."""
+    """Run every rank's action list against the pipeline's data dependencies, as
+    run_schedule would (sends never block, receives wait); return the largest number of
+    micro-batches whose activations each rank holds at once. Fails on a deadlock, and
+    when a rank sends a peer its messages in another order than the peer receives them
+    (NCCL ignores tags and matches a pair's messages in order)."""
     layouts = [parallel.Layout(pp=pp, vpp=vpp, rank=r) for r in range(pp)]
     actions = [parallel.SCHEDULES[schedule](n_micro, lay) for lay in layouts]
     n_chunks = pp * vpp
@@ -20,6 +22,7 @@ def simulate(schedule, pp, vpp, n_micro):
         assert sorted(acts) == sorted(expected), f"rank {rank}"
     done, position = set(), [0] * pp
     alive, peak = [0] * pp, [0] * pp
+    sent, received = {}, {}  # (from rank, to rank) -> messages in issue order
     while any(position[r] < len(actions[r]) for r in range(pp)):
         progressed = False
         for r in range(pp):
@@ -32,13 +35,26 @@ def simulate(schedule, pp, vpp, n_micro):
             else:
                 ready = ("F", micro, chunk) in done and (
                     chunk == n_chunks - 1 or ("B", micro, chunk + 1) in done)
-            if ready:
-                done.add((kind, micro, chunk))
-                alive[r] += 1 if kind == "F" else -1
-                peak[r] = max(peak[r], alive[r])
-                position[r] += 1
-                progressed = True
+            if not ready:
+                continue
+            # What run_schedule receives first and sends after this action's compute.
+            forward = kind == "F"
+            source = chunk - 1 if forward else chunk + 1
+            if 0 <= source < n_chunks:
+                received.setdefault((source % pp, r), []).append((kind, micro, source))
+            target = chunk + 1 if forward else chunk - 1
+            if 0 <= target < n_chunks:
+                sent.setdefault((r, target % pp), []).append((kind, micro, chunk))
+            done.add((kind, micro, chunk))
+            alive[r] += 1 if forward else -1
+            peak[r] = max(peak[r], alive[r])
+            position[r] += 1
+            progressed = True
         assert progressed, f"deadlock: {schedule} pp={pp} vpp={vpp} micro={n_micro}"
+    assert sent.keys() == received.keys()
+    for pair in sent:
+        assert sent[pair] == received[pair], f"{schedule} pp={pp} vpp={vpp}: ranks {pair} " \
+                                             f"send and receive in different orders"
     return peak
 
 
@@ -53,6 +69,23 @@ def test_1f1b_and_gpipe_run_and_1f1b_bounds_memory(pp, n_micro):
 @pytest.mark.parametrize("pp,vpp,n_micro", [(2, 2, 2), (2, 2, 6), (4, 2, 8), (2, 3, 4), (4, 3, 4)])
 def test_interleaved_schedule_runs(pp, vpp, n_micro):
     simulate("interleaved", pp, vpp, n_micro)
+
+
+def test_simulation_sees_messages_out_of_order(monkeypatch):
+    """The order check can fail: swap two forwards of rank 1 (whose sends to rank 0, the
+    ring's wrap, would then cross) and it does."""
+    schedule = parallel.SCHEDULES["interleaved"]
+
+    def swapped(n_micro, layout):
+        actions = schedule(n_micro, layout)
+        if layout.pp_rank == 0:
+            i = actions.index(("F", 0, 1))
+            j = actions.index(("F", 1, 1))
+            actions[i], actions[j] = actions[j], actions[i]
+        return actions
+    monkeypatch.setitem(parallel.SCHEDULES, "interleaved", swapped)
+    with pytest.raises(AssertionError, match="different orders"):
+        simulate("interleaved", 2, 2, 4)
 
 
 def test_interleaved_needs_micro_batches_in_multiples_of_pp():
@@ -77,25 +110,28 @@ def test_stage_split_messages_and_uneven_split():
                                                  (4, ["--pp", "2", "--tp", "2", "--no-sp"])]),
     ("gpt", [], [(2, ["--pp", "2"]), (4, ["--pp", "2", "--no-zero1"])]),   # tied; pp=2 x dp=2
 ])
-def test_pipeline_parallel_equals_one_process(tmp_path, model, overrides, layouts):
-    reference = tmp_path / "reference.jsonl"
-    run(["--model", model, *FOUR_LAYERS, *overrides, "--metrics", str(reference)])
-    expected = losses(reference)
-    for nproc, flags in layouts:
-        metrics = tmp_path / ("-".join([str(nproc), *flags]).replace("--", "") + ".jsonl")
-        run(["--model", model, *FOUR_LAYERS, *overrides, *flags, "--metrics", str(metrics)], nproc=nproc)
-        assert_same_curve(losses(metrics), expected)
+def test_pipeline_parallel_equals_one_process(ranks, model, overrides, layouts):
+    """Loss, gradient norm every step, and the validation loss (forward only) at the end."""
+    argv = ["--model", model, *FOUR_LAYERS, *overrides]
+    check_layouts(ranks, argv, layouts)
 
 
-def test_resume_under_pipeline_parallelism(tmp_path):
-    full = tmp_path / "full.jsonl"
-    run(["--model", "gpt", *FOUR_LAYERS, "--pp", "2", "--metrics", str(full)], nproc=2)
-    ckpt = tmp_path / "ckpt"
-    run(["--model", "gpt", *FOUR_LAYERS, "--pp", "2", "--save", str(ckpt), "--save-every", "5"], nproc=2)
-    resumed = tmp_path / "resumed.jsonl"
-    run(["--model", "gpt", *FOUR_LAYERS, "--pp", "2", "--load", str(ckpt / "step_00000005"),
-         "--metrics", str(resumed)], nproc=2)
-    assert_same_curve(losses(resumed), losses(full)[5:], rel=1e-6)
+@pytest.mark.parametrize("overrides", [[], ["--no-sp", "--set", "qk_norm=true"]], ids=["sp", "qk-norm"])
+def test_interleaved_pipeline_times_tensor_parallel(ranks, overrides):
+    """vpp x tp: the last backward of a step touches one local chunk only, yet each
+    partial gradient (sequence-parallel norms, QK-norms) is summed over tp exactly once.
+    (Summed twice, the gradient norm differed from one process at step 1.)"""
+    argv = ["--model", "llama", *FOUR_LAYERS, *overrides]
+    got, _ = train_on(ranks, 4, argv + ["--pp", "2", "--vpp", "2", "--tp", "2"])
+    assert_same_run(got, one_process(argv))
+
+
+def test_resume_under_pipeline_parallelism(ranks, tmp_path):
+    argv = ["--model", "gpt", *FOUR_LAYERS, "--pp", "2"]
+    full, _ = train_on(ranks, 2, argv)
+    train_on(ranks, 2, argv + ["--save", str(tmp_path / "ckpt"), "--save-every", "5"])
+    resumed, _ = train_on(ranks, 2, argv + ["--load", str(tmp_path / "ckpt" / "step_00000005")])
+    assert_same_run(resumed, full[5:], rel=1e-6)
 
 
 def test_vpp_without_pp_is_one_line(capsys):

@@ -1,7 +1,7 @@
 """Tensor parallelism (+ sequence parallelism) and ZeRO-1 against the one-process run.
 
-Each layout trains 10 steps under torchrun (gloo); its per-step losses must equal the
-one-process losses, and its checkpoint after step 1, loaded into a one-process model
+Each layout trains 10 steps: its loss and gradient norm at every step must equal the
+one-process run's, and its checkpoint after step 1, loaded into a one-process model
 (which reassembles every tp shard), must equal the one-process parameters."""
 import pytest
 import torch
@@ -9,21 +9,15 @@ import torch
 import checkpoint
 import models
 import parallel
-from test_train import FAST, assert_same_curve, losses, one_line_error, run
+from conftest import LAYOUT, assert_same_run, one_line_error, run, train_job, train_on
 
 
-def trained(tmp_path, model, extra, nproc, tag):
-    """Run 10 steps, checkpointing each; return (losses, parameters after step 1)."""
-    metrics, ckpt = tmp_path / f"{tag}.jsonl", tmp_path / tag
-    # A larger Adam eps: the first update, lr * g / (|g| + eps), is then no longer the sign
-    # of g, which would turn rounding-level differences in tiny gradients into lr-sized ones.
-    run(["--model", model, *FAST, *extra, "--metrics", str(metrics), "--save", str(ckpt),
-         "--save-every", "1", "--adam-eps", "1e-4"], nproc=nproc)
+def parameters_after_step_1(ckpt, model):
     step_dir = ckpt / checkpoint.step_dir_name(1)
     meta = checkpoint.read_meta(step_dir)
     module = models.build(model, models.config_from_dict(model, meta["config"]), "cpu", seed=0)
     checkpoint.load(str(step_dir), module, None, parallel.Layout())
-    return losses(metrics), {n: p.detach().clone() for n, p in module.named_parameters()}
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 def assert_same_params(got, expected):
@@ -53,26 +47,20 @@ LAYOUTS = [  # (processes, train.py flags)
     ("llama", ["--set", "n_kv_heads=2"], [(2, ["--tp", "2"]), (4, ["--tp", "2", "--no-sp"])]),  # GQA
     ("gpt", [], LAYOUTS[::2]),
 ])
-def test_tensor_parallel_equals_one_process(tmp_path, model, overrides, layouts):
-    expected_losses, expected_params = trained(tmp_path, model, overrides, 1, "reference")
-    for nproc, flags in layouts:
-        tag = "-".join([str(nproc), *flags]).replace("--", "")
-        got_losses, got_params = trained(tmp_path, model, overrides + flags, nproc, tag)
-        assert_same_curve(got_losses, expected_losses)
-        assert_same_params(got_params, expected_params)
-
-
-def test_zero1_with_plain_data_parallel(tmp_path):
-    expected_losses, expected_params = trained(tmp_path, "llama", [], 1, "reference")
-    got_losses, got_params = trained(tmp_path, "llama", ["--zero1"], 2, "zero1-dp2")
-    assert_same_curve(got_losses, expected_losses)
-    assert_same_params(got_params, expected_params)
+def test_tensor_parallel_equals_one_process(ranks, tmp_path, model, overrides, layouts):
+    argv = ["--model", model, *LAYOUT, *overrides, "--save-every", "1"]
+    expected, _ = train_job(argv + ["--save", str(tmp_path / "reference")])
+    expected_params = parameters_after_step_1(tmp_path / "reference", model)
+    for i, (nproc, flags) in enumerate(layouts):
+        got, _ = train_on(ranks, nproc, argv + flags + ["--save", str(tmp_path / str(i))])
+        assert_same_run(got, expected)
+        assert_same_params(parameters_after_step_1(tmp_path / str(i), model), expected_params)
 
 
 def test_layout_that_does_not_divide_is_one_line():
     """End to end under torchrun: each rank stops with the same one-line message."""
-    proc = run(["--model", "llama", *FAST, "--tp", "2", "--set", "n_heads=3", "--set", "n_kv_heads=3"],
-                nproc=2, expect_ok=False)
+    proc = run(["--model", "llama", *LAYOUT, "--tp", "2", "--set", "n_heads=3", "--set", "n_kv_heads=3"],
+               nproc=2, expect_ok=False)
     assert proc.returncode != 0
     assert "error: n_heads=3 is not divisible by tp=2" in proc.stderr
     # torchrun reports the failed workers itself; our processes print no traceback.
@@ -91,6 +79,5 @@ def test_model_refuses_a_layout_that_does_not_divide(model, overrides, message):
         models.MODELS[model][2](cfg, parallel.Layout(tp=4))
 
 
-def test_sequence_not_divisible_by_tp_is_one_line(capsys):
-    # One process cannot run tp=2; the layout check comes first, so check that message.
-    assert "not divisible by tp*cp*pp" in one_line_error(capsys, ["--model", "llama", *FAST, "--tp", "2"])
+def test_tp_larger_than_the_world_is_one_line(capsys):
+    assert "not divisible by tp*cp*pp" in one_line_error(capsys, ["--model", "llama", *LAYOUT, "--tp", "2"])

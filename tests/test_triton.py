@@ -1,18 +1,12 @@
 """kernels.py's Triton kernels against their PyTorch references.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1: each kernel
-program executed with numpy), at tiny shapes. With a GPU the same tests run compiled on
-CUDA, and the tests marked `gpu` add bf16 at real shapes (python -m pytest -m gpu).
-
-Why a fresh process, sometimes: Triton reads TRITON_INTERPRET when a function is
-decorated with @triton.jit, and that includes Triton's own library (tl.zeros, ...,
-decorated when `import triton` runs). So the variable must be set before triton is
-first imported in the process. Run alone (pytest tests/test_triton.py) this module sets
-it in time. In the full suite, pytest imports every test module before running any, and
-earlier ones import kernels, which imports triton: too late. Then this module's tests
-are skipped here and `test_interpreter_tests_in_a_fresh_process` runs this file again in
-a new Python process with the variable set, and reports its result.
+program executed with numpy), at tiny shapes; conftest.py sets the variable before
+anything imports triton, which is when Triton reads it. With a GPU the same tests run
+compiled on CUDA, and the tests marked `gpu` add bf16 at real shapes
+(python -m pytest -m gpu).
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -21,37 +15,16 @@ import sys
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 import models  # noqa: E402
+from conftest import ROOT  # noqa: E402
 
-# On a CPU, can this process run the kernels in Triton's interpreter? (see above)
-FRESH_PROCESS = not CUDA and not kernels._INTERPRET
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_in_this_process(request):
-    if FRESH_PROCESS and request.node.originalname != "test_interpreter_tests_in_a_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
-                    "run in a fresh process by test_interpreter_tests_in_a_fresh_process")
-
-
-def test_interpreter_tests_in_a_fresh_process():
-    if not FRESH_PROCESS:
-        pytest.skip("this process runs the tests itself")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("KERNELS_BACKEND", None)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          os.path.abspath(__file__)], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
-    print(run.stdout.strip().splitlines()[-1])  # the child's summary line, shown with -rA / -s
-
+CUDA = torch.cuda.is_available()
+if not CUDA and not kernels._INTERPRET:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (run through pytest, "
+                "whose conftest.py sets it)", allow_module_level=True)
 
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
@@ -256,9 +229,26 @@ def test_kernels_import_and_run_without_triton():
 # GPU without having one: `bench.py kernels-compile` does so for sm_80 and sm_90, for every
 # autotuning configuration, in a process where TRITON_INTERPRET is off.
 
+# A finished sweep is recorded here, keyed by kernels.py's bytes and Triton's version: the
+# same source compiles the same way, so the sweep (a minute on two cores) runs again only
+# when either changes (commit the updated record), or with KERNELS_COMPILE_SWEEP=1.
+COMPILED = os.path.join(ROOT, "tests", "kernels_compiled.json")
+
+
+def _compile_key():
+    import triton
+    with open(kernels.__file__, "rb") as f:
+        return {"kernels_py_sha256": hashlib.sha256(f.read()).hexdigest(), "triton": triton.__version__}
+
+
 @pytest.mark.skipif(CUDA, reason="on a GPU the tests above compile and run the kernels")
 def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
+    key = _compile_key()
+    if os.path.isfile(COMPILED) and not os.environ.get("KERNELS_COMPILE_SWEEP"):
+        with open(COMPILED) as f:
+            if {k: v for k, v in json.load(f).items() if k in key} == key:
+                pytest.skip("this kernels.py compiled with this Triton already (tests/kernels_compiled.json)")
     report = tmp_path / "compile.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "bench.py", "kernels-compile", "--head-dims", "128",
@@ -277,6 +267,9 @@ def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
     assert {g for g in groups if "masked" not in g[2]} == {
         (r["kernel"], r["arch"], r["case"]) for r in rows if r["fits"] and r["spill_bytes"] == 0
         and "masked" not in r["case"]}
+    with open(COMPILED, "w") as f:
+        json.dump({**key, "configurations": len(rows)}, f, indent=1)
+        f.write("\n")
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""What the tests share: small training flags, the one-process reference runs (each run
+once per session), persistent multi-process launches (one set of processes per world
+size, reused by every layout test), and the comparison of a layout with one process.
+
+Layout tests pin what they need (CPU, fp32, gloo), so the suite runs the same on a
+machine with a GPU: several ranks sharing one GPU over NCCL is not a layout we test.
+"""
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Triton's interpreter must be chosen before triton is first imported (kernels.py says
+# why): set it here, before any test module imports kernels, so that without a GPU
+# tests/test_triton.py runs its kernels in this very process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small and quick, on the CPU even where a GPU is (the ranks of LocalRanks talk over gloo);
+# --peak-tflops skips the start-up matmul that measures the CPU.
+FAST = ["--config", "test", "--seq-len", "32", "--global-batch-size", "8", "--steps", "10",
+        "--warmup-steps", "2", "--lr", "3e-3", "--sample-tokens", "0", "--peak-tflops", "1",
+        "--eval-every", "0", "--eval-batches", "1", "--device", "cpu"]
+
+# For comparing a layout with one process, where a wrong gradient scale must show:
+# clipping off (every step would be clipped at 1.0, hiding the scale from the update)
+# and a larger Adam eps (with 1e-8 the update lr * m / (sqrt(v) + eps) ignores the scale).
+# The gradient norm, compared at every step, shows a scale error by itself; these make
+# the losses and parameters show it too.
+LAYOUT = [*FAST, "--clip-grad", "0", "--adam-eps", "1e-3", "--precision", "fp32"]
+
+
+# ----------------------------------------------------------------------------
+# Running train.py
+# ----------------------------------------------------------------------------
+
+def train_job(argv):
+    """train.py with these flags in this process (a rank of LocalRanks, or the test
+    process itself); returns (records, stdout) on rank 0 and None elsewhere."""
+    import parallel
+    import train
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        records = train.train(train.parse_args(argv))
+    return (records, out.getvalue()) if parallel.world_size() == 1 or torch.distributed.get_rank() == 0 \
+        else None
+
+
+def main_job(argv):
+    """train.main with these flags, as a rank runs it: (exit status, stderr)."""
+    import train
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+_REFERENCES = {}
+
+
+def one_process(argv):
+    """The per-step records of a one-process run, each distinct run once per session."""
+    key = tuple(argv)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = train_job(list(argv))[0]
+    return _REFERENCES[key]
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """ranks(world) -> parallel.LocalRanks of `world` processes, started once per session."""
+    import parallel
+    pools = {}
+
+    def get(world):
+        if world not in pools or not pools[world].procs:  # none yet, or killed by a failure
+            pools[world] = parallel.LocalRanks(world, timeout=300)
+        return pools[world]
+    yield get
+    for pool in pools.values():
+        pool.kill()  # the session is over: nothing is left to wait for
+
+
+def train_on(ranks, world, argv):
+    """train.py with these flags on `world` ranks (the session's processes): (records, stdout)."""
+    return ranks(world).run(train_job, argv=list(argv))[0]
+
+
+def run(args, nproc=1, expect_ok=True, timeout=300):
+    """Launch train.py as a user does: plain python, or torchrun when nproc > 1. Returns the
+    CompletedProcess. On a timeout the whole process group is killed, torchrun's workers too."""
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(launcher + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if expect_ok:
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return result
+
+
+def one_line_error(capsys, argv):
+    """train.main(argv) must exit 2 with one line on stderr: `error: ...`. Returns it."""
+    import train
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+# ----------------------------------------------------------------------------
+# Comparing runs
+# ----------------------------------------------------------------------------
+
+def check_layouts(ranks, argv, layouts):
+    """Train `argv` under each (processes, extra flags) layout: the same run as one process."""
+    expected = one_process(argv)
+    for nproc, flags in layouts:
+        got, _ = train_on(ranks, nproc, argv + flags)
+        assert_same_run(got, expected)
+
+
+def assert_same_logits(got, expected):
+    """Logits of two implementations of the same model and weights, in fp32: equal up to
+    the rounding of a different order of operations."""
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def assert_same_run(got, expected, rel=1e-5, keys=("loss", "grad_norm", "val_loss")):
+    """Per step: the loss, the gradient norm (before clipping) and, where evaluated, the
+    validation loss (the forward-only path) agree within `rel`."""
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected):
+        for key in keys:
+            assert (key in a) == (key in b), (a["step"], key)
+            if key in b:
+                assert abs(a[key] - b[key]) <= rel * abs(b[key]), \
+                    f"step {b['step']} {key}: {a[key]} vs {b[key]} (one process)"
+
