@@ -3,14 +3,22 @@
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh
 #
-# 1. the GPU tests (bf16 kernels at real shapes against their references; the chunked
-#    cross-entropy's peak memory against the logits-at-once reference),
-# 2. bench.py kernels (attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak),
-# 3. a bf16 training step of qwen2.5-0.5b (head dim 64) and a 4-layer llama3-8b (head dim
-#    128) with the Triton kernels and with torch's, tokens/s and MFU from train.py.
-# Each step has its own time limit, so one slow step cannot eat the others, and writes its
-# log (and JSON) under $OUT as it goes. BENCHMARKS.md is written from these files, with
-# the device, date and commit they name.
+# 1. every test of tests/test_triton.py and tests/test_kernels.py, compiled on the GPU:
+#    the interpreter-sized cases (ragged lengths, decoding, windows, padding, fp16) and
+#    the `gpu` ones (bf16 at real shapes, the chunked loss's peak memory);
+# 2. bf16 training steps of a 4-layer llama3-8b (head dim 128) and qwen2.5-0.5b (head dim
+#    64) with the Triton kernels and with torch's: tokens/s and MFU from train.py;
+# 3. bench.py kernels (attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak).
+# Most important first. Each step has its own time limit, so one slow step cannot eat the
+# others, and writes its log (and JSON, and each test's duration) under $OUT as it goes;
+# BENCHMARKS.md is written from these files, with the device, date and commit they name.
+#
+# At most 8.5 minutes in all. The limits are not measured yet: no session so far had a GPU.
+# They are bounds from what the steps do: the tests compile each kernel once per distinct
+# shape class and autotune configuration (on the CPU they take 35 s in Triton's
+# interpreter), a training step of these sizes is well under a second on an H100 (start-up
+# dominates), and bench.py kernels times ~20 cases. The first GPU session replaces them
+# with its measured times (tests.log lists every test's duration) plus a margin.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -35,15 +43,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-step gpu-tests 240 python3 -m pytest -q -m gpu tests/test_triton.py tests/test_kernels.py
-step bench-kernels 240 python3 bench.py kernels --json "$out/kernels.json"
-for backend in triton torch; do
-    step "train-qwen-$backend" 90 env KERNELS_BACKEND=$backend python3 train.py --model llama \
-        --config qwen2.5-0.5b --seq-len 2048 --global-batch-size 8 --steps 30 --warmup-steps 5 \
-        --log-every 10 --eval-every 0 --eval-batches 1 --sample-tokens 0 \
-        --metrics "$out/train-qwen-$backend.jsonl"
-    step "train-llama-$backend" 90 env KERNELS_BACKEND=$backend python3 train.py --model llama \
-        --config llama3-8b --set n_layers=4 --seq-len 4096 --global-batch-size 4 --steps 30 \
-        --warmup-steps 5 --log-every 10 --eval-every 0 --eval-batches 1 --sample-tokens 0 \
-        --metrics "$out/train-llama-$backend.jsonl"
+step tests 240 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
+    tests/test_triton.py tests/test_kernels.py
+for config in "llama3-8b --set n_layers=4 --seq-len 4096 --global-batch-size 4" \
+              "qwen2.5-0.5b --seq-len 2048 --global-batch-size 8"; do
+    name=$(echo "$config" | cut -d' ' -f1)
+    for backend in triton torch; do
+        # shellcheck disable=SC2086  # $config is several flags
+        step "train-$name-$backend" 45 env KERNELS_BACKEND=$backend python3 train.py --model llama \
+            --config $config --steps 20 --warmup-steps 5 --log-every 5 --eval-every 0 \
+            --eval-batches 1 --sample-tokens 0 --metrics "$out/train-$name-$backend.jsonl"
+    done
 done
+step bench-kernels 90 python3 bench.py kernels --json "$out/kernels.json"
