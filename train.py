@@ -190,9 +190,14 @@ def pp_layers(args):
         raise UsageError(f"--pp-layers {args.pp_layers}: expected comma-separated integers") from None
 
 
+def micro_batch_size(args, dp):
+    """Sequences per forward pass: --micro-batch-size, or all of a data rank's rows."""
+    return args.micro_batch_size or args.global_batch_size // dp
+
+
 def micro_steps(args, dp):
     """Micro-batches per step and data-parallel rank."""
-    return args.global_batch_size // dp // (args.micro_batch_size or args.global_batch_size // dp)
+    return args.global_batch_size // dp // micro_batch_size(args, dp)
 
 
 def check_args(args, cfg, tokenizer):
@@ -237,7 +242,7 @@ def check_args(args, cfg, tokenizer):
         raise UsageError(f"--seq-len {args.seq_len} / cp is not divisible by tp={args.tp}, as "
                          f"sequence parallelism needs; change --seq-len or pass --no-sp")
     # The batch.
-    gbs, mbs = args.global_batch_size, args.micro_batch_size or args.global_batch_size // dp
+    gbs, mbs = args.global_batch_size, micro_batch_size(args, dp)
     if gbs % dp:
         raise UsageError(f"--global-batch-size {gbs} is not divisible by dp={dp}")
     if (gbs // dp) % mbs:
@@ -373,8 +378,7 @@ def forward_backward(run, batch_rows, forward_only=False):
     """Forward (+ backward) of this rank's micro-batches through the pipeline schedule;
     returns the global mean loss. batch_rows(rows) -> (inputs, targets) of the global batch."""
     args, layout = run.args, run.layout
-    rows_per_rank = args.global_batch_size // layout.dp
-    mbs = rows_per_rank // run.micro_steps
+    rows_per_rank, mbs = args.global_batch_size // layout.dp, micro_batch_size(args, layout.dp)
     micro_batches = []
     for micro in range(run.micro_steps):
         first_row = layout.dp_rank * rows_per_rank + micro * mbs
