@@ -10,9 +10,9 @@ that can each be read (and copied) alone. Each section uses only the sections ab
   Context parallelism    zigzag sequence split and ring attention
   Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
   Model chunks           a model cut into pipeline chunks; the output layer and loss
-  Pipeline schedules     GPipe, 1F1B, interleaved 1F1B, and running them
   Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
   Gradient norm          clipping and fp16 loss scaling, agreed across ranks
+  Pipeline schedules     GPipe, 1F1B, interleaved 1F1B, and running them
   Local ranks            N processes on one machine, for tests and benchmarks
 
 Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp, so
@@ -571,8 +571,6 @@ def gather_logits(logits, layout, vocab_size):
     return logits[..., :vocab_size]
 
 
-
-
 # ----------------------------------------------------------------------------
 # Context parallelism: zigzag sequence split and ring attention
 # ----------------------------------------------------------------------------
@@ -973,144 +971,6 @@ def output_layer(x, weight, labels, layout, vocab_size):
 
 
 # ----------------------------------------------------------------------------
-# Pipeline schedules
-# ----------------------------------------------------------------------------
-# A schedule is a list of actions ("F" or "B", micro-batch, local chunk) per rank. Running
-# it: a forward receives its input activation from the previous chunk's rank and sends
-# its output to the next; a backward receives the output's gradient from the next and
-# sends the input's gradient back. Sends are asynchronous; receives wait.
-#
-# Messages carry a tag, (direction, micro-batch, chunk), and gloo matches a receive to the
-# send with its tag. NCCL ignores tags: between two ranks it matches sends and receives in
-# the order they are issued (all messages have the same shape, so a mismatch would pass
-# the wrong activation silently). So every schedule here must make each rank send to a
-# peer in exactly the order that peer receives from it; tests/test_pipeline_parallel.py
-# simulates every schedule and checks this, pair by pair.
-
-def schedule_gpipe(n_micro, layout):
-    """All forwards, then all backwards (GPipe): simple, but every micro-batch's
-    activations are alive at once."""
-    return [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
-
-
-def schedule_1f1b(n_micro, layout):
-    """1F1B (PipeDream-flush): rank r runs pp - r - 1 warm-up forwards, then alternates
-    one forward and one backward, then drains the backwards. Same bubble as GPipe, but
-    at most pp - r micro-batches of activations are alive."""
-    warmup = min(layout.pp - layout.pp_rank - 1, n_micro)
-    actions = [("F", m, 0) for m in range(warmup)]
-    for i in range(n_micro - warmup):
-        actions += [("F", warmup + i, 0), ("B", i, 0)]
-    return actions + [("B", m, 0) for m in range(n_micro - warmup, n_micro)]
-
-
-def schedule_interleaved_1f1b(n_micro, layout):
-    """Interleaved 1F1B (Megatron): each rank holds vpp chunks; micro-batches move
-    through them in groups of pp, which cuts the bubble by vpp at the cost of vpp
-    times more point-to-point messages. Needs n_micro to be a multiple of pp."""
-    pp, vpp, rank = layout.pp, layout.vpp, layout.pp_rank
-    if n_micro % pp:
-        raise UsageError(f"the interleaved schedule needs the number of micro-batches "
-                         f"({n_micro}) to be a multiple of pp={pp}; change --global-batch-size "
-                         f"or --micro-batch-size")
-    total = n_micro * vpp
-
-    def unit(k, backward):
-        """The k-th forward (or backward) of this rank: (micro-batch, local chunk)."""
-        group, within = divmod(k, pp * vpp)
-        chunk = within // pp
-        return group * pp + within % pp, (vpp - 1 - chunk) if backward else chunk
-
-    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-    actions = [("F", *unit(k, False)) for k in range(warmup)]
-    for i in range(total - warmup):
-        actions += [("F", *unit(warmup + i, False)), ("B", *unit(i, True))]
-    return actions + [("B", *unit(k, True)) for k in range(total - warmup, total)]
-
-
-SCHEDULES = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "interleaved": schedule_interleaved_1f1b}
-
-
-def bubble_fraction(schedule, n_micro, layout):
-    """Idle fraction of a step in theory: (pp - 1) / (m * v + pp - 1) with v = vpp for
-    the interleaved schedule and 1 otherwise."""
-    v = layout.vpp if schedule == "interleaved" else 1
-    return (layout.pp - 1) / (n_micro * v + layout.pp - 1)
-
-
-def _tag(direction, micro, chunk):
-    return (micro * 1024 + chunk) * 2 + direction
-
-
-def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
-                 loss_scale=1.0, autocast=None, forward_only=False):
-    """Execute a pipeline schedule for one step; return the sum of the micro-batches'
-    loss sums (non-zero only on the rank holding the last chunk).
-
-    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
-    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
-    loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
-    loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
-    router losses, in the loss sum's units): it joins the objective on that chunk's rank.
-    With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
-
-    Gradient reduction (`ddp`): a chunk's gradients are complete after its last backward
-    of the step, so that backward, and only that one, runs with ddp.sync on; its buckets'
-    reductions then overlap with the backwards still to come. Earlier backwards only
-    accumulate: nothing leaves the rank during gradient accumulation.
-    """
-    autocast = autocast or contextlib.nullcontext()
-    stored, sends, total = {}, [], torch.zeros((), device=layout.device)
-    last_backward = {local: i for i, (kind, _, local) in enumerate(actions) if kind == "B"}
-
-    def recv(direction, micro, chunk, src):
-        buf = torch.empty(hidden_shape, device=layout.device)
-        dist.recv(buf, src, tag=_tag(direction, micro, chunk))
-        return buf
-
-    def send(tensor, direction, micro, chunk, dst):
-        sends.append(dist.isend(tensor.contiguous(), dst, tag=_tag(direction, micro, chunk)))
-
-    for i, (kind, micro, local_chunk) in enumerate(actions):
-        if forward_only and kind == "B":
-            continue
-        chunk = chunks[local_chunk]
-        model = modules[local_chunk]
-        ids, labels = micro_batches[micro]
-        if kind == "F":
-            hidden = None
-            if not chunk.first:  # from the previous chunk, on the previous rank
-                hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
-            with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
-                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
-            if chunk.last:
-                total += out.detach()
-            else:
-                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
-            if not forward_only:
-                stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
-        else:
-            hidden, out, extra = stored.pop((micro, chunk.index))
-            if ddp is not None:
-                ddp.sync = i == last_backward[local_chunk]
-            if chunk.last:
-                ((out if extra is None else out + extra) * loss_scale).backward()
-            else:
-                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
-                if extra is None:
-                    torch.autograd.backward(out, grad)
-                else:  # None: the scalar's gradient is 1
-                    torch.autograd.backward([out, extra * loss_scale], [grad, None])
-            if not chunk.first:
-                send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
-    if ddp is not None:
-        ddp.sync = True
-    for handle in sends:
-        handle.wait()
-    return total
-
-
-# ----------------------------------------------------------------------------
 # Data parallelism: bucketed reduction overlapped with backward, ZeRO-1, AdamW
 # ----------------------------------------------------------------------------
 
@@ -1414,6 +1274,144 @@ class LossScaler:
         else:
             self.scale, self.clean_steps = self.scale / 2, 0
         return finite
+
+
+# ----------------------------------------------------------------------------
+# Pipeline schedules
+# ----------------------------------------------------------------------------
+# A schedule is a list of actions ("F" or "B", micro-batch, local chunk) per rank. Running
+# it: a forward receives its input activation from the previous chunk's rank and sends
+# its output to the next; a backward receives the output's gradient from the next and
+# sends the input's gradient back. Sends are asynchronous; receives wait.
+#
+# Messages carry a tag, (direction, micro-batch, chunk), and gloo matches a receive to the
+# send with its tag. NCCL ignores tags: between two ranks it matches sends and receives in
+# the order they are issued (all messages have the same shape, so a mismatch would pass
+# the wrong activation silently). So every schedule here must make each rank send to a
+# peer in exactly the order that peer receives from it; tests/test_pipeline_parallel.py
+# simulates every schedule and checks this, pair by pair.
+
+def schedule_gpipe(n_micro, layout):
+    """All forwards, then all backwards (GPipe): simple, but every micro-batch's
+    activations are alive at once."""
+    return [("F", m, 0) for m in range(n_micro)] + [("B", m, 0) for m in range(n_micro)]
+
+
+def schedule_1f1b(n_micro, layout):
+    """1F1B (PipeDream-flush): rank r runs pp - r - 1 warm-up forwards, then alternates
+    one forward and one backward, then drains the backwards. Same bubble as GPipe, but
+    at most pp - r micro-batches of activations are alive."""
+    warmup = min(layout.pp - layout.pp_rank - 1, n_micro)
+    actions = [("F", m, 0) for m in range(warmup)]
+    for i in range(n_micro - warmup):
+        actions += [("F", warmup + i, 0), ("B", i, 0)]
+    return actions + [("B", m, 0) for m in range(n_micro - warmup, n_micro)]
+
+
+def schedule_interleaved_1f1b(n_micro, layout):
+    """Interleaved 1F1B (Megatron): each rank holds vpp chunks; micro-batches move
+    through them in groups of pp, which cuts the bubble by vpp at the cost of vpp
+    times more point-to-point messages. Needs n_micro to be a multiple of pp."""
+    pp, vpp, rank = layout.pp, layout.vpp, layout.pp_rank
+    if n_micro % pp:
+        raise UsageError(f"the interleaved schedule needs the number of micro-batches "
+                         f"({n_micro}) to be a multiple of pp={pp}; change --global-batch-size "
+                         f"or --micro-batch-size")
+    total = n_micro * vpp
+
+    def unit(k, backward):
+        """The k-th forward (or backward) of this rank: (micro-batch, local chunk)."""
+        group, within = divmod(k, pp * vpp)
+        chunk = within // pp
+        return group * pp + within % pp, (vpp - 1 - chunk) if backward else chunk
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    actions = [("F", *unit(k, False)) for k in range(warmup)]
+    for i in range(total - warmup):
+        actions += [("F", *unit(warmup + i, False)), ("B", *unit(i, True))]
+    return actions + [("B", *unit(k, True)) for k in range(total - warmup, total)]
+
+
+SCHEDULES = {"gpipe": schedule_gpipe, "1f1b": schedule_1f1b, "interleaved": schedule_interleaved_1f1b}
+
+
+def bubble_fraction(schedule, n_micro, layout):
+    """Idle fraction of a step in theory: (pp - 1) / (m * v + pp - 1) with v = vpp for
+    the interleaved schedule and 1 otherwise."""
+    v = layout.vpp if schedule == "interleaved" else 1
+    return (layout.pp - 1) / (n_micro * v + layout.pp - 1)
+
+
+def _tag(direction, micro, chunk):
+    return (micro * 1024 + chunk) * 2 + direction
+
+
+def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
+                 loss_scale=1.0, autocast=None, forward_only=False):
+    """Execute a pipeline schedule for one step; return the sum of the micro-batches'
+    loss sums (non-zero only on the rank holding the last chunk).
+
+    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
+    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
+    loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
+    loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
+    router losses, in the loss sum's units): it joins the objective on that chunk's rank.
+    With pp = 1 the schedule is just F0 B0 F1 B1 ... without messages.
+
+    Gradient reduction (`ddp`): a chunk's gradients are complete after its last backward
+    of the step, so that backward, and only that one, runs with ddp.sync on; its buckets'
+    reductions then overlap with the backwards still to come. Earlier backwards only
+    accumulate: nothing leaves the rank during gradient accumulation.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    stored, sends, total = {}, [], torch.zeros((), device=layout.device)
+    last_backward = {local: i for i, (kind, _, local) in enumerate(actions) if kind == "B"}
+
+    def recv(direction, micro, chunk, src):
+        buf = torch.empty(hidden_shape, device=layout.device)
+        dist.recv(buf, src, tag=_tag(direction, micro, chunk))
+        return buf
+
+    def send(tensor, direction, micro, chunk, dst):
+        sends.append(dist.isend(tensor.contiguous(), dst, tag=_tag(direction, micro, chunk)))
+
+    for i, (kind, micro, local_chunk) in enumerate(actions):
+        if forward_only and kind == "B":
+            continue
+        chunk = chunks[local_chunk]
+        model = modules[local_chunk]
+        ids, labels = micro_batches[micro]
+        if kind == "F":
+            hidden = None
+            if not chunk.first:  # from the previous chunk, on the previous rank
+                hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
+            with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
+                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
+            if chunk.last:
+                total += out.detach()
+            else:
+                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
+            if not forward_only:
+                stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
+        else:
+            hidden, out, extra = stored.pop((micro, chunk.index))
+            if ddp is not None:
+                ddp.sync = i == last_backward[local_chunk]
+            if chunk.last:
+                ((out if extra is None else out + extra) * loss_scale).backward()
+            else:
+                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
+                if extra is None:
+                    torch.autograd.backward(out, grad)
+                else:  # None: the scalar's gradient is 1
+                    torch.autograd.backward([out, extra * loss_scale], [grad, None])
+            if not chunk.first:
+                send(hidden.grad, 1, micro, chunk.index, layout.pp_prev)
+    if ddp is not None:
+        ddp.sync = True
+    for handle in sends:
+        handle.wait()
+    return total
 
 
 # ----------------------------------------------------------------------------
