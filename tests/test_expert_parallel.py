@@ -115,7 +115,8 @@ def relative(a, b):
 @pytest.mark.parametrize("world,tp,cp,scenarios", [
     (2, 1, 1, [(2, {}), (2, {"capacity_factor": 1.0}), (2, {"zero_router": True})]),
     (4, 1, 1, [(2, {}), (4, {})]),       # ep=2: expert-dp groups of 2 ranks; ep=4: one expert each
-    (4, 2, 2, [(2, {})]),                # tp=2 (sp) x cp=2, ep=2 over the cp ranks
+    (4, 2, 2, [(2, {}), (2, {"zero_router": True})]),  # tp=2 (sp) x cp=2, ep=2 over the cp ranks;
+    # with a zero router, experts 2 and 3 receive no token at all under tp > 1
 ])
 def test_expert_parallel_step_equals_one_process(ranks, world, tp, cp, scenarios):
     """Losses, every gradient (reduced over the right groups) and the dropped choices."""
