@@ -45,7 +45,7 @@ def _ring_vs_full():
     return results
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp", [2, 3, 4])
 def test_context_attention_equals_full_attention(ranks, cp):
     """Outputs and the gradients of q, k, v (dK/dV come back round the ring) equal full
     attention's, for ring and all-gather, causal or not, GQA, windows."""

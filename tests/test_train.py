@@ -28,6 +28,16 @@ def test_loss_falls_on_builtin_corpus(tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "val_loss"} <= set(record)
 
 
+def test_torchrun_equals_one_process(tmp_path):
+    """The way users launch it: torchrun, two ranks (tp=2), the process group made by
+    train.py from torchrun's environment and torn down at the end."""
+    argv = ["--model", "llama", *LAYOUT, "--tp", "2", "--metrics", str(tmp_path / "m.jsonl")]
+    proc = run(argv, nproc=2)
+    assert "done: loss" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert_same_run(records, one_process(["--model", "llama", *LAYOUT]))
+
+
 def test_training_lets_go_of_the_model():
     """DataParallel's gradient hooks form a cycle the garbage collector may not see (autograd
     holds them in C++); train() closes it, so the model and, under torchrun, its process
