@@ -23,12 +23,13 @@ import parallel
 
 @dataclass
 class Config:
+    """GPT-2 small by default; the fields in the order of Hugging Face's GPT2Config."""
     vocab_size: int = 50257
+    max_seq_len: int = 1024        # learned positions: no longer sequence is possible
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
     ffn_dim: int = 0               # 0: 4 * dim
-    max_seq_len: int = 1024
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
