@@ -72,8 +72,8 @@ def test_interleaved_schedule_runs(pp, vpp, n_micro):
 
 
 def test_simulation_sees_messages_out_of_order(monkeypatch):
-    """The order check can fail: swap two forwards of rank 1 (whose sends to rank 0, the
-    ring's wrap, would then cross) and it does."""
+    """The order check can fail: swap rank 0's forwards of micro-batches 0 and 1 on its
+    second chunk (its sends to rank 1 then cross rank 1's receives) and it does."""
     schedule = parallel.SCHEDULES["interleaved"]
 
     def swapped(n_micro, layout):
