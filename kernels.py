@@ -1002,3 +1002,203 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# State-space scans (Mamba): the selective scan (Mamba-1) and SSD (Mamba-2)
+# ----------------------------------------------------------------------------
+# Both compute, for every channel, the linear recurrence of a hidden state h:
+#
+#     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        y_t = C_t . h_t
+#
+# Mamba-1 gives each channel d its own A[d, :] over N states; Mamba-2 (SSD) gives each
+# head one scalar A[h] shared by its head_dim channels, and B, C shared by the heads of
+# a group. The sequential loops are the oracles: one step per token, obviously the
+# recurrence. The fast forms compute the same numbers in parallel over the sequence.
+# Shapes: x (batch, T, channels) for Mamba-1, (batch, T, heads, head_dim) for Mamba-2;
+# dt has x's shape without head_dim; B and C are (batch, T, N) for Mamba-1 and
+# (batch, T, groups, N) for Mamba-2; states are (batch, channels, N) and
+# (batch, heads, head_dim, N). Everything is computed in fp32.
+
+def selective_scan_step(state, x, dt, A, B, C):
+    """One token of the Mamba-1 recurrence: x, dt (batch, D); B, C (batch, N); state
+    (batch, D, N). Returns (y (batch, D), the new state)."""
+    state = torch.exp(dt[..., None] * A) * state + (dt * x)[..., None] * B[:, None, :]
+    return torch.einsum("bdn,bn->bd", state, C), state
+
+
+def selective_scan_reference(x, dt, A, B, C, initial_state=None):
+    """Mamba-1's scan one token at a time (the oracle). Returns (y, final state)."""
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1]) if initial_state is None \
+        else initial_state.float()
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = selective_scan_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def linear_scan(a, b, reverse=False):
+    """h_t = a_t * h_{t-1} + b_t along dim 1 with h_{-1} = 0 (from the end when
+    `reverse`), in log2(T) parallel steps (Hillis-Steele): after the step with offset k,
+    position t holds the composition of the k (then 2k, ...) updates ending at t. Every
+    factor is a product of decays in [0, 1], so nothing overflows, unlike a cumulative
+    sum of logs would."""
+    if reverse:
+        return linear_scan(a.flip(1), b.flip(1)).flip(1)
+    T, k = a.shape[1], 1
+    while k < T:
+        b = torch.cat([b[:, :k], b[:, k:] + a[:, k:] * b[:, :-k]], dim=1)
+        a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
+        k *= 2
+    return b
+
+
+class SelectiveScan(torch.autograd.Function):
+    """Mamba-1's scan with states recomputed in backward rather than stored.
+
+    The states h (batch, T, D, N) are N times larger than the layer's input; like the
+    fused Mamba kernel, nothing of that size is kept between forward and backward.
+    Backward is the same recurrence run backwards: the gradient reaching h_t is
+    g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}, and from g every input's gradient follows
+    by the product rule."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, initial_state):
+        h = SelectiveScan._states(x, dt, A, B, initial_state)
+        ctx.save_for_backward(x, dt, A, B, C, initial_state)
+        return torch.einsum("btdn,btn->btd", h, C), h[:, -1]
+
+    @staticmethod
+    def _states(x, dt, A, B, initial_state):
+        decay = torch.exp(dt[..., None] * A)                    # (batch, T, D, N)
+        inputs = (dt * x)[..., None] * B[:, :, None, :]
+        inputs[:, 0] += decay[:, 0] * initial_state
+        return linear_scan(decay, inputs)
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, initial_state = ctx.saved_tensors
+        h = SelectiveScan._states(x, dt, A, B, initial_state)
+        decay = torch.exp(dt[..., None] * A)
+        g_out = dy[..., None] * C[:, :, None, :]
+        g_out[:, -1] += dfinal
+        # g_t = g_out_t + decay_{t+1} g_{t+1}: a reverse scan with the decays shifted by one.
+        next_decay = torch.cat([decay[:, 1:], torch.zeros_like(decay[:, :1])], dim=1)
+        g = linear_scan(next_decay, g_out, reverse=True)
+        h_prev = torch.cat([initial_state[:, None], h[:, :-1]], dim=1)
+        g_decay = g * h_prev * decay                            # d(dt * A) of each (t, d, n)
+        g_input = g * B[:, :, None, :]                          # d(dt * x) of each (t, d), per n
+        dC = torch.einsum("btdn,btd->btn", h, dy)
+        dB = torch.einsum("btdn,btd->btn", g, dt * x)
+        dx = g_input.sum(-1) * dt
+        ddt = g_input.sum(-1) * x + torch.einsum("btdn,dn->btd", g_decay, A)
+        dA = torch.einsum("btdn,btd->dn", g_decay, dt)
+        d_initial = g[:, 0] * decay[:, 0]
+        return dx, ddt, dA, dB, dC, d_initial
+
+
+def selective_scan(x, dt, A, B, C, initial_state=None):
+    """Mamba-1's selective scan (see the section comment): (y, final state), in fp32.
+    A log-depth parallel scan whose backward recomputes the states (SelectiveScan)."""
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    if initial_state is None:
+        initial_state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
+    return SelectiveScan.apply(x, dt, A, B, C, initial_state.float())
+
+
+def _heads_of_groups(t, heads):
+    """B or C (batch, T, groups, N) -> (batch, T, heads, N): each group serves heads/groups
+    consecutive heads."""
+    return t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def ssd_step(state, x, dt, A, B, C):
+    """One token of the Mamba-2 recurrence: x (batch, H, P); dt (batch, H); B, C
+    (batch, G, N); state (batch, H, P, N). Returns (y (batch, H, P), the new state)."""
+    heads = x.shape[1]
+    B, C = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (B, C))
+    state = (torch.exp(dt * A)[..., None, None] * state
+             + (dt[..., None] * x)[..., None] * B[:, :, None, :])
+    return torch.einsum("bhpn,bhn->bhp", state, C), state
+
+
+def ssd_reference(x, dt, A, B, C, initial_state=None):
+    """Mamba-2's scan one token at a time (the oracle). Returns (y, final state)."""
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    batch, _, heads, head_dim = x.shape
+    state = x.new_zeros(batch, heads, head_dim, B.shape[-1]) if initial_state is None \
+        else initial_state.float()
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def _segment_sums(a):
+    """a (..., L) -> (..., L, L) with [t, s] = a[s+1] + ... + a[t] for s <= t (the log
+    of the decay from position s to t), and -inf above the diagonal (no influence of
+    the future)."""
+    L = a.shape[-1]
+    cum = torch.cumsum(a, dim=-1)
+    sums = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
+    return sums.masked_fill(~causal, float("-inf"))
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
+    """Mamba-2's scan as the chunked SSD algorithm, in plain PyTorch (differentiable by
+    autograd). The sequence is cut into chunks of `chunk_size`:
+
+      1. within each chunk, y is a masked attention-like product: y_t = sum_{s<=t}
+         (C_t . B_s) exp(sum of dt*A from s+1 to t) dt_s x_s  (a matmul per chunk);
+      2. each chunk's own contribution to the state at its end (a matmul);
+      3. the states passed from chunk to chunk: state_c = decay_c * state_{c-1} + own_c
+         (the only sequential part, over T / chunk_size chunks);
+      4. each position's output from the state its chunk started with, decayed to it.
+
+    y = (1) + (4). A sequence that is not a multiple of chunk_size is padded with dt = 0
+    (decay 1, no input): the padding leaves the states unchanged. Returns (y, final state)."""
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    batch, T, heads, head_dim = x.shape
+    pad = -T % chunk_size
+    if pad:
+        x, dt, B, C = (F.pad(t, (0,) * (2 * t.dim() - 4) + (0, pad)) for t in (x, dt, B, C))
+    n_chunks = x.shape[1] // chunk_size
+    B, C = _heads_of_groups(B, heads), _heads_of_groups(C, heads)
+    # (batch, chunks, L, heads, ...) and the log decays a = dt * A as (batch, heads, chunks, L).
+    x, dt, B, C = (t.reshape(batch, n_chunks, chunk_size, *t.shape[2:]) for t in (x, dt, B, C))
+    a = (dt * A).permute(0, 3, 1, 2)
+    a_cum = torch.cumsum(a, dim=-1)
+    u = x * dt[..., None]                                             # dt_s x_s
+
+    # 1. Within chunks.
+    decay_within = torch.exp(_segment_sums(a))                        # (b, h, c, L, L)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_within
+    y_within = torch.einsum("bhcls,bcshp->bclhp", scores, u)
+
+    # 2. Each chunk's contribution to the state at its end.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                 # (b, h, c, L)
+    own = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, u)
+
+    # 3. States between chunks: the state entering chunk c, for c = 0 .. n_chunks.
+    state = x.new_zeros(batch, heads, head_dim, B.shape[-1]) if initial_state is None \
+        else initial_state.float()
+    chunk_decay = torch.exp(a_cum[..., -1])                           # (b, h, c)
+    entering = [state]
+    for c in range(n_chunks):
+        state = chunk_decay[:, :, c, None, None] * state + own[:, c]
+        entering.append(state)
+    entering = torch.stack(entering[:-1], dim=1)                      # (b, c, h, p, n)
+
+    # 4. From the entering state to each position of the chunk.
+    y_from_state = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(a_cum))
+    y = (y_within + y_from_state).reshape(batch, n_chunks * chunk_size, heads, head_dim)
+    return y[:, :T], state
+
+
+def ssd(x, dt, A, B, C, chunk_size, initial_state=None):
+    """Mamba-2's SSD scan (see the section comment): (y, final state), in fp32."""
+    return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
