@@ -13,7 +13,7 @@ or shards listed in `model.safetensors.index.json`). Conversion is two translati
      family and direction. A setting our model cannot reproduce (a bias on o_proj, a
      RoPE scaling other than LLaMA 3.1's, another activation) is refused, never ignored;
   2. the tensors: each model file's `hf_name(name)` names our parameter's HF tensor,
-     `from_hf(name, tensor)` puts it in our layout and `to_hf(name, tensor)` back.
+     `from_hf(name, tensor, cfg)` puts it in our layout and `to_hf(name, tensor, cfg)` back.
 
 Each family is one record in FAMILIES (section 2): the model file, its two config
 translations, the HF model types it covers. Adding a family touches that table, plus the
@@ -34,6 +34,7 @@ overwritten.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
@@ -47,6 +48,7 @@ import checkpoint
 import data
 import gpt
 import llama
+import mamba
 import mixtral
 import models
 import parallel
@@ -214,6 +216,45 @@ def mixtral_config_to_hf(cfg):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         rope_theta=cfg.rope_theta)
 
+def mamba_config_from_hf(hf, model_type):
+    """Mamba (MambaForCausalLM) and Mamba-2 (Mamba2ForCausalLM) -> mamba.Config."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        _refuse(model_type, f"hidden_act={hf['hidden_act']!r}")
+    rank = hf.get("time_step_rank", "auto")
+    fields = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                  d_state=hf["state_size"], d_conv=hf.get("conv_kernel", 4), expand=hf.get("expand", 2),
+                  conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)),
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                  residual_in_fp32=bool(hf.get("residual_in_fp32", True)),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "mamba")),
+                  dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
+                  dt_init_floor=hf.get("time_step_floor", 1e-4))
+    if model_type == "mamba":
+        return mamba.Config(version=1, dt_rank=0 if rank == "auto" else int(rank), **fields)
+    # transformers 5 writes infinity as {"__float__": "Infinity"}; json writes Infinity.
+    low, high = (float(v["__float__"] if isinstance(v, dict) else v)
+                 for v in hf.get("time_step_limit", (0.0, math.inf)))
+    return mamba.Config(version=2, n_heads=hf["num_heads"], head_dim=hf["head_dim"],
+                        n_groups=hf.get("n_groups", 1), chunk_size=hf.get("chunk_size", 256),
+                        dt_limit_min=low, dt_limit_max=high, **fields)
+
+
+def mamba_config_to_hf(cfg):
+    if cfg.pattern != "M" * cfg.n_layers:
+        raise UsageError(f"pattern {cfg.pattern!r}: Hugging Face's Mamba classes hold Mamba layers "
+                         f"only; a hybrid cannot be exported")
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  state_size=cfg.d_state, conv_kernel=cfg.d_conv, expand=cfg.expand,
+                  use_conv_bias=cfg.conv_bias, use_bias=cfg.proj_bias, hidden_act="silu",
+                  layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32,
+                  tie_word_embeddings=cfg.tie_embeddings, time_step_min=cfg.dt_min,
+                  time_step_max=cfg.dt_max, time_step_floor=cfg.dt_init_floor)
+    if cfg.version == 1:
+        return "mamba", dict(fields, time_step_rank=cfg.dt_rank)
+    return "mamba2", dict(fields, num_heads=cfg.n_heads, head_dim=cfg.head_dim, n_groups=cfg.n_groups,
+                          chunk_size=cfg.chunk_size,
+                          time_step_limit=[cfg.dt_limit_min, cfg.dt_limit_max])
+
 # ----------------------------------------------------------------------------
 # 2. Families: one record each
 # ----------------------------------------------------------------------------
@@ -239,6 +280,9 @@ FAMILIES = {f.model: f for f in (
            reads_slices=True, preset="llama2-7b"),
     Family("mixtral", mixtral, mixtral_config_from_hf, mixtral_config_to_hf,
            {"mixtral": "MixtralForCausalLM"}, reads_slices=True, preset="mixtral-8x7b"),
+    Family("mamba", mamba, mamba_config_from_hf, mamba_config_to_hf,
+           {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},
+           reads_slices=False, preset="mamba2-130m"),  # in_proj and conv1d are reordered
 )}
 BY_HF_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.architectures}
 
@@ -384,7 +428,7 @@ def load_hf_weights(model, hf_dir):
             raise UsageError(f"{hf_dir} has no tensor {module.hf_name(ours)} (our {ours}); the "
                              f"weights do not match config.json")
         shape, offset, extent = parallel.global_region(param)
-        expected = list(module.to_hf(ours, torch.empty(shape, device="meta")).shape)
+        expected = list(module.to_hf(ours, torch.empty(shape, device="meta"), model.cfg).shape)
         hf_slice = tensors.get_slice(key)
         if list(hf_slice.get_shape()) != expected:
             raise UsageError(f"{key} has shape {list(hf_slice.get_shape())} in {hf_dir}, but "
@@ -393,7 +437,7 @@ def load_hf_weights(model, hf_dir):
         if family.reads_slices:
             piece = hf_slice[region]  # reads this rank's region only
         else:
-            piece = module.from_hf(ours, hf_slice[:])[region]
+            piece = module.from_hf(ours, hf_slice[:], model.cfg)[region]
         param.zero_()  # vocabulary padding past the global tensor stays zero
         param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
         used.add(key)
@@ -499,7 +543,7 @@ def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
               "torch_dtype": "float32", "dtype": "float32"}
     # Copies (contiguous, unshared): parameters may be views of one flat training buffer.
     # A tied model has no lm_head parameter, so none is written.
-    tensors = {family.module.hf_name(n): family.module.to_hf(n, p.detach().cpu().float())
+    tensors = {family.module.hf_name(n): family.module.to_hf(n, p.detach().cpu().float(), model.cfg)
                .contiguous().clone() for n, p in model.named_parameters()}
 
     def write(tmp):

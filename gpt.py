@@ -65,7 +65,7 @@ def hf_name(name):
     return "transformer." + name
 
 
-def from_hf(name, tensor):
+def from_hf(name, tensor, cfg):
     """A Hugging Face tensor in our layout. HF stores GPT-2's linear weights as (in, out)
     (its Conv1D), so they are transposed; its fused c_attn is [Q | K | V] along the
     output, which is our (3, dim, ...) Q/K/V grouping."""
@@ -76,7 +76,7 @@ def from_hf(name, tensor):
     return tensor
 
 
-def to_hf(name, tensor):
+def to_hf(name, tensor, cfg):
     """Our tensor in Hugging Face's layout: the inverse of from_hf."""
     if ".attn.qkv." in name:  # (3, dim, ...) -> HF's fused [Q | K | V]
         tensor = tensor.reshape(-1, *tensor.shape[2:])

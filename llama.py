@@ -83,12 +83,12 @@ PRESETS = {
 }
 
 
-def from_hf(name, tensor):
+def from_hf(name, tensor, cfg):
     """A Hugging Face tensor in our layout (the same for this family)."""
     return tensor
 
 
-def to_hf(name, tensor):
+def to_hf(name, tensor, cfg):
     """Our tensor in Hugging Face's layout: the inverse of from_hf (the same)."""
     return tensor
 
@@ -131,7 +131,8 @@ class Attention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        if cos is not None:  # None: no position embedding (the attention of Mamba hybrids)
+            q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,

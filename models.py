@@ -9,6 +9,7 @@ import torch
 
 import gpt
 import llama
+import mamba
 import mixtral
 from errors import UsageError
 
@@ -17,6 +18,7 @@ MODELS = {
     "llama": (llama.Config, llama.PRESETS, llama.Llama),
     "gpt": (gpt.Config, gpt.PRESETS, gpt.GPT),
     "mixtral": (mixtral.Config, mixtral.PRESETS, mixtral.Mixtral),
+    "mamba": (mamba.Config, mamba.PRESETS, mamba.Mamba),
 }
 
 

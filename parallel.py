@@ -7,7 +7,7 @@ that can each be read (and copied) alone. Each section uses only the sections ab
   Parameter tags         what the machinery must know of each parameter (sharded, partial, ...)
   Initialization         the same global weights whatever the layout
   Tensor parallelism     Megatron's column/row-parallel layers, and sequence parallelism
-  Context parallelism    zigzag sequence split and ring attention
+  Context parallelism    zigzag sequence split, ring attention, all-to-all to heads
   Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
   Model chunks           a model cut into pipeline chunks; the output layer and loss
   Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
@@ -365,13 +365,24 @@ def init_parameters(module, seed, std_for):
             elif param.dim() == 1:
                 param.fill_(1.0)
             else:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                shape, offset, extent = global_region(param)
-                full = torch.empty(shape, dtype=torch.float32)
-                full.normal_(0.0, std_for(name), generator=gen)
-                param.zero_()
-                param[tuple(slice(0, n) for n in extent)] = full[
-                    tuple(slice(o, o + n) for o, n in zip(offset, extent))].to(param.device)
+                full = torch.empty(global_region(param)[0], dtype=torch.float32)
+                full.normal_(0.0, std_for(name), generator=init_generator(seed, name))
+                copy_global(param, full)
+
+
+def init_generator(seed, name):
+    """The random generator of parameter `name`'s initialization: keyed by (seed, name)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+@torch.no_grad()
+def copy_global(param, full):
+    """Fill this rank's part of `param` from `full`, the whole global tensor (padding
+    beyond the global shape is zero). Models use it for initializations of their own."""
+    _, offset, extent = global_region(param)
+    param.zero_()
+    param[tuple(slice(0, n) for n in extent)] = full[
+        tuple(slice(o, o + n) for o, n in zip(offset, extent))].to(param.device, param.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -485,6 +496,26 @@ def _shard(param, dim, layout, global_size):
     offset[dim] = layout.tp_rank * param.shape[dim]
     t = tags(param)
     t.global_shape, t.global_offset, t.tp_sharded = shape, offset, True
+
+
+def tp_sharded_parameter(global_shape, dim, layout, name):
+    """A parameter split over tp along `dim`, beside the column-parallel layer whose
+    features it follows (a depthwise convolution's channels, a per-head decay)."""
+    shape = list(global_shape)
+    shape[dim] = _split(shape[dim], layout.tp, name)
+    param = nn.Parameter(torch.empty(shape))
+    _shard(param, dim, layout, global_shape[dim])
+    return param
+
+
+def sum_partials(x, group):
+    """Sum partial results over `group` for a tensor every rank of it then uses in its
+    own way (Mamba-1's x_proj: each rank's channels contribute to dt, B and C, and each
+    rank's channels read all of them). Forward and backward are both an all-reduce:
+    unlike after a row-parallel layer, the gradients arriving on each rank differ."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _CopyToTP.apply(_ReduceFromTP.apply(x, group), group)
 
 
 def check_divisible(tp, **sizes):
@@ -614,6 +645,67 @@ def context_gather(x, layout, dim=1):
                            for r in range(layout.cp)])
     gathered = torch.cat(parts, dim)
     return torch.empty_like(gathered).index_copy_(dim, positions, gathered)
+
+
+# A sequence mixer that is not attention (Mamba's convolution and scan) needs every
+# token of the sequence in order. Megatron's answer, used here: an all-to-all turns "my
+# tokens of every head" into "every token of my share of the heads" before the mixer and
+# back after it; each rank then scans whole sequences of 1/cp of the heads.
+
+def _sequence_to_heads(x, layout):
+    cp = layout.cp
+    send = x.unflatten(2, (cp, -1)).movedim(2, 0).contiguous()   # [r] = my tokens of r's heads
+    received = torch.empty_like(send)                             # [r] = r's tokens of my heads
+    dist.all_to_all_single(received, send, group=layout.cp_group)
+    in_rank_order = received.movedim(0, 1).flatten(1, 2)
+    seq_len = in_rank_order.shape[1]
+    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=cp, rank=r), x.device)
+                           for r in range(cp)])
+    return in_rank_order.index_select(1, torch.argsort(positions))
+
+
+def _heads_to_sequence(x, layout):
+    cp, seq_len = layout.cp, x.shape[1]
+    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=cp, rank=r), x.device)
+                           for r in range(cp)])
+    send = x.index_select(1, positions).unflatten(1, (cp, -1)).movedim(1, 0).contiguous()
+    received = torch.empty_like(send)                             # [r] = my tokens of r's heads
+    dist.all_to_all_single(received, send, group=layout.cp_group)
+    return received.movedim(0, 2).flatten(2, 3)
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return _sequence_to_heads(x, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad, ctx.layout), None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return _heads_to_sequence(x, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_to_heads(grad, ctx.layout), None
+
+
+def context_to_heads(x, layout):
+    """(B, T/cp, cp * k, ...): this cp rank's tokens (zigzag) of all cp * k heads ->
+    (B, T, k, ...): every token, in sequence order, of this rank's k heads (part r of
+    dimension 2 goes to cp rank r)."""
+    return x if layout.cp == 1 else _SequenceToHeads.apply(x, layout)
+
+
+def heads_to_context(x, layout):
+    """The inverse of context_to_heads: (B, T, k, ...) -> (B, T/cp, cp * k, ...)."""
+    return x if layout.cp == 1 else _HeadsToSequence.apply(x, layout)
 
 
 def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale):

@@ -153,12 +153,13 @@ def test_to_hf_inverts_from_hf(model_name, hf_dirs):
     hf_dir, hf = hf_dirs({"llama": "qwen3-qknorm", "gpt": "gpt2-untied"}[model_name])
     module = convert.FAMILIES[model_name].module
     hf_state = hf.state_dict()
-    for name, p in convert.from_hf(hf_dir).named_parameters():
+    model = convert.from_hf(hf_dir)
+    for name, p in model.named_parameters():
         theirs = hf_state[module.hf_name(name)]
-        ours = module.from_hf(name, theirs)
+        ours = module.from_hf(name, theirs, model.cfg)
         assert ours.shape == p.shape and torch.equal(ours, p)
-        assert torch.equal(module.to_hf(name, ours), theirs)
-        assert torch.equal(module.from_hf(name, module.to_hf(name, p)), p)
+        assert torch.equal(module.to_hf(name, ours, model.cfg), theirs)
+        assert torch.equal(module.from_hf(name, module.to_hf(name, p, model.cfg), model.cfg), p)
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypat
         sharded = 0
         for ours, p in model.named_parameters():
             shape, offset, extent = parallel.global_region(p)
-            full = module.from_hf(ours, hf_state[module.hf_name(ours)])
+            full = module.from_hf(ours, hf_state[module.hf_name(ours)], cfg)
             mine = p[tuple(slice(0, n) for n in extent)]
             assert torch.equal(mine, full[tuple(slice(o, o + n) for o, n in zip(offset, extent))]), ours
             padding = p.detach().clone()

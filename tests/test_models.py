@@ -79,7 +79,7 @@ def copy_from_hf(ours, hf_model, family):
     hf_params = dict(hf_model.named_parameters())
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            p.copy_(family.from_hf(name, hf_params[family.hf_name(name)]))
+            p.copy_(family.from_hf(name, hf_params[family.hf_name(name)], ours.cfg))
 
 
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)
