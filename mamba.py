@@ -143,8 +143,8 @@ PRESETS = {
                           pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
                           n_heads=128, n_groups=8, ffn_dim=21504, mlp="relu2", tie_embeddings=False),
     # Learns visibly in a few CPU minutes (byte-level vocabulary): Mamba-2.
-    "tiny": dict(version=2, vocab_size=257, dim=256, n_layers=4, d_state=32, head_dim=32,
-                 n_groups=2, chunk_size=64, max_seq_len=1024),
+    "tiny": dict(version=2, vocab_size=257, dim=256, n_layers=4, d_state=16, head_dim=64,
+                 n_groups=2, chunk_size=32, max_seq_len=1024),
     "tiny-mamba1": dict(version=1, vocab_size=257, dim=256, n_layers=4, d_state=8, max_seq_len=1024),
     "tiny-hybrid": dict(version=2, vocab_size=257, dim=256, n_layers=6, pattern="M-M*M-",
                         d_state=32, head_dim=32, n_groups=2, chunk_size=64, attn_heads=8,
@@ -342,12 +342,12 @@ class Mamba2Mixer(nn.Module):
         layout, cfg = self.layout, self.cfg
         heads = _cp_part(self.heads, layout)
         x = parallel.context_to_heads(x, layout)
-        x = parallel.context_to_heads(x, layout)
         dt = parallel.context_to_heads(dt, layout)
-        groups = torch.tensor(self.cp_groups, device=x.device)
-        B = parallel.context_to_heads(B.index_select(2, groups.flatten()), layout)
-        C = parallel.context_to_heads(C.index_select(2, groups.flatten()), layout)
-        first, last = int(groups[layout.cp_rank, 0]), int(groups[layout.cp_rank, -1])
+        if layout.cp > 1:
+            groups = torch.tensor(self.cp_groups, device=x.device).flatten()
+            B = parallel.context_to_heads(B.index_select(2, groups), layout)
+            C = parallel.context_to_heads(C.index_select(2, groups), layout)
+        first, last = self.cp_groups[layout.cp_rank][0], self.cp_groups[layout.cp_rank][-1]
         # Convolution weights of the same channels, from the group-major layout.
         conv = self.conv1d.weight, self.conv1d.bias
         share = []

@@ -31,6 +31,7 @@ tf = pytest.importorskip("transformers")
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 GPT2 = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+MAMBA = dict(vocab_size=101, hidden_size=64, state_size=8, num_hidden_layers=2)
 # name -> (transformers model class, config)
 VARIANTS = {
     "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2)),
@@ -47,6 +48,15 @@ VARIANTS = {
     "qwen2-window": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**COMMON, use_sliding_window=True,
                                                          sliding_window=6, max_window_layers=0)),
     "qwen3-qknorm": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**COMMON, head_dim=32)),
+    "mamba": (tf.MambaForCausalLM, tf.MambaConfig(**MAMBA)),
+    "mamba-untied-bias": (tf.MambaForCausalLM, tf.MambaConfig(**MAMBA, tie_word_embeddings=False,
+                                                              use_bias=True)),
+    # 24 tokens in chunks of 16: the last chunk is partial. 2 groups of 4 heads.
+    "mamba2-groups": (tf.Mamba2ForCausalLM, tf.Mamba2Config(**MAMBA, num_heads=8, head_dim=16,
+                                                            n_groups=2, chunk_size=16)),
+    "mamba2-tied-bias": (tf.Mamba2ForCausalLM, tf.Mamba2Config(**MAMBA, num_heads=4, head_dim=32,
+                                                               n_groups=1, chunk_size=16, use_bias=True,
+                                                               tie_word_embeddings=True)),
 }
 IDS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than the windows
 
@@ -147,10 +157,12 @@ def test_names_without_the_base_model_prefix(hf_dirs, tmp_path):
         assert_same_logits(convert.from_hf(str(tmp_path))(IDS), hf_logits(hf))
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt"])
-def test_to_hf_inverts_from_hf(model_name, hf_dirs):
+@pytest.mark.parametrize("model_name,variant", [("llama", "qwen3-qknorm"), ("gpt", "gpt2-untied"),
+                                                ("mamba", "mamba-untied-bias"),
+                                                ("mamba", "mamba2-groups")])
+def test_to_hf_inverts_from_hf(model_name, variant, hf_dirs):
     """to_hf(from_hf(t)) == t for every tensor, and to_hf gives HF's shapes."""
-    hf_dir, hf = hf_dirs({"llama": "qwen3-qknorm", "gpt": "gpt2-untied"}[model_name])
+    hf_dir, hf = hf_dirs(variant)
     module = convert.FAMILIES[model_name].module
     hf_state = hf.state_dict()
     model = convert.from_hf(hf_dir)
@@ -192,7 +204,7 @@ class SpyFile:
         return Slice()
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm", "gpt2"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm", "gpt2", "mamba", "mamba2-groups"])
 def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypatch):
     hf_dir, hf = hf_dirs(variant)
     name, cfg = convert.read_hf_config(hf_dir)
@@ -216,7 +228,7 @@ def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypat
             (numel,) = reads[module.hf_name(ours)]
             if family.reads_slices:  # LLaMA: exactly this rank's region came off disk
                 assert numel == math.prod(extent)
-            else:  # GPT-2 transposes on the way in: that one tensor is read whole
+            else:  # GPT-2 and Mamba reorder on the way in: each tensor is read whole
                 assert numel == full.numel()
             sharded += parallel.tags(p).tp_sharded and math.prod(extent) < full.numel()
         assert sharded >= 6 * cfg.n_layers + 1  # each layer's matrices, and the embedding
