@@ -26,6 +26,10 @@ def count_params(model_name, preset):
     ("llama", "qwen2.5-7b", "7.62e9"), ("llama", "qwen3-8b", "8.19e9"),
     ("gpt", "gpt2", "124e6"), ("gpt", "gpt2-medium", "355e6"), ("gpt", "gpt2-large", "774e6"),
     ("gpt", "gpt2-xl", "1.56e9"), ("gpt", "gpt3-175b", "175e9"),
+    ("mamba", "mamba-130m", "129e6"), ("mamba", "mamba-370m", "372e6"),
+    ("mamba", "mamba-1.4b", "1.37e9"), ("mamba", "mamba-2.8b", "2.77e9"),
+    ("mamba", "mamba2-130m", "0.13e9"), ("mamba", "mamba2-2.7b", "2.7e9"),
+    ("mamba", "nemotron-h-8b", "8.1e9"),
 ])
 def test_published_parameter_counts(model_name, preset, published):
     mantissa, exponent = published.split("e")
