@@ -16,7 +16,8 @@ Modes:
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
                 RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak);
-                chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory
+                chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory;
+                on a GPU also Mamba-2's SSD scan (Triton) vs ssd_chunked and mamba_ssm, fwd and fwd+bwd
   kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
                 sm_80 and sm_90, no GPU needed: registers and spilled bytes (ptxas), shared
                 memory against the card's limit
@@ -727,6 +728,48 @@ def bench_cross_entropy(device, tokens, dim, vocab, reps, dtype):
     return rows
 
 
+def bench_ssd(device, reps, batch=4, T=2048, heads=48, head_dim=64, state_dim=128, chunk=256,
+              dtype=torch.bfloat16):
+    """Mamba-2's SSD scan (mamba2-1.3b's layer shape: 48 heads of 64, N 128, one group,
+    chunks of 256): kernels.ssd (the Triton kernels on a GPU) against ssd_chunked (PyTorch)
+    and, when installed, mamba_ssm's fused Triton scan, forward and forward + backward."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, T, heads, head_dim, device=device, generator=g).to(dtype)
+    dt = F.softplus(torch.randn(batch, T, heads, device=device, generator=g) - 1).to(dtype)
+    A = -torch.rand(heads, device=device, generator=g) - 0.5
+    B, C = (torch.randn(batch, T, 1, state_dim, device=device, generator=g).to(dtype) for _ in range(2))
+    inputs = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    impls = {"ours": lambda *a: kernels.ssd(*a, chunk)[0],
+             "chunked": lambda *a: kernels.ssd_chunked(*a, chunk)[0]}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        impls["mamba_ssm"] = lambda *a: mamba_chunk_scan_combined(*a, chunk)
+    except ImportError:
+        pass
+    dy = torch.randn(batch, T, heads, head_dim, device=device, generator=g)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            y = fn(*inputs)  # fp32 from ours, x's dtype from mamba_ssm
+            torch.autograd.grad(y, inputs, dy.to(y.dtype))
+        return run
+
+    rows = []
+    for pas, timed in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        ms = {name: time_ms(timed(fn), device, reps) for name, fn in impls.items()}
+        rows.append({"kernel": "ssd", "pass": pas, "shape": f"B{batch} T{T} H{heads} P{head_dim} N{state_dim} L{chunk}",
+                     "impl": kernels.backend(x), "ms": ms["ours"], "chunked_ms": ms["chunked"],
+                     "speedup_vs_chunked": ms["chunked"] / ms["ours"], "mamba_ssm_ms": ms.get("mamba_ssm"),
+                     "speedup_vs_mamba_ssm": ms["mamba_ssm"] / ms["ours"] if "mamba_ssm" in ms else None})
+    return rows
+
+
 def add_kernels_options(p):
     p.add_argument("--seq-lens", default=None,
                    help="comma-separated attention sequence lengths (default: 1024..16384 on a GPU, 128 on a CPU)")
@@ -758,6 +801,8 @@ def benchmark_kernels(args, device):
     rows += bench_memory_bound(device, mem_rows, dim, ffn, reps, dtype, compile_reference)
     ce_tokens, ce_dim = (8192, 4096) if gpu else (256, 64)
     rows += bench_cross_entropy(device, ce_tokens, ce_dim, 128256, reps, dtype)
+    if gpu:  # on a CPU the Triton SSD would run in the interpreter (or not at all): nothing to time
+        rows += bench_ssd(device, reps)
 
     print(f"kernels on {torch.cuda.get_device_name(device) if gpu else 'cpu'}, {dtype}"
           + ("" if gpu else " (cpu: the reference path; says nothing about the Triton kernels)"))
@@ -775,6 +820,12 @@ def benchmark_kernels(args, device):
     print_table([r for r in rows if r["kernel"] == "linear_cross_entropy"], [
         ("kernel", "kernel", ""), ("impl", "impl", ""), ("shape", "shape", ""), ("ms", "fwd+bwd ms", ".1f"),
         ("kept_mib", "kept for backward MiB", ".0f"), ("peak_mib", "peak MiB", ".0f")])
+    if gpu:
+        print()
+        print_table([r for r in rows if r["kernel"] == "ssd"], [
+            ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
+            ("ms", "ms", ".3f"), ("chunked_ms", "ssd_chunked ms", ".3f"), ("speedup_vs_chunked", "speedup", ".2f"),
+            ("mamba_ssm_ms", "mamba_ssm ms", ".3f"), ("speedup_vs_mamba_ssm", "vs mamba_ssm", ".2f")])
     return rows
 
 
@@ -825,6 +876,37 @@ def _compile_jobs(head_dims, dtypes, masks):
             pointers = dict.fromkeys(["G", "U", "Y", "DY", "DG", "DU"], dtype)
             for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
                 jobs.append((name, arch, dtype, dict(BLOCK=kernels.SWIGLU_BLOCK), pointers, 4, 3))
+            jobs += _ssd_compile_jobs(arch, dtype)
+    return jobs
+
+
+def _ssd_compile_jobs(arch, dtype, head_dim=64, state_dim=128, chunk_size=256):
+    """The SSD kernels at Mamba-2's shape (head_dim 64, N 128, chunks of 256): inputs in
+    `dtype`, everything the kernels compute (a_cum, states, gradients) in fp32."""
+    inputs = dict.fromkeys(["X", "DT", "B", "C", "DX"], dtype)
+    pointers = {**dict.fromkeys(["A", "A_CUM", "OUT", "OWN", "INITIAL", "STATES", "Y", "D_LOCAL", "D_FINAL",
+                                 "D_PASSED", "D_A_END", "D_INITIAL", "DY", "DC", "DB", "D_A_OUT", "DDT_X",
+                                 "DDT", "DA_PARTIAL"], "fp32"), **inputs}
+    label = f"{dtype} P{head_dim} N{state_dim}"
+    blocks = dict(HEAD_BLOCK=kernels._ssd_block(head_dim), STATE_BLOCK=kernels._ssd_block(state_dim),
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    jobs = []
+    for from_start in (False, True):  # stage 2 on (x, B) and stage 2' on (dy, C): dy is fp32
+        flags = dict(FROM_START=from_start, STATE_BLOCK=blocks["STATE_BLOCK"],
+                     DOT_PRECISION=blocks["DOT_PRECISION"])
+        for c in kernels._ssd_chunk_state_kernel.configs_by_arch[arch]:
+            jobs.append(("_ssd_chunk_state_kernel", arch, label + (" from start" if from_start else " to end"),
+                         {**flags, **c.kwargs}, {**pointers, "X": "fp32" if from_start else dtype},
+                         c.num_warps, c.num_stages))
+    for name in ("_ssd_chunk_scan_kernel", "_ssd_chunk_scan_bwd_dc_kernel", "_ssd_chunk_scan_bwd_dx_kernel",
+                 "_ssd_chunk_scan_bwd_db_kernel"):
+        for c in getattr(kernels, name).configs_by_arch[arch]:
+            jobs.append((name, arch, label, {**blocks, **c.kwargs}, pointers, c.num_warps, c.num_stages))
+    for name in ("_ssd_chunk_cumsum_kernel", "_ssd_chunk_cumsum_bwd_kernel"):
+        jobs.append((name, arch, f"{dtype} chunk {chunk_size}",
+                     dict(CHUNK_BLOCK=chunk_size), pointers, 4, 3))
+    for name in ("_ssd_state_passing_kernel", "_ssd_state_passing_bwd_kernel"):
+        jobs.append((name, arch, label, dict(HAS_INITIAL=True, BLOCK=kernels._SSD_STATE_BLOCK), pointers, 4, 3))
     return jobs
 
 

@@ -27,7 +27,9 @@ Triton is optional: without it this file imports, `BACKENDS` is ("torch",) and e
 function runs its reference.
 
 Sections: backend dispatch; attention (FlashAttention-2 forward and backward); RMSNorm;
-SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE.
+SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE; state-space
+scans (Mamba-1's selective scan; Mamba-2's SSD, chunked, with Triton kernels forward and
+backward).
 """
 import os
 
@@ -1199,6 +1201,661 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     return y[:, :T], state
 
 
+
+# SSD in Triton: the four stages of `ssd_chunked` as kernels, forward and backward.
+#
+# Notation, for one (batch, head) and one chunk c of L = chunk_size positions, l and s
+# positions inside it (l the output's, s the input's): a_cum[l] = A * (dt_0 + ... + dt_l)
+# (within the chunk), u_s = dt_s x_s (head_dim), S_c the state entering chunk c
+# (head_dim x N), "end" = position L - 1. The forward pass:
+#
+#   1. chunk cumsum   a_cum[l]
+#   2. chunk states   own_c = sum_s exp(a_cum[end] - a_cum[s]) u_s B_s^T
+#   3. state passing  S_{c+1} = exp(a_cum[end]) S_c + own_c          (sequential over c)
+#   4. chunk scan     y_l = exp(a_cum[l]) S_c C_l + sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) u_s
+#
+# The backward pass, with dy given and G_c the gradient reaching S_c:
+#
+#   2'. local state gradients   dS_c = sum_l exp(a_cum[l]) dy_l C_l^T  (stage 2's kernel with
+#       other operands: what chunk c's outputs send back to the state entering it)
+#   3'. state passing, last chunk first: G_{c+1} is the gradient of own_c;
+#       G_c = exp(a_cum[end]) G_{c+1} + dS_c, from G_n = the final state's gradient;
+#       G_0 is the initial state's.
+#   4'. per output position l:  dC_l = exp(a_cum[l]) dy_l^T S_c
+#                                      + sum_{s<=l} exp(a_cum[l] - a_cum[s]) (dy_l . u_s) B_s
+#       per input position s:   du_s = exp(a_cum[end] - a_cum[s]) G_{c+1} B_s
+#                                      + sum_{l>=s} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dy_l
+#                               dB_s = exp(a_cum[end] - a_cum[s]) G_{c+1}^T u_s
+#                                      + sum_{l>=s} exp(a_cum[l] - a_cum[s]) (dy_l . u_s) C_l
+#       and dx_s = dt_s du_s; dt_s gets x_s . du_s through u_s.
+#   1'. the decays: every term carrying exp(a_cum[l]) (as an output position) has
+#       d/d a_cum[l] = itself, and every term carrying exp(-a_cum[s]) minus itself; summed,
+#       d a_cum[l] = C_l . dC_l - u_l . du_l, plus sum(G_{c+1} * S_{c+1}) at l = end (the
+#       chunk's own state and its passed-on state both decay by exp(a_cum[end])). Then
+#       d a_l = d a_cum[l] + ... + d a_cum[end] (a_l enters every a_cum from l on), and
+#       ddt_l = x_l . du_l + A d a_l, dA = sum over positions of dt_l d a_l.
+#
+# B and C are per group; the kernels index the group of their head (h // heads_per_group)
+# and write dB, dC per head, summed over each group's heads afterwards (no atomics).
+# A sequence that does not fill its last chunk is masked: positions past T load dt = 0,
+# x = B = C = dy = 0, so they decay nothing and add nothing, as the padding of ssd_chunked.
+# Everything is computed in fp32 whatever the inputs' dtype (tl.dot in exact fp32 for
+# fp32 inputs, TF32 for 16-bit ones). Each program holds a whole head's state in
+# registers (head_dim x N tiles, padded to powers of two of at least 16, the smallest
+# tl.dot takes), hence the bounds in `_ssd_supports`.
+
+SSD_MAX_HEAD_DIM = 128
+SSD_MAX_STATE_DIM = 256
+# and head_dim x N, padded, at most 128 x 128 (or 64 x 256): at 128 x 256 the backward
+# kernels need more shared memory than sm_86/89 cards have (99 KiB; kernels-compile)
+SSD_MAX_STATE_SIZE = 128 * 128
+SSD_MAX_CHUNK = 1024  # the cumsum kernels hold one chunk per program
+
+# Autotuning lists: from `bench.py kernels-compile` at Mamba-2's head_dim 64 and N 128,
+# configurations that spill no registers on sm_80 and sm_90 (the backward kernels hold
+# the most tiles: hence 8 warps, or 16-row tiles). Not yet timed on a GPU.
+_SSD_STATE_KEY = ["head_dim", "STATE_BLOCK", "chunk_size", "FROM_START"]
+_SSD_SCAN_KEY = ["HEAD_BLOCK", "STATE_BLOCK", "chunk_size"]
+
+
+@triton.jit
+def _ssd_load_rows(PTR, stride_t, t, rows_ok, cols, n_cols):
+    """A (positions, features) tile of a (T, features) slice, in fp32: 0 outside."""
+    return tl.load(PTR + t[:, None] * stride_t + cols[None, :],
+                   mask=rows_ok[:, None] & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ssd_decay(a_out, a_in, out_pos, in_pos, chunk_size):
+    """exp(a_cum[l] - a_cum[s]) for input position s <= output position l inside the
+    chunk, 0 elsewhere (broadcastable tiles). Masked before the exp: above the diagonal
+    the exponent is positive and could overflow to inf (and inf * 0 is NaN)."""
+    causal = (in_pos <= out_pos) & (out_pos < chunk_size)
+    return tl.exp(tl.where(causal, a_out - a_in, float("-inf")))
+
+
+@triton.jit
+def _ssd_chunk_cumsum_kernel(DT, A, A_CUM, stride_dtb, stride_dtt, T, H, n_chunks, chunk_size,
+                             CHUNK_BLOCK: tl.constexpr):
+    """Stage 1: a_cum[l] = A[h] * (dt_0 + ... + dt_l) over the positions of one chunk of
+    one head, into A_CUM (batch, heads, n_chunks, chunk_size); positions past T count
+    dt = 0. grid: (batch * heads, n_chunks)."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    l = tl.arange(0, CHUNK_BLOCK)
+    t = c * chunk_size + l
+    dt = tl.load(DT + b * stride_dtb + t * stride_dtt + h, mask=(l < chunk_size) & (t < T),
+                 other=0.0).to(tl.float32)
+    a_cum = tl.cumsum(dt * tl.load(A + h).to(tl.float32), 0)
+    tl.store(A_CUM + (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size + l, a_cum, mask=l < chunk_size)
+
+
+@_autotune(_SSD_STATE_KEY,
+           hopper=[(64, 64, 4, 2), (32, 64, 8, 2)],
+           ampere=[(64, 64, 4, 2), (32, 64, 4, 2)],
+           interpreter=(8, 8, 4, 1))
+@triton.jit
+def _ssd_chunk_state_kernel(X, DT, B, A_CUM, OUT,
+                            stride_xb, stride_xt, stride_xh, stride_dtb, stride_dtt,
+                            stride_bb, stride_bt, stride_bg,
+                            T, H, HEADS_PER_GROUP, n_chunks, chunk_size, head_dim, state_dim,
+                            FROM_START: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stage 2, OUT[b, c, h] = sum over positions l of chunk c of w_l X_l B_l^T, a
+    (head_dim, N) matrix; X is (batch, T, heads, head_dim), B (batch, T, groups, N):
+      - FROM_START False (forward): X = x, B = B, w_l = dt_l exp(a_cum[end] - a_cum[l]),
+        the chunk's own contribution to the state at its end (own_c);
+      - FROM_START True (backward, 2'): X = dy, B = C, w_l = exp(a_cum[l]), the gradient
+        that the chunk's outputs send to the state entering it (dS_c).
+    One program: BLOCK_M rows of head_dim by all N, over the chunk BLOCK_N positions at a
+    time. grid: (cdiv(head_dim, BLOCK_M), n_chunks, batch * heads)."""
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.arange(0, STATE_BLOCK)
+    x_base = X + b * stride_xb + h * stride_xh
+    b_base = B + b * stride_bb + (h // HEADS_PER_GROUP) * stride_bg
+    a_row = A_CUM + (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size
+    a_end = tl.load(a_row + chunk_size - 1)
+
+    acc = tl.zeros([BLOCK_M, STATE_BLOCK], dtype=tl.float32)
+    for start in range(0, chunk_size, BLOCK_N):
+        l = start + tl.arange(0, BLOCK_N)
+        t = c * chunk_size + l
+        real = (l < chunk_size) & (t < T)
+        x_t = tl.load(x_base + t[None, :] * stride_xt + p[:, None],  # transposed: (head_dim, positions)
+                      mask=(p[:, None] < head_dim) & real[None, :], other=0.0).to(tl.float32)
+        b_l = _ssd_load_rows(b_base, stride_bt, t, real, n, state_dim)
+        a_l = tl.load(a_row + l, mask=l < chunk_size, other=0.0)
+        if FROM_START:
+            w = tl.exp(a_l)
+        else:
+            dt = tl.load(DT + b * stride_dtb + t * stride_dtt + h, mask=real, other=0.0).to(tl.float32)
+            w = dt * tl.exp(a_end - a_l)
+        w = tl.where(real, w, 0.0)
+        acc = tl.dot(x_t * w[None, :], b_l, acc, input_precision=DOT_PRECISION)
+
+    out = OUT + ((b * n_chunks + c) * H + h) * head_dim * state_dim
+    tl.store(out + p[:, None] * state_dim + n[None, :], acc,
+             mask=(p[:, None] < head_dim) & (n[None, :] < state_dim))
+
+
+@triton.jit
+def _ssd_state_passing_kernel(OWN, A_CUM, INITIAL, STATES, H, n_chunks, chunk_size, state_size,
+                              HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Stage 3: S_{c+1} = exp(a_cum[c, end]) S_c + own_c, from S_0 = INITIAL (or 0), one
+    chunk after the other, for BLOCK elements of one head's flattened (head_dim * N)
+    state. STATES (batch, n_chunks + 1, heads, head_dim, N) receives every S_c: S_c is
+    what chunk c's outputs read (stage 4), and the last is the final state.
+    grid: (cdiv(head_dim * N, BLOCK), batch * heads)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < state_size
+    if HAS_INITIAL:
+        state = tl.load(INITIAL + pid_bh.to(tl.int64) * state_size + idx, mask=ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK], dtype=tl.float32)
+    a_ends = A_CUM + pid_bh.to(tl.int64) * n_chunks * chunk_size + chunk_size - 1
+    for c in range(n_chunks):
+        tl.store(STATES + ((b * (n_chunks + 1) + c) * H + h) * state_size + idx, state, mask=ok)
+        own = tl.load(OWN + ((b * n_chunks + c) * H + h) * state_size + idx, mask=ok, other=0.0)
+        state = tl.exp(tl.load(a_ends + c * chunk_size)) * state + own
+    tl.store(STATES + ((b * (n_chunks + 1) + n_chunks) * H + h) * state_size + idx, state, mask=ok)
+
+
+@_autotune(_SSD_SCAN_KEY,
+           hopper=[(64, 32, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+           ampere=[(64, 32, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2)],
+           interpreter=(8, 8, 4, 1))
+@triton.jit
+def _ssd_chunk_scan_kernel(X, DT, B, C, A_CUM, STATES, Y,
+                           stride_xb, stride_xt, stride_xh, stride_dtb, stride_dtt,
+                           stride_bb, stride_bt, stride_bg, stride_cb, stride_ct, stride_cg,
+                           stride_yb, stride_yt, stride_yh,
+                           T, H, HEADS_PER_GROUP, n_chunks, chunk_size, head_dim, state_dim,
+                           HEAD_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stage 4, the outputs of BLOCK_M positions l of one chunk of one head:
+      y_l = exp(a_cum[l]) S_c C_l + sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dt_s x_s,
+    the entering state's part first, then the chunk's inputs BLOCK_N positions at a time
+    (up to the block's last row: the later ones are masked by causality anyway).
+    grid: (cdiv(chunk_size, BLOCK_M), n_chunks, batch * heads)."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = h // HEADS_PER_GROUP
+    p = tl.arange(0, HEAD_BLOCK)
+    n = tl.arange(0, STATE_BLOCK)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_l = c * chunk_size + l
+    out_real = (l < chunk_size) & (t_l < T)
+    a_row = A_CUM + (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size
+    a_l = tl.load(a_row + l, mask=l < chunk_size, other=0.0)
+    c_l = _ssd_load_rows(C + b * stride_cb + g * stride_cg, stride_ct, t_l, out_real, n, state_dim)
+
+    state = STATES + ((b * (n_chunks + 1) + c) * H + h) * head_dim * state_dim
+    state_t = tl.load(state + p[None, :] * state_dim + n[:, None],  # S_c^T: (N, head_dim)
+                      mask=(p[None, :] < head_dim) & (n[:, None] < state_dim), other=0.0)
+    acc = tl.dot(c_l, state_t, input_precision=DOT_PRECISION) * tl.exp(a_l)[:, None]
+
+    x_base = X + b * stride_xb + h * stride_xh
+    b_base = B + b * stride_bb + g * stride_bg
+    for start in range(0, tl.minimum((pid_m + 1) * BLOCK_M, chunk_size), BLOCK_N):
+        s = start + tl.arange(0, BLOCK_N)
+        t_s = c * chunk_size + s
+        in_real = (s < chunk_size) & (t_s < T)
+        b_s = _ssd_load_rows(b_base, stride_bt, t_s, in_real, n, state_dim)
+        x_s = _ssd_load_rows(x_base, stride_xt, t_s, in_real, p, head_dim)
+        dt_s = tl.load(DT + b * stride_dtb + t_s * stride_dtt + h, mask=in_real, other=0.0).to(tl.float32)
+        a_s = tl.load(a_row + s, mask=s < chunk_size, other=0.0)
+        scores = tl.dot(c_l, tl.trans(b_s), input_precision=DOT_PRECISION)  # C_l . B_s
+        scores *= _ssd_decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], chunk_size) * dt_s[None, :]
+        acc = tl.dot(scores, x_s, acc, input_precision=DOT_PRECISION)
+
+    tl.store(Y + b * stride_yb + h * stride_yh + t_l[:, None] * stride_yt + p[None, :], acc,
+             mask=out_real[:, None] & (p[None, :] < head_dim))
+
+
+@triton.jit
+def _ssd_state_passing_bwd_kernel(D_LOCAL, A_CUM, STATES, D_FINAL, D_PASSED, D_A_END, D_INITIAL,
+                                  H, n_chunks, chunk_size, state_size,
+                                  HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Stage 3', last chunk first, for BLOCK elements of one head's flattened state:
+    G (the gradient reaching the state that leaves chunk c, starting from D_FINAL) is
+    stored as D_PASSED[b, c, h] (own_c's gradient: own_c is added to that state); its
+    product with that state, sum(G * S_{c+1}), is this block's share of d a_cum[c, end],
+    stored in D_A_END (batch, heads, n_chunks, programs); then
+    G <- exp(a_cum[c, end]) G + D_LOCAL[b, c, h] (stage 2'), and after chunk 0 it is the
+    initial state's gradient. grid: (cdiv(head_dim * N, BLOCK), batch * heads)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < state_size
+    g = tl.load(D_FINAL + pid_bh.to(tl.int64) * state_size + idx, mask=ok, other=0.0).to(tl.float32)
+    a_ends = A_CUM + pid_bh.to(tl.int64) * n_chunks * chunk_size + chunk_size - 1
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(D_PASSED + ((b * n_chunks + c) * H + h) * state_size + idx, g, mask=ok)
+        leaving = tl.load(STATES + ((b * (n_chunks + 1) + c + 1) * H + h) * state_size + idx, mask=ok, other=0.0)
+        tl.store(D_A_END + (pid_bh.to(tl.int64) * n_chunks + c) * tl.num_programs(0) + pid, tl.sum(g * leaving, 0))
+        local = tl.load(D_LOCAL + ((b * n_chunks + c) * H + h) * state_size + idx, mask=ok, other=0.0)
+        g = tl.exp(tl.load(a_ends + c * chunk_size)) * g + local
+    if HAS_INITIAL:
+        tl.store(D_INITIAL + pid_bh.to(tl.int64) * state_size + idx, g, mask=ok)
+
+
+@_autotune(_SSD_SCAN_KEY,
+           hopper=[(64, 64, 8, 2), (32, 64, 8, 2)],
+           ampere=[(64, 64, 8, 2), (32, 64, 8, 2)],
+           interpreter=(8, 8, 4, 1))
+@triton.jit
+def _ssd_chunk_scan_bwd_dc_kernel(DY, X, DT, B, C, A_CUM, STATES, DC, D_A_OUT,
+                                  stride_dyb, stride_dyt, stride_dyh, stride_xb, stride_xt, stride_xh,
+                                  stride_dtb, stride_dtt, stride_bb, stride_bt, stride_bg,
+                                  stride_cb, stride_ct, stride_cg,
+                                  T, H, HEADS_PER_GROUP, n_chunks, chunk_size, head_dim, state_dim,
+                                  HEAD_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                                  DOT_PRECISION: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stage 4', output side, for BLOCK_M positions l of one chunk of one head:
+      dC_l = exp(a_cum[l]) dy_l^T S_c + sum_{s<=l} exp(a_cum[l] - a_cum[s]) (dy_l . dt_s x_s) B_s
+    into DC (batch, T, heads, N) (this head's share of its group's dC), and
+    C_l . dC_l = dy_l . y_l, the output side of d a_cum[l] (every term of y_l carries
+    exp(a_cum[l])), into D_A_OUT (batch, heads, n_chunks, chunk_size).
+    grid: (cdiv(chunk_size, BLOCK_M), n_chunks, batch * heads)."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = h // HEADS_PER_GROUP
+    p = tl.arange(0, HEAD_BLOCK)
+    n = tl.arange(0, STATE_BLOCK)
+    l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_l = c * chunk_size + l
+    out_real = (l < chunk_size) & (t_l < T)
+    row = (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size  # this chunk in (batch, heads, n_chunks, chunk_size)
+    a_row = A_CUM + row
+    a_l = tl.load(a_row + l, mask=l < chunk_size, other=0.0)
+    dy_l = _ssd_load_rows(DY + b * stride_dyb + h * stride_dyh, stride_dyt, t_l, out_real, p, head_dim)
+    c_l = _ssd_load_rows(C + b * stride_cb + g * stride_cg, stride_ct, t_l, out_real, n, state_dim)
+
+    state = STATES + ((b * (n_chunks + 1) + c) * H + h) * head_dim * state_dim
+    s_c = tl.load(state + p[:, None] * state_dim + n[None, :],
+                  mask=(p[:, None] < head_dim) & (n[None, :] < state_dim), other=0.0)
+    dc = tl.dot(dy_l, s_c, input_precision=DOT_PRECISION) * tl.exp(a_l)[:, None]
+
+    x_base = X + b * stride_xb + h * stride_xh
+    b_base = B + b * stride_bb + g * stride_bg
+    for start in range(0, tl.minimum((pid_m + 1) * BLOCK_M, chunk_size), BLOCK_N):
+        s = start + tl.arange(0, BLOCK_N)
+        t_s = c * chunk_size + s
+        in_real = (s < chunk_size) & (t_s < T)
+        x_s = _ssd_load_rows(x_base, stride_xt, t_s, in_real, p, head_dim)
+        b_s = _ssd_load_rows(b_base, stride_bt, t_s, in_real, n, state_dim)
+        dt_s = tl.load(DT + b * stride_dtb + t_s * stride_dtt + h, mask=in_real, other=0.0).to(tl.float32)
+        a_s = tl.load(a_row + s, mask=s < chunk_size, other=0.0)
+        weights = tl.dot(dy_l, tl.trans(x_s), input_precision=DOT_PRECISION)  # dy_l . x_s
+        weights *= _ssd_decay(a_l[:, None], a_s[None, :], l[:, None], s[None, :], chunk_size) * dt_s[None, :]
+        dc = tl.dot(weights, b_s, dc, input_precision=DOT_PRECISION)
+
+    tl.store(DC + ((b * T + t_l[:, None]) * H + h) * state_dim + n[None, :], dc,
+             mask=out_real[:, None] & (n[None, :] < state_dim))
+    tl.store(D_A_OUT + row + l, tl.sum(c_l * dc, 1), mask=l < chunk_size)
+
+
+@_autotune(_SSD_SCAN_KEY,
+           hopper=[(64, 32, 8, 2), (16, 64, 8, 2)],
+           ampere=[(16, 64, 8, 2), (16, 64, 4, 2)],
+           interpreter=(8, 8, 4, 1))
+@triton.jit
+def _ssd_chunk_scan_bwd_dx_kernel(DY, X, DT, B, C, A_CUM, D_PASSED, DX, DDT_X,
+                                  stride_dyb, stride_dyt, stride_dyh, stride_xb, stride_xt, stride_xh,
+                                  stride_dtb, stride_dtt, stride_bb, stride_bt, stride_bg,
+                                  stride_cb, stride_ct, stride_cg, stride_dxb, stride_dxt, stride_dxh,
+                                  T, H, HEADS_PER_GROUP, n_chunks, chunk_size, head_dim, state_dim,
+                                  HEAD_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                                  DOT_PRECISION: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stages 4' and 2' (through own_c), input side, for BLOCK_M positions s of one chunk
+    of one head, with G = D_PASSED[b, c, h] the gradient of own_c (stage 3'):
+      du_s = exp(a_cum[end] - a_cum[s]) G B_s + sum_{l>=s} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dy_l
+    (u_s = dt_s x_s), the later outputs BLOCK_N positions at a time. Stores dx_s = dt_s du_s
+    into DX, and x_s . du_s (dt_s's gradient through u_s; times -dt_s it is the input side
+    of d a_cum[s], every term of du_s carrying exp(-a_cum[s])) into DDT_X (batch, heads,
+    n_chunks, chunk_size). (dB_s, which has the same shape of sum, is a kernel of its own:
+    both accumulators in one program spill registers.)
+    grid: (cdiv(chunk_size, BLOCK_M), n_chunks, batch * heads)."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = h // HEADS_PER_GROUP
+    p = tl.arange(0, HEAD_BLOCK)
+    n = tl.arange(0, STATE_BLOCK)
+    s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_s = c * chunk_size + s
+    in_real = (s < chunk_size) & (t_s < T)
+    row = (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size  # this chunk in (batch, heads, n_chunks, chunk_size)
+    a_row = A_CUM + row
+    a_s = tl.load(a_row + s, mask=s < chunk_size, other=0.0)
+    a_end = tl.load(a_row + chunk_size - 1)
+    b_s = _ssd_load_rows(B + b * stride_bb + g * stride_bg, stride_bt, t_s, in_real, n, state_dim)
+
+    passed = D_PASSED + ((b * n_chunks + c) * H + h) * head_dim * state_dim
+    g_t = tl.load(passed + p[None, :] * state_dim + n[:, None],  # G^T: (N, head_dim)
+                  mask=(p[None, :] < head_dim) & (n[:, None] < state_dim), other=0.0)
+    to_end = tl.where(in_real, tl.exp(a_end - a_s), 0.0)
+    du = tl.dot(b_s, g_t, input_precision=DOT_PRECISION) * to_end[:, None]
+
+    dy_base = DY + b * stride_dyb + h * stride_dyh
+    c_base = C + b * stride_cb + g * stride_cg
+    for start in range(pid_m * BLOCK_M, chunk_size, BLOCK_N):  # outputs at or after the block's first input
+        l = start + tl.arange(0, BLOCK_N)
+        t_l = c * chunk_size + l
+        out_real = (l < chunk_size) & (t_l < T)
+        dy_l = _ssd_load_rows(dy_base, stride_dyt, t_l, out_real, p, head_dim)
+        c_l = _ssd_load_rows(c_base, stride_ct, t_l, out_real, n, state_dim)
+        a_l = tl.load(a_row + l, mask=l < chunk_size, other=0.0)
+        scores = tl.dot(b_s, tl.trans(c_l), input_precision=DOT_PRECISION)  # B_s . C_l: (s, l)
+        scores *= _ssd_decay(a_l[None, :], a_s[:, None], l[None, :], s[:, None], chunk_size)
+        du = tl.dot(scores, dy_l, du, input_precision=DOT_PRECISION)
+
+    x_s = _ssd_load_rows(X + b * stride_xb + h * stride_xh, stride_xt, t_s, in_real, p, head_dim)
+    dt_s = tl.load(DT + b * stride_dtb + t_s * stride_dtt + h, mask=in_real, other=0.0).to(tl.float32)
+    tl.store(DX + b * stride_dxb + h * stride_dxh + t_s[:, None] * stride_dxt + p[None, :],
+             (du * dt_s[:, None]).to(DX.dtype.element_ty), mask=in_real[:, None] & (p[None, :] < head_dim))
+    tl.store(DDT_X + row + s, tl.sum(x_s * du, 1), mask=s < chunk_size)
+
+
+@_autotune(_SSD_SCAN_KEY,
+           hopper=[(64, 64, 8, 2), (32, 64, 8, 2)],
+           ampere=[(64, 32, 8, 2), (32, 64, 8, 2)],
+           interpreter=(8, 8, 4, 1))
+@triton.jit
+def _ssd_chunk_scan_bwd_db_kernel(DY, X, DT, C, A_CUM, D_PASSED, DB,
+                                  stride_dyb, stride_dyt, stride_dyh, stride_xb, stride_xt, stride_xh,
+                                  stride_dtb, stride_dtt, stride_cb, stride_ct, stride_cg,
+                                  T, H, HEADS_PER_GROUP, n_chunks, chunk_size, head_dim, state_dim,
+                                  HEAD_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
+                                  DOT_PRECISION: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stages 4' and 2' (through own_c), input side, dB for BLOCK_M positions s of one
+    chunk of one head, G = D_PASSED[b, c, h] as in `_ssd_chunk_scan_bwd_dx_kernel`:
+      dB_s = exp(a_cum[end] - a_cum[s]) G^T u_s + sum_{l>=s} exp(a_cum[l] - a_cum[s]) (dy_l . u_s) C_l
+    into DB (batch, T, heads, N) (this head's share of its group's dB).
+    grid: (cdiv(chunk_size, BLOCK_M), n_chunks, batch * heads)."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = h // HEADS_PER_GROUP
+    p = tl.arange(0, HEAD_BLOCK)
+    n = tl.arange(0, STATE_BLOCK)
+    s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_s = c * chunk_size + s
+    in_real = (s < chunk_size) & (t_s < T)
+    a_row = A_CUM + (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size
+    a_s = tl.load(a_row + s, mask=s < chunk_size, other=0.0)
+    a_end = tl.load(a_row + chunk_size - 1)
+    x_s = _ssd_load_rows(X + b * stride_xb + h * stride_xh, stride_xt, t_s, in_real, p, head_dim)
+    dt_s = tl.load(DT + b * stride_dtb + t_s * stride_dtt + h, mask=in_real, other=0.0).to(tl.float32)
+
+    passed = D_PASSED + ((b * n_chunks + c) * H + h) * head_dim * state_dim
+    g_c = tl.load(passed + p[:, None] * state_dim + n[None, :],
+                  mask=(p[:, None] < head_dim) & (n[None, :] < state_dim), other=0.0)
+    to_end = tl.where(in_real, tl.exp(a_end - a_s), 0.0)
+    db = tl.dot(x_s, g_c, input_precision=DOT_PRECISION) * (dt_s * to_end)[:, None]
+
+    dy_base = DY + b * stride_dyb + h * stride_dyh
+    c_base = C + b * stride_cb + g * stride_cg
+    for start in range(pid_m * BLOCK_M, chunk_size, BLOCK_N):  # outputs at or after the block's first input
+        l = start + tl.arange(0, BLOCK_N)
+        t_l = c * chunk_size + l
+        out_real = (l < chunk_size) & (t_l < T)
+        dy_l = _ssd_load_rows(dy_base, stride_dyt, t_l, out_real, p, head_dim)
+        c_l = _ssd_load_rows(c_base, stride_ct, t_l, out_real, n, state_dim)
+        a_l = tl.load(a_row + l, mask=l < chunk_size, other=0.0)
+        weights = tl.dot(x_s, tl.trans(dy_l), input_precision=DOT_PRECISION)  # x_s . dy_l: (s, l)
+        weights *= _ssd_decay(a_l[None, :], a_s[:, None], l[None, :], s[:, None], chunk_size) * dt_s[:, None]
+        db = tl.dot(weights, c_l, db, input_precision=DOT_PRECISION)
+
+    tl.store(DB + ((b * T + t_s[:, None]) * H + h) * state_dim + n[None, :], db,
+             mask=in_real[:, None] & (n[None, :] < state_dim))
+
+
+@triton.jit
+def _ssd_chunk_cumsum_bwd_kernel(DT, A, D_A_OUT, DDT_X, D_A_END, DDT, DA_PARTIAL,
+                                 stride_dtb, stride_dtt, T, H, n_chunks, chunk_size,
+                                 CHUNK_BLOCK: tl.constexpr):
+    """Stage 1', one chunk of one head: the gradient of each a_cum[l],
+      d a_cum[l] = D_A_OUT[l] - dt_l DDT_X[l]  (+ D_A_END at l = end),
+    then d a_l = d a_cum[l] + ... + d a_cum[end] (a reversed cumsum: a_l enters every
+    later a_cum) and, with a_l = dt_l A: DDT (batch, T, heads) = DDT_X + A d a_l, and this
+    chunk's share of dA, sum_l dt_l d a_l, into DA_PARTIAL (batch, heads, n_chunks).
+    grid: (batch * heads, n_chunks)."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    l = tl.arange(0, CHUNK_BLOCK)
+    t = c * chunk_size + l
+    in_chunk = l < chunk_size
+    real = in_chunk & (t < T)
+    row = (pid_bh.to(tl.int64) * n_chunks + c) * chunk_size
+    dt = tl.load(DT + b * stride_dtb + t * stride_dtt + h, mask=real, other=0.0).to(tl.float32)
+    ddt_x = tl.load(DDT_X + row + l, mask=in_chunk, other=0.0)
+    d_a_cum = tl.load(D_A_OUT + row + l, mask=in_chunk, other=0.0) - dt * ddt_x
+    d_a_cum += tl.where(l == chunk_size - 1, tl.load(D_A_END + pid_bh.to(tl.int64) * n_chunks + c), 0.0)
+    d_a = tl.cumsum(d_a_cum, 0, reverse=True)
+    tl.store(DDT + b * stride_dtb + t * stride_dtt + h, ddt_x + tl.load(A + h).to(tl.float32) * d_a, mask=real)
+    tl.store(DA_PARTIAL + pid_bh.to(tl.int64) * n_chunks + c, tl.sum(dt * d_a, 0))
+
+
+def _ssd_block(n):
+    """A tile's side covering n features: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _ssd_dot_precision(*inputs):
+    """Exact fp32 products for fp32 inputs; TF32 for 16-bit ones, whose own rounding is
+    coarser. (Exact fp32 tl.dot runs on the CUDA cores, not the tensor cores.)"""
+    return "ieee" if all(t.dtype == torch.float32 for t in inputs) else "tf32"
+
+
+_SSD_STATE_BLOCK = 16 if _INTERPRET else 1024  # state elements per program in stage 3 (and 3')
+
+
+# The stages as functions (launchers), each the kernel of the same name on ready
+# (`_launch_ready`) inputs and contiguous intermediates (a_cum, states and their gradients,
+# as these functions create them); SSDFunction chains them, and the tests check them one
+# by one.
+
+def _ssd_chunk_cumsum(dt, A, chunk_size):
+    """Stage 1: a_cum (batch, heads, n_chunks, chunk_size), fp32."""
+    batch, T, H = dt.shape
+    n_chunks = triton.cdiv(T, chunk_size)
+    a_cum = torch.empty(batch, H, n_chunks, chunk_size, device=dt.device, dtype=torch.float32)
+    _ssd_chunk_cumsum_kernel[(batch * H, n_chunks)](
+        dt, A, a_cum, dt.stride(0), dt.stride(1), T, H, n_chunks, chunk_size,
+        CHUNK_BLOCK=triton.next_power_of_2(chunk_size))
+    return a_cum
+
+
+def _ssd_chunk_states(x, dt, B, a_cum, from_start=False):
+    """Stage 2 (from_start False: own_c from x, dt, B) or 2' (from_start True: dS_c from
+    dy, C, passed as x and B; dt unused): (batch, n_chunks, heads, head_dim, N), fp32."""
+    batch, T, H, P = x.shape
+    N = B.shape[-1]
+    n_chunks, chunk_size = a_cum.shape[2:]
+    out = torch.empty(batch, n_chunks, H, P, N, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(P, meta["BLOCK_M"]), n_chunks, batch * H
+    _ssd_chunk_state_kernel[grid](
+        x, dt, B, a_cum, out, *_strides(x), dt.stride(0), dt.stride(1), *_strides(B),
+        T, H, H // B.shape[2], n_chunks, chunk_size, P, N,
+        FROM_START=from_start, STATE_BLOCK=_ssd_block(N), DOT_PRECISION=_ssd_dot_precision(x, B))
+    return out
+
+
+def _ssd_pass_states(own, a_cum, initial_state=None):
+    """Stage 3: states (batch, n_chunks + 1, heads, head_dim, N), fp32: [:, c] enters
+    chunk c, [:, -1] is the final state."""
+    batch, n_chunks, H, P, N = own.shape
+    states = torch.empty(batch, n_chunks + 1, H, P, N, device=own.device, dtype=torch.float32)
+    initial = own if initial_state is None else initial_state.float().contiguous()  # (unread if None)
+    _ssd_state_passing_kernel[(triton.cdiv(P * N, _SSD_STATE_BLOCK), batch * H)](
+        own, a_cum, initial, states, H, n_chunks, a_cum.shape[3], P * N,
+        HAS_INITIAL=initial_state is not None, BLOCK=_SSD_STATE_BLOCK)
+    return states
+
+
+def _ssd_chunk_scan(x, dt, B, C, a_cum, states):
+    """Stage 4: y (batch, T, heads, head_dim), fp32."""
+    batch, T, H, P = x.shape
+    N = B.shape[-1]
+    n_chunks, chunk_size = a_cum.shape[2:]
+    y = torch.empty(batch, T, H, P, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(chunk_size, meta["BLOCK_M"]), n_chunks, batch * H
+    _ssd_chunk_scan_kernel[grid](
+        x, dt, B, C, a_cum, states, y, *_strides(x), dt.stride(0), dt.stride(1),
+        *_strides(B), *_strides(C), *_strides(y), T, H, H // B.shape[2], n_chunks, chunk_size, P, N,
+        HEAD_BLOCK=_ssd_block(P), STATE_BLOCK=_ssd_block(N), DOT_PRECISION=_ssd_dot_precision(x))
+    return y
+
+
+def _ssd_pass_states_bwd(d_local, a_cum, states, d_final, want_initial):
+    """Stage 3': (d_passed (batch, n_chunks, heads, head_dim, N), d a_cum[c, end]
+    (batch, heads, n_chunks), the initial state's gradient or None), fp32."""
+    batch, n_chunks, H, P, N = d_local.shape
+    programs = triton.cdiv(P * N, _SSD_STATE_BLOCK)
+    d_passed = torch.empty_like(d_local)
+    d_a_end = torch.empty(batch, H, n_chunks, programs, device=d_local.device, dtype=torch.float32)
+    d_initial = torch.empty(batch, H, P, N, device=d_local.device, dtype=torch.float32) if want_initial else None
+    _ssd_state_passing_bwd_kernel[(programs, batch * H)](
+        d_local, a_cum, states, d_final.float().contiguous(), d_passed, d_a_end,
+        d_initial if want_initial else d_local, H, n_chunks, a_cum.shape[3], P * N,
+        HAS_INITIAL=want_initial, BLOCK=_SSD_STATE_BLOCK)
+    return d_passed, d_a_end.sum(-1), d_initial  # the blocks' shares, summed
+
+
+def _ssd_chunk_scan_bwd(dy, x, dt, B, C, a_cum, states, d_passed):
+    """Stage 4' (both sides): (dx in x's dtype, dB and dC per head (batch, T, heads, N),
+    d a_cum's output side and x . du, both (batch, heads, n_chunks, chunk_size)), fp32."""
+    batch, T, H, P = x.shape
+    N = B.shape[-1]
+    n_chunks, chunk_size = a_cum.shape[2:]
+    dc = torch.empty(batch, T, H, N, device=x.device, dtype=torch.float32)
+    db = torch.empty_like(dc)
+    d_a_out, ddt_x = torch.empty_like(a_cum), torch.empty_like(a_cum)
+    dx = torch.empty_like(x)
+    flags = dict(HEAD_BLOCK=_ssd_block(P), STATE_BLOCK=_ssd_block(N), DOT_PRECISION=_ssd_dot_precision(x))
+    sizes = (T, H, H // B.shape[2], n_chunks, chunk_size, P, N)
+    inputs = (*_strides(dy), *_strides(x), dt.stride(0), dt.stride(1), *_strides(B), *_strides(C))
+
+    def grid(meta):
+        return triton.cdiv(chunk_size, meta["BLOCK_M"]), n_chunks, batch * H
+    _ssd_chunk_scan_bwd_dc_kernel[grid](dy, x, dt, B, C, a_cum, states, dc, d_a_out, *inputs, *sizes, **flags)
+    _ssd_chunk_scan_bwd_dx_kernel[grid](dy, x, dt, B, C, a_cum, d_passed, dx, ddt_x,
+                                        *inputs, *_strides(dx), *sizes, **flags)
+    _ssd_chunk_scan_bwd_db_kernel[grid](dy, x, dt, C, a_cum, d_passed, db, *_strides(dy), *_strides(x),
+                                        dt.stride(0), dt.stride(1), *_strides(C), *sizes, **flags)
+    return dx, db, dc, d_a_out, ddt_x
+
+
+def _ssd_chunk_cumsum_bwd(dt, A, d_a_out, ddt_x, d_a_end):
+    """Stage 1': (ddt (batch, T, heads), dA (heads,)), fp32."""
+    batch, T, H = dt.shape
+    n_chunks, chunk_size = d_a_out.shape[2:]
+    ddt = torch.empty(batch, T, H, device=dt.device, dtype=torch.float32)
+    da_partial = torch.empty(batch, H, n_chunks, device=dt.device, dtype=torch.float32)
+    _ssd_chunk_cumsum_bwd_kernel[(batch * H, n_chunks)](
+        dt, A, d_a_out, ddt_x, d_a_end.contiguous(), ddt, da_partial,
+        dt.stride(0), dt.stride(1), T, H, n_chunks, chunk_size,
+        CHUNK_BLOCK=triton.next_power_of_2(chunk_size))
+    return ddt, da_partial.sum((0, 2))
+
+
+def _ssd_group_sum(per_head, groups):
+    """(batch, T, heads, N) -> (batch, T, groups, N): a group's gradient is its heads' sum."""
+    batch, T, H, N = per_head.shape
+    return per_head.view(batch, T, groups, H // groups, N).sum(3)
+
+
+class SSDFunction(torch.autograd.Function):
+    """ssd() on the Triton kernels above: forward runs stages 1-4 and saves the inputs,
+    a_cum and the states entering each chunk ((batch, n_chunks + 1, heads, head_dim, N),
+    1/chunk_size of the per-position states); backward runs 2', 3', 4' and 1'. Both
+    outputs are differentiable, the final state too."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, chunk_size, initial_state):
+        x, dt, B, C = (_launch_ready(t) for t in (x, dt, B, C))
+        A = A.contiguous()
+        a_cum = _ssd_chunk_cumsum(dt, A, chunk_size)
+        states = _ssd_pass_states(_ssd_chunk_states(x, dt, B, a_cum), a_cum, initial_state)
+        y = _ssd_chunk_scan(x, dt, B, C, a_cum, states)
+        ctx.save_for_backward(x, dt, A, B, C, a_cum, states)
+        ctx.has_initial = initial_state is not None
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        # a copy: the saved states must not change if the caller edits the final state in place
+        return y, states[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        x, dt, A, B, C, a_cum, states = ctx.saved_tensors
+        dy = _launch_ready(dy)
+        d_local = _ssd_chunk_states(dy, dt, C, a_cum, from_start=True)
+        d_passed, d_a_end, d_initial = _ssd_pass_states_bwd(
+            d_local, a_cum, states, d_final, ctx.has_initial and ctx.needs_input_grad[6])
+        dx, db, dc, d_a_out, ddt_x = _ssd_chunk_scan_bwd(dy, x, dt, B, C, a_cum, states, d_passed)
+        ddt, dA = _ssd_chunk_cumsum_bwd(dt, A, d_a_out, ddt_x, d_a_end)
+        groups = B.shape[2]
+        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), _ssd_group_sum(db, groups).to(B.dtype),
+                _ssd_group_sum(dc, groups).to(C.dtype), None,
+                None if d_initial is None else d_initial.to(ctx.initial_dtype))
+
+
+def _ssd_supports(x, dt, A, B, C, chunk_size, initial_state):
+    """The cases the Triton SSD handles; anything else runs ssd_chunked."""
+    if x.dim() != 4 or B.dim() != 4:
+        return False
+    batch, T, heads, head_dim = x.shape
+    float_types = (torch.float16, torch.bfloat16, torch.float32)
+    return (all(t.dtype in float_types for t in (x, dt, A, B, C))
+            and dt.shape == (batch, T, heads) and A.shape == (heads,)
+            and B.shape == C.shape and B.shape[:2] == (batch, T) and heads % B.shape[2] == 0
+            and (initial_state is None or (initial_state.shape == (batch, heads, head_dim, B.shape[3])
+                                           and initial_state.dtype in float_types))
+            # one program holds a head's whole state: head_dim x N registers
+            and 0 < head_dim <= SSD_MAX_HEAD_DIM and 0 < B.shape[3] <= SSD_MAX_STATE_DIM
+            and _ssd_block(head_dim) * _ssd_block(B.shape[3]) <= SSD_MAX_STATE_SIZE
+            and 0 < chunk_size <= SSD_MAX_CHUNK and T > 0 and batch > 0)
+
+
 def ssd(x, dt, A, B, C, chunk_size, initial_state=None):
-    """Mamba-2's SSD scan (see the section comment): (y, final state), in fp32."""
+    """Mamba-2's SSD scan (see the section comment): (y, final state), in fp32.
+
+    Triton path (backend "triton"): the kernels above (SSDFunction), forward and
+    backward, for head_dim <= 128, N <= 256 and head_dim x N <= 128 x 128 (any sizes up
+    to those: masked; Mamba-2's own are 64 x 128), chunk_size <= 1024, any T and groups,
+    with or without an initial state, and gradients of every input and of both outputs.
+    Otherwise (or on the torch backend) ssd_chunked."""
+    if backend(x) == "triton" and _ssd_supports(x, dt, A, B, C, chunk_size, initial_state):
+        return SSDFunction.apply(x, dt, A, B, C, chunk_size, initial_state)
     return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)

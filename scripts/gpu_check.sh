@@ -3,19 +3,21 @@
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh
 #
-# 1. every test of tests/test_triton.py and tests/test_kernels.py, compiled on the GPU:
-#    the interpreter-sized cases (ragged lengths, decoding, windows, padding, fp16) and
-#    the `gpu` ones (bf16 at real shapes, the chunked loss's peak memory);
+# 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
+#    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
+#    padding, fp16, SSD's chunk and group shapes) and the `gpu` ones (bf16 at real shapes,
+#    the chunked loss's peak memory, SSD at Mamba-2's shapes);
 # 2. bf16 training steps of a 4-layer llama3-8b (head dim 128) and qwen2.5-0.5b (head dim
 #    64) with the Triton kernels and with torch's: tokens/s and MFU from train.py;
-# 3. bench.py kernels (attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak).
+# 3. bench.py kernels (attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak;
+#    SSD vs ssd_chunked and, if installed, mamba_ssm).
 # Most important first. Each step has its own time limit, so one slow step cannot eat the
 # others, and writes its log (and JSON, and each test's duration) under $OUT as it goes;
 # BENCHMARKS.md is written from these files, with the device, date and commit they name.
 #
 # At most 8.5 minutes in all. The limits are not measured yet: no session so far had a GPU.
 # They are bounds from what the steps do: the tests compile each kernel once per distinct
-# shape class and autotune configuration (on the CPU they take 35 s in Triton's
+# shape class and autotune configuration (on the CPU they take 60 s in Triton's
 # interpreter), a training step of these sizes is well under a second on an H100 (start-up
 # dominates), and bench.py kernels times ~20 cases. The first GPU session replaces them
 # with its measured times (tests.log lists every test's duration) plus a margin.
@@ -43,16 +45,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-step tests 240 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
-    tests/test_triton.py tests/test_kernels.py
+step tests 270 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
+    tests/test_triton.py tests/test_kernels.py tests/test_ssm_kernels.py
 for config in "llama3-8b --set n_layers=4 --seq-len 4096 --global-batch-size 4" \
               "qwen2.5-0.5b --seq-len 2048 --global-batch-size 8"; do
     name=$(echo "$config" | cut -d' ' -f1)
     for backend in triton torch; do
         # shellcheck disable=SC2086  # $config is several flags
-        step "train-$name-$backend" 45 env KERNELS_BACKEND=$backend python3 train.py --model llama \
+        step "train-$name-$backend" 40 env KERNELS_BACKEND=$backend python3 train.py --model llama \
             --config $config --steps 20 --warmup-steps 5 --log-every 5 --eval-every 0 \
             --eval-batches 1 --sample-tokens 0 --metrics "$out/train-$name-$backend.jsonl"
     done
 done
-step bench-kernels 90 python3 bench.py kernels --json "$out/kernels.json"
+step bench-kernels 80 python3 bench.py kernels --json "$out/kernels.json"

@@ -259,6 +259,9 @@ def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
     assert [r for r in rows if "error" in r] == []
     names = {r["kernel"] for r in rows}
     assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rmsnorm_bwd", "swiglu_bwd"} <= names
+    assert {"ssd_chunk_cumsum", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan",
+            "ssd_chunk_cumsum_bwd", "ssd_state_passing_bwd", "ssd_chunk_scan_bwd_dc",
+            "ssd_chunk_scan_bwd_dx", "ssd_chunk_scan_bwd_db"} <= names
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     groups = {(r["kernel"], r["arch"], r["case"]) for r in rows}
     # The autotuner needs one configuration that fits the card; the common case (causal)
