@@ -31,6 +31,7 @@ SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE; st
 scans (Mamba-1's selective scan; Mamba-2's SSD, chunked, with Triton kernels forward and
 backward).
 """
+import math
 import os
 
 import torch
@@ -1043,18 +1044,34 @@ def selective_scan_reference(x, dt, A, B, C, initial_state=None):
 
 def linear_scan(a, b, reverse=False):
     """h_t = a_t * h_{t-1} + b_t along dim 1 with h_{-1} = 0 (from the end when
-    `reverse`), in log2(T) parallel steps (Hillis-Steele): after the step with offset k,
-    position t holds the composition of the k (then 2k, ...) updates ending at t. Every
-    factor is a product of decays in [0, 1], so nothing overflows, unlike a cumulative
-    sum of logs would."""
+    `reverse`), as a chunked scan. The sequence is cut into chunks of about sqrt(T)
+    positions; every chunk scans its own positions at once (one step per position of a
+    chunk, over all chunks together), recording the product of its decays so far; the
+    chunks' end states are then carried from chunk to chunk (one step per chunk); last,
+    each position adds the state its chunk started with, times its decay product. About
+    2 sqrt(T) sequential steps instead of T, and O(T) work (a log-depth scan does
+    O(T log T)). Products of decays in [0, 1] never overflow. Writes in place: call it
+    without autograd (SelectiveScan does)."""
     if reverse:
         return linear_scan(a.flip(1), b.flip(1)).flip(1)
-    T, k = a.shape[1], 1
-    while k < T:
-        b = torch.cat([b[:, :k], b[:, k:] + a[:, k:] * b[:, :-k]], dim=1)
-        a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
-        k *= 2
-    return b
+    batch, T, *rest = a.shape
+    chunk = math.isqrt(T - 1) + 1 if T > 1 else 1
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+    if pad:  # positions after the end change nothing before it
+        a, b = (torch.cat([t, t.new_zeros(batch, pad, *rest)], dim=1) for t in (a, b))
+    a, b = (t.reshape(batch, n_chunks, chunk, *rest) for t in (a, b))
+    h, decay = torch.empty_like(b), torch.empty_like(a)
+    h[:, :, 0], decay[:, :, 0] = b[:, :, 0], a[:, :, 0]
+    for t in range(1, chunk):
+        torch.addcmul(b[:, :, t], a[:, :, t], h[:, :, t - 1], out=h[:, :, t])
+        torch.mul(a[:, :, t], decay[:, :, t - 1], out=decay[:, :, t])
+    state, entering = h.new_zeros(batch, *rest), []
+    for c in range(n_chunks):
+        entering.append(state)
+        state = torch.addcmul(h[:, c, -1], decay[:, c, -1], state)
+    h.addcmul_(decay, torch.stack(entering, dim=1)[:, :, None])
+    return h.reshape(batch, n_chunks * chunk, *rest)[:, :T]
 
 
 class SelectiveScan(torch.autograd.Function):
@@ -1103,7 +1120,7 @@ class SelectiveScan(torch.autograd.Function):
 
 def selective_scan(x, dt, A, B, C, initial_state=None):
     """Mamba-1's selective scan (see the section comment): (y, final state), in fp32.
-    A log-depth parallel scan whose backward recomputes the states (SelectiveScan)."""
+    A chunked parallel scan (linear_scan) whose backward recomputes the states (SelectiveScan)."""
     x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
     if initial_state is None:
         initial_state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])

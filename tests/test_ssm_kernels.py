@@ -48,6 +48,21 @@ def _with_grads(fn, inputs, dy, d_final):
 # Mamba-1: selective_scan (PyTorch) against its sequential reference
 # ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 17, 50])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_matches_the_recurrence(T, reverse):
+    """The chunked scan at lengths that are, and are not, multiples of its chunk (about
+    sqrt(T)), forwards and backwards."""
+    g = torch.Generator().manual_seed(T)
+    a, b = torch.rand(2, T, 3, 4, generator=g), torch.randn(2, T, 3, 4, generator=g)
+    order = range(T - 1, -1, -1) if reverse else range(T)
+    h, expected = torch.zeros(2, 3, 4), torch.empty(2, T, 3, 4)
+    for t in order:
+        h = a[:, t] * h + b[:, t]
+        expected[:, t] = h
+    _close(kernels.linear_scan(a, b, reverse=reverse), expected, "h", atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch,T,D,N", [(2, 13, 6, 4), (1, 37, 3, 5)])
 def test_selective_scan_matches_reference(batch, T, D, N):
     g = torch.Generator().manual_seed(0)
