@@ -25,6 +25,10 @@ Modes:
                 and measured step time against the theoretical bubble
   moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
                 same process counts) with the same global batch, and all-to-all bytes per step
+  long-context  forward + backward time and activation memory per token against sequence
+                length, a Mamba-2 model and a LLaMA of similar size in one run (expect Mamba's
+                time per token to stay flat and LLaMA's to grow with the length; memory per
+                token stays flat for both, attention being a fused kernel on CPU and GPU)
 
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
 summary line and returns its results, plus a function adding its options, and register
@@ -989,6 +993,69 @@ def kernels_compile(args, device):
 
 
 # mode -> (function, help, options). One entry per mode.
+def _long_context_step(model, seq_len, device, reps):
+    """Median seconds of one forward + backward of a batch of one sequence, and the bytes
+    autograd saved for backward (the activation memory)."""
+    ids = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(ids, labels=ids)
+        loss.backward()
+    with ActivationMeter() as meter:
+        step()
+    model.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return median(times), meter.peak
+
+
+def long_context(args, device):
+    """Forward + backward time and activation memory per token against sequence length:
+    a Mamba-2 model and a LLaMA of similar size, measured in one run."""
+    contenders = {"mamba": ("mamba", args.mamba_config, args.mamba_set),
+                  "llama": ("llama", args.llama_config, args.llama_set)}
+    rows = []
+    for label, (name, preset, overrides) in contenders.items():
+        cfg = models.make_config(name, preset, [*overrides, f"max_seq_len={max(args.seq_lens)}"])
+        model = models.build(name, cfg, device, args.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        for seq_len in args.seq_lens:
+            seconds, saved = _long_context_step(model, seq_len, device, args.reps)
+            rows.append({"model": f"{label} ({n_params / 1e6:.1f}M)", "seq_len": seq_len,
+                         "ms": seconds * 1e3, "us_per_token": seconds * 1e6 / seq_len,
+                         "kb_per_token": saved / seq_len / 1024})
+        del model
+    print_table(rows, [("model", "model", "s"), ("seq_len", "seq len", "d"),
+                       ("ms", "fwd+bwd ms", ".1f"), ("us_per_token", "us/token", ".1f"),
+                       ("kb_per_token", "activations KB/token", ".1f")])
+    first, last = args.seq_lens[0], args.seq_lens[-1]
+    growth = []
+    for label in contenders:
+        mine = [r for r in rows if r["model"].startswith(label)]
+        growth.append(f"{label} {mine[-1]['us_per_token'] / mine[0]['us_per_token']:.2f}x time/token, "
+                      f"{mine[-1]['kb_per_token'] / mine[0]['kb_per_token']:.2f}x memory/token")
+    print(f"summary: from seq {first} to {last} ({last // first}x): " + "; ".join(growth))
+    return {"rows": rows}
+
+
+def add_long_context(p):
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--mamba-config", default="tiny")
+    p.add_argument("--mamba-set", nargs="*", default=["n_layers=8"],
+                   help="overrides of the Mamba preset (default: 8 layers, the tiny LLaMA's size)")
+    p.add_argument("--llama-config", default="tiny")
+    p.add_argument("--llama-set", nargs="*", default=[])
+    p.add_argument("--reps", type=int, default=3)
+
+
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
@@ -1003,6 +1070,8 @@ MODES = {
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
                      add_pp_schedules),
     "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),
+    "long-context": (long_context, "Mamba-2 vs LLaMA: fwd+bwd time and activations per token vs seq len",
+                     add_long_context),
 }
 
 

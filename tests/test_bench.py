@@ -43,3 +43,14 @@ def test_kernels_runs_on_cpu(tmp_path, capsys):
     chunked, reference = (next(r for r in rows if r.get("impl") == name) for name in ("chunked", "reference"))
     assert chunked["kept_mib"] < reference["kept_mib"] / 4  # dx and dW instead of every logit
     assert "linear_cross_entropy" in capsys.readouterr().out
+
+
+def test_long_context_measures_both_models(tmp_path, capsys):
+    out = tmp_path / "long.json"
+    bench.main(["long-context", "--device", "cpu", "--seq-lens", "64", "128", "--reps", "1",
+                "--mamba-config", "test", "--mamba-set", "--llama-config", "test", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [(r["model"].split()[0], r["seq_len"]) for r in rows] == [
+        ("mamba", 64), ("mamba", 128), ("llama", 64), ("llama", 128)]
+    assert all(r["ms"] > 0 and r["kb_per_token"] > 0 for r in rows)
+    assert "summary: from seq 64 to 128" in capsys.readouterr().out
