@@ -254,6 +254,10 @@ class SSMCache:
 
 
 class Mamba1Mixer(nn.Module):
+    """in_proj -> [x | z]; x = silu(conv(x)); (dt, B, C) = x_proj(x), dt = softplus(dt_proj(dt));
+    y = scan(x, dt, A, B, C) + D x; out_proj(y * silu(z)). Under tp a rank owns a slice of
+    the channels (d_inner / tp) and everything indexed by them."""
+
     def __init__(self, cfg: Config, layout):
         super().__init__()
         self.cfg, self.layout = cfg, layout
@@ -277,7 +281,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)                    # this rank's channels
         # Under cp: every token of this rank's 1/cp of the channels.
         x = parallel.context_to_heads(x, layout)
-        part = _cp_part(x.shape[-1] * layout.cp, layout)
+        part = _cp_part(self.D.shape[0], layout)
         x, conv_state = causal_conv(x, self.conv1d.weight[part],
                                     None if self.conv1d.bias is None else self.conv1d.bias[part],
                                     cache and cache.conv)
@@ -300,6 +304,11 @@ class Mamba1Mixer(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    """in_proj -> [z | x | B | C | dt] per group; (x, B, C) = silu(conv(x, B, C));
+    dt = clamp(softplus(dt + dt_bias)); y = ssd(x, dt, A, B, C) + D x per head;
+    out_proj(RMSNorm per group of y * silu(z)). Under tp a rank owns whole groups and
+    their heads (see the file's docstring for the order of in_proj's features)."""
+
     def __init__(self, cfg: Config, layout):
         super().__init__()
         self.cfg, self.layout = cfg, layout
@@ -339,7 +348,7 @@ class Mamba2Mixer(nn.Module):
         groups those heads read (a group serving heads of several cp ranks goes to each),
         and the slices of the convolution and the per-head parameters that go with them.
         Without cp, everything."""
-        layout, cfg = self.layout, self.cfg
+        layout = self.layout
         heads = _cp_part(self.heads, layout)
         x = parallel.context_to_heads(x, layout)
         dt = parallel.context_to_heads(dt, layout)
@@ -347,20 +356,19 @@ class Mamba2Mixer(nn.Module):
             groups = torch.tensor(self.cp_groups, device=x.device).flatten()
             B = parallel.context_to_heads(B.index_select(2, groups), layout)
             C = parallel.context_to_heads(C.index_select(2, groups), layout)
-        first, last = self.cp_groups[layout.cp_rank][0], self.cp_groups[layout.cp_rank][-1]
-        # Convolution weights of the same channels, from the group-major layout.
-        conv = self.conv1d.weight, self.conv1d.bias
-        share = []
-        for t in conv:
-            if t is None:
-                share.append(None)
-                continue
-            t = t.reshape(self.groups, -1, *t.shape[1:])
-            tx, tB, tC = t.split([cfg.d_inner // cfg.n_groups, cfg.d_state, cfg.d_state], dim=1)
-            tx = tx.reshape(self.heads, cfg.head_dim, *t.shape[2:])[heads]
-            share.append(torch.cat([tx.flatten(0, 1), tB[first:last + 1].flatten(0, 1),
-                                    tC[first:last + 1].flatten(0, 1)]))
-        return x, B, C, dt, share, heads
+        groups = slice(self.cp_groups[layout.cp_rank][0], self.cp_groups[layout.cp_rank][-1] + 1)
+        conv = [None if t is None else self._conv_channels(t, heads, groups)
+                for t in (self.conv1d.weight, self.conv1d.bias)]
+        return x, B, C, dt, conv, heads
+
+    def _conv_channels(self, t, heads, groups):
+        """The convolution's weight or bias for [x of `heads` | B of `groups` | C of
+        `groups`], from its group-major layout ([x | B | C] of each group in turn)."""
+        cfg = self.cfg
+        t = t.reshape(self.groups, -1, *t.shape[1:])
+        tx, tB, tC = t.split([cfg.d_inner // cfg.n_groups, cfg.d_state, cfg.d_state], dim=1)
+        tx = tx.reshape(self.heads, cfg.head_dim, *t.shape[2:])[heads]
+        return torch.cat([tx.flatten(0, 1), tB[groups].flatten(0, 1), tC[groups].flatten(0, 1)])
 
     def forward(self, u, cache=None):
         cfg, layout = self.cfg, self.layout
