@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one command, for the sessions that are lent one:
 #
-#   OUT=gpu-results bash scripts/gpu_check.sh
+#   OUT=gpu-results bash scripts/gpu_check.sh          # the general checks, below
+#   OUT=gpu-results bash scripts/gpu_check.sh mamba    # Mamba's (at the end of this file)
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -44,6 +45,24 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     tail -n 40 "$out/$name.log"
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
+
+if [ "${1:-}" = mamba ]; then
+    # Mamba, at most 6 minutes: the SSD kernel tests compiled (the `gpu` ones at Mamba-2's
+    # shapes); bf16 training steps of mamba2-130m with the Triton SSD and with the PyTorch
+    # chunked form; Mamba-2 against a LLaMA of its size (162M vs 129M parameters) in time
+    # and memory per token up to seq 16k.
+    step ssm-tests 150 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider tests/test_ssm_kernels.py
+    for backend in triton torch; do
+        step "train-mamba2-130m-$backend" 45 env KERNELS_BACKEND=$backend python3 train.py \
+            --model mamba --config mamba2-130m --seq-len 2048 --global-batch-size 8 --steps 20 \
+            --warmup-steps 5 --log-every 5 --eval-every 0 --eval-batches 1 --sample-tokens 0 \
+            --metrics "$out/train-mamba2-130m-$backend.jsonl"
+    done
+    step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
+        --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
+        n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
 
 step tests 270 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
     tests/test_triton.py tests/test_kernels.py tests/test_ssm_kernels.py
