@@ -62,15 +62,15 @@ VPP = ["--pp", "2", "--vpp", "2", "--micro-batch-size", "2"]
 @pytest.mark.parametrize("preset,layouts", [
     # Mamba-2, 8 heads in 2 groups: tp keeps whole groups; under cp=2 x tp=2 the two cp
     # ranks scan 2 heads each of a group both of them read.
-    ("test", [(2, ["--tp", "2"]), (2, ["--tp", "2", "--no-sp"]), (2, ["--cp", "2"]),
-              (4, ["--tp", "2", "--cp", "2"]), (2, ["--pp", "2"]), (2, [])]),
+    # (tp without sp, and dp, are in the every-gradient test below and in the llama tests.)
+    ("test", [(2, ["--tp", "2"]), (2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"]),
+              (2, ["--pp", "2"])]),
     # Mamba-1: x_proj's partial sums over tp and cp.
     ("test-mamba1", [(2, ["--tp", "2"]), (4, ["--tp", "4", "--no-sp"]), (2, ["--cp", "2"]),
                      (4, ["--tp", "2", "--cp", "2"]), (2, ["--pp", "2"])]),
     # M * - M: Mamba, attention (RoPE, ring attention under cp) and an MLP; pp=2 puts a
     # Mamba and an attention layer on one stage, the MLP and a Mamba on the other.
-    ("test-hybrid", [(2, ["--tp", "2"]), (2, ["--cp", "2"]), (2, ["--pp", "2"]), (4, VPP),
-                     (4, ["--tp", "2", "--cp", "2"])]),
+    ("test-hybrid", [(2, ["--cp", "2"]), (2, ["--pp", "2"]), (4, VPP), (4, ["--tp", "2", "--cp", "2"])]),
 ])
 def test_layouts_equal_one_process(ranks, preset, layouts):
     check_layouts(ranks, ["--model", "mamba", *LAYOUT, "--config", preset, "--eval-every", "5"],

@@ -248,7 +248,7 @@ SSD_CASES = [
     (1, 20, 3, 3, 12, 16, 12, True),  # a chunk that is not a power of two, nor of tiles; a group
                                       # per head; head_dim in two tiles of stage 2
     (1, 5, 2, 1, 8, 4, 16, False),    # shorter than a chunk
-    (2, 37, 4, 2, 5, 6, 16, True),    # all at once: three chunks, the last partial
+    (1, 37, 4, 2, 5, 6, 16, True),    # all at once: three chunks, the last partial
 ]
 
 
