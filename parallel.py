@@ -625,6 +625,13 @@ def zigzag_positions(seq_len, layout, device=None):
     return torch.cat([first, first + (2 * layout.cp - 1 - 2 * r) * chunk])
 
 
+def _rank_order(seq_len, layout, device=None):
+    """Global positions of every cp rank's tokens, rank after rank: the order of a
+    sequence gathered from the cp ranks."""
+    return torch.cat([zigzag_positions(seq_len, Layout(cp=layout.cp, rank=r), device)
+                      for r in range(layout.cp)])
+
+
 def context_shard(x, layout, dim=1):
     """This cp rank's tokens (zigzag) of a full-sequence tensor."""
     if layout.cp == 1:
@@ -640,9 +647,7 @@ def context_gather(x, layout, dim=1):
         return x
     parts = [torch.empty_like(x) for _ in range(layout.cp)]
     dist.all_gather(parts, x.contiguous(), group=layout.cp_group)
-    seq_len = x.shape[dim] * layout.cp
-    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=layout.cp, rank=r), x.device)
-                           for r in range(layout.cp)])
+    positions = _rank_order(x.shape[dim] * layout.cp, layout, x.device)
     gathered = torch.cat(parts, dim)
     return torch.empty_like(gathered).index_copy_(dim, positions, gathered)
 
@@ -658,16 +663,13 @@ def _sequence_to_heads(x, layout):
     received = torch.empty_like(send)                             # [r] = r's tokens of my heads
     dist.all_to_all_single(received, send, group=layout.cp_group)
     in_rank_order = received.movedim(0, 1).flatten(1, 2)
-    seq_len = in_rank_order.shape[1]
-    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=cp, rank=r), x.device)
-                           for r in range(cp)])
+    positions = _rank_order(in_rank_order.shape[1], layout, x.device)
     return in_rank_order.index_select(1, torch.argsort(positions))
 
 
 def _heads_to_sequence(x, layout):
-    cp, seq_len = layout.cp, x.shape[1]
-    positions = torch.cat([zigzag_positions(seq_len, Layout(cp=cp, rank=r), x.device)
-                           for r in range(cp)])
+    cp = layout.cp
+    positions = _rank_order(x.shape[1], layout, x.device)
     send = x.index_select(1, positions).unflatten(1, (cp, -1)).movedim(1, 0).contiguous()
     received = torch.empty_like(send)                             # [r] = my tokens of r's heads
     dist.all_to_all_single(received, send, group=layout.cp_group)
@@ -827,9 +829,7 @@ def allgather_attention(q, k, v, positions, layout, causal=True, window=None, sc
     attend locally. cp - 1 blocks received either way, but all at once in memory."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = (_AllGatherSequence.apply(t, layout.cp_group) for t in (k, v))
-    seq_len = len(positions) * layout.cp
-    k_pos = torch.cat([zigzag_positions(seq_len, Layout(cp=layout.cp, rank=r), q.device)
-                       for r in range(layout.cp)])
+    k_pos = _rank_order(len(positions) * layout.cp, layout, q.device)
     out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale)
     return out.to(q.dtype)
 
