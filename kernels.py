@@ -1085,22 +1085,22 @@ class SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state):
-        h = SelectiveScan._states(x, dt, A, B, initial_state)
+        h, _ = SelectiveScan._states(x, dt, A, B, initial_state)
         ctx.save_for_backward(x, dt, A, B, C, initial_state)
         return torch.einsum("btdn,btn->btd", h, C), h[:, -1]
 
     @staticmethod
     def _states(x, dt, A, B, initial_state):
-        decay = torch.exp(dt[..., None] * A)                    # (batch, T, D, N)
+        """Every state h_t, and every decay exp(dt_t A): (batch, T, D, N) each."""
+        decay = torch.exp(dt[..., None] * A)
         inputs = (dt * x)[..., None] * B[:, :, None, :]
         inputs[:, 0] += decay[:, 0] * initial_state
-        return linear_scan(decay, inputs)
+        return linear_scan(decay, inputs), decay
 
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, initial_state = ctx.saved_tensors
-        h = SelectiveScan._states(x, dt, A, B, initial_state)
-        decay = torch.exp(dt[..., None] * A)
+        h, decay = SelectiveScan._states(x, dt, A, B, initial_state)
         g_out = dy[..., None] * C[:, :, None, :]
         g_out[:, -1] += dfinal
         # g_t = g_out_t + decay_{t+1} g_{t+1}: a reverse scan with the decays shifted by one.
@@ -1108,11 +1108,11 @@ class SelectiveScan(torch.autograd.Function):
         g = linear_scan(next_decay, g_out, reverse=True)
         h_prev = torch.cat([initial_state[:, None], h[:, :-1]], dim=1)
         g_decay = g * h_prev * decay                            # d(dt * A) of each (t, d, n)
-        g_input = g * B[:, :, None, :]                          # d(dt * x) of each (t, d), per n
+        g_input = torch.einsum("btdn,btn->btd", g, B)          # d(dt * x) of each (t, d)
         dC = torch.einsum("btdn,btd->btn", h, dy)
         dB = torch.einsum("btdn,btd->btn", g, dt * x)
-        dx = g_input.sum(-1) * dt
-        ddt = g_input.sum(-1) * x + torch.einsum("btdn,dn->btd", g_decay, A)
+        dx = g_input * dt
+        ddt = g_input * x + torch.einsum("btdn,dn->btd", g_decay, A)
         dA = torch.einsum("btdn,btd->dn", g_decay, dt)
         d_initial = g[:, 0] * decay[:, 0]
         return dx, ddt, dA, dB, dC, d_initial
