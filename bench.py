@@ -394,7 +394,7 @@ def _pipeline_step(preset, schedule, n_micro, seq_len, steps):
     ddp = parallel.DataParallel(modules, layout)
     actions = parallel.SCHEDULES[schedule](n_micro, layout)
     gen = torch.Generator().manual_seed(0)
-    micro = [(ids, ids) for ids in torch.randint(0, 256, (n_micro, 1, seq_len), generator=gen)]
+    micro = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (n_micro, 1, seq_len), generator=gen)]
     times = []
     for _ in range(steps):
         ddp.zero_grad()

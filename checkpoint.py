@@ -232,3 +232,19 @@ def load(step_dir, modules, optimizer, layout):
             if "cuda" in f.keys() and torch.cuda.is_available():
                 torch.cuda.set_rng_state(f.get_tensor("cuda"))
     return meta
+
+
+def load_weights(step_dir, modules, layout):
+    """Only the weights, for a model with other heads than the checkpoint's (fine-tuning a
+    pre-trained BERT): each parameter the checkpoint holds is read, the others keep their
+    fresh initialization. Returns the names of those (new heads), in model order."""
+    read_meta(step_dir)
+    reader = _Reader(step_dir)
+    new = []
+    with torch.no_grad():
+        for name, p in _named_parameters(modules).items():
+            if f"model.{name}" in reader.index:
+                reader.read_into(f"model.{name}", p.data, p)
+            else:
+                new.append(name)
+    return new

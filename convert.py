@@ -4,7 +4,8 @@
     python convert.py export CKPT_DIR HF_DIR     # one of our checkpoints -> a HF model folder
 
 In Python, `convert.from_hf(path)` returns a model whose forward, called like the HF
-model's (`input_ids`, optional `attention_mask`), returns the same logits.
+model's (`input_ids`, optional `attention_mask`; BERT also `token_type_ids`), returns the
+same logits (BERT: a dict of its heads' logits, see bert.Bert.forward).
 
 A Hugging Face folder is config.json plus safetensors weights (one `model.safetensors`,
 or shards listed in `model.safetensors.index.json`). Conversion is two translations:
@@ -12,12 +13,13 @@ or shards listed in `model.safetensors.index.json`). Conversion is two translati
   1. the config (section 1): HF's config.json <-> our Config, one small function per
      family and direction. A setting our model cannot reproduce (a bias on o_proj, a
      RoPE scaling other than LLaMA 3.1's, another activation) is refused, never ignored;
-  2. the tensors: each model file's `hf_name(name)` names our parameter's HF tensor,
+  2. the tensors: each model file's `hf_name(name, cfg)` names our parameter's HF tensor,
      `from_hf(name, tensor, cfg)` puts it in our layout and `to_hf(name, tensor, cfg)` back.
 
 Each family is one record in FAMILIES (section 2): the model file, its two config
-translations, the HF model types it covers. Adding a family touches that table, plus the
-model file's three functions.
+translations, the HF model types it covers and the class written for each, the tensors
+a file may hold as copies of others (tied), and the heads a file may hold that the config
+does not use. Adding a family touches that table, plus the model file's three functions.
 
 Import streams (section 3). The model is built first, only this rank's part of it (its
 tensor-parallel shards; a pipeline stage would simply have fewer parameters); then each
@@ -44,6 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import bert
 import checkpoint
 import data
 import gpt
@@ -255,9 +258,93 @@ def mamba_config_to_hf(cfg):
                           chunk_size=cfg.chunk_size,
                           time_step_limit=[cfg.dt_limit_min, cfg.dt_limit_max])
 
+
+# The BertFor* classes converted -> the heads each holds: (mlm_head, binary_head, a
+# classifier). MegatronBertFor* hold the same ones.
+BERT_HEADS = {"ForPreTraining": (True, True, False), "ForMaskedLM": (True, False, False),
+              "ForSequenceClassification": (False, False, True)}
+
+
+def bert_config_from_hf(hf, model_type):
+    """BERT (post-LN) and Megatron-BERT (pre-LN) -> bert.Config; the heads from
+    `architectures`, the classes from id2label (config.json holds num_labels that way)."""
+    prefix = "MegatronBert" if model_type == "megatron-bert" else "Bert"
+    classes = [prefix + suffix for suffix in BERT_HEADS]
+    architecture = next((a for a in hf.get("architectures") or () if a in classes), None)
+    if architecture is None:
+        _refuse(model_type, f"architectures {hf.get('architectures')} (ours: {', '.join(classes)})")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        _refuse(model_type, f"hidden_act={hf['hidden_act']!r} (ours: the exact, erf GELU)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        _refuse(model_type, f"position_embedding_type={hf['position_embedding_type']!r}")
+    for key in ("is_decoder", "add_cross_attention"):
+        if hf.get(key):
+            _refuse(model_type, f"{key}=true")
+    mlm_head, binary_head, classifier = BERT_HEADS[architecture[len(prefix):]]
+    if mlm_head and not hf.get("tie_word_embeddings", True):
+        _refuse(model_type, "tie_word_embeddings=false (an MLM output layer of its own)")
+    n_classes = (len(hf.get("id2label") or {}) or hf.get("num_labels", 2)) if classifier else 0
+    problem = hf.get("problem_type")
+    if classifier and (n_classes == 1 or problem not in (None, "single_label_classification")):
+        _refuse(model_type, f"{architecture} with problem_type={problem!r}, {n_classes} label(s) "
+                            f"(ours: single-label classification)")
+    return bert.Config(vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 512),
+                       type_vocab_size=hf.get("type_vocab_size", 2), dim=hf["hidden_size"],
+                       n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                       ffn_dim=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
+                       pre_ln=model_type == "megatron-bert", mlm_head=mlm_head, binary_head=binary_head,
+                       n_classes=n_classes, init_std=hf.get("initializer_range", 0.02))
+
+
+def bert_config_to_hf(cfg):
+    """bert.Config -> (model_type, config.json fields): Megatron-BERT's when pre_ln."""
+    model_type = "megatron-bert" if cfg.pre_ln else "bert"
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",
+                  max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+                  layer_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+                  position_embedding_type="absolute", is_decoder=False, add_cross_attention=False,
+                  tie_word_embeddings=True)
+    if cfg.n_classes:
+        labels = [f"LABEL_{i}" for i in range(cfg.n_classes)]
+        fields.update(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                      problem_type="single_label_classification")
+    return model_type, fields
+
+
+def bert_architecture(cfg):
+    """The BertFor* (MegatronBertFor* when pre_ln) class that holds exactly our heads."""
+    heads = (cfg.mlm_head, cfg.binary_head, cfg.n_classes > 0)
+    suffix = next((s for s, h in BERT_HEADS.items() if h == heads), None)
+    if suffix is None:
+        raise UsageError(f"no Hugging Face BERT class has the heads mlm_head={cfg.mlm_head}, "
+                         f"binary_head={cfg.binary_head}, n_classes={cfg.n_classes}; cannot export "
+                         f"(supported: MLM, MLM + binary head, or a classifier alone)")
+    return ("MegatronBert" if cfg.pre_ln else "Bert") + suffix
+
+
+def bert_copies(cfg):
+    """HF ties the MLM decoder to the word embedding and to the MLM bias."""
+    return ({"cls.predictions.decoder.weight": "embed.weight", "cls.predictions.decoder.bias": "mlm_bias"}
+            if cfg.mlm_head else {})
+
+
+def bert_absent_heads(cfg):
+    """Published checkpoints hold every pre-training head whatever their class
+    (bert-base-uncased is a BertForMaskedLM with a pooler and a next-sentence head):
+    transformers skips those its class lacks, and so do we."""
+    heads = {"cls.predictions.": cfg.mlm_head, "bert.pooler.": cfg.pooler,
+             "cls.seq_relationship.": cfg.binary_head, "classifier.": cfg.n_classes > 0}
+    return tuple(prefix for prefix, present in heads.items() if not present)
+
 # ----------------------------------------------------------------------------
 # 2. Families: one record each
 # ----------------------------------------------------------------------------
+
+def _tied_lm_head(cfg):
+    """A tied decoder's file may still hold its output layer (older checkpoints do)."""
+    return {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
+
 
 @dataclasses.dataclass
 class Family:
@@ -266,9 +353,19 @@ class Family:
     module: object       # the model file: hf_name, from_hf and to_hf of each parameter
     config_from_hf: object  # (config.json dict, model_type) -> our Config
     config_to_hf: object    # our Config -> (model_type, config.json fields)
-    architectures: dict  # HF model_type -> the transformers class written into config.json
+    architectures: dict  # HF model_type -> the transformers class written into config.json, or a
+                         # function of our Config choosing it (BERT's class depends on its heads)
     reads_slices: bool   # from_hf is the identity, so a rank reads only its region from disk
     preset: str          # train_flags writes a config as overrides of this preset
+    # our Config -> {HF tensor that a file may hold as a tied copy: our parameter it must equal}
+    copies: object = _tied_lm_head
+    # our Config -> name prefixes of the HF heads it lacks, whose tensors import skips
+    absent_heads: object = lambda cfg: ()
+
+    def architecture(self, model_type, cfg):
+        """The transformers class that export writes into config.json."""
+        chosen = self.architectures[model_type]
+        return chosen if isinstance(chosen, str) else chosen(cfg)
 
 
 FAMILIES = {f.model: f for f in (
@@ -283,6 +380,9 @@ FAMILIES = {f.model: f for f in (
     Family("mamba", mamba, mamba_config_from_hf, mamba_config_to_hf,
            {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},
            reads_slices=False, preset="mamba2-130m"),  # in_proj and conv1d are reordered
+    Family("bert", bert, bert_config_from_hf, bert_config_to_hf,
+           {"bert": bert_architecture, "megatron-bert": bert_architecture}, reads_slices=True,
+           preset="bert-base", copies=bert_copies, absent_heads=bert_absent_heads),
 )}
 BY_HF_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.architectures}
 
@@ -299,7 +399,7 @@ def family_of(model):
 # ----------------------------------------------------------------------------
 
 # Buffers that old transformers versions saved with the weights: not parameters.
-OLD_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+OLD_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
 
 
 class _HFTensors:
@@ -361,9 +461,12 @@ class _HFTensors:
             del self.where[key]
 
     def find(self, key):
-        """`key`, or `key` without its base-model prefix ("transformer.", "model."): files
-        saved from the base model (GPT-2's own) lack it, and transformers accepts both."""
-        return next((k for k in (key, key.partition(".")[2]) if k in self.where), None)
+        """`key`, or the older names that transformers also reads: without the base-model
+        prefix ("transformer.", "model.", "bert."; files saved from the base model, GPT-2's
+        own), and LayerNorm's TensorFlow names gamma and beta (BERT's own files)."""
+        old = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        names = (key, key.partition(".")[2], old, old.partition(".")[2])
+        return next((k for k in names if k in self.where), None)
 
     def get_slice(self, key):
         try:
@@ -423,9 +526,9 @@ def load_hf_weights(model, hf_dir):
     family, tensors = family_of(model), _HFTensors(hf_dir)
     module, used = family.module, set()
     for ours, param in model.named_parameters():
-        key = tensors.find(module.hf_name(ours))
+        key = tensors.find(module.hf_name(ours, model.cfg))
         if key is None:
-            raise UsageError(f"{hf_dir} has no tensor {module.hf_name(ours)} (our {ours}); the "
+            raise UsageError(f"{hf_dir} has no tensor {module.hf_name(ours, model.cfg)} (our {ours}); the "
                              f"weights do not match config.json")
         shape, offset, extent = parallel.global_region(param)
         expected = list(module.to_hf(ours, torch.empty(shape, device="meta"), model.cfg).shape)
@@ -441,23 +544,24 @@ def load_hf_weights(model, hf_dir):
         param.zero_()  # vocabulary padding past the global tensor stays zero
         param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
         used.add(key)
-    # The whole model (no pipeline stage, no expert shard): every tensor must find a place.
+    # The whole model (no pipeline stage, no expert shard): every tensor must find a place,
+    # but for tied copies and the heads the config does not use.
     if getattr(model.layout, "pp", 1) == 1 and getattr(model.layout, "ep", 1) == 1:
-        tied = getattr(model.cfg, "tie_embeddings", False)
-        extra = sorted(k for k in tensors.where if k not in used and not k.endswith(OLD_BUFFERS)
-                       and not (tied and k == "lm_head.weight"))
+        copies, absent = family.copies(model.cfg), family.absent_heads(model.cfg)
+        extra = sorted(k for k in tensors.where if k not in used and k not in copies
+                       and not k.endswith(OLD_BUFFERS) and not k.startswith(absent))
         if extra:
             raise UsageError(f"{hf_dir} holds {len(extra)} tensor(s) our {family.model} model has no place "
                              f"for ({', '.join(extra[:3])}...); config.json does not describe them")
-        if tied and "lm_head.weight" in tensors.where:  # a stored copy must be a copy (as in HF)
-            embed = dict(model.named_parameters())["embed.weight"]
-            _, offset, extent = parallel.global_region(embed)
-            head = tensors.get_slice("lm_head.weight")[tuple(slice(o, o + n)
-                                                             for o, n in zip(offset, extent))]
-            if not torch.equal(head.to(embed.dtype), embed[tuple(slice(0, n) for n in extent)]):
-                raise UsageError(f"{hf_dir}: config.json ties the output layer to the embedding, "
-                                 f"but lm_head.weight differs from it; set tie_word_embeddings "
-                                 f"false")
+        params = dict(model.named_parameters())
+        for copy in (c for c in copies if c in tensors.where):  # a stored copy must be a copy (as in HF)
+            param = params[copies[copy]]
+            _, offset, extent = parallel.global_region(param)
+            stored = tensors.get_slice(copy)[tuple(slice(o, o + n) for o, n in zip(offset, extent))]
+            if not torch.equal(stored.to(param.dtype), param[tuple(slice(0, n) for n in extent)]):
+                raise UsageError(f"{hf_dir}: config.json ties {copy} to "
+                                 f"{module.hf_name(copies[copy], model.cfg)}, but {copy} differs from "
+                                 f"it; set tie_word_embeddings false")
     return model
 
 
@@ -530,20 +634,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
     """Write a one-process model as a HF folder: config.json + model.safetensors (fp32),
-    plus the tokenizer files of `tokenizer_dir` if given."""
+    plus the tokenizer files of `tokenizer_dir` if given. Returns the transformers class."""
     family = family_of(model)
     if model.layout.tp > 1 or model.layout.pp > 1 or model.layout.ep > 1:
         raise UsageError("export needs the whole model: build it with parallel.Layout() "
                          "(checkpoint.load reassembles the shards)")
     model_type, fields = family.config_to_hf(model.cfg)
+    architecture = family.architecture(model_type, model.cfg)
     if eos_token_id is not None and not 0 <= eos_token_id < model.cfg.vocab_size:
         eos_token_id = None
-    config = {"architectures": [family.architectures[model_type]], "model_type": model_type, **fields,
+    config = {"architectures": [architecture], "model_type": model_type, **fields,
               "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
               "torch_dtype": "float32", "dtype": "float32"}
     # Copies (contiguous, unshared): parameters may be views of one flat training buffer.
-    # A tied model has no lm_head parameter, so none is written.
-    tensors = {family.module.hf_name(n): family.module.to_hf(n, p.detach().cpu().float(), model.cfg)
+    # A tied model has no parameter for its output layer (lm_head, BERT's decoder): none is written.
+    module = family.module
+    tensors = {module.hf_name(n, model.cfg): module.to_hf(n, p.detach().cpu().float(), model.cfg)
                .contiguous().clone() for n, p in model.named_parameters()}
 
     def write(tmp):
@@ -554,7 +660,7 @@ def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
             if os.path.isfile(os.path.join(tokenizer_dir, file)):
                 shutil.copy(os.path.join(tokenizer_dir, file), tmp)
     _write_atomically(hf_dir, write)
-    return model_type
+    return architecture
 
 
 def export(ckpt, hf_dir):
@@ -594,8 +700,7 @@ def main(argv=None):
             print(f"imported {args.hf_dir} ({name}, {n / 1e6:.2f}M parameters) into {step_dir}; "
                   f"train with: python train.py {shlex.join(flags + ['--load', args.ckpt_dir])}")
         else:
-            step_dir, model_type = export(args.ckpt_dir, args.hf_dir)
-            architecture = BY_HF_TYPE[model_type].architectures[model_type]
+            step_dir, architecture = export(args.ckpt_dir, args.hf_dir)
             print(f"exported {step_dir} to {args.hf_dir} ({architecture}: "
                   f"config.json + model.safetensors)")
     except UsageError as e:

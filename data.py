@@ -16,8 +16,15 @@ The batch contract, on which layout-independent training rests: the global batch
 drawn by a random generator seeded by (seed, s) only; each data-parallel rank then reads its
 own rows of it. So every parallel layout sees the same global batch, and resuming at step s
 needs no data-loader state: the step number is the position.
+
+BERT (bert.py) reads the same sources differently: MaskedLMData makes masked-language-model
+examples ([CLS] A [SEP] B [SEP], 15% of the text to predict, A and B swapped half the time for
+sentence-order prediction) and load_task a labelled classification task for fine-tuning. Their
+batches keep the contract one level finer: row i of step s is drawn from (seed, s, i) alone.
 """
 import argparse
+import dataclasses
+import functools
 import glob
 import json
 import os
@@ -67,7 +74,8 @@ class HFTokenizer:
 
     eot_token, which ends every document, is the tokenizer's end-of-sequence token: the
     eos_token of DIR/tokenizer_config.json, else eos_token_id of DIR/config.json, else the
-    first of <|endoftext|>, </s>, <eos> in the vocabulary; with none of these, a UsageError."""
+    first of <|endoftext|>, </s>, <eos>, [SEP] (BERT's vocabularies have no end-of-text) in
+    the vocabulary; with none of these, a UsageError."""
 
     def __init__(self, directory: str):
         try:
@@ -90,11 +98,7 @@ class HFTokenizer:
 
     def _eos_id(self, directory):
         def read(file):
-            try:
-                with open(os.path.join(directory, file)) as f:
-                    return json.load(f)
-            except (OSError, ValueError):
-                return {}
+            return _read_json(os.path.join(directory, file))
         eos = read("tokenizer_config.json").get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         if isinstance(eos, str) and self._tok.token_to_id(eos) is not None:
@@ -103,7 +107,7 @@ class HFTokenizer:
         eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
         if isinstance(eos_id, int):
             return eos_id
-        for token in ("<|endoftext|>", "</s>", "<eos>"):
+        for token in ("<|endoftext|>", "</s>", "<eos>", "[SEP]"):  # [SEP]: BERT's vocabularies
             if self._tok.token_to_id(token) is not None:
                 return self._tok.token_to_id(token)
         raise UsageError(f"tokenizer {self.name} has no end-of-text token: set eos_token in "
@@ -114,6 +118,15 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _read_json(path) -> dict:
+    """A JSON file's object, or {} if it is missing or unreadable (optional config files)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def eot_token(enc) -> int:
@@ -173,6 +186,14 @@ class TokenDataset:
         windows = torch.from_numpy(np.stack([np.asarray(self.shards[i][o:o + seq_len + 1], np.int64)
                                              for i, o in zip(shard, offset)]))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def window(self, index: int, seq_len: int) -> tuple[int, np.ndarray]:
+        """Window number `index` of the n_windows(seq_len) that batch draws from (seq_len + 1
+        tokens, int64) and the index of its shard: for readers that draw their own starts."""
+        bounds = self._window_bounds(seq_len)
+        shard = int(np.searchsorted(bounds, index, side="right")) - 1
+        offset = index - bounds[shard]
+        return shard, np.asarray(self.shards[shard][offset:offset + seq_len + 1], np.int64)
 
 
 def _source_files(spec: str | None) -> list[str]:
@@ -325,6 +346,295 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
           f"({tokenizer_name}) in {len(meta['train'])} + {len(meta['val'])} shards "
           f"from {len(paths)} files, {time.time() - t0:.1f}s")
     return meta
+
+
+# BERT's special tokens for the byte tokenizer: new ids after its 256 bytes and end-of-text, so
+# a BERT model on bytes needs a vocabulary of BYTE_BERT_VOCAB = 261 ids.
+BYTE_CLS, BYTE_SEP, BYTE_MASK, BYTE_PAD = 257, 258, 259, 260
+BYTE_BERT_VOCAB = 261
+IGNORE_INDEX = -100  # the label of a position without a prediction (cross_entropy's default)
+BERT_SPECIALS = ("cls", "sep", "mask", "pad")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BertTokens:
+    """The ids BERT adds to a vocabulary. n_vocab holds every id, specials included; ordinary
+    are the ids that random replacement may draw (no special token, no end-of-text)."""
+    cls: int
+    sep: int
+    mask: int
+    pad: int
+    n_vocab: int
+    ordinary: np.ndarray
+
+
+@functools.lru_cache(maxsize=None)
+def bert_special_tokens(tokenizer_name: str) -> BertTokens:
+    """[CLS], [SEP], [MASK] and [PAD] of the byte tokenizer (new ids) or of an hf:DIR
+    tokenizer (the *_token entries of DIR/tokenizer_config.json, else "[CLS]" etc.)."""
+    if tokenizer_name == BYTE_TOKENIZER:
+        ordinary = np.arange(256)
+        ordinary.flags.writeable = False  # cached and shared by every caller
+        return BertTokens(BYTE_CLS, BYTE_SEP, BYTE_MASK, BYTE_PAD, BYTE_BERT_VOCAB, ordinary)
+    hf = tokenizer_name.startswith(HF_PREFIX)  # tiktoken's encodings have no BERT tokens
+    enc = get_tokenizer(tokenizer_name) if hf else None
+    vocab = enc._tok.get_vocab(with_added_tokens=True) if hf else {}
+    config = _read_json(os.path.join(tokenizer_name[len(HF_PREFIX):], "tokenizer_config.json")) \
+        if hf else {}
+    ids = {}
+    for kind in BERT_SPECIALS:
+        token = config.get(f"{kind}_token") or f"[{kind.upper()}]"  # a string or {"content": ...}
+        ids[kind] = vocab.get(token.get("content") if isinstance(token, dict) else token)
+        if ids[kind] is None:
+            raise UsageError(f"tokenizer {tokenizer_name} has no [{kind.upper()}] token: BERT "
+                             f"needs [CLS], [SEP], [MASK] and [PAD]; use --tokenizer byte or "
+                             f"hf:DIR with a BERT vocabulary")
+    special = set(enc._tok.get_added_tokens_decoder()) | {enc.eot_token, *ids.values()}
+    ordinary = np.setdiff1d(np.arange(enc.n_vocab), sorted(special))
+    ordinary.flags.writeable = False
+    return BertTokens(**ids, n_vocab=enc.n_vocab, ordinary=ordinary)
+
+
+@functools.lru_cache(maxsize=None)
+def _token_tables(tokenizer_name):
+    """Per id of the BERT vocabulary: (ends a line, is a word piece); see ends_line and
+    continues_word. Special ids are neither."""
+    n = bert_special_tokens(tokenizer_name).n_vocab
+    if tokenizer_name == BYTE_TOKENIZER:
+        word = np.zeros(n, bool)  # [A-Za-z0-9_] and the bytes of non-ASCII characters
+        word[[c for c in range(256) if c >= 0x80 or chr(c).isalnum() or chr(c) == "_"]] = True
+        return np.arange(n) == ord("\n"), word
+    tok = get_tokenizer(tokenizer_name)._tok
+    # "Contains", not "ends with": code tokenizers merge a newline with the next line's indent.
+    texts = tok.decode_batch([[i] for i in range(n)], skip_special_tokens=True)
+    pieces = [tok.id_to_token(i) or "" for i in range(n)]
+    return (np.array(["\n" in t for t in texts]),
+            np.array([p.startswith("##") for p in pieces]))  # WordPiece's continuation mark
+
+
+def ends_line(tokens: np.ndarray, tokenizer_name: str) -> np.ndarray:
+    """Per token: does its text end a line (contain a newline)? A segment may end after it."""
+    return _token_tables(tokenizer_name)[0][tokens]
+
+
+def continues_word(tokens: np.ndarray, tokenizer_name: str) -> np.ndarray:
+    """Per token of a sequence: does it continue the previous token's word? Byte tokens: both
+    are word bytes ([A-Za-z0-9_] or a byte of a non-ASCII character). Otherwise WordPiece's
+    convention: the token is written "##..." The first token never continues a word."""
+    tokens = np.asarray(tokens)
+    word = _token_tables(tokenizer_name)[1][tokens]
+    if tokenizer_name == BYTE_TOKENIZER:
+        return np.concatenate([[False], word[1:] & word[:-1]])
+    return np.concatenate([[False], word[1:]])
+
+
+def _example_length(rng, longest, short_seq_prob):
+    """Usually `longest`; with probability short_seq_prob a uniform length in [2, longest], so
+    that batches hold padding as they will in use (Megatron's short_seq_prob)."""
+    return longest if rng.random() >= short_seq_prob else int(rng.integers(2, longest + 1))
+
+
+def _bert_batch(build, step, seed, global_batch_size, seq_len, rows, pad):
+    """The examples `build(rng, seq_len)` -> (ids, token types, token labels, row label) of the
+    selected rows, padded to seq_len, row i drawn from (seed, step, i) alone whatever the
+    selection. Returns int64 tensors: ids, attention mask, token types, token labels [rows,
+    seq_len] and row labels [rows]."""
+    rows = range(global_batch_size)[rows if rows is not None else slice(None)]
+    ids = np.full((len(rows), seq_len), pad, np.int64)
+    types, labels = np.zeros_like(ids), np.full_like(ids, IGNORE_INDEX)
+    lengths, row_labels = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+    for r, i in enumerate(rows):
+        x, x_types, x_labels, row_labels[r] = build(np.random.default_rng([seed, step, i]), seq_len)
+        lengths[r] = len(x)
+        ids[r, :len(x)], types[r, :len(x)], labels[r, :len(x)] = x, x_types, x_labels
+    mask = (np.arange(seq_len) < lengths[:, None]).astype(np.int64)
+    return tuple(map(torch.from_numpy, (ids, mask, types, labels, row_labels)))
+
+
+class MaskedLMData:
+    """BERT's pre-training examples from a TokenDataset: [CLS] A [SEP] B [SEP] [PAD]...
+
+    A and B are a window of one document cut at a line boundary, swapped with probability 0.5
+    (sentence-order prediction, label 1 = swapped). mask_prob of the text is predicted, chosen
+    token by token or, with whole_word, word by word; of those 80% become [MASK], 10% a random
+    ordinary id and 10% stay, so the model cannot learn that only [MASK] needs predicting."""
+
+    def __init__(self, data: TokenDataset, tokenizer_name: str, mask_prob: float = 0.15,
+                 whole_word: bool = False, short_seq_prob: float = 0.1):
+        if not 0 < mask_prob <= 1:
+            raise UsageError("--mask-prob must be in (0, 1]")
+        self.tokens = bert_special_tokens(tokenizer_name)
+        self.data, self.tokenizer_name = data, tokenizer_name
+        self.eot = get_tokenizer(tokenizer_name).eot_token
+        self.mask_prob, self.whole_word, self.short_seq_prob = mask_prob, whole_word, short_seq_prob
+        self.n_tokens = data.n_tokens
+        # Predicted tokens are drawn uniformly from the text, so always answering the commonest
+        # token scores its share of the text (estimated on up to 10M tokens): the baseline
+        # the masked-token accuracy must beat (a byte's is the space's, ~29% of Python source).
+        sample, left = [], 10_000_000
+        for shard in data.shards:
+            sample.append(np.asarray(shard[:left]))
+            left -= len(sample[-1])
+            if left <= 0:
+                break
+        sample = np.concatenate(sample)
+        sample = sample[sample != self.eot]
+        self.majority_share = float(np.bincount(sample).max() / len(sample))
+
+    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids, labels (-100: nothing to predict), all
+        [rows, seq_len], and sentence_order_labels [rows] for the given rows of step's batch."""
+        if seq_len < 5:
+            raise UsageError(f"--seq-len {seq_len} is too short for BERT's [CLS] A [SEP] B [SEP]; "
+                             f"use --seq-len 5 or more")
+        ids, mask, types, labels, order = _bert_batch(self._example, step, seed, global_batch_size,
+                                                      seq_len, rows, self.tokens.pad)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                "labels": labels, "sentence_order_labels": order}
+
+    def _text(self, rng, seq_len):
+        """Usually seq_len - 3 tokens (see _example_length) from a random start, never past a
+        document's end: the window is cut at its first end-of-text, or if that leaves under 2
+        tokens, the tokens after it are taken (a window without 2 tokens in one document is
+        drawn again)."""
+        n = _example_length(rng, seq_len - 3, self.short_seq_prob)
+        for _ in range(100):
+            _, w = self.data.window(rng.integers(self.data.n_windows(seq_len)), seq_len)
+            ends = np.flatnonzero(w == self.eot).tolist()
+            for lo, hi in zip([0] + [e + 1 for e in ends], ends + [len(w)]):
+                if hi - lo >= 2:
+                    return w[lo:min(hi, lo + n)]
+        raise UsageError(f"{self.data.name}: found no 2 tokens within one document in 100 "
+                         f"windows; BERT needs documents of 2 tokens or more")
+
+    def _example(self, rng, seq_len):
+        t, text = self.tokens, self._text(rng, seq_len)
+        # Sentences are lines here: A ends at a line end where there is one, else anywhere.
+        # With three line ends or more, both segments are whole lines (the window's partial
+        # first and last lines dropped): were only the cut at a line end, "the first segment
+        # ends mid-line" would give the order away without reading either segment.
+        lines = np.flatnonzero(ends_line(text, self.tokenizer_name)) + 1  # just after each line end
+        if len(lines) >= 3:
+            text, lines = text[lines[0]:lines[-1]], lines[1:-1] - lines[0]
+        lines = lines[lines < len(text)]
+        cut = lines[rng.integers(len(lines))] if len(lines) else rng.integers(1, len(text))
+        a, b, swapped = text[:cut], text[cut:], rng.random() < 0.5
+        if swapped:
+            a, b = b, a
+        ids = np.concatenate([[t.cls], a, [t.sep], b, [t.sep]])
+        types = (np.arange(len(ids)) >= len(a) + 2).astype(np.int64)
+        is_text = np.ones(len(ids), bool)
+        is_text[[0, len(a) + 1, -1]] = False
+        # Words: a text token that does not continue the one before starts one; a segment's first
+        # token always does. Without whole_word, every token is a word of its own.
+        starts = is_text
+        if self.whole_word:
+            starts = is_text & ~continues_word(ids, self.tokenizer_name)
+            starts[[1, len(a) + 2]] = True
+        text_pos = np.flatnonzero(is_text)
+        word_of = np.cumsum(starts[text_pos]) - 1  # the word of each text position
+        lengths = np.bincount(word_of).tolist()
+        # Google's BERT: words in random order, each taken if it fits the count, until it is met.
+        k = max(1, round(self.mask_prob * len(text_pos)))
+        n, picked = 0, np.zeros(len(lengths), bool)
+        for w in rng.permutation(len(lengths)).tolist():
+            if n + lengths[w] <= k:
+                picked[w], n = True, n + lengths[w]
+                if n == k:
+                    break
+        chosen = text_pos[picked[word_of]]
+        labels = np.full(len(ids), IGNORE_INDEX)
+        labels[chosen] = ids[chosen]
+        r = rng.random(len(chosen))
+        ids[chosen[r < 0.8]] = t.mask
+        replaced = chosen[(r >= 0.8) & (r < 0.9)]
+        ids[replaced] = t.ordinary[rng.integers(len(t.ordinary), size=len(replaced))]
+        return ids, types, labels, int(swapped)
+
+
+STDLIB_PACKAGES = "stdlib-packages"
+# Packages of every CPython 3.9-3.13 without large test suites inside, so no class dwarfs the
+# others. The "stdlib" corpus is only the top-level *.py files: this text is unseen in
+# pre-training.
+STDLIB_TASK_CLASSES = ("asyncio", "email", "http", "importlib", "json", "logging",
+                       "multiprocessing", "urllib", "xml")
+
+
+class ClassificationData:
+    """A labelled task: windows of the classes' text, [CLS] window [SEP] [PAD]..., each labelled
+    with its class. The dataset has one or more shards per class (shard_labels); windows are
+    drawn uniformly over all of them, so a class's share is its share of the text."""
+
+    def __init__(self, data: TokenDataset, shard_labels: list[int], class_names: list[str],
+                 tokenizer_name: str, seq_len: int, short_seq_prob: float = 0.1):
+        self.data, self.shard_labels = data, np.array(shard_labels)
+        self.class_names, self.n_classes = list(class_names), len(class_names)
+        self.n_tokens, self.short_seq_prob = data.n_tokens, short_seq_prob
+        self.tokens = bert_special_tokens(tokenizer_name)
+        # The fraction of windows (of seq_len) per class: the majority's is the accuracy of
+        # always guessing it, the baseline a fine-tuned model must beat.
+        windows = np.diff(data._window_bounds(seq_len))
+        self.class_shares = np.bincount(self.shard_labels, windows, self.n_classes) / windows.sum()
+        self.majority_share = float(self.class_shares.max())
+
+    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids [rows, seq_len] and labels [rows] (class
+        ids) for the given rows of step's batch."""
+        if seq_len < 4:
+            raise UsageError(f"--seq-len {seq_len} is too short for [CLS] text [SEP]; "
+                             f"use --seq-len 4 or more")
+        ids, mask, types, _, labels = _bert_batch(self._example, step, seed, global_batch_size,
+                                                  seq_len, rows, self.tokens.pad)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+    def _example(self, rng, seq_len):
+        n = _example_length(rng, seq_len - 2, self.short_seq_prob)
+        shard, w = self.data.window(rng.integers(self.data.n_windows(seq_len)), seq_len)
+        ids = np.concatenate([[self.tokens.cls], w[:n], [self.tokens.sep]])
+        return ids, 0, IGNORE_INDEX, self.shard_labels[shard]
+
+
+def _task_classes(spec):
+    """{class name: its text source} of a task, sorted by name (the label ids)."""
+    if spec == STDLIB_PACKAGES:
+        root = sysconfig.get_paths()["stdlib"]
+        classes = {c: os.path.join(root, c, "**", "*.py") for c in STDLIB_TASK_CLASSES
+                   if os.path.isdir(os.path.join(root, c))}
+    else:
+        _source_files(spec)  # a missing or empty directory: the usual message
+        if not os.path.isdir(spec):
+            raise UsageError(f"--task {spec} is a file: a classification task is a directory "
+                             f"with one sub-directory of text per class")
+        classes = {c: os.path.join(spec, c) for c in sorted(os.listdir(spec))
+                   if os.path.isdir(os.path.join(spec, c)) and not c.startswith(".")}
+    if len(classes) < 2:
+        raise UsageError(f"a classification task needs at least 2 classes; {spec} has "
+                         f"{len(classes)} ({', '.join(classes) or 'no sub-directories'})")
+    return classes
+
+
+def task_class_names(spec: str) -> list[str]:
+    """The class names of a task (what load_task's labels count), without reading its text."""
+    return list(_task_classes(spec))
+
+
+def load_task(spec: str, tokenizer_name: str, seq_len: int,
+              val_fraction: float = 0.05) -> tuple[ClassificationData, ClassificationData]:
+    """(train, val) of a classification task: "stdlib-packages" (which standard-library package
+    a piece of source comes from) or a directory with one sub-directory of text per class, the
+    sub-directory's name the class's (sorted names: label ids). Each class's text is split as
+    load_dataset splits a corpus, so validation is the tail of every class."""
+    classes = _task_classes(spec)
+    splits = {"train": ([], []), "val": ([], [])}  # split -> (shards, their labels)
+    for label, source in enumerate(classes.values()):
+        for split, ds in zip(splits, load_dataset(source, tokenizer_name, seq_len, val_fraction)):
+            splits[split][0].extend(ds.shards)
+            splits[split][1].extend([label] * len(ds.shards))
+    return tuple(ClassificationData(TokenDataset(shards, f"task {spec} ({split})"), labels,
+                                    list(classes), tokenizer_name, seq_len)
+                 for split, (shards, labels) in splits.items())
 
 
 if __name__ == "__main__":

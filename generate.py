@@ -89,6 +89,11 @@ def main(argv=None):
             if getattr(args, flag) < 0:
                 raise parallel.UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
         model, tokenizer_name = load_model(args.load, args.device)
+        if not hasattr(model, "new_kv_caches"):
+            raise parallel.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
+                                      f"predicts masked tokens and classes, it does not generate "
+                                      f"text; generate.py samples causal models (gpt, llama, "
+                                      f"mixtral, mamba)")
         tokenizer = data.get_tokenizer(tokenizer_name)
         print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                           args.top_k, args.seed))

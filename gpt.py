@@ -53,7 +53,7 @@ PRESETS = {
 }
 
 
-def hf_name(name):
+def hf_name(name, cfg):
     """Our parameter name -> Hugging Face GPT2LMHeadModel's."""
     if name == "lm_head.weight":
         return name
@@ -108,15 +108,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, layout):
+    """dim -> ffn_dim -> dim with GELU, biases on both layers. GPT-2 uses GELU's tanh
+    approximation; BERT (bert.py) the exact erf form: `gelu="none"`."""
+
+    def __init__(self, cfg: Config, layout, gelu="tanh"):
         super().__init__()
-        self.layout = layout
+        self.layout, self.gelu = layout, gelu
         self.fc = parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, layout, bias=True)
         self.proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout, bias=True)
 
     def forward(self, x):
         x = parallel.enter_tp_region(x, self.layout)
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x), approximate=self.gelu))
 
 
 class Block(nn.Module):

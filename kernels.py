@@ -861,11 +861,11 @@ def swiglu(gate, up):
 # Linear + cross-entropy, chunked
 # ----------------------------------------------------------------------------
 
-def linear_cross_entropy_reference(x, weight, labels):
-    """Sum over tokens of -log softmax(x W^T)[label], labels == -100 ignored, written out:
-    the logits of every token at once, (tokens, vocab) floats, the largest activation of a
-    language model (llama3-8b, 8 x 4096 tokens: 4.2 billion of them)."""
-    logits = F.linear(x, weight).float()
+def linear_cross_entropy_reference(x, weight, labels, bias=None):
+    """Sum over tokens of -log softmax(x W^T + b)[label], labels == -100 ignored, written
+    out: the logits of every token at once, (tokens, vocab) floats, the largest activation
+    of a language model (llama3-8b, 8 x 4096 tokens: 4.2 billion of them)."""
+    logits = F.linear(x, weight, bias).float()
     return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
@@ -884,24 +884,29 @@ def linear_cross_entropy_reference(x, weight, labels):
 # numbers per token from the other ranks, the max, the sum of exponentials and the
 # target's logit (the rank holding it contributes it, the others 0): `all_reduce(t, op)`,
 # op "max" or "sum", supplies them (parallel.py passes tp's all-reduce). Rows at or past
-# `vocab_size` are padding and take no probability.
+# `vocab_size` are padding and take no probability. An optional `bias` (BERT's output
+# layer has one) is split like the weight's rows; its gradient is the column sums of
+# d loss / d logits.
 
 LOGITS_PER_CHUNK = 2 ** 26  # fp32 elements of one chunk's logits (256 MiB)
 
 
-def _linear_cross_entropy_chunks(x, weight, labels, vocab_start, vocab_size, all_reduce,
+def _linear_cross_entropy_chunks(x, weight, bias, labels, vocab_start, vocab_size, all_reduce,
                                  chunk_tokens, want_dx, want_dw):
-    """(loss sum, dx, dw) of x (tokens, dim) against labels (tokens,); dx, dw None unless wanted."""
+    """(loss sum, dx, dw, db) of x (tokens, dim) against labels (tokens,); dx, dw and db
+    None unless wanted (db: also None without a bias)."""
     per_rank = weight.shape[0]
     padding = None  # (a bool worked out on the host: no device sync in the loop below)
     if vocab_start + per_rank > vocab_size:
         padding = torch.arange(vocab_start, vocab_start + per_rank, device=x.device) >= vocab_size
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None  # contiguous
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+        if want_dw and bias is not None else None
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk_tokens):
         xc, lc = x[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-        logits = F.linear(xc, weight).float()  # under autocast a bf16 matmul, as in the reference
+        logits = F.linear(xc, weight, bias).float()  # under autocast a bf16 matmul, as in the reference
         if padding is not None:
             logits.masked_fill_(padding, float("-inf"))
         max_logit = logits.max(dim=-1).values
@@ -929,31 +934,35 @@ def _linear_cross_entropy_chunks(x, weight, labels, vocab_start, vocab_size, all
                 dx[start:start + chunk_tokens] = grad_logits @ weight
             if want_dw:
                 dw += grad_logits.t() @ xc.to(weight.dtype)  # (bf16 under autocast) into fp32
-    return loss, dx, dw
+            if db is not None:
+                db += probs.sum(dim=0)
+    return loss, dx, dw, db
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """linear_cross_entropy() with its gradient computed chunk by chunk in the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, labels, vocab_start, vocab_size, all_reduce, chunk_tokens):
-        loss, dx, dw = _linear_cross_entropy_chunks(
-            x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), vocab_start, vocab_size,
-            all_reduce, chunk_tokens, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(dx, dw)
+    def forward(ctx, x, weight, bias, labels, vocab_start, vocab_size, all_reduce, chunk_tokens):
+        want_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        loss, dx, dw, db = _linear_cross_entropy_chunks(
+            x.reshape(-1, x.shape[-1]), weight, bias, labels.reshape(-1), vocab_start, vocab_size,
+            all_reduce, chunk_tokens, ctx.needs_input_grad[0], want_dw)
+        ctx.save_for_backward(dx, dw, db)
         ctx.x_shape = x.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
+        dx, dw, db = ctx.saved_tensors
         dx = None if dx is None else dx.view(ctx.x_shape) * grad_loss.to(dx.dtype)
         dw = None if dw is None else dw * grad_loss
-        return dx, dw, None, None, None, None, None
+        db = None if db is None else db * grad_loss
+        return dx, dw, db, None, None, None, None, None
 
 
 def linear_cross_entropy(x, weight, labels, vocab_start=0, vocab_size=None, all_reduce=None,
-                         chunk_tokens=None):
+                         chunk_tokens=None, bias=None):
     """The summed cross-entropy of `linear_cross_entropy_reference` without materializing
     the logits of more than `chunk_tokens` tokens (default: LOGITS_PER_CHUNK logits), for
     a vocabulary that may be split over ranks (see above). Without a gradient to compute
@@ -961,10 +970,11 @@ def linear_cross_entropy(x, weight, labels, vocab_start=0, vocab_size=None, all_
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     all_reduce = all_reduce or (lambda tensor, op: None)
     chunk_tokens = chunk_tokens or max(1, LOGITS_PER_CHUNK // weight.shape[0])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, labels, vocab_start, vocab_size, all_reduce, chunk_tokens)
-    return _linear_cross_entropy_chunks(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), vocab_start,
-                                        vocab_size, all_reduce, chunk_tokens, False, False)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return LinearCrossEntropy.apply(x, weight, bias, labels, vocab_start, vocab_size, all_reduce,
+                                        chunk_tokens)
+    return _linear_cross_entropy_chunks(x.reshape(-1, x.shape[-1]), weight, bias, labels.reshape(-1),
+                                        vocab_start, vocab_size, all_reduce, chunk_tokens, False, False)[0]
 
 
 # ----------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def to_hf(name, tensor, cfg):
     return tensor
 
 
-def hf_name(name):
+def hf_name(name, cfg):
     """Our parameter name -> Hugging Face's (LlamaForCausalLM, Mistral, Qwen2, Qwen3)."""
     if name == "lm_head.weight":
         return name

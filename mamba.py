@@ -163,7 +163,7 @@ PRESETS = {
 # ----------------------------------------------------------------------------
 
 
-def hf_name(name):
+def hf_name(name, cfg):
     """Our parameter name -> Hugging Face's."""
     if name == "lm_head.weight":
         return name

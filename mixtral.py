@@ -116,7 +116,7 @@ def active_parameters(cfg):
 from_hf, to_hf = llama.from_hf, llama.to_hf
 
 
-def hf_name(name):
+def hf_name(name, cfg):
     """Our parameter name -> the tensor name in a MixtralForCausalLM safetensors file."""
     if name == "lm_head.weight":
         return name

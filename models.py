@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+import bert
 import gpt
 import llama
 import mamba
@@ -19,6 +20,7 @@ MODELS = {
     "gpt": (gpt.Config, gpt.PRESETS, gpt.GPT),
     "mixtral": (mixtral.Config, mixtral.PRESETS, mixtral.Mixtral),
     "mamba": (mamba.Config, mamba.PRESETS, mamba.Mamba),
+    "bert": (bert.Config, bert.PRESETS, bert.Bert),
 }
 
 

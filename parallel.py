@@ -710,10 +710,10 @@ def heads_to_context(x, layout):
     return x if layout.cp == 1 else _HeadsToSequence.apply(x, layout)
 
 
-def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale):
+def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale, key_real=None):
     """Attention of q on one block of keys, and the log-sum-exp of each query's scores,
-    so that blocks can be merged exactly (online softmax). Rows whose keys are all
-    masked get lse = -inf and output 0."""
+    so that blocks can be merged exactly (online softmax). `key_real` (B, keys) is False
+    on padding. Rows whose keys are all masked get lse = -inf and output 0."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -722,6 +722,8 @@ def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale):
         mask &= k_pos[None, :] <= q_pos[:, None]
     if window:
         mask &= k_pos[None, :] > q_pos[:, None] - window
+    if key_real is not None:
+        mask = mask & key_real[:, None, None, :]
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -776,21 +778,25 @@ def _ring_exchange(x, layout, forward):
     return out
 
 
-def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale):
+def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale, key_padding_mask):
     # Recomputed in backward instead of stored: memory per block is its inputs, not the
     # (queries x keys) score matrix (the FlashAttention trade, at block granularity).
+    # The padding mask covers the whole sequence: the block's keys are its columns k_pos.
+    key_real = None if key_padding_mask is None else key_padding_mask[:, k_pos].bool()
     return torch.utils.checkpoint.checkpoint(_masked_attention_lse, q, k, v, q_pos, k_pos, causal,
-                                             window, scale, use_reentrant=False)
+                                             window, scale, key_real, use_reentrant=False)
 
 
-def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=None):
+def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=None,
+                   key_padding_mask=None):
     """Attention of this cp rank's queries on the whole sequence's keys.
 
     q (B, H, T_local, D); k, v (B, Hkv, T_local, D): only the KV heads travel. In cp
     steps the K/V blocks go round the ring; at each step every rank attends its queries
     to the block it holds (skipping blocks the mask hides entirely) and merges the
     result by log-sum-exp. Each rank's positions are known from its ring index, so only
-    K and V are sent. Exact forward and backward (autograd through the ring passes).
+    K and V are sent; so is nothing of a padding mask, which every rank holds whole
+    (B, T), as it holds the batch. Exact forward and backward (autograd through the ring).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = lse = None
@@ -800,7 +806,7 @@ def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=N
         k_pos = zigzag_positions(seq_len, owner, q.device)
         if _block_could_attend(positions, k_pos, causal, window):
             out, lse = _merge(out, lse, *_checkpointed_block(q, k, v, positions, k_pos, causal,
-                                                             window, scale))
+                                                             window, scale, key_padding_mask))
         if step < layout.cp - 1:
             k, v = _RingPass.apply(k, layout), _RingPass.apply(v, layout)
     return out.to(q.dtype)
@@ -824,26 +830,26 @@ class _AllGatherSequence(torch.autograd.Function):
         return out, None
 
 
-def allgather_attention(q, k, v, positions, layout, causal=True, window=None, scale=None):
+def allgather_attention(q, k, v, positions, layout, causal=True, window=None, scale=None,
+                        key_padding_mask=None):
     """The simple baseline: gather every rank's K/V (and know their positions), then
     attend locally. cp - 1 blocks received either way, but all at once in memory."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = (_AllGatherSequence.apply(t, layout.cp_group) for t in (k, v))
     k_pos = _rank_order(len(positions) * layout.cp, layout, q.device)
-    out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale)
+    out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale, key_padding_mask)
     return out.to(q.dtype)
 
 
 def context_attention(q, k, v, positions, layout, causal=True, window=None, key_padding_mask=None):
     """The attention call of the models: plain attention without cp, else ring (or
-    all-gather, `--cp-comm allgather`) attention over the cp group."""
+    all-gather, `--cp-comm allgather`) attention over the cp group. `key_padding_mask`
+    (B, T) is True on real tokens, for the whole sequence (every cp rank holds it)."""
     if layout.cp == 1:
         return kernels.attention(q, k, v, causal=causal, window=window,
                                  key_padding_mask=key_padding_mask)
-    if key_padding_mask is not None:
-        raise UsageError("context parallelism does not support attention masks (padding)")
     fn = ring_attention if layout.cp_comm == "ring" else allgather_attention
-    return fn(q, k, v, positions, layout, causal, window)
+    return fn(q, k, v, positions, layout, causal, window, key_padding_mask=key_padding_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -1039,27 +1045,86 @@ def keep_chunk(model, chunk, first, last, tied_embedding=None):
     return model
 
 
-def output_layer(x, weight, labels, layout, vocab_size):
+def output_layer(x, weight, labels, layout, vocab_size, bias=None):
     """The end of every language model here: a column-parallel layer over the (padded)
     vocabulary, whose weight may be the embedding's (tied). Without labels, the full
     logits (sampling, HF parity); with labels, the sum of the token losses over this
-    rank's targets (under cp, its share of the sequence), from `kernels.linear_cross_entropy`:
-    chunked, so the logits of the whole batch never exist at once, and vocabulary-parallel,
-    each rank holding its slice of the vocabulary and the softmax needing only three
-    numbers per token from the other ranks (max, sum of exponentials, target logit).
+    rank's targets (under cp, its share of the sequence; labels -100 are not targets).
 
     The caller divides by the global count of target tokens, which makes the loss the
     exact mean over the global batch however it is split into ranks and micro-batches.
     """
     x = enter_tp_region(x, layout)
     if labels is None:
-        return gather_logits(F.linear(x, weight), layout, vocab_size)
+        return gather_logits(F.linear(x, weight, bias), layout, vocab_size)
+    return vocab_parallel_cross_entropy(x, weight, context_shard(labels, layout), layout,
+                                        vocab_size, bias)
 
+
+def _vocab_all_reduce(layout):
     def tp_all_reduce(tensor, op):
         all_reduce(tensor, layout.tp_group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return kernels.linear_cross_entropy(x, weight, context_shard(labels, layout),
-                                        vocab_start=layout.tp_rank * weight.shape[0],
-                                        vocab_size=vocab_size, all_reduce=tp_all_reduce)
+    return tp_all_reduce
+
+
+def vocab_parallel_cross_entropy(x, weight, labels, layout, vocab_size, bias=None):
+    """Sum of the cross-entropies of x (tokens on every tp rank, after enter_tp_region)
+    against labels, from `kernels.linear_cross_entropy`: chunked, so the logits of the
+    whole batch never exist at once, and vocabulary-parallel, each rank holding its
+    slice of the vocabulary (and of the bias) and the softmax needing only three numbers
+    per token from the other ranks (max, sum of exponentials, target logit)."""
+    return kernels.linear_cross_entropy(x, weight, labels, vocab_start=layout.tp_rank * weight.shape[0],
+                                        vocab_size=vocab_size, all_reduce=_vocab_all_reduce(layout),
+                                        bias=bias)
+
+
+@torch.no_grad()
+def vocab_parallel_hits(x, weight, labels, layout, vocab_size, bias=None):
+    """How many of the tokens x (as for vocab_parallel_cross_entropy) give their label
+    the largest logit: top-1 accuracy's numerator, with two numbers per token from the
+    other tp ranks (the largest logit, and the label's logit from the rank holding it)."""
+    logits = F.linear(x, weight, bias).float()
+    start = layout.tp_rank * weight.shape[0]
+    logits[:, max(0, vocab_size - start):] = float("-inf")  # vocabulary padding
+    best = logits.max(dim=-1).values
+    local = labels - start
+    mine = (local >= 0) & (local < weight.shape[0])
+    target = logits.gather(-1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0]
+    target = target.masked_fill(~mine, float("-inf"))
+    reduce = _vocab_all_reduce(layout)
+    reduce(best, "max")
+    reduce(target, "max")
+    return (target >= best).sum()
+
+
+def vocab_parallel_bias(vocab_size, layout):
+    """A bias over the vocabulary (BERT's output layer), split over tp and padded like the
+    rows of VocabParallelEmbedding, whose logits it shifts."""
+    bias = nn.Parameter(torch.empty(-(-vocab_size // layout.tp)))
+    _shard(bias, 0, layout, vocab_size)
+    return bias
+
+
+# A sentence-level head (BERT's pooler and classifiers) reads one token per sequence, the
+# first ([CLS], position 0). That token lives on cp rank 0 (zigzag chunk 0) and, under sp,
+# only on tp rank 0's sequence shard. The ranks holding it compute the head; the others
+# run it on no rows at all, which still gives its parameters a (zero) gradient, so the
+# gradient hooks fire alike everywhere. The gradients then sum over dp x cp (and over tp
+# under sp, as for any parameter) to exactly the holders' gradients.
+
+def first_token(x, layout):
+    """(B, dim): each sequence's first token of x (B, T_local, dim), on the ranks that
+    hold position 0; elsewhere an empty (0, dim)."""
+    holds = layout.cp_rank == 0 and (layout.tp == 1 or not layout.sp or layout.tp_rank == 0)
+    return x[:, 0] if holds else x[:0, 0]
+
+
+def share_first_token_sums(t, layout):
+    """A sum computed from first_token (a loss, a count): under sp only tp rank 0 has it;
+    summed over tp (forward only), every tp rank holds it, as it holds the token losses."""
+    if layout.tp > 1 and layout.sp:
+        return _ReduceFromTP.apply(t, layout.tp_group)
+    return t
 
 
 # ----------------------------------------------------------------------------
@@ -1443,8 +1508,10 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
     """Execute a pipeline schedule for one step; return the sum of the micro-batches'
     loss sums (non-zero only on the rank holding the last chunk).
 
-    `modules[i]` is the model of `chunks[i]`, called as model(input_ids, labels=...,
-    hidden=...); `micro_batches[m]` is (input_ids, labels). Backward starts from
+    `modules[i]` is the model of `chunks[i]`, called as model(**micro_batches[m],
+    hidden=...): a micro-batch is a dict of the model's inputs, at least `input_ids` and
+    `labels` (which only the last chunk uses; models add their own, such as BERT's
+    attention_mask). Each chunk gets all of it. Backward starts from
     loss_sum * loss_scale (the caller passes 1 / global target count, times the fp16
     loss scale). A chunk may leave `model.extra_loss` after its forward (Mixtral's
     router losses, in the loss sum's units): it joins the objective on that chunk's rank.
@@ -1472,13 +1539,12 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
             continue
         chunk = chunks[local_chunk]
         model = modules[local_chunk]
-        ids, labels = micro_batches[micro]
         if kind == "F":
             hidden = None
             if not chunk.first:  # from the previous chunk, on the previous rank
                 hidden = recv(0, micro, chunk.index - 1, layout.pp_prev).requires_grad_(not forward_only)
             with torch.no_grad() if forward_only else contextlib.nullcontext(), autocast:
-                out = model(ids, labels=labels if chunk.last else None, hidden=hidden)
+                out = model(**micro_batches[micro], hidden=hidden)
             if chunk.last:
                 total += out.detach()
             else:

@@ -29,6 +29,11 @@ import parallel
 from parallel import UsageError
 
 
+# BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
+# at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
+DEFAULT_LR = {"default": 2e-3, "bert": 5e-4}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a language model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,7 +68,8 @@ def parse_args(argv=None):
     a("--steps", type=int, default=200)
     a("--warmup-steps", type=int, default=20)
     a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--lr", type=float, default=argparse.SUPPRESS,  # (a default that depends on --model)
+      help=f"peak learning rate (default: {DEFAULT_LR['default']:g}; {DEFAULT_LR['bert']:g} for bert)")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
     a("--weight-decay", type=float, default=0.1)
     a("--adam-eps", type=float, default=1e-8)
@@ -82,6 +88,14 @@ def parse_args(argv=None):
     a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
     a("--tokenizer", default="byte",
       help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json)")
+    a("--mask-prob", type=float, default=0.15,
+      help="bert pre-training: share of tokens to predict (80%% [MASK], 10%% random, 10%% kept)")
+    a("--whole-word-masking", action="store_true", help="bert pre-training: mask whole words")
+    a("--task", default=None, metavar="TASK",
+      help="bert: fine-tune a sequence classifier on a labelled task instead of pre-training: "
+           "stdlib-packages (built in: which standard-library package a snippet is from) or a "
+           "directory with one sub-directory of text files per class; --load a pre-trained "
+           "checkpoint to start from it")
     a("--save", default=None, metavar="DIR", help="checkpoint root")
     a("--save-every", type=int, default=0, help="also save every N steps (always at the end)")
     a("--load", default=None, metavar="DIR",
@@ -95,7 +109,10 @@ def parse_args(argv=None):
     a("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
     a("--peak-tflops", type=float, default=None,
       help="per-device peak for MFU (default: known GPUs, or a measured matmul on CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "lr" not in vars(args):
+        args.lr = DEFAULT_LR.get(args.model, DEFAULT_LR["default"])
+    return args
 
 
 # ----------------------------------------------------------------------------
@@ -154,7 +171,8 @@ def memory_gb(device):
 
 def model_config(args):
     """(Config, tokenizer name, Hugging Face folder or None) from --model/--config/--set,
-    or from the folder of `--load hf:DIR`, with the --moe-* flags applied."""
+    or from the folder of `--load hf:DIR`, with the --moe-* flags applied and, with --task,
+    a classifier for the task's classes in place of BERT's pre-training heads."""
     hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
     tokenizer = args.tokenizer
     if hf_dir:
@@ -166,6 +184,15 @@ def model_config(args):
             tokenizer = convert.tokenizer_name(hf_dir)
     else:
         cfg = models.make_config(args.model, args.config, args.set)
+    if args.task:
+        if hf_dir:
+            raise UsageError("--task with --load hf:DIR: import the folder first (python convert.py "
+                             "import DIR CKPT), then fine-tune with --task ... --load CKPT")
+        if args.model != "bert":
+            raise UsageError(f"--task fine-tunes a classifier on an encoder: pass --model bert, "
+                             f"not {args.model}")
+        n_classes = len(data.task_class_names(args.task))
+        cfg = dataclasses.replace(cfg, mlm_head=False, binary_head=False, n_classes=n_classes)
     moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
            "z_loss_coef": args.moe_z_loss_coef}
     moe = {field: value for field, value in moe.items() if value is not None}
@@ -223,7 +250,13 @@ def check_args(args, cfg, tokenizer):
     if args.ep > 1 and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
                          f"needs a mixture-of-experts model (--model mixtral)")
-    n_vocab = data.get_tokenizer(tokenizer).n_vocab
+    if args.model == "bert":
+        n_vocab = data.bert_special_tokens(tokenizer).n_vocab  # a UsageError without [MASK] etc.
+        if not 0 < args.mask_prob <= 1:
+            raise UsageError(f"--mask-prob must be in (0, 1], got {args.mask_prob}: a batch "
+                             f"without a masked token has nothing to learn from")
+    else:
+        n_vocab = data.get_tokenizer(tokenizer).n_vocab
     if n_vocab > cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer} has {n_vocab} tokens but the model's vocab_size "
                          f"is {cfg.vocab_size}; pass --set vocab_size={n_vocab}")
@@ -297,6 +330,7 @@ class Run:
     logger: object
     start_step: int = 0
     tokens_seen: int = 0
+    start_note: str = ""     # how the run started, when not from scratch
 
     @property
     def tokens_per_step(self):
@@ -308,12 +342,58 @@ class Run:
         self.logger.close()
 
 
+# Fields that say which heads a BERT has: a pre-trained checkpoint differs from its
+# fine-tuned classifier only in these.
+BERT_HEAD_FIELDS = ("mlm_head", "binary_head", "n_classes")
+
+
+def starts_from_pretrained(args, cfg):
+    """Whether --load (with --task) is a pre-trained BERT to fine-tune from: its weights
+    start the run at step 0 with fresh optimizer state and a new classifier. A checkpoint
+    with these very heads (a fine-tuning run) is resumed instead."""
+    if not args.task:
+        return False
+    step_dir = checkpoint.resolve(args.load)
+    saved = checkpoint.read_meta(step_dir)
+    saved_cfg = models.config_from_dict(saved["model"], saved["config"]) if saved["model"] == "bert" else None
+    if saved_cfg == cfg:
+        return False
+    heads = {field: getattr(cfg, field) for field in BERT_HEAD_FIELDS}
+    if saved_cfg is None or dataclasses.replace(saved_cfg, **heads) != cfg:
+        raise UsageError(f"--load {args.load} holds a different model ({saved['model']} "
+                         f"{saved['config']}); pass the --config/--set it was pre-trained with")
+    if saved["tokenizer"] != args.tokenizer:
+        raise UsageError(f"--load {args.load} was pre-trained with tokenizer {saved['tokenizer']}; "
+                         f"pass --tokenizer {saved['tokenizer']}")
+    return True
+
+
+def load_data(args, tokenizer):
+    """(train, val) for the model: token windows (causal models), BERT's masked sentence
+    pairs over the same windows, or with --task a labelled classification task."""
+    if args.task:
+        return data.load_task(args.task, tokenizer, args.seq_len)
+    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len)
+    if args.model == "bert":
+        return tuple(data.MaskedLMData(d, tokenizer, args.mask_prob, args.whole_word_masking)
+                     for d in (train_data, val_data))
+    return train_data, val_data
+
+
+def draw_batch(dataset, step, seed, args, rows):
+    """The given rows of the step's global batch, as the model's keyword arguments."""
+    batch = dataset.batch(step, seed, args.global_batch_size, args.seq_len, rows)
+    if isinstance(batch, tuple):  # token windows: inputs and next-token targets
+        batch = dict(zip(("input_ids", "labels"), batch))
+    return batch
+
+
 def setup(args, cfg, tokenizer, hf_dir, layout):
     """Build this rank's model chunks, optimizer and data; load --load; open the logs."""
     device = layout.device
     precision = args.precision if args.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
-    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len)
+    train_data, val_data = load_data(args, tokenizer)
     chunks = parallel.rank_chunks(layout, cfg.n_layers, pp_layers(args))
     schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
     steps_per_rank = micro_steps(args, layout.dp)
@@ -332,6 +412,11 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
         if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
             for m in modules:
                 convert.load_hf_weights(m, hf_dir)
+        elif args.load and starts_from_pretrained(args, cfg):
+            step_dir = checkpoint.resolve(args.load)
+            new = checkpoint.load_weights(step_dir, modules, layout)
+            run.start_note = (f"fine-tuning from {step_dir}; new parameters: "
+                              f"{', '.join(new) or 'none on this rank'}")
         elif args.load:
             step_dir = checkpoint.resolve(args.load)
             saved = checkpoint.read_meta(step_dir)
@@ -358,6 +443,8 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
             f"theoretical bubble {parallel.bubble_fraction(schedule, steps_per_rank, layout):.1%}")
     if run.start_step:
         log(f"resumed from {checkpoint.resolve(args.load)} at step {run.start_step}")
+    if run.start_note:
+        log(run.start_note)
     return run
 
 
@@ -376,19 +463,25 @@ def save(run, step):
 
 def forward_backward(run, batch_rows, forward_only=False):
     """Forward (+ backward) of this rank's micro-batches through the pipeline schedule;
-    returns the global mean loss. batch_rows(rows) -> (inputs, targets) of the global batch."""
+    returns the global mean loss. batch_rows(rows) -> the model's inputs (a dict with
+    `labels`) for those rows of the global batch."""
     args, layout = run.args, run.layout
     rows_per_rank, mbs = args.global_batch_size // layout.dp, micro_batch_size(args, layout.dp)
     micro_batches = []
     for micro in range(run.micro_steps):
         first_row = layout.dp_rank * rows_per_rank + micro * mbs
-        x, y = batch_rows(slice(first_row, first_row + mbs))
-        micro_batches.append((x.to(layout.device, non_blocking=True), y.to(layout.device, non_blocking=True)))
+        batch = batch_rows(slice(first_row, first_row + mbs))
+        micro_batches.append({k: v.to(layout.device, non_blocking=True) for k, v in batch.items()})
+    global_targets = count_targets(micro_batches, layout)
+    if "sentence_order_labels" in micro_batches[0]:
+        # BERT's objective is the mean masked-token loss + the mean sentence-order loss;
+        # in units of masked tokens (the divisor below), one sequence weighs targets/sequences.
+        for batch in micro_batches:
+            batch["sentence_order_weight"] = global_targets / args.global_batch_size
     for m in run.modules:
         m.train(not forward_only)
     # What pipeline stages send each other: this rank's share of a micro-batch's tokens.
     seq_per_rank = args.seq_len // layout.cp // (layout.tp if layout.sp else 1)
-    global_targets = run.tokens_per_step  # every position of every sequence has a target
     loss_sum = parallel.run_schedule(
         run.actions, run.chunks, run.modules, micro_batches, layout, (mbs, seq_per_rank, run.cfg.dim),
         ddp=None if forward_only else run.ddp, autocast=run.autocast, forward_only=forward_only,
@@ -398,14 +491,25 @@ def forward_backward(run, batch_rows, forward_only=False):
     return loss_sum.item() / global_targets
 
 
+def count_targets(micro_batches, layout):
+    """Targets in the step's global batch: labels other than -100 (every token of a causal
+    model's batch; BERT's masked tokens; one class per sequence), counted on this rank's
+    rows and summed over dp (the cp ranks of a dp rank hold the same rows)."""
+    count = sum((batch["labels"] != -100).sum() for batch in micro_batches).float()
+    parallel.all_reduce(count, layout.dp_cp_group)
+    count = count.item() / layout.cp
+    if count == 0:
+        raise UsageError("a batch has no target (no masked token): raise --mask-prob or --seq-len")
+    return count
+
+
 def train_step(run, step):
     """One optimizer step: forward and backward of the step's global batch, gradients
     reduced, unscaled (fp16), clipped, applied. Returns the step's record (metrics)."""
     args = run.args
     run.optimizer.lr = lr_at(step, args)
     run.ddp.zero_grad()
-    loss = forward_backward(run, lambda rows: run.train_data.batch(
-        step, args.seed, args.global_batch_size, args.seq_len, rows))
+    loss = forward_backward(run, lambda rows: draw_batch(run.train_data, step, args.seed, args, rows))
     run.ddp.finish()
     finite = run.scaler.unscale_and_check(run.ddp)
     grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad)
@@ -425,8 +529,8 @@ def evaluate(run):
     args = run.args
     total = 0.0
     for i in range(args.eval_batches):
-        total += forward_backward(run, lambda rows: run.val_data.batch(
-            i, args.seed + 1, args.global_batch_size, args.seq_len, rows), forward_only=True)
+        total += forward_backward(run, lambda rows: draw_batch(run.val_data, i, args.seed + 1, args, rows),
+                                  forward_only=True)
     return total / args.eval_batches
 
 
@@ -452,6 +556,34 @@ def router_figures(modules, layout, global_targets):
             "dropped_fraction": total["dropped"].item() / total["choices"].item(),
             "all_to_all_bytes": 2 * total["all_to_all_bytes"].item(),  # forward + backward
             "tokens_per_expert": tokens}
+
+
+# A head's figures (models with pop_stats: BERT) -> the record's key for its accuracy.
+HEAD_ACCURACY = {"mlm": "mlm_accuracy", "sentence_order": "sentence_order_accuracy", "class": "accuracy"}
+
+
+def head_figures(run):
+    """Top-1 accuracy of each head of the model since the last call, over all ranks
+    ({} for a model without such heads). Collective: every rank calls it."""
+    if not hasattr(run.modules[0], "pop_stats"):
+        return {}
+    heads = [h for h, present in (("mlm", run.cfg.mlm_head), ("sentence_order", run.cfg.binary_head),
+                                  ("class", run.cfg.n_classes)) if present]
+    counts = torch.zeros(len(heads), 2, device=run.layout.device)  # [hits, targets] per head
+    for m in run.modules:  # only the last stage's model has figures
+        for what, c in m.pop_stats().items():
+            counts[heads.index(what)] += c
+    for group in (run.layout.dp_cp_group, run.layout.pp_group):  # tp ranks hold the same figures
+        parallel.all_reduce(counts, group)
+    return {HEAD_ACCURACY[h]: (hits / n).item() for h, (hits, n) in zip(heads, counts) if n > 0}
+
+
+def describe_accuracies(record, prefix=""):
+    """"mlm acc 41.2% sentence order 63.0%" for the accuracies in a record ("" if none)."""
+    names = {"mlm_accuracy": "mlm acc", "sentence_order_accuracy": "sentence order",
+             "accuracy": "acc", "majority_baseline": "baseline"}
+    return " ".join(f"{label} {record[prefix + key]:.1%}" for key, label in names.items()
+                    if prefix + key in record)
 
 
 class Logger:
@@ -489,9 +621,12 @@ class Logger:
         done, args = record["step"], self.args
         if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
             mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            train_acc, val_acc = describe_accuracies(record), describe_accuracies(record, "val_")
+            train_acc = f" ({train_acc})" if train_acc else ""
             val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            val += f" ({val_acc})" if val_acc else ""
             moe = self.describe_router() if self.router_steps else ""
-            self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{val}{moe} | lr "
+            self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{train_acc}{val}{moe} | lr "
                        f"{record['lr']:.2e} | grad {record['grad_norm']:.2f} | "
                        f"{record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem "
                        f"{record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
@@ -533,6 +668,7 @@ def training_loop(run):
     for step in range(run.start_step, args.steps):
         record = train_step(run, step)
         router = router_figures(run.modules, layout, run.tokens_per_step)
+        record.update(head_figures(run))
         now = time.perf_counter()
         step_time, last = now - last, now
         record.update(tokens_per_s=run.tokens_per_step / step_time,
@@ -542,6 +678,9 @@ def training_loop(run):
         done = step + 1
         if done % (args.eval_every or args.steps) == 0 or done == args.steps:
             record["val_loss"] = evaluate(run)
+            record.update({"val_" + k: v for k, v in head_figures(run).items()})
+            if hasattr(run.val_data, "majority_share"):  # what always answering the commonest scores
+                record["val_majority_baseline"] = run.val_data.majority_share
         run.logger.step(record, router, eta=(now - t_start) / (done - run.start_step) * (args.steps - done))
         records.append(record)
         if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
@@ -551,11 +690,12 @@ def training_loop(run):
     if records:
         run.logger.print(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} in "
                          f"{time.perf_counter() - t_start:.0f}s")
-    if args.sample_tokens and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
+    sample = args.sample_tokens and hasattr(run.modules[0], "new_kv_caches")  # not an encoder (BERT)
+    if sample and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
         text = generate.sample_text(run.modules[0], data.get_tokenizer(run.tokenizer), "",
                                     args.sample_tokens, seed=args.seed)
         run.logger.print("---- sample ----\n" + text + "\n----------------")
-    elif args.sample_tokens and args.save:
+    elif sample and args.save:
         run.logger.print(f"(sampling needs the whole model in one process: python generate.py "
                          f"--load {args.save})")
     return records

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import bert
 import checkpoint
 import convert
 import data
@@ -59,12 +60,28 @@ VARIANTS = {
                                                                tie_word_embeddings=True)),
 }
 IDS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than the windows
+BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32)
+# Encoders, compared on BERT_IDS by bert_logits. name -> (transformers model class, config)
+BERT_VARIANTS = {
+    "bert-mlm": (tf.BertForMaskedLM, tf.BertConfig(**BERT)),
+    "bert-pretraining": (tf.BertForPreTraining, tf.BertConfig(**BERT)),
+    "bert-classifier": (tf.BertForSequenceClassification, tf.BertConfig(**BERT, num_labels=3)),
+    "megatron-bert-mlm": (tf.MegatronBertForMaskedLM, tf.MegatronBertConfig(**BERT)),
+    "megatron-bert-pretraining": (tf.MegatronBertForPreTraining, tf.MegatronBertConfig(**BERT)),
+    "megatron-bert-classifier": (tf.MegatronBertForSequenceClassification,
+                                 tf.MegatronBertConfig(**BERT, num_labels=3)),
+}
+# Two sentence pairs (token types 0 then 1), the second right-padded.
+BERT_IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+BERT_MASK = torch.tensor([[1] * 12, [1] * 8 + [0] * 4])
+BERT_TYPES = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 5 + [0] * 4])
 
 
 def random_hf(variant, **config_overrides):
     """A transformers model with every parameter random (biases and norm gains too, which
     HF initializes to constants that would hide a mapping error)."""
-    cls, config = VARIANTS[variant]
+    cls, config = {**VARIANTS, **BERT_VARIANTS}[variant]
     config = type(config).from_dict({**config.to_dict(), **config_overrides})
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -92,6 +109,25 @@ def hf_dirs(tmp_path_factory):
 def hf_logits(model, ids=IDS, **kw):
     with torch.no_grad():
         return model(input_ids=ids, **kw).logits
+
+
+def bert_logits(model):
+    """Our BERT's or a transformers BERT's logits on the padded batch, under our names
+    (bert.Bert.forward); the masked-token logits at the real tokens only."""
+    with torch.no_grad():
+        out = model(input_ids=BERT_IDS, attention_mask=BERT_MASK, token_type_ids=BERT_TYPES)
+    name = type(model).__name__
+    if name.endswith("ForPreTraining"):
+        out = {"mlm": out.prediction_logits, "sentence_order": out.seq_relationship_logits}
+    elif name != "Bert":
+        out = {"classes" if name.endswith("Classification") else "mlm": out.logits}
+    return {head: logits[BERT_MASK.bool()] if head == "mlm" else logits for head, logits in out.items()}
+
+
+def assert_same_heads(got, expected):
+    assert got.keys() == expected.keys()
+    for head in expected:
+        assert_same_logits(got[head], expected[head])
 
 
 # ----------------------------------------------------------------------------
@@ -167,11 +203,62 @@ def test_to_hf_inverts_from_hf(model_name, variant, hf_dirs):
     hf_state = hf.state_dict()
     model = convert.from_hf(hf_dir)
     for name, p in model.named_parameters():
-        theirs = hf_state[module.hf_name(name)]
+        theirs = hf_state[module.hf_name(name, model.cfg)]
         ours = module.from_hf(name, theirs, model.cfg)
         assert ours.shape == p.shape and torch.equal(ours, p)
         assert torch.equal(module.to_hf(name, ours, model.cfg), theirs)
         assert torch.equal(module.from_hf(name, module.to_hf(name, p, model.cfg), model.cfg), p)
+
+
+# ----------------------------------------------------------------------------
+# BERT: the heads of each class, token types, padding
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", BERT_VARIANTS)
+def test_bert_import_and_export_match_transformers(variant, hf_dirs, tmp_path):
+    hf_dir, hf = hf_dirs(variant)
+    expected = bert_logits(hf)
+    ours = convert.from_hf(hf_dir)
+    assert_same_heads(bert_logits(ours), expected)
+    assert convert.export_model(ours, tmp_path / "out") == type(hf).__name__  # the class with our heads
+    back, info = type(hf).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    assert_same_heads(bert_logits(back.eval()), expected)
+    assert convert.read_hf_config(tmp_path / "out") == convert.read_hf_config(hf_dir)
+    # train.py's flags rebuild the config.
+    flags = convert.train_flags("bert", ours.cfg, "byte")
+    overrides = [value for flag, value in zip(flags, flags[1:]) if flag == "--set"]
+    assert models.make_config("bert", "bert-base", overrides) == ours.cfg
+
+
+def test_bert_checkpoint_with_unused_heads_and_old_names(hf_dirs, tmp_path):
+    """bert-base-uncased's file: a BertForMaskedLM in config.json, but a file with the
+    pooler and the next-sentence head, TensorFlow's LayerNorm names (gamma, beta), the
+    position_ids buffer and a copy of the tied decoder."""
+    hf_dir, hf = hf_dirs("bert-pretraining")
+    config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    tensors = {k.replace("Norm.weight", "Norm.gamma").replace("Norm.bias", "Norm.beta"): t  # LayerNorm's
+               for k, t in tensors.items()}
+    assert {"bert.embeddings.LayerNorm.gamma", "bert.pooler.dense.weight",
+            "cls.seq_relationship.weight"} <= tensors.keys()
+    embed, bias = tensors["bert.embeddings.word_embeddings.weight"], tensors["cls.predictions.bias"]
+    tensors.update({"bert.embeddings.position_ids": torch.arange(32)[None],
+                    "cls.predictions.decoder.weight": embed.clone(),
+                    "cls.predictions.decoder.bias": bias.clone()})
+
+    def load(**changed):
+        save_file({**tensors, **changed}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        return convert.from_hf(str(tmp_path))
+    ours = load()
+    assert not ours.cfg.binary_head and ours.pooler is None
+    assert_same_heads(bert_logits(ours), {"mlm": bert_logits(hf)["mlm"]})
+    for copy, original in (("cls.predictions.decoder.weight", embed), ("cls.predictions.decoder.bias", bias)):
+        with pytest.raises(UsageError, match=f"{copy} differs"):
+            load(**{copy: original + 1e-3})
+    with pytest.raises(UsageError, match="has no place for .*layer.2.output.dense.bias"):
+        load(**{"bert.encoder.layer.2.output.dense.bias": torch.zeros(32)})
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +291,8 @@ class SpyFile:
         return Slice()
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm", "gpt2", "mamba", "mamba2-groups"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm", "gpt2", "mamba", "mamba2-groups",
+                                     "bert-pretraining"])
 def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypatch):
     hf_dir, hf = hf_dirs(variant)
     name, cfg = convert.read_hf_config(hf_dir)
@@ -219,13 +307,13 @@ def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypat
         sharded = 0
         for ours, p in model.named_parameters():
             shape, offset, extent = parallel.global_region(p)
-            full = module.from_hf(ours, hf_state[module.hf_name(ours)], cfg)
+            full = module.from_hf(ours, hf_state[module.hf_name(ours, cfg)], cfg)
             mine = p[tuple(slice(0, n) for n in extent)]
             assert torch.equal(mine, full[tuple(slice(o, o + n) for o, n in zip(offset, extent))]), ours
             padding = p.detach().clone()
             padding[tuple(slice(0, n) for n in extent)] = 0
             assert not padding.any()  # vocabulary padding past the global tensor is zero
-            (numel,) = reads[module.hf_name(ours)]
+            (numel,) = reads[module.hf_name(ours, cfg)]
             if family.reads_slices:  # LLaMA: exactly this rank's region came off disk
                 assert numel == math.prod(extent)
             else:  # GPT-2 and Mamba reorder on the way in: each tensor is read whole
@@ -368,10 +456,21 @@ def test_config_details(tmp_path):
     with pytest.raises(UsageError, match="QK-norm with a bias"):
         convert.llama_config_to_hf(llama.Config(**llama.PRESETS["test"], qk_norm=True, qkv_bias=True))
     assert convert.gpt2_config_from_hf(convert.gpt2_config_to_hf(gpt.Config())[1], "gpt2") == gpt.Config()
+    # BERT: the heads from architectures, the number of classes from id2label.
+    _, cfg = config_of(tmp_path, model_type="megatron-bert",
+                       architectures=["MegatronBertForSequenceClassification"],
+                       id2label={"0": "negative", "1": "neutral", "2": "positive"})
+    assert cfg.pre_ln and cfg.n_classes == 3 and not cfg.mlm_head and not cfg.binary_head
+    with pytest.raises(UsageError, match="no Hugging Face BERT class has the heads"):
+        convert.bert_architecture(bert.Config(**bert.PRESETS["test"], mlm_head=False))  # binary head only
+
+
+BERT_JSON = dict(model_type="bert", architectures=["BertForMaskedLM"])
+CLASSIFIER_JSON = dict(model_type="bert", architectures=["BertForSequenceClassification"])
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(model_type="bert"), "model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
+    (dict(model_type="t5"), "model_type 't5' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling of type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
@@ -385,6 +484,17 @@ def test_config_details(tmp_path):
     (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True),
      "scale_attn_by_inverse_layer_idx"),
     (dict(hidden_size=None), "no 'hidden_size'"),
+    (dict(BERT_JSON, architectures=["BertModel"]), r"architectures \['BertModel'\]"),
+    (dict(BERT_JSON, architectures=None), "architectures None"),
+    (dict(BERT_JSON, model_type="megatron-bert"), "ours: MegatronBertForPreTraining"),
+    (dict(BERT_JSON, hidden_act="gelu_new"), "hidden_act='gelu_new'"),
+    (dict(BERT_JSON, position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
+    (dict(BERT_JSON, is_decoder=True), "is_decoder"),
+    (dict(BERT_JSON, add_cross_attention=True), "add_cross_attention"),
+    (dict(BERT_JSON, tie_word_embeddings=False), "tie_word_embeddings"),
+    (dict(CLASSIFIER_JSON, problem_type="regression"), "problem_type='regression'"),
+    (dict(CLASSIFIER_JSON, id2label={"0": "score"}), "1 label"),
+    (dict(CLASSIFIER_JSON, problem_type="multi_label_classification"), "multi_label"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, fields, message):
     with pytest.raises(UsageError, match=message):

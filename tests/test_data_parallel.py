@@ -59,7 +59,8 @@ def _backward_events(bucket_mb, micro_batches):
             return real[name](*args, **kwargs)
         return call
     g = torch.Generator().manual_seed(layout.rank)
-    batches = [(torch.randint(0, 257, (1, 16), generator=g),) * 2 for _ in range(micro_batches)]
+    batches = [dict.fromkeys(("input_ids", "labels"), torch.randint(0, 257, (1, 16), generator=g))
+               for _ in range(micro_batches)]
     actions = parallel.SCHEDULES["1f1b"](micro_batches, layout)
     try:
         for name in real:

@@ -93,6 +93,17 @@ def test_linear_cross_entropy_matches_reference(chunk_tokens):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_linear_cross_entropy_with_bias():
+    """An output bias (BERT's): loss and the gradients of x, W and b equal the reference's."""
+    x, w, labels = _cross_entropy_case()
+    b = torch.randn(w.shape[0], requires_grad=True)
+    loss = kernels.linear_cross_entropy(x, w, labels, chunk_tokens=3, bias=b)
+    ref = kernels.linear_cross_entropy_reference(x, w, labels, bias=b)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(2.0 * loss, (x, w, b)), torch.autograd.grad(2.0 * ref, (x, w, b))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_linear_cross_entropy_vocab_padding_and_split():
     """Rows past vocab_size take no probability. Split over two ranks of 8 rows each, with
     the all-reduces emulated by adding what the other rank would contribute: every rank

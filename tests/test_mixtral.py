@@ -107,7 +107,7 @@ def test_logits_match_transformers(overrides):
     assert len(tensors) == len(dict(ours.named_parameters()))
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            p.copy_(mixtral.from_hf(name, tensors[mixtral.hf_name(name)], cfg))
+            p.copy_(mixtral.from_hf(name, tensors[mixtral.hf_name(name, cfg)], cfg))
         assert_same_logits(ours(IDS), hf_logits(hf))
 
 

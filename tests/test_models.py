@@ -30,6 +30,9 @@ def count_params(model_name, preset):
     ("mamba", "mamba-1.4b", "1.37e9"), ("mamba", "mamba-2.8b", "2.77e9"),
     ("mamba", "mamba2-130m", "0.13e9"), ("mamba", "mamba2-2.7b", "2.7e9"),
     ("mamba", "nemotron-h-8b", "8.1e9"),
+    # BERT with its pre-training heads (the paper's 110M and 340M; Megatron's 345M is 336M)
+    ("bert", "bert-base", "110e6"), ("bert", "bert-large", "0.34e9"),
+    ("bert", "megatron-bert-345m", "0.34e9"),
 ])
 def test_published_parameter_counts(model_name, preset, published):
     mantissa, exponent = published.split("e")
@@ -83,7 +86,7 @@ def copy_from_hf(ours, hf_model, family):
     hf_params = dict(hf_model.named_parameters())
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            p.copy_(family.from_hf(name, hf_params[family.hf_name(name)], ours.cfg))
+            p.copy_(family.from_hf(name, hf_params[family.hf_name(name, ours.cfg)], ours.cfg))
 
 
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)

@@ -67,6 +67,7 @@ ATTENTION_CASES = [
     (2, 4, 2, 37, 37, 16, False, None, True),
     (1, 4, 2, 7, 37, 16, True, 12, False),    # decoding: 7 queries after 30 cached keys
     (2, 4, 4, 1, 37, 32, True, None, True),   # one query, padded cache
+    (2, 2, 2, 40, 40, 64, False, None, True),  # BERT: bidirectional, padded, head dim 64
 ]
 
 
@@ -277,6 +278,39 @@ def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
 
 # ----------------------------------------------------------------------------
 # GPU: bf16 at real shapes (python -m pytest -m gpu tests/test_triton.py)
+def _bert_train_losses(steps=3):
+    """3 AdamW steps of a BERT with BERT's head dim (64) on padded sentence pairs."""
+    cfg = models.make_config("bert", "test", ["dim=128", "n_heads=2"])
+    model = models.build("bert", cfg, DEVICE, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (2, 32), generator=g)
+        mask = torch.ones(2, 32, dtype=torch.long)
+        mask[1, 19:] = 0
+        labels = torch.where(torch.rand(2, 32, generator=g) < 0.3, ids, -100)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(mask == 0, -100),
+                     token_type_ids=(torch.arange(32) > 12).long().expand(2, 32),
+                     sentence_order_labels=torch.tensor([0, 1]))
+        loss = model(**{k: v.to(DEVICE) for k, v in batch.items()})
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_bert_trains_the_same_on_triton_kernels(monkeypatch):
+    """Bidirectional attention with key padding through the Triton kernels: the losses of
+    the reference path."""
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    want = _bert_train_losses()
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    got = _bert_train_losses()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
 # ----------------------------------------------------------------------------
 
 def _max_err(a, b):
