@@ -434,7 +434,8 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
         raise
     log = run.logger.print
     log(f"{args.model}/{args.config}: {parallel.count_parameters(modules, layout) / 1e6:.2f}M "
-        f"parameters | {layout.describe()} | {precision} | data {args.data}: "
+        f"parameters | {layout.describe()} | {precision} | "
+        f"{f'task {args.task}' if args.task else f'data {args.data}'}: "
         f"{train_data.n_tokens:,} train tokens | {run.tokens_per_step:,} tokens/step in "
         f"{steps_per_rank} micro-batch(es) per rank")
     if layout.pp > 1:
@@ -443,6 +444,9 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
             f"theoretical bubble {parallel.bubble_fraction(schedule, steps_per_rank, layout):.1%}")
     if run.start_step:
         log(f"resumed from {checkpoint.resolve(args.load)} at step {run.start_step}")
+    if args.task:
+        log(f"{val_data.n_classes} classes (share of the validation text): " + ", ".join(
+            f"{name} {share:.1%}" for name, share in zip(val_data.class_names, val_data.class_shares)))
     if run.start_note:
         log(run.start_note)
     return run
@@ -580,8 +584,9 @@ def head_figures(run):
 
 def describe_accuracies(record, prefix=""):
     """"mlm acc 41.2% sentence order 63.0%" for the accuracies in a record ("" if none)."""
+    baseline = "commonest token" if prefix + "mlm_accuracy" in record else "majority class"
     names = {"mlm_accuracy": "mlm acc", "sentence_order_accuracy": "sentence order",
-             "accuracy": "acc", "majority_baseline": "baseline"}
+             "accuracy": "acc", "majority_baseline": baseline}
     return " ".join(f"{label} {record[prefix + key]:.1%}" for key, label in names.items()
                     if prefix + key in record)
 
