@@ -225,3 +225,11 @@ def test_bad_task_is_one_line(capsys, tmp_path, task_dir):
     train_job(BERT + ["--steps", "1", "--save", pre])
     err = one_line_error(capsys, BERT + ["--task", task_dir, "--load", pre, "--set", "ffn_dim=64"])
     assert "holds a different model" in err
+
+
+def test_bf16_pretraining_stays_within_bf16_rounding_of_fp32():
+    """bf16 autocast through BERT's heads (the masked-token selection, the vocab-parallel
+    bias, the pooled first token): the loss curve stays within bf16 rounding of fp32's."""
+    fp32 = one_process(BERT)
+    bf16, _ = train_job([*BERT, "--precision", "bf16"])
+    assert_same_run(bf16, fp32, rel=2e-2, keys=("loss", "val_loss"))

@@ -3,6 +3,8 @@
 
 Every HF model is built from a small config with random weights and saved locally:
 nothing is downloaded."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -587,3 +589,30 @@ def test_cli(hf_dirs, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_import_a_bert_then_fine_tune_a_classifier(tmp_path):
+    """The README's path from a Hugging Face BERT to a classifier: convert.py import, then
+    train.py --task with the printed flags and --load: the encoder starts from HF's weights."""
+    hf = random_hf("bert-mlm", vocab_size=261)  # the byte tokenizer's BERT vocabulary
+    hf.save_pretrained(tmp_path / "hf")
+    _, model = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "task" / name)
+        (tmp_path / "task" / name / "t.txt").write_text((name * 7 + "\n") * 300)
+    flags = convert.train_flags("bert", model.cfg, "byte")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.main(flags + ["--task", str(tmp_path / "task"), "--load", str(tmp_path / "ckpt"),
+                            "--steps", "1", "--seq-len", "16", "--global-batch-size", "2",
+                            "--lr", "0", "--save", str(tmp_path / "tuned"), "--eval-batches", "1",
+                            "--peak-tflops", "1"])
+    # A BertForMaskedLM has no pooler: it starts fresh with the classifier, as in transformers.
+    assert "new parameters: pooler.weight, pooler.bias, classifier.weight, classifier.bias" in out.getvalue()
+    tuned = checkpoint.resolve(str(tmp_path / "tuned"))
+    cfg = models.config_from_dict("bert", checkpoint.read_meta(tuned)["config"])
+    assert (cfg.n_classes, cfg.mlm_head) == (2, False)
+    tuned_model = models.build("bert", cfg, "cpu", 1)
+    checkpoint.load(tuned, tuned_model, None, parallel.Layout())
+    word = tuned_model.embed.weight
+    assert torch.equal(word[:261], hf.bert.embeddings.word_embeddings.weight)  # lr 0: HF's own
