@@ -3,6 +3,7 @@
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh          # the general checks, below
 #   OUT=gpu-results bash scripts/gpu_check.sh mamba    # Mamba's (at the end of this file)
+#   OUT=gpu-results bash scripts/gpu_check.sh bert     # BERT's
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -61,6 +62,20 @@ if [ "${1:-}" = mamba ]; then
     step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
         --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
         n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
+
+if [ "${1:-}" = bert ]; then
+    # BERT, at most 2 minutes: bf16 pre-training steps of bert-base (head dim 64, bidirectional
+    # attention with padding, the masked-token head at the predicted tokens) with the Triton
+    # kernels and with torch's. (The kernel's bf16 accuracy in this case, non-causal and
+    # padded, is one of test_attention_bf16_gpu's, in the general checks.)
+    for backend in triton torch; do
+        step "train-bert-base-$backend" 55 env KERNELS_BACKEND=$backend python3 train.py \
+            --model bert --config bert-base --seq-len 512 --global-batch-size 32 --steps 20 \
+            --warmup-steps 5 --log-every 5 --eval-every 0 --eval-batches 1 \
+            --metrics "$out/train-bert-base-$backend.jsonl"
+    done
     exit 0
 fi
 
