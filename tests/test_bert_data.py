@@ -312,3 +312,17 @@ def test_stdlib_packages():
     assert abs(train.class_shares.sum() - 1) < 1e-9 and train.class_shares.max() < 0.5
     b = val.batch(0, 0, 32, 128)
     assert b["labels"].min() >= 0 and b["labels"].max() < train.n_classes
+
+
+def test_train_with_a_wordpiece_tokenizer_and_whole_word_masking(tmp_path):
+    """train.py end to end with a BERT vocabulary (hf:DIR without an end-of-text token, as
+    BERT's: [SEP] ends its documents) and whole-word masking: the heads' figures are logged."""
+    from conftest import FAST, train_job
+    wordpiece = _write_wordpiece(tmp_path / "bert", [s for s in SPECIALS if s != "<|endoftext|>"])
+    assert data.get_tokenizer(wordpiece).eot_token == SPECIALS.index("[SEP]")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cats sat on the matting .\nthe cat sat .\n" * 200)
+    records, _ = train_job(["--model", "bert", *FAST, "--tokenizer", wordpiece, "--data", str(corpus),
+                            "--whole-word-masking", "--set", "vocab_size=16", "--steps", "3"])
+    assert {"mlm_accuracy", "sentence_order_accuracy"} <= records[-1].keys()
+    assert all(np.isfinite(r["loss"]) for r in records)
