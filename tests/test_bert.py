@@ -233,3 +233,12 @@ def test_bf16_pretraining_stays_within_bf16_rounding_of_fp32():
     fp32 = one_process(BERT)
     bf16, _ = train_job([*BERT, "--precision", "bf16"])
     assert_same_run(bf16, fp32, rel=2e-2, keys=("loss", "val_loss"))
+
+
+def test_resumed_pretraining_equals_an_uninterrupted_run(tmp_path):
+    """Sentence pairs and masks come from (seed, step, row): a resumed run draws the same."""
+    argv = [*BERT, "--steps", "4", "--eval-every", "0"]
+    whole, _ = train_job(argv)
+    train_job([*BERT, "--steps", "2", "--lr-decay-steps", "4", "--save", str(tmp_path)])
+    resumed, _ = train_job([*argv, "--load", str(tmp_path), "--save", str(tmp_path)])
+    assert_same_run(resumed, whole[2:], rel=1e-6, keys=("loss", "grad_norm", "mlm_accuracy", "val_loss"))
