@@ -499,7 +499,7 @@ def count_targets(micro_batches, layout):
     """Targets in the step's global batch: labels other than -100 (every token of a causal
     model's batch; BERT's masked tokens; one class per sequence), counted on this rank's
     rows and summed over dp (the cp ranks of a dp rank hold the same rows)."""
-    count = sum((batch["labels"] != -100).sum() for batch in micro_batches).float()
+    count = sum((batch["labels"] != data.IGNORE_INDEX).sum() for batch in micro_batches).float()
     parallel.all_reduce(count, layout.dp_cp_group)
     count = count.item() / layout.cp
     if count == 0:

@@ -76,6 +76,12 @@ def one_process(argv):
     return _REFERENCES[key]
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """kernels.py's Triton path for this test (compiled on a GPU, else the interpreter)."""
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+
+
 @pytest.fixture(scope="session")
 def ranks():
     """ranks(world) -> parallel.LocalRanks of `world` processes, started once per session."""

@@ -27,11 +27,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
-
-
 def _close(got, want, name, atol=1e-4, rtol=1e-4):
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 

@@ -31,11 +31,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
-
-
 def _attention_case(B, H, Hkv, Tq, Tk, D, dtype, padded=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, t, D, generator=g).to(DEVICE, dtype).requires_grad_()
