@@ -848,7 +848,9 @@ def benchmark_kernels(args, device):
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 # Scalar kernel arguments that are floats; every other scalar is an int32.
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}
-ATTENTION_MASKS = {"causal": (True, False, False), "masked": (True, True, True), "none": (False, False, False)}
+# (causal, window, key padding, T5's relative position bias): "masked" turns every option on.
+ATTENTION_MASKS = {"causal": (True, False, False, False), "masked": (True, True, True, True),
+                   "none": (False, False, False, False), "t5": (False, False, True, True)}
 
 
 def _compile_jobs(head_dims, dtypes, masks):
@@ -859,11 +861,13 @@ def _compile_jobs(head_dims, dtypes, masks):
         for dtype in dtypes:
             for head_dim in head_dims:
                 pointers = {**dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], dtype),
-                            "LSE": "fp32", "DELTA": "fp32", "KPM": "i8"}
+                            "LSE": "fp32", "DELTA": "fp32", "KPM": "i8",
+                            "DIST_BUCKETS": "i32", "TABLE": "fp32", "DTABLE": "fp32"}
                 for mask in masks:
-                    causal, window, padding = ATTENTION_MASKS[mask]
+                    causal, window, padding, pos_bias = ATTENTION_MASKS[mask]
                     flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window,
-                                 HAS_PADDING=padding, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                                 HAS_PADDING=padding, HAS_POS_BIAS=pos_bias,
+                                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
                         for c in getattr(kernels, name).configs_by_arch[arch]:
                             jobs.append((name, arch, f"{dtype} D{head_dim} {mask}", {**flags, **c.kwargs},
@@ -957,7 +961,8 @@ def add_kernels_compile_options(p):
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
     p.add_argument("--masks", nargs="+", default=["causal"], choices=list(ATTENTION_MASKS),
-                   help="attention variants: causal; masked (causal + window + key padding); none")
+                   help="attention variants: causal; masked (causal + window + key padding + T5's "
+                        "position bias); none; t5 (T5's encoder: key padding + position bias)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="compiles run in parallel")
 
 

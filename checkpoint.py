@@ -65,10 +65,22 @@ def _fsync_write(path, text):
         os.fsync(f.fileno())
 
 
-def _named_parameters(modules):
-    """Global name -> parameter over this rank's model chunks (one module, or a list)."""
+def _all_named_parameters(modules):
+    """(global name, parameter) of this rank's model chunks (one module, or a list). With
+    several chunks a name can repeat: a parameter that every chunk holds (keep_chunk's
+    `shared`) has a copy in each."""
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
-    return {name: p for m in modules for name, p in m.named_parameters()}
+    return [(name, p) for m in modules for name, p in m.named_parameters()]
+
+
+def _named_parameters(modules):
+    """Global name -> parameter over this rank's model chunks: of a repeated name, the copy
+    that counts (the first chunk's: parallel.counts_once), which is the one saved."""
+    params = {}
+    for name, p in _all_named_parameters(modules):
+        if name not in params or not parallel.tags(p).pp_tied_copy:
+            params[name] = p
+    return params
 
 
 def train_state_tensors(modules, optimizer):
@@ -218,7 +230,7 @@ def load(step_dir, modules, optimizer, layout):
     reader = _Reader(step_dir)
     params = _named_parameters(modules)
     with torch.no_grad():
-        for name, p in params.items():
+        for name, p in _all_named_parameters(modules):  # every copy of a repeated name
             reader.read_into(f"model.{name}", p.data, p)
         if optimizer is not None:
             optimizer.load_state_tensors(
@@ -242,7 +254,7 @@ def load_weights(step_dir, modules, layout):
     reader = _Reader(step_dir)
     new = []
     with torch.no_grad():
-        for name, p in _named_parameters(modules).items():
+        for name, p in _all_named_parameters(modules):
             if f"model.{name}" in reader.index:
                 reader.read_into(f"model.{name}", p.data, p)
             else:

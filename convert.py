@@ -5,7 +5,8 @@
 
 In Python, `convert.from_hf(path)` returns a model whose forward, called like the HF
 model's (`input_ids`, optional `attention_mask`; BERT also `token_type_ids`), returns the
-same logits (BERT: a dict of its heads' logits, see bert.Bert.forward).
+same logits (BERT: a dict of its heads' logits, see bert.Bert.forward; T5 also takes
+`decoder_input_ids`, or `labels` to shift right, as T5ForConditionalGeneration does).
 
 A Hugging Face folder is config.json plus safetensors weights (one `model.safetensors`,
 or shards listed in `model.safetensors.index.json`). Conversion is two translations:
@@ -55,6 +56,7 @@ import mamba
 import mixtral
 import models
 import parallel
+import t5
 from errors import UsageError
 
 # ----------------------------------------------------------------------------
@@ -337,6 +339,87 @@ def bert_absent_heads(cfg):
              "cls.seq_relationship.": cfg.binary_head, "classifier.": cfg.n_classes > 0}
     return tuple(prefix for prefix, present in heads.items() if not present)
 
+
+# T5ForConditionalGeneration under its older name (the original t5-small/base/large configs).
+T5_CLASSES = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
+# (gated, activation) of T5's FFN -> t5.Config.gated_gelu: ReLU, or GELU's tanh approximation, gated
+T5_FFN = {(False, "relu"): False, (True, "gelu_new"): True, (True, "gelu_pytorch_tanh"): True}
+
+
+def _t5_scaled(hf):
+    """Whether T5's decoder output is scaled by d_model^-0.5 before the output layer, as
+    transformers decides it: `scale_decoder_outputs` where config.json has it (transformers
+    5 writes it, with tie_word_embeddings always true), else tie_word_embeddings not false."""
+    return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings") is not False))
+
+
+def t5_config_from_hf(hf, model_type):
+    """T5 v1.0 (ReLU, output layer = the shared embedding, decoder output scaled) and v1.1 /
+    FLAN-T5 (gated GELU, an output layer of its own, unscaled) -> t5.Config.
+
+    Ours ties the output layer exactly when it scales (tie_embeddings does both). transformers
+    5 keeps the two apart: it ties lm_head to `shared` unless the file holds both tensors,
+    different, and scales as _t5_scaled says. So tie_embeddings is the scaling; a scaled
+    model whose file holds an lm_head of its own is refused at load (config.json ties it),
+    and an unscaled model whose file lacks lm_head.weight (transformers 5 saves a v1.1 model
+    built from a config that way) gets a copy of `shared` (Family.stand_ins)."""
+    if not set(hf.get("architectures") or ()) & set(T5_CLASSES):
+        _refuse(model_type, f"architectures {hf.get('architectures')} (ours: {T5_CLASSES[0]})")
+    # The FFN as T5Config derives it from feed_forward_proj ("relu", "gated-gelu" -> gelu_new,
+    # "gated-ACT"); dense_act_fn and is_gated_act in config.json take precedence, as there.
+    ffn = hf.get("feed_forward_proj", "relu")
+    gated = hf.get("is_gated_act", ffn.startswith("gated-"))
+    act = hf.get("dense_act_fn", "gelu_new" if ffn == "gated-gelu" else ffn.split("-")[-1])
+    if (gated, act) not in T5_FFN:
+        _refuse(model_type, f"feed_forward_proj={ffn!r} ({'gated ' if gated else ''}{act}; ours: "
+                            f"'relu' or 'gated-gelu', the tanh approximation)")
+    if hf.get("is_encoder_decoder") is False or hf.get("is_decoder"):
+        _refuse(model_type, "a decoder-only T5 (is_decoder / is_encoder_decoder=false)")
+    start = hf.get("decoder_start_token_id")
+    if start is None:  # T5's decoder starts with the pad token
+        start = hf.get("pad_token_id")
+    return t5.Config(vocab_size=hf["vocab_size"], dim=hf["d_model"], n_heads=hf["num_heads"],
+                     head_dim=hf["d_kv"], ffn_dim=hf["d_ff"], n_encoder_layers=hf["num_layers"],
+                     n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+                     num_buckets=hf.get("relative_attention_num_buckets", 32),
+                     max_distance=hf.get("relative_attention_max_distance", 128),
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-6), gated_gelu=T5_FFN[gated, act],
+                     tie_embeddings=_t5_scaled(hf), decoder_start_token_id=0 if start is None else start)
+
+
+def t5_config_to_hf(cfg):
+    """t5.Config -> T5Config fields. Both tie_word_embeddings (which transformers 4.x reads)
+    and scale_decoder_outputs (transformers 5) are ours; an untied model's file holds both
+    `shared` and `lm_head`, which transformers 5 then keeps apart. The pad token is the
+    decoder's start token, as in T5: transformers' labels-only path (and ours) turns ignored
+    labels (-100) into it."""
+    return "t5", dict(vocab_size=cfg.vocab_size, d_model=cfg.dim, num_heads=cfg.n_heads, d_kv=cfg.head_dim,
+                      d_ff=cfg.ffn_dim, num_layers=cfg.n_encoder_layers,
+                      num_decoder_layers=cfg.n_decoder_layers,
+                      relative_attention_num_buckets=cfg.num_buckets,
+                      relative_attention_max_distance=cfg.max_distance, layer_norm_epsilon=cfg.norm_eps,
+                      feed_forward_proj="gated-gelu" if cfg.gated_gelu else "relu",
+                      tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.tie_embeddings,
+                      is_encoder_decoder=True, decoder_start_token_id=cfg.decoder_start_token_id,
+                      pad_token_id=cfg.decoder_start_token_id)
+
+
+def t5_copies(cfg):
+    """The shared embedding's copies that files hold (both stacks', and a tied lm_head)."""
+    return {"encoder.embed_tokens.weight": "embed.weight", "decoder.embed_tokens.weight": "embed.weight",
+            **_tied_lm_head(cfg)}
+
+
+def t5_absent_heads(cfg):
+    """Older checkpoints hold a relative-attention bias for the first cross-attention,
+    which T5 never uses (transformers skips it too)."""
+    return ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.",)
+
+
+def t5_stand_ins(cfg):
+    """An untied (unscaled) T5 file without lm_head.weight: transformers ties it to shared."""
+    return {} if cfg.tie_embeddings else {"lm_head.weight": "shared.weight"}
+
 # ----------------------------------------------------------------------------
 # 2. Families: one record each
 # ----------------------------------------------------------------------------
@@ -361,6 +444,8 @@ class Family:
     copies: object = _tied_lm_head
     # our Config -> name prefixes of the HF heads it lacks, whose tensors import skips
     absent_heads: object = lambda cfg: ()
+    # our Config -> {HF tensor a file may lack: the HF tensor transformers uses in its place}
+    stand_ins: object = lambda cfg: {}
 
     def architecture(self, model_type, cfg):
         """The transformers class that export writes into config.json."""
@@ -383,6 +468,9 @@ FAMILIES = {f.model: f for f in (
     Family("bert", bert, bert_config_from_hf, bert_config_to_hf,
            {"bert": bert_architecture, "megatron-bert": bert_architecture}, reads_slices=True,
            preset="bert-base", copies=bert_copies, absent_heads=bert_absent_heads),
+    Family("t5", t5, t5_config_from_hf, t5_config_to_hf, {"t5": "T5ForConditionalGeneration"},
+           reads_slices=True, preset="t5-base", copies=t5_copies, absent_heads=t5_absent_heads,
+           stand_ins=t5_stand_ins),
 )}
 BY_HF_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.architectures}
 
@@ -524,11 +612,14 @@ def load_hf_weights(model, hf_dir):
     """Fill every parameter of `model` (from models.build, under any layout) with its
     region of the HF folder's tensors. Returns the model."""
     family, tensors = family_of(model), _HFTensors(hf_dir)
-    module, used = family.module, set()
+    module, used, stand_ins = family.module, set(), family.stand_ins(model.cfg)
     for ours, param in model.named_parameters():
-        key = tensors.find(module.hf_name(ours, model.cfg))
+        name = module.hf_name(ours, model.cfg)
+        key = tensors.find(name)
+        if key is None and name in stand_ins:
+            key = tensors.find(stand_ins[name])
         if key is None:
-            raise UsageError(f"{hf_dir} has no tensor {module.hf_name(ours, model.cfg)} (our {ours}); the "
+            raise UsageError(f"{hf_dir} has no tensor {name} (our {ours}); the "
                              f"weights do not match config.json")
         shape, offset, extent = parallel.global_region(param)
         expected = list(module.to_hf(ours, torch.empty(shape, device="meta"), model.cfg).shape)
@@ -643,9 +734,9 @@ def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
     architecture = family.architecture(model_type, model.cfg)
     if eos_token_id is not None and not 0 <= eos_token_id < model.cfg.vocab_size:
         eos_token_id = None
-    config = {"architectures": [architecture], "model_type": model_type, **fields,
+    config = {"architectures": [architecture], "model_type": model_type,
               "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
-              "torch_dtype": "float32", "dtype": "float32"}
+              **fields, "torch_dtype": "float32", "dtype": "float32"}  # fields may set a pad token
     # Copies (contiguous, unshared): parameters may be views of one flat training buffer.
     # A tied model has no parameter for its output layer (lm_head, BERT's decoder): none is written.
     module = family.module

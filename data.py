@@ -21,6 +21,10 @@ BERT (bert.py) reads the same sources differently: MaskedLMData makes masked-lan
 examples ([CLS] A [SEP] B [SEP], 15% of the text to predict, A and B swapped half the time for
 sentence-order prediction) and load_task a labelled classification task for fine-tuning. Their
 batches keep the contract one level finer: row i of step s is drawn from (seed, s, i) alone.
+
+T5 (t5.py) reads them as SpanCorruptionData: 15% of a window, in spans of 3 tokens on average,
+is replaced by sentinels (<extra_id_0>, <extra_id_1>, ...) in the encoder's input, and the
+decoder predicts the spans; its rows are drawn as BERT's are.
 """
 import argparse
 import dataclasses
@@ -50,9 +54,9 @@ def get_tokenizer(name: str = BYTE_TOKENIZER):
     if name == BYTE_TOKENIZER:
         # One token per UTF-8 byte plus end-of-text: lossless for any string and needs no
         # download. The pattern only cuts text into chunks (there are no merges to limit).
-        return tiktoken.Encoding(BYTE_TOKENIZER, pat_str=r"[^\n]{1,64}\n?|\n",
-                                 mergeable_ranks={bytes([i]): i for i in range(256)},
-                                 special_tokens={"<|endoftext|>": 256})
+        return _ByteEncoding(BYTE_TOKENIZER, pat_str=r"[^\n]{1,64}\n?|\n",
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={"<|endoftext|>": 256})
     if name.startswith(HF_PREFIX):
         return HFTokenizer(name[len(HF_PREFIX):])
     if name not in TIKTOKEN_NAMES:
@@ -65,6 +69,26 @@ def get_tokenizer(name: str = BYTE_TOKENIZER):
         raise UsageError(f"cannot load tokenizer {name!r} (tiktoken needs to download it or find "
                          f"it in TIKTOKEN_CACHE_DIR): use --tokenizer byte, or run once with "
                          f"network access") from e
+
+
+class _ByteEncoding(tiktoken.Encoding):
+    """The byte tokenizer: a tiktoken Encoding (n_vocab 257) whose decode also renders the ids
+    after end-of-text that T5 adds to it (257: "<pad>", 357 - i: "<extra_id_i>", see
+    t5_special_tokens), as HFTokenizer.decode renders a vocabulary's special tokens, instead of
+    failing on them: a T5's samples print readably. (BERT's byte specials reuse ids 257-260;
+    BERT never decodes, and they would print under T5's names.)"""
+
+    def decode_bytes(self, tokens) -> bytes:
+        tokens, out, start = list(tokens), [], 0
+        for i, t in enumerate(tokens + [None]):
+            if t is None or t in _BYTE_T5_NAMES:
+                out.append(super().decode_bytes(tokens[start:i]))
+                out.append(_BYTE_T5_NAMES.get(t, b""))
+                start = i + 1
+        return b"".join(out)
+
+    def decode(self, tokens, errors: str = "replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
 
 class HFTokenizer:
@@ -635,6 +659,186 @@ def load_task(spec: str, tokenizer_name: str, seq_len: int,
     return tuple(ClassificationData(TokenDataset(shards, f"task {spec} ({split})"), labels,
                                     list(classes), tokenizer_name, seq_len)
                  for split, (shards, labels) in splits.items())
+
+
+# T5's special tokens. T5's vocabularies end with T5_SENTINELS sentinels, <extra_id_0> the last
+# id, and the byte tokenizer's follow that convention after end-of-text (T5's EOS) and <pad>:
+# <extra_id_i> = 357 - i, so a T5 on bytes needs a vocabulary of BYTE_T5_VOCAB = 358 ids. (They
+# overlap BERT's byte specials, 257-260: another model, another vocabulary.)
+T5_SENTINELS = 100
+BYTE_T5_PAD = 257
+BYTE_T5_VOCAB = BYTE_T5_PAD + 1 + T5_SENTINELS
+_BYTE_T5_NAMES = {BYTE_T5_PAD: b"<pad>", **{BYTE_T5_VOCAB - 1 - i: f"<extra_id_{i}>".encode()
+                                            for i in range(T5_SENTINELS)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Tokens:
+    """The ids T5's span corruption uses: sentinels[i] is <extra_id_i>'s, which stands for the
+    i-th corrupted span. pad is also the decoder's start token (T5's decoder_start_token_id).
+    n_vocab holds every id, specials included."""
+    eos: int
+    pad: int
+    sentinels: tuple[int, ...]
+    n_vocab: int
+
+
+@functools.lru_cache(maxsize=None)
+def t5_special_tokens(tokenizer_name: str) -> T5Tokens:
+    """EOS, <pad> and <extra_id_0>, <extra_id_1>, ... of the byte tokenizer (new ids, see
+    BYTE_T5_VOCAB) or of an hf:DIR tokenizer (eos_token and pad_token of
+    DIR/tokenizer_config.json, else "</s>" and "<pad>"; the sentinels as many consecutive ones
+    from <extra_id_0> as the vocabulary has, added tokens included)."""
+    if tokenizer_name == BYTE_TOKENIZER:
+        return T5Tokens(eos=256, pad=BYTE_T5_PAD, n_vocab=BYTE_T5_VOCAB,
+                        sentinels=tuple(BYTE_T5_VOCAB - 1 - i for i in range(T5_SENTINELS)))
+    hf = tokenizer_name.startswith(HF_PREFIX)  # tiktoken's encodings have no sentinels
+    enc = get_tokenizer(tokenizer_name) if hf or tokenizer_name not in TIKTOKEN_NAMES else None
+    vocab = enc._tok.get_vocab(with_added_tokens=True) if hf else {}
+    if "<extra_id_0>" not in vocab:
+        raise UsageError(f"tokenizer {tokenizer_name} has no <extra_id_0> sentinel tokens: T5's "
+                         f"span corruption needs them; use --tokenizer byte or hf:DIR of a T5 "
+                         f"tokenizer")
+    sentinels = []
+    while f"<extra_id_{len(sentinels)}>" in vocab:
+        sentinels.append(vocab[f"<extra_id_{len(sentinels)}>"])
+    directory = tokenizer_name[len(HF_PREFIX):]
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    ids = {}
+    for kind, default in (("eos", "</s>"), ("pad", "<pad>")):
+        token = config.get(f"{kind}_token") or default  # a string or {"content": ...}
+        token = token.get("content") if isinstance(token, dict) else token
+        ids[kind] = vocab.get(token)
+        if ids[kind] is None:
+            raise UsageError(f"tokenizer {tokenizer_name} has no {kind} token ({token}): T5 needs "
+                             f"one; set {kind}_token in {directory}/tokenizer_config.json, or "
+                             f"use --tokenizer byte or hf:DIR of a T5 tokenizer")
+    return T5Tokens(**ids, sentinels=tuple(sentinels), n_vocab=enc.n_vocab)
+
+
+def _noise_counts(length, noise_density, mean_span_length):
+    """T5's (noise tokens, noise spans) of a raw window of `length` tokens: round(length *
+    noise_density) noise tokens, at least 1 and at most length - 1, in round(noise /
+    mean_span_length) spans, at least 1 and at most the non-noise tokens (every span, noise or
+    not, holds a token). Rounding is Python's (half to even), as T5's."""
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    spans = min(max(round(noise / mean_span_length), 1), length - noise)
+    return noise, spans
+
+
+@functools.lru_cache(maxsize=None)
+def span_corruption_lengths(seq_len: int, noise_density: float = 0.15,
+                            mean_span_length: float = 3.0,
+                            n_sentinels: int = T5_SENTINELS) -> tuple[int, int]:
+    """(raw_len, decoder_len) of span corruption for an encoder input of seq_len tokens.
+
+    A raw window of L tokens with N noise tokens in S spans becomes an encoder input of
+    L - N + S + 1 tokens (the text left, a sentinel per span, EOS) and targets of N + S + 1
+    (each span's sentinel then its tokens, then EOS). raw_len is the largest L whose input fits
+    seq_len (T5's random_spans_helper; the input is padded up to seq_len); decoder_len is the
+    targets' length rounded up to a multiple of 8, so sequence parallelism can split it.
+    UsageError if seq_len holds no example or raw_len needs more than n_sentinels spans."""
+    def input_len(length):
+        noise, spans = _noise_counts(length, noise_density, mean_span_length)
+        return length - noise + spans + 1
+
+    if seq_len < input_len(2):  # 2 raw tokens: 1 kept, 1 noise
+        raise UsageError(f"--seq-len {seq_len} is too short for T5's span corruption (text, a "
+                         f"sentinel and EOS); use --seq-len {input_len(2)} or more")
+    # The input never shrinks as L grows (neither L - N nor S does), and L = seq_len - 1 gives
+    # an input of seq_len - N + S <= seq_len: the search climbs from there.
+    raw_len = max(seq_len - 1, 2)
+    while input_len(raw_len + 1) <= seq_len:
+        raw_len += 1
+    noise, spans = _noise_counts(raw_len, noise_density, mean_span_length)
+    if spans > n_sentinels:
+        longest = 2  # the longest raw window within n_sentinels spans
+        while _noise_counts(longest + 1, noise_density, mean_span_length)[1] <= n_sentinels:
+            longest += 1
+        raise UsageError(f"--seq-len {seq_len} corrupts {raw_len} tokens in {spans} spans, more "
+                         f"than the tokenizer's {n_sentinels} sentinels; use --seq-len "
+                         f"{input_len(longest)} or less")
+    return raw_len, -(-(noise + spans + 1) // 8) * 8
+
+
+def _segment(rng, n, parts):
+    """n tokens cut into `parts` non-empty runs, uniformly over all ways (T5's
+    _random_segmentation): the run lengths."""
+    cuts = np.sort(rng.choice(n - 1, parts - 1, replace=False)) + 1
+    return np.diff(np.concatenate([[0], cuts, [n]]))
+
+
+class SpanCorruptionData:
+    """T5's pre-training examples from a TokenDataset (T5's span corruption): a raw window of
+    raw_len tokens (span_corruption_lengths) loses noise_density of its tokens in spans of
+    mean_span_length on average, each replaced by a sentinel in the encoder's input; the
+    decoder predicts the spans, each after its sentinel:
+
+        raw      The cat sat on the mat .
+        inputs   The <extra_id_0> on the <extra_id_1> </s> <pad>...
+        labels   <extra_id_0> cat sat <extra_id_1> mat . </s> -100...
+
+    As T5's random_spans_noise_mask: the noise and the non-noise tokens are each cut into S
+    random non-empty runs, interleaved non-noise first (a window starts with text and ends with
+    a noise span). A raw window may span two documents; its end-of-text is ordinary text. Row i
+    of step s is drawn from (seed, s, i) alone, as BERT's rows (see _bert_batch)."""
+
+    def __init__(self, data: TokenDataset, tokenizer_name: str, noise_density: float = 0.15,
+                 mean_span_length: float = 3.0):
+        if not 0 < noise_density < 1:
+            raise UsageError(f"T5's noise density must be in (0, 1), got {noise_density}")
+        if not mean_span_length >= 1:
+            raise UsageError(f"T5's mean noise span length must be >= 1, got {mean_span_length}")
+        self.tokens = t5_special_tokens(tokenizer_name)
+        self.data, self.tokenizer_name = data, tokenizer_name
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        self.n_tokens = data.n_tokens
+        self._sentinels = np.array(self.tokens.sentinels, np.int64)
+
+    def lengths(self, seq_len: int) -> tuple[int, int]:
+        """(raw_len, decoder_len) of a batch of seq_len: see span_corruption_lengths."""
+        return span_corruption_lengths(seq_len, self.noise_density, self.mean_span_length,
+                                       len(self.tokens.sentinels))
+
+    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask [rows, seq_len]; labels (-100: nothing to predict) and
+        decoder_input_ids (labels shifted right after the start token, pad) [rows, decoder_len]
+        for the given rows of step's batch."""
+        raw_len, decoder_len = self.lengths(seq_len)
+        longest = max((len(s) for s in self.data.shards), default=0)
+        if longest < raw_len:
+            raise UsageError(f"{self.data.name} has {longest} tokens (longest shard), fewer than "
+                             f"the {raw_len} that T5's --seq-len {seq_len} corrupts into one "
+                             f"example; use a smaller --seq-len or more data")
+        t, n_windows = self.tokens, self.data.n_windows(raw_len - 1)
+        rows = range(global_batch_size)[rows if rows is not None else slice(None)]
+        ids = np.full((len(rows), seq_len), t.pad, np.int64)
+        labels = np.full((len(rows), decoder_len), IGNORE_INDEX, np.int64)
+        mask = np.zeros_like(ids)
+        for r, i in enumerate(rows):
+            rng = np.random.default_rng([seed, step, i])
+            x, y = self._example(rng, self.data.window(rng.integers(n_windows), raw_len - 1)[1])
+            ids[r, :len(x)], mask[r, :len(x)], labels[r, :len(y)] = x, 1, y
+        decoder_ids = np.concatenate([np.full((len(rows), 1), t.pad), labels[:, :-1]], 1)
+        decoder_ids[decoder_ids == IGNORE_INDEX] = t.pad
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "labels": torch.from_numpy(labels), "decoder_input_ids": torch.from_numpy(decoder_ids)}
+
+    def _example(self, rng, window):
+        """(encoder input, targets) of one raw window, both ending with EOS."""
+        noise, spans = _noise_counts(len(window), self.noise_density, self.mean_span_length)
+        runs = np.stack([_segment(rng, len(window) - noise, spans),  # non-noise, noise, non-noise...
+                         _segment(rng, noise, spans)], 1).ravel()
+        is_noise = np.repeat(np.tile([False, True], spans), runs)
+        span = np.repeat(np.arange(2 * spans) // 2, runs)  # the span pair of each position
+        starts = np.concatenate([[True], is_noise[1:] != is_noise[:-1]])  # a run's first token
+        sentinel = self._sentinels[span]
+
+        def corrupt(hidden):  # the hidden runs' first tokens become their sentinel, the rest go
+            x = np.where(starts & hidden, sentinel, window)[~hidden | starts]
+            return np.concatenate([x, [self.tokens.eos]])
+        return corrupt(is_noise), corrupt(~is_noise)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,16 @@ before the process first imports triton (or this file, which imports it).
 Triton is optional: without it this file imports, `BACKENDS` is ("torch",) and every
 function runs its reference.
 
-Sections: backend dispatch; attention (FlashAttention-2 forward and backward); RMSNorm;
+Sections: backend dispatch; attention (FlashAttention-2 forward and backward, with T5's
+relative position bias computed in the kernels from its bucket table); RMSNorm;
 SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE; state-space
 scans (Mamba-1's selective scan; Mamba-2's SSD, chunked, with Triton kernels forward and
 backward).
 """
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -161,11 +164,81 @@ def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_m
     return mask
 
 
+@dataclass
+class RelativePositionBias:
+    """T5's learned relative position bias: table (num_buckets, H) (this rank's heads), the
+    bucket of each key-minus-query distance as T5 defines it (`relative_position_bucket`).
+    The score of query i and key j gets table[bucket(pos_j - pos_i), h] added."""
+    table: torch.Tensor
+    bidirectional: bool     # encoder: True; decoder self-attention: False (past only)
+    max_distance: int = 128
+
+    def __post_init__(self):
+        # T5's bucketing needs an exact bucket and max_distance past the exact ones (else
+        # it divides by log(1) = 0 or makes negative buckets); the kernels rely on every
+        # |distance| >= max_distance on one side sharing a bucket.
+        max_exact = self.table.shape[0] // (2 if self.bidirectional else 1) // 2
+        if self.table.dim() != 2 or max_exact < 1 or self.max_distance <= max_exact:
+            raise ValueError(f"RelativePositionBias: table {tuple(self.table.shape)} must be "
+                             f"(num_buckets, heads) with num_buckets >= {4 if self.bidirectional else 2} "
+                             f"and max_distance ({self.max_distance}) > num_buckets // "
+                             f"{4 if self.bidirectional else 2}")
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """T5's bucketing (exactly Hugging Face's T5Attention._relative_position_bucket, written
+    out by us): relative_position = key position - query position (LongTensor) -> bucket ids.
+
+    Bidirectional, half the buckets are for keys after the query and half for keys at or
+    before it; unidirectional, keys after the query all share bucket 0. On each side, the
+    first half of the buckets hold distances 0, 1, .. exactly, the rest logarithmically
+    wider ranges up to max_distance; every |distance| >= max_distance is in the last
+    bucket of its side."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).to(torch.long) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    # (the same float operations, in the same order, as Hugging Face's: a bucket boundary
+    # must round the same way. log(0) = -inf is converted but never chosen.)
+    if_large = max_exact + (torch.log(distance.float() / max_exact)
+                            / math.log(max_distance / max_exact)
+                            * (num_buckets - max_exact)).to(torch.long)
+    if_large = torch.clamp(if_large, max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, if_large)
+
+
+def relative_position_bias_reference(position_bias, q_len, k_len):
+    """(1, H, q_len, k_len): table[bucket(j - (i + k_len - q_len))].T — queries are the last
+    q_len of the k_len positions (KV-cached decoding), as everywhere in this file.
+    Differentiable with respect to the table (a gather)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=position_bias.table.device)[:, None]
+    k_pos = torch.arange(k_len, device=position_bias.table.device)[None, :]
+    buckets = relative_position_bucket(k_pos - q_pos, position_bias.bidirectional,
+                                       position_bias.table.shape[0], position_bias.max_distance)
+    return position_bias.table[buckets].permute(2, 0, 1)[None]
+
+
+@functools.lru_cache(maxsize=64)
+def _distance_buckets(q_len, k_len, bidirectional, num_buckets, max_distance, device):
+    """What the Triton kernels read instead of a (q_len, k_len) bias: the bucket of every
+    key-minus-query distance d = -(k_len - 1) .. q_len - 1, at index d + k_len - 1 (int32,
+    q_len + k_len - 1 of them). Bucketed here, in torch, so that boundaries round exactly
+    as `relative_position_bucket` (Hugging Face's) does; cached, since every layer of a
+    model asks for the same ones."""
+    distances = torch.arange(-(k_len - 1), q_len, device=device)
+    return relative_position_bucket(distances, bidirectional, num_buckets, max_distance).to(torch.int32)
+
+
 def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
                         bias=None):
     """softmax(q k^T * scale + bias + mask) v, written out. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D)
     with H a multiple of Hkv (grouped-query attention: query head h reads KV head h // (H/Hkv)).
-    `bias` (broadcastable to (B, H, Tq, Tk)) is an additive position bias (T5).
+    `bias` (broadcastable to (B, H, Tq, Tk)) is an additive position bias, materialized
+    (T5's: `relative_position_bias_reference`).
     A query row whose keys are all masked gets NaN here (0/0); the Triton path defines it as 0."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -206,6 +279,12 @@ def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None
 #     (`_attn_key_range`, `_attn_query_range`); the mask is evaluated on the blocks that
 #     remain. (FlashAttention-2 proper also splits off the diagonal blocks so that full
 #     blocks skip the mask arithmetic; we keep one loop for clarity.)
+#   - T5's relative position bias (HAS_POS_BIAS): s_ij += table[bucket(pos_j - pos_i), h],
+#     gathered from the (num_buckets, H) table (fp32, times log2(e) like the scores) and
+#     an int32 vector DIST_BUCKETS, the bucket of every distance (`_distance_buckets`,
+#     O(T)), never from a (Tq, Tk) bias. Its gradient is dS summed over the elements of
+#     each (bucket, head): the dQ kernel, which has dS of one head's query block, adds it
+#     into an fp32 (num_buckets, H) buffer with atomics.
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
@@ -231,6 +310,17 @@ def _attn_key_real(KPM, stride_mt, k_idx, Tk, HAS_PADDING: tl.constexpr):
     if HAS_PADDING:
         real = real & (tl.load(KPM + k_idx * stride_mt, mask=k_idx < Tk, other=0) != 0)
     return real
+
+
+@triton.jit
+def _attn_pos_bias(DIST_BUCKETS, TABLE, q_pos, k_idx, Tk, H, needed):
+    """T5's bias of a tile (broadcastable q_pos, k_idx) where `needed` (the visible
+    elements of real query rows): (bucket, bias). DIST_BUCKETS[d + Tk - 1] is the bucket
+    of distance d = k - q; TABLE points at head h's column of the (num_buckets, H) table,
+    which the host scaled by log2(e) (the scores are in base 2). Elsewhere bucket 0 and
+    bias 0, and nothing out of range is read."""
+    bucket = tl.load(DIST_BUCKETS + (k_idx - q_pos + Tk - 1), mask=needed, other=0)
+    return bucket, tl.load(TABLE + bucket * H, mask=needed, other=0.0)
 
 
 @triton.jit
@@ -268,7 +358,7 @@ def _attn_query_range(start_n, offset, Tq, window, BLOCK_M: tl.constexpr, BLOCK_
     return lo, hi
 
 
-_ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS_PADDING"]
+_ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS_PADDING", "HAS_POS_BIAS"]
 
 
 @_autotune(_ATTN_KEY,
@@ -276,21 +366,22 @@ _ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS
            ampere=[(128, 64, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, DIST_BUCKETS, TABLE,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      stride_mb, stride_mt,
                      H, GROUP, Tq, Tk, window, qk_scale,
                      Q_BUCKET, K_BUCKET,  # autotuning keys only (powers of two of Tq, Tk)
                      HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Forward pass: one program computes O and LSE for BLOCK_M query rows of one head.
 
-    For each visible key block: S = Q K^T (scaled, base 2), mask, raise the running row
-    maximum m, rescale the running sum l and the accumulator by exp2(m_old - m_new), add
-    P = exp2(S - m_new) and P V. At the end O = acc / l and LSE = m + log2(l), saved for
-    the backward pass (it replaces the softmax matrix there). grid: (query blocks, B * H)."""
+    For each visible key block: S = Q K^T (scaled, base 2) + T5's bias, mask, raise the
+    running row maximum m, rescale the running sum l and the accumulator by
+    exp2(m_old - m_new), add P = exp2(S - m_new) and P V. At the end O = acc / l and
+    LSE = m + log2(l), saved for the backward pass (it replaces the softmax matrix
+    there). grid: (query blocks, B * H)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the last query blocks see the most keys: start them first, so that
         pid_m = tl.num_programs(0) - 1 - pid_m  # the long programs are not the last wave
@@ -323,6 +414,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
         k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
         visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
                                 window, IS_CAUSAL, HAS_WINDOW)
+        if HAS_POS_BIAS:
+            _, bias = _attn_pos_bias(DIST_BUCKETS, TABLE + h, offs_m[:, None] + offset, k_idx[None, :],
+                                     Tk, H, visible & (offs_m[:, None] < Tq))
+            s += bias
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -374,7 +469,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
            ampere=[(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TABLE,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
@@ -382,14 +477,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
                           H, GROUP, Tq, Tk, window, qk_scale, sm_scale,
                           Q_BUCKET, K_BUCKET,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, dK and dV: one program owns BLOCK_N keys of one KV head.
 
     It holds its K, V block and accumulators in registers and streams over the query
     blocks that can see it, for every query head of its GQA group (so dK and dV are
     summed over the group here, with no atomics and no per-query-head copies). For each
-    query block it recomputes P^T = exp2(K Q^T * scale - LSE) from the saved LSE, then
+    query block it recomputes P^T = exp2(K Q^T * scale + bias^T - LSE) from the saved
+    LSE, then
       dV += P^T dO,   dP^T = V dO^T,   dS^T = P^T * (dP^T - delta),   dK += dS^T Q * scale.
     grid: (key blocks, B * Hkv). The price of summing the group in-program: with few KV
     heads and a small batch there are fewer programs than with one per query head
@@ -431,6 +527,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (keys, queries)
             visible = _attn_visible(q_idx[None, :] + offset, offs_n[:, None], k_real[:, None],
                                     window, IS_CAUSAL, HAS_WINDOW)
+            if HAS_POS_BIAS:
+                _, bias_t = _attn_pos_bias(DIST_BUCKETS, TABLE + h, q_idx[None, :] + offset,
+                                           offs_n[:, None], Tk, H, visible & (q_idx[None, :] < Tq))
+                s_t += bias_t
             p_t = tl.exp2(tl.where(visible, s_t, float("-inf")) - lse[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -449,21 +549,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
            ampere=[(128, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, DTABLE,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
                         stride_mb, stride_mt,
-                        H, GROUP, Tq, Tk, window, qk_scale, sm_scale,
+                        H, GROUP, Tq, Tk, window, qk_scale, sm_scale, max_distance,
                         Q_BUCKET, K_BUCKET,
                         HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, dQ: one program owns BLOCK_M query rows of one head and streams over the
     key blocks they can see (the forward's loop), recomputing P from LSE:
-      dP = dO V^T,   dS = P * (dP - delta),   dQ += dS K * scale.
+      dP = dO V^T,   dS = P * (dP - delta),   dQ += dS K * scale,
+    and, with T5's bias, d table[bucket, h] += dS summed over the bucket's elements.
     A separate pass rather than atomic adds from the dK/dV kernel: deterministic, and
-    each dQ row is written once. grid: (query blocks, B * H)."""
+    each dQ row is written once (the table's gradient, from atomics, is deterministic
+    only up to the order of its fp32 additions). grid: (query blocks, B * H)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # longest programs first, as in the forward pass
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -488,6 +590,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
     v_base = V + b * stride_vb + h_kv * stride_vh
     kpm_base = KPM + b * stride_mb
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    q_first = start_m + offset  # the block's query positions (for the far-block test below)
+    q_last = start_m + BLOCK_M - 1 + offset
 
     lo, hi = _attn_key_range(start_m, offset, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
@@ -500,10 +604,30 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM,
         k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
         visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
                                 window, IS_CAUSAL, HAS_WINDOW)
+        if HAS_POS_BIAS:
+            needed = visible & rows
+            bucket, bias = _attn_pos_bias(DIST_BUCKETS, TABLE + h, offs_m[:, None] + offset, k_idx[None, :],
+                                          Tk, H, needed)
+            s += bias
         p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])  # exactly 0 where masked (p = 0, the rest finite)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        if HAS_POS_BIAS:
+            # The table's gradient: dS of each element to its (bucket, h). All distances
+            # >= max_distance share one bucket, and so do all <= -max_distance
+            # (`relative_position_bucket`), so a block whose distances all lie on one of
+            # those sides ("far" from the diagonal: most blocks of a long sequence) takes
+            # one sum and one atomic instead of BLOCK_M * BLOCK_N atomics contending for
+            # that one address. Near the diagonal, one atomic per needed element.
+            # (Relaxed: a sum needs no ordering; the default acq_rel fences each atomic.)
+            d_min = start_n - q_last  # the block's smallest and largest key - query distance
+            d_max = tl.minimum(start_n + BLOCK_N, Tk) - 1 - q_first  # (a real pair's: in range)
+            if (d_max <= -max_distance) | (d_min >= max_distance):
+                far_bucket = tl.load(DIST_BUCKETS + d_max + Tk - 1)
+                tl.atomic_add(DTABLE + far_bucket * H + h, tl.sum(ds), sem="relaxed")
+            else:
+                tl.atomic_add(DTABLE + bucket * H + h, ds, mask=needed, sem="relaxed")
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
@@ -517,10 +641,12 @@ def _strides(t):
 
 class FlashAttention(torch.autograd.Function):
     """attention() on the Triton kernels above: forward saves (q, k, v, o, LSE), backward
-    runs the delta preprocess, the dK/dV kernel and the dQ kernel."""
+    runs the delta preprocess, the dK/dV kernel and the dQ kernel (which also gives T5's
+    table its gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, key_padding_mask, scale):
+    def forward(ctx, q, k, v, causal, window, key_padding_mask, scale, table, bidirectional,
+                max_distance):
         q, k, v = (_launch_ready(t) for t in (q, k, v))
         B, H, Tq, D = q.shape
         Tk = k.shape[2]
@@ -528,11 +654,17 @@ class FlashAttention(torch.autograd.Function):
         kpm = None
         if key_padding_mask is not None:  # bool -> int8 (one byte per key); (1, Tk) broadcasts
             kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).expand(B, Tk)
+        buckets = table2 = None
+        if table is not None:  # T5: the bucket of each distance, and the table in base 2, fp32
+            buckets = _distance_buckets(Tq, Tk, bidirectional, table.shape[0], max_distance, q.device)
+            table2 = (table.float() * LOG2E).contiguous()
+        ctx.max_distance = max_distance
+        ctx.table_dtype = table.dtype if table is not None else None
         # What the attention kernels take after their tensors, strides and scales:
         ctx.sizes = (H, H // k.shape[1], Tq, Tk, window or 0)
         ctx.flags = dict(Q_BUCKET=triton.next_power_of_2(Tq), K_BUCKET=triton.next_power_of_2(Tk),
                          HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                         HAS_PADDING=kpm is not None,
+                         HAS_PADDING=kpm is not None, HAS_POS_BIAS=table is not None,
                          # fp32 inputs: exact fp32 products (torch's default), not TF32
                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -544,20 +676,25 @@ class FlashAttention(torch.autograd.Function):
         def grid(meta):
             return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, kpm if kpm is not None else q,  # (a dummy pointer when unused)
+            q, k, v, o, lse,  # q stands in for the pointers that are not used
+            *(t if t is not None else q for t in (kpm, buckets, table2)),
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             *(kpm.stride() if kpm is not None else (0, 0)),
             *ctx.sizes, ctx.scale * LOG2E, **ctx.flags)
-        ctx.save_for_backward(q, k, v, o, lse, kpm)
-        return o
+        ctx.save_for_backward(q, k, v, o, lse, kpm, table2)
+        ctx.buckets = buckets  # (cached by _distance_buckets, perhaps made under inference_mode,
+        return o               # which save_for_backward refuses; neither input nor output)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, kpm = ctx.saved_tensors
+        q, k, v, o, lse, kpm, table2 = ctx.saved_tensors
+        buckets = ctx.buckets
         do = _launch_ready(do)
         B, H, Tq, D = q.shape
         H_kv, Tk = k.shape[1], k.shape[2]
         kpm_ptr, kpm_strides = (kpm, kpm.stride()) if kpm is not None else (q, (0, 0))
+        bias_ptrs = (buckets, table2) if buckets is not None else (q, q)
+        dtable = torch.zeros_like(table2) if table2 is not None else None  # fp32, atomics add to it
         scales = (ctx.scale * LOG2E, ctx.scale)
 
         delta = torch.empty_like(lse)
@@ -570,55 +707,70 @@ class FlashAttention(torch.autograd.Function):
         def dkdv_grid(meta):
             return triton.cdiv(Tk, meta["BLOCK_N"]), B * H_kv
         _attn_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, do, lse, delta, dk, dv, kpm_ptr,
+            q, k, v, do, lse, delta, dk, dv, kpm_ptr, *bias_ptrs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             *kpm_strides, *ctx.sizes, *scales, **ctx.flags)
 
         def dq_grid(meta):
             return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
         _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, do, lse, delta, dq, kpm_ptr,
+            q, k, v, do, lse, delta, dq, kpm_ptr, *bias_ptrs, dtable if dtable is not None else q,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            *kpm_strides, *ctx.sizes, *scales, **ctx.flags)
-        return dq, dk, dv, None, None, None, None
+            *kpm_strides, *ctx.sizes, *scales, ctx.max_distance, **ctx.flags)
+        dtable = dtable.to(ctx.table_dtype) if dtable is not None else None
+        return dq, dk, dv, None, None, None, None, dtable, None, None
 
 
-def _flash_supports(q, k, v, bias):
-    """The cases the Triton attention handles; anything else takes the torch path."""
+def _flash_supports(q, k, v, position_bias=None):
+    """The cases the Triton attention handles; anything else takes the torch path.
+    T5's position bias is handled (in the kernels, from its table)."""
     D = q.shape[-1]
-    return (bias is None  # additive position bias (T5): not yet in the kernels
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.dtype == k.dtype == v.dtype
             # fp32 tiles are twice as large: at head dim 256 no configuration fits Hopper's
             # shared memory (bench.py kernels-compile), so fp32 stops at 128
             and D in (16, 32, 64, 128, 256) and D <= (128 if q.dtype == torch.float32 else 256)
             and k.shape[-1] == D and v.shape[-1] == D
             and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] > 0 and k.shape[2] > 0)
+            and q.shape[2] > 0 and k.shape[2] > 0
+            and (position_bias is None or position_bias.table.is_floating_point()))
 
 
-def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None, bias=None):
-    """Multi-head attention with GQA, causal / sliding-window / key-padding masks.
-    Shapes as in `attention_reference`; returns (B, H, Tq, D).
+def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
+              position_bias=None):
+    """Multi-head attention with GQA, causal / sliding-window / key-padding masks, and T5's
+    relative position bias. Shapes as in `attention_reference`; returns (B, H, Tq, D).
+
+    `position_bias` (a RelativePositionBias, table (num_buckets, H)) adds
+    table[bucket(key position - query position), h] to every score (T5; T5 also passes
+    scale=1.0); its table gets a gradient.
 
     Triton path (backend "triton"): FlashAttention-2 above, for head dims 16..256 that
-    are powers of two (16..128 in fp32); a row with every key masked outputs 0. `bias` (an additive
-    position bias, for T5) is not supported by the Triton kernels yet: with a bias, or
-    another head dim, this runs the torch path (scaled_dot_product_attention)."""
+    are powers of two (16..128 in fp32), with or without the position bias, which the
+    kernels compute from the table (in fp32, under autocast too), never materializing a
+    (Tq, Tk) bias; a row with every key masked outputs 0. Another head dim runs the
+    torch path: scaled_dot_product_attention, with the bias materialized
+    (`relative_position_bias_reference`) and added to the scores as a float mask."""
+    if position_bias is not None and position_bias.table.shape[1:] != (q.shape[1],):
+        raise ValueError(f"position_bias.table {tuple(position_bias.table.shape)} must be "
+                         f"(num_buckets, {q.shape[1]}): one column per query head")
     use_triton = backend(q) == "triton"
     if use_triton and torch.is_autocast_enabled(q.device.type):
         # A custom Function is invisible to autocast; cast as autocast casts SDPA.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if use_triton and _flash_supports(q, k, v, bias):
-        return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale)
+    if use_triton and _flash_supports(q, k, v, position_bias):
+        if position_bias is None:
+            return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, None, None, None)
+        return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, position_bias.table,
+                                    position_bias.bidirectional, position_bias.max_distance)
 
-    simple_causal = (causal and window is None and key_padding_mask is None and bias is None
+    simple_causal = (causal and window is None and key_padding_mask is None and position_bias is None
                      and q.shape[2] == k.shape[2])
     mask = None if simple_causal else attention_mask(
         q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask)
-    if bias is not None:  # a float mask is added to the scores: bias, and -inf where masked
-        bias = bias.to(q.dtype)
+    if position_bias is not None:  # a float mask is added to the scores: bias, and -inf where masked
+        bias = relative_position_bias_reference(position_bias, q.shape[2], k.shape[2]).to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=simple_causal,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])

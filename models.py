@@ -12,6 +12,7 @@ import gpt
 import llama
 import mamba
 import mixtral
+import t5
 from errors import UsageError
 
 # name -> (Config class, presets, model class)
@@ -21,6 +22,7 @@ MODELS = {
     "mixtral": (mixtral.Config, mixtral.PRESETS, mixtral.Mixtral),
     "mamba": (mamba.Config, mamba.PRESETS, mamba.Mamba),
     "bert": (bert.Config, bert.PRESETS, bert.Bert),
+    "t5": (t5.Config, t5.PRESETS, t5.T5),
 }
 
 

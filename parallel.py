@@ -291,7 +291,8 @@ class Tags:
     partial_grad: bool = False  # replicated over tp, but each tp rank computes only part of the
                                 # gradient (a QK-norm seeing its heads): summed over tp
     pp_tied: bool = False       # a tied embedding held by the first and the last pipeline stage
-    pp_tied_copy: bool = False  # ... and this is the last stage's copy: never saved or counted
+    pp_shared: bool = False     # held by every pipeline chunk (T5's position-bias tables)
+    pp_tied_copy: bool = False  # a copy of either kind but the first chunk's: never saved or counted
     expert: bool = False        # an expert's: one rank of each ep group holds it
 
 
@@ -1018,14 +1019,16 @@ def rank_chunks(layout, n_layers, layers_per_chunk=None):
             for c in range(layout.pp_rank, len(all_chunks), layout.pp)]
 
 
-def keep_chunk(model, chunk, first, last, tied_embedding=None):
+def keep_chunk(model, chunk, first, last, tied_embedding=None, shared=()):
     """Turn `model`, whose __init__ built the whole model, into the pipeline `chunk` of it
     (None: keep the whole model). Its layers are `model.layers`, keyed by global index;
     `first` names the modules only the first chunk holds (the embedding), `last` those only
     the last one holds (final norm, output layer). With tied embeddings, `tied_embedding`
     names the embedding, which the last chunk keeps too, for its output layer: split over
     two stages, the two copies are tagged so that DataParallel sums their gradients (they
-    stay equal) and only the first stage's is saved and counted. Sets `model.chunk`.
+    stay equal) and only the first stage's is saved and counted. `shared` names parameters
+    that every chunk holds (small ones that layers on several stages read: T5's position-bias
+    tables), tagged likewise: gradients summed over all the copies. Sets `model.chunk`.
 
     Built on the meta device (models.build), the modules dropped here never had memory."""
     chunk = chunk or Chunk(0, [int(i) for i in model.layers], True, True)
@@ -1041,6 +1044,10 @@ def keep_chunk(model, chunk, first, last, tied_embedding=None):
     if tied_embedding and chunk.first != chunk.last:
         t = tags(getattr(model, tied_embedding).weight)
         t.pp_tied, t.pp_tied_copy = True, chunk.last
+    if not (chunk.first and chunk.last):  # several chunks, each with its own copy
+        for name in shared:
+            t = tags(getattr(model, name))
+            t.pp_shared, t.pp_tied_copy = True, not chunk.first
     model.chunk = chunk
     return model
 
@@ -1143,7 +1150,8 @@ class Bucket:
     grad_shard: torch.Tensor  # its reduced gradient (`grads` itself without ZeRO-1)
     norm_weight: torch.Tensor  # 1 where an element of the shard counts in the gradient norm
     expert: bool = False      # experts' parameters (reduced over their own group)
-    deferred: bool = False    # tied embeddings across stages: reduced in finish()
+    deferred: str = None      # reduced in finish(): "embedding" (tied across the first and
+                              # last stage) or "pipeline" (parameters every chunk holds)
     done: set = field(default_factory=set)  # ids of parameters whose gradient is final
     launched: bool = False    # its reduction started during backward ...
     handle: object = None     # ... and this is it, in flight
@@ -1180,15 +1188,19 @@ class DataParallel:
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
                              if p.requires_grad]
-        # Tied embeddings split over the first and last pipeline stage get their own
-        # bucket, reduced in finish(): their two halves must be summed over the embedding
-        # group first, and that cannot wait inside a backward that feeds the pipeline.
-        tied = [(n, p) for n, p in self.named_params if tags(p).pp_tied]
-        self.buckets = [self._make_bucket(tied, deferred=True)] if tied else []
+        # Parameters with copies on several pipeline chunks (tied embeddings on the first
+        # and last stage; parameters every chunk holds) get buckets of their own, reduced
+        # in finish(): their copies' gradients must be summed over the pipeline first, and
+        # that cannot wait inside a backward that feeds the pipeline.
+        self.buckets = []
+        for kind, tag in (("embedding", "pp_tied"), ("pipeline", "pp_shared")):
+            copies = [(n, p) for n, p in self.named_params if getattr(tags(p), tag)]
+            if copies:
+                self.buckets.append(self._make_bucket(copies, deferred=kind))
         for expert in (False, True):
             bucket, size = [], 0
             for name, p in reversed(self.named_params):
-                if tags(p).pp_tied or tags(p).expert != expert:
+                if tags(p).pp_tied or tags(p).pp_shared or tags(p).expert != expert:
                     continue
                 bucket.append((name, p))
                 size += p.numel()
@@ -1211,7 +1223,7 @@ class DataParallel:
             hook.remove()
         self.hooks = []
 
-    def _make_bucket(self, named, deferred=False):
+    def _make_bucket(self, named, deferred=None):
         layout = self.layout
         expert = tags(named[0][1]).expert and layout.ep > 1
         if expert:
@@ -1278,10 +1290,24 @@ class DataParallel:
                 for _, p in b.params:
                     if id(p) not in b.done:
                         self._sum_partial_grad(p)
-                if b.deferred:
+                if b.deferred == "embedding":
                     all_reduce(b.grads, self.layout.embedding_group)
+                elif b.deferred == "pipeline":
+                    self._sum_pipeline_copies(b)
                 self._reduce(b, async_op=False)
             b.done, b.launched, b.handle = set(), False, None
+
+    def _sum_pipeline_copies(self, bucket):
+        """Give every copy of a parameter that every chunk holds the sum of all copies'
+        gradients: of this rank's chunks (with vpp it holds several), then over pp."""
+        copies = {}
+        for name, p in bucket.params:
+            copies.setdefault(name, []).append(p)
+        for same in copies.values():
+            total = sum(p.grad for p in same)
+            for p in same:
+                p.grad.copy_(total)
+        all_reduce(bucket.grads, self.layout.pp_group)
 
     def zero_grad(self):
         for b in self.buckets:

@@ -255,13 +255,25 @@ def check_args(args, cfg, tokenizer):
         if not 0 < args.mask_prob <= 1:
             raise UsageError(f"--mask-prob must be in (0, 1], got {args.mask_prob}: a batch "
                              f"without a masked token has nothing to learn from")
+    elif args.model == "t5":
+        tokens = data.t5_special_tokens(tokenizer)  # a UsageError without sentinels
+        n_vocab = tokens.n_vocab
+        if cfg.decoder_start_token_id != tokens.pad:
+            raise UsageError(f"the decoder starts with token {cfg.decoder_start_token_id} but the "
+                             f"tokenizer's pad token is {tokens.pad}; pass --set "
+                             f"decoder_start_token_id={tokens.pad}")
+        if args.cp > 1:
+            raise UsageError("--cp: T5 does not support context parallelism (its cross-attention "
+                             "would need a ring over keys of another length); use --tp, --pp or "
+                             "data parallelism")
     else:
         n_vocab = data.get_tokenizer(tokenizer).n_vocab
     if n_vocab > cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer} has {n_vocab} tokens but the model's vocab_size "
                          f"is {cfg.vocab_size}; pass --set vocab_size={n_vocab}")
-    if args.seq_len > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}; "
+    max_seq_len = getattr(cfg, "max_seq_len", None)  # T5's relative positions have no limit
+    if max_seq_len is not None and args.seq_len > max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={max_seq_len}; "
                          f"pass --set max_seq_len={args.seq_len}")
     # The layout.
     dp = parallel.check_layout(parallel.world_size(), args.tp, args.cp, args.pp, args.ep)
@@ -274,6 +286,11 @@ def check_args(args, cfg, tokenizer):
     if args.sp and args.tp > 1 and args.seq_len // args.cp % args.tp:
         raise UsageError(f"--seq-len {args.seq_len} / cp is not divisible by tp={args.tp}, as "
                          f"sequence parallelism needs; change --seq-len or pass --no-sp")
+    if args.model == "t5" and args.sp and args.tp > 1:
+        decoder_len = data.span_corruption_lengths(args.seq_len)[1]
+        if decoder_len % args.tp:
+            raise UsageError(f"the decoder's {decoder_len} tokens are not divisible by tp={args.tp}, "
+                             f"as sequence parallelism needs; pass --no-sp")
     # The batch.
     gbs, mbs = args.global_batch_size, micro_batch_size(args, dp)
     if gbs % dp:
@@ -370,13 +387,16 @@ def starts_from_pretrained(args, cfg):
 
 def load_data(args, tokenizer):
     """(train, val) for the model: token windows (causal models), BERT's masked sentence
-    pairs over the same windows, or with --task a labelled classification task."""
+    pairs or T5's corrupted spans over the same windows, or with --task a labelled
+    classification task."""
     if args.task:
         return data.load_task(args.task, tokenizer, args.seq_len)
     train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len)
     if args.model == "bert":
         return tuple(data.MaskedLMData(d, tokenizer, args.mask_prob, args.whole_word_masking)
                      for d in (train_data, val_data))
+    if args.model == "t5":
+        return tuple(data.SpanCorruptionData(d, tokenizer) for d in (train_data, val_data))
     return train_data, val_data
 
 
@@ -484,8 +504,11 @@ def forward_backward(run, batch_rows, forward_only=False):
             batch["sentence_order_weight"] = global_targets / args.global_batch_size
     for m in run.modules:
         m.train(not forward_only)
-    # What pipeline stages send each other: this rank's share of a micro-batch's tokens.
-    seq_per_rank = args.seq_len // layout.cp // (layout.tp if layout.sp else 1)
+    # What pipeline stages send each other: this rank's share of a micro-batch's tokens
+    # (an encoder-decoder's chunks pass the encoder's and the decoder's side by side).
+    tokens = sum(micro_batches[0][k].shape[1] for k in ("input_ids", "decoder_input_ids")
+                 if k in micro_batches[0])
+    seq_per_rank = tokens // layout.cp // (layout.tp if layout.sp else 1)
     loss_sum = parallel.run_schedule(
         run.actions, run.chunks, run.modules, micro_batches, layout, (mbs, seq_per_rank, run.cfg.dim),
         ddp=None if forward_only else run.ddp, autocast=run.autocast, forward_only=forward_only,
@@ -667,7 +690,7 @@ def training_loop(run):
     """Steps from the start (or the resumed) step to --steps: train, evaluate, log, save.
     Returns the records of the steps run."""
     args, layout = run.args, run.layout
-    flops_per_step = run.modules[0].flops_per_token(args.seq_len) * run.tokens_per_step
+    step_flops = flops_per_step(run)
     peak = peak_flops(layout.device, args)
     records, t_start, last = [], time.perf_counter(), time.perf_counter()
     for step in range(run.start_step, args.steps):
@@ -677,7 +700,7 @@ def training_loop(run):
         now = time.perf_counter()
         step_time, last = now - last, now
         record.update(tokens_per_s=run.tokens_per_step / step_time,
-                      mfu=flops_per_step / step_time / (peak * layout.world) if peak else None,
+                      mfu=step_flops / step_time / (peak * layout.world) if peak else None,
                       mem_gb=memory_gb(layout.device),
                       **{k: v for k, v in router.items() if k != "tokens_per_expert"})
         done = step + 1
@@ -695,15 +718,40 @@ def training_loop(run):
     if records:
         run.logger.print(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} in "
                          f"{time.perf_counter() - t_start:.0f}s")
-    sample = args.sample_tokens and hasattr(run.modules[0], "new_kv_caches")  # not an encoder (BERT)
+    model = run.modules[0]
+    sample = args.sample_tokens and (hasattr(model, "new_kv_caches") or hasattr(model, "encode"))
     if sample and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
-        text = generate.sample_text(run.modules[0], data.get_tokenizer(run.tokenizer), "",
-                                    args.sample_tokens, seed=args.seed)
-        run.logger.print("---- sample ----\n" + text + "\n----------------")
+        run.logger.print(sample_report(run))
     elif sample and args.save:
         run.logger.print(f"(sampling needs the whole model in one process: python generate.py "
                          f"--load {args.save})")
     return records
+
+
+def sample_report(run):
+    """What the trained model writes: a sampled continuation of end-of-text, or for T5 its
+    greedy filling of a validation example's corrupted spans beside the true spans."""
+    args, model = run.args, run.modules[0]
+    tokenizer = data.get_tokenizer(run.tokenizer)
+    if not hasattr(model, "encode"):
+        text = generate.sample_text(model, tokenizer, "", args.sample_tokens, seed=args.seed)
+        return "---- sample ----\n" + text + "\n----------------"
+    example = run.val_data.batch(0, args.seed + 1, 1, args.seq_len)
+    ids = example["input_ids"][0][example["attention_mask"][0].bool()]
+    target = example["labels"][0][example["labels"][0] != data.IGNORE_INDEX]
+    out = generate.sample_seq2seq(model, ids[None].to(run.layout.device), None,
+                                  min(args.sample_tokens, len(target)), temperature=0,
+                                  eos_id=run.val_data.tokens.eos)
+    return (f"---- a validation example: the input, its true spans, the model's (greedy) ----\n"
+            f"{tokenizer.decode(ids.tolist())}\n---- true ----\n{tokenizer.decode(target.tolist())}\n"
+            f"---- model ----\n{tokenizer.decode(out[0].tolist())}\n----------------")
+
+
+def flops_per_step(run):
+    """Training FLOPs of one step, for MFU (T5's per encoder token, given its decoder's length)."""
+    args = run.args
+    extra = {"decoder_len": data.span_corruption_lengths(args.seq_len)[1]} if args.model == "t5" else {}
+    return run.modules[0].flops_per_token(args.seq_len, **extra) * run.tokens_per_step
 
 
 def train(args):

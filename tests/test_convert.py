@@ -472,7 +472,7 @@ CLASSIFIER_JSON = dict(model_type="bert", architectures=["BertForSequenceClassif
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(model_type="t5"), "model_type 't5' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
+    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling of type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(model_type="qwen3", attention_bias=True), "attention_bias"),

@@ -107,16 +107,6 @@ def test_attention_fully_masked_rows_are_zero(triton_backend):
         torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=1e-4)
 
 
-def test_attention_bias_falls_back_to_torch(triton_backend):
-    """The position-bias hook (for T5) is not in the Triton kernels: attention() takes the
-    torch path with it, and still matches the reference."""
-    q, k, v, mask, _ = _attention_case(2, 4, 2, 9, 9, 16, torch.float32, padded=True)
-    bias = torch.randn(1, 4, 9, 9, device=DEVICE)
-    got = kernels.attention(q, k, v, causal=True, key_padding_mask=mask, bias=bias)
-    want = kernels.attention_reference(q, k, v, causal=True, key_padding_mask=mask, bias=bias)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
 def test_attention_fp32_at_head_dim_256_takes_the_torch_path(triton_backend, monkeypatch):
     """fp32 tiles of head dim 256 fit no kernel configuration in Hopper's shared memory
     (bench.py kernels-compile), so that case runs SDPA; fp16 at 256 stays on Triton."""
