@@ -14,6 +14,8 @@ Modes:
   cp-memory     activation memory per rank of the tiny llama at seq 8192 with cp = 1, 2, 4
                 (expect ~1/cp), and bytes sent per rank, ring vs all-gather
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
+                T5's attention (relative position bias inside the kernel) vs SDPA with the
+                bias materialized, head dim 64, seq 1k-4k;
                 RMSNorm and SwiGLU GB/s vs the card's HBM peak and torch.compile (GPU targets:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak);
                 chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory;
@@ -667,6 +669,47 @@ def bench_attention(device, seq_lens, head_dim, heads, tokens, reps, dtype):
     return rows
 
 
+def bench_attention_t5(device, seq_lens, heads, tokens, reps, dtype):
+    """T5's attention (head dim 64, no score scaling, a relative position bias from a
+    32 x heads table): ours adds the bias inside the kernel from the table; the baseline is
+    SDPA with the (T, T) bias materialized and passed as its float mask, as a model without
+    such a kernel does (with a float mask SDPA cannot use its flash backend). Encoder
+    (bidirectional buckets) and decoder (causal, past-only buckets)."""
+    rows, head_dim = [], 64
+    for T in seq_lens:
+        B = max(1, tokens // T)
+        for causal in (False, True):
+            q, k, v = (torch.randn(B, heads, T, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            table = torch.randn(32, heads, device=device, requires_grad=True)
+            bias = kernels.RelativePositionBias(table, bidirectional=not causal)
+
+            def ours_fn(a, b, c, t):
+                return kernels.attention(a, b, c, causal=causal, scale=1.0,
+                                         position_bias=kernels.RelativePositionBias(t, not causal))
+
+            def base_fn(a, b, c, t):
+                mask = kernels.relative_position_bias_reference(
+                    kernels.RelativePositionBias(t, not causal), T, T).to(a.dtype)
+                if causal:
+                    mask = mask.masked_fill(~kernels.attention_mask(T, T, a.device), float("-inf"))
+                return F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=1.0)
+            fwd_flops = 4 * B * heads * T * T * head_dim * (0.5 if causal else 1.0)
+            impl = kernels.backend(q)
+            ours = fwd_bwd_fns(ours_fn, (q, k, v, bias.table), None)
+            base = fwd_bwd_fns(base_fn, (q, k, v, bias.table), None)
+            for i, pas in enumerate(("fwd", "bwd")):
+                flops = fwd_flops * (1.0 if pas == "fwd" else 2.5)
+                ms_ours, ms_base = time_ms(ours[i], device, reps), time_ms(base[i], device, reps)
+                rows.append({"kernel": "attention-t5", "pass": pas, "shape": f"B{B} H{heads} T{T} D{head_dim}",
+                             "causal": causal, "impl": impl, "ms": ms_ours,
+                             "tflops": flops / ms_ours / 1e9, "baseline": "sdpa + materialized bias",
+                             "baseline_ms": ms_base, "baseline_tflops": flops / ms_base / 1e9,
+                             "speedup": ms_base / ms_ours})
+            del q, k, v, table, bias, ours, base
+    return rows
+
+
 def bench_memory_bound(device, rows_, dim, ffn_dim, reps, dtype, compile_reference):
     """RMSNorm and SwiGLU: GB/s = bytes each pass must read and write / its time."""
     peak = hbm_peak_gbps(device)
@@ -798,6 +841,8 @@ def benchmark_kernels(args, device):
 
     rows = bench_attention(device, seq_lens, head_dim, heads=16 if gpu else 4,
                            tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
+    rows += bench_attention_t5(device, [s for s in seq_lens if s <= 4096] or seq_lens[:1],
+                               heads=12 if gpu else 4, tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
     if gpu:
         mem_rows, dim, ffn = 16384, 4096, 14336
     else:
@@ -810,12 +855,13 @@ def benchmark_kernels(args, device):
 
     print(f"kernels on {torch.cuda.get_device_name(device) if gpu else 'cpu'}, {dtype}"
           + ("" if gpu else " (cpu: the reference path; says nothing about the Triton kernels)"))
-    print_table([r for r in rows if r["kernel"] == "attention"], [
-        ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("causal", "causal", ""),
-        ("impl", "ours", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".3g"),
-        ("baseline_ms", "sdpa ms", ".3f"), ("baseline_tflops", "sdpa TFLOP/s", ".3g"),
-        ("speedup", "speedup", ".2f")])
-    print()
+    for kernel in ("attention", "attention-t5"):  # T5's: the baseline materializes its bias
+        print_table([r for r in rows if r["kernel"] == kernel], [
+            ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("causal", "causal", ""),
+            ("impl", "ours", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".3g"),
+            ("baseline_ms", "sdpa ms", ".3f"), ("baseline_tflops", "sdpa TFLOP/s", ".3g"),
+            ("speedup", "speedup", ".2f")])
+        print()
     print_table([r for r in rows if r["kernel"] in ("rmsnorm", "swiglu")], [
         ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
         ("ms", "ms", ".3f"), ("gbps", "GB/s", ".0f"), ("pct_of_peak", "% HBM peak", ".0f"),

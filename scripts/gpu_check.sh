@@ -4,6 +4,7 @@
 #   OUT=gpu-results bash scripts/gpu_check.sh          # the general checks, below
 #   OUT=gpu-results bash scripts/gpu_check.sh mamba    # Mamba's (at the end of this file)
 #   OUT=gpu-results bash scripts/gpu_check.sh bert     # BERT's
+#   OUT=gpu-results bash scripts/gpu_check.sh t5       # T5's
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -62,6 +63,25 @@ if [ "${1:-}" = mamba ]; then
     step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
         --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
         n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
+
+if [ "${1:-}" = t5 ]; then
+    # T5, at most 3 minutes: the relative-position-bias attention tests compiled on the GPU
+    # (the bias added inside the kernels, the table's gradient by atomic adds); bf16 training
+    # steps of t5-base (head dim 64, padded encoder, causal decoder with its own buckets,
+    # cross-attention) with the Triton kernels and with torch's (SDPA with the bias
+    # materialized). The kernel's TFLOP/s against SDPA + materialized bias are bench.py
+    # kernels' attention-t5 rows, in the general checks.
+    step t5-attention-tests 80 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
+        tests/test_relative_attention.py
+    for backend in triton torch; do
+        step "train-t5-base-$backend" 50 env KERNELS_BACKEND=$backend python3 train.py \
+            --model t5 --config t5-base --tokenizer byte --set vocab_size=384 --set \
+            decoder_start_token_id=257 --seq-len 512 --global-batch-size 32 --steps 20 \
+            --warmup-steps 5 --log-every 5 --eval-every 0 --eval-batches 1 \
+            --metrics "$out/train-t5-base-$backend.jsonl"
+    done
     exit 0
 fi
 
