@@ -38,7 +38,7 @@ def test_kernels_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     bench.main(["kernels", "--device", "cpu", "--seq-lens", "64", "--reps", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert {r["kernel"] for r in rows} == {"attention", "rmsnorm", "swiglu", "linear_cross_entropy"}
+    assert {r["kernel"] for r in rows} == {"attention", "attention-t5", "rmsnorm", "swiglu", "linear_cross_entropy"}
     assert all(r["ms"] > 0 for r in rows)
     chunked, reference = (next(r for r in rows if r.get("impl") == name) for name in ("chunked", "reference"))
     assert chunked["kept_mib"] < reference["kept_mib"] / 4  # dx and dW instead of every logit
