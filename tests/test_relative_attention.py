@@ -135,7 +135,7 @@ def test_triton_position_bias_matches_reference_fp32(monkeypatch, case):
     _compare(got, want, dict(atol=2e-5, rtol=1e-4))
 
 
-@pytest.mark.parametrize("case", ["encoder", "decoder-far"])
+@pytest.mark.parametrize("case", ["decoder-far"])  # (fp32 covers every case; fp16 its rounding)
 def test_triton_position_bias_matches_reference_fp16(monkeypatch, case):
     """fp16 q, k, v (the table fp32, as under autocast) against the fp32 reference on the
     same fp16-rounded inputs."""
@@ -223,9 +223,9 @@ def _t5_loss_and_gradients():
     import models
     model = models.build("t5", models.make_config("t5", "test"), DEVICE, 0)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (2, 40), generator=g)  # beyond max_distance 20
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, 30:] = 0
+    ids = torch.randint(0, 256, (2, 24), generator=g)  # beyond max_distance 20
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 17:] = 0
     labels = torch.randint(0, 256, (2, 8), generator=g)
     loss = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
     loss.backward()

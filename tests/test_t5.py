@@ -207,3 +207,26 @@ def test_bad_input_is_one_line(capsys, flags, message):
 def test_model_refuses_a_layout_that_does_not_divide():
     with pytest.raises(parallel.UsageError, match="n_heads=4 is not divisible by tp=3"):
         models.MODELS["t5"][2](models.make_config("t5", "test"), parallel.Layout(tp=3))
+
+
+@pytest.mark.parametrize("preset,hf_fields", [
+    ("t5-small", dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8)),
+    ("t5-base", dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12)),
+    ("t5-large", dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)),
+    ("t5-v1_1-base", dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    ("flan-t5-base", dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+])
+def test_presets_have_the_published_sizes(preset, hf_fields):
+    """Parameters of the preset = transformers' T5ForConditionalGeneration with the published
+    checkpoint's config (t5-small 60.5M, t5-base 222.9M, t5-large 737.7M, v1.1/FLAN base
+    247.6M; built on the meta device), an untied output layer counted separately."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    with torch.device("meta"):
+        ours = models.MODELS["t5"][2](models.make_config("t5", preset))
+        hf = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_kv=64, **hf_fields))
+    expected = sum(p.numel() for p in hf.parameters())  # tied: shared once
+    if not hf_fields.get("tie_word_embeddings", True):  # transformers 5 ties a model built
+        expected += hf.lm_head.weight.numel()           # from a config; v1.1 files do not
+    assert sum(p.numel() for p in ours.parameters()) == expected
