@@ -152,6 +152,28 @@ def assert_same_logits(got, expected):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def local_gradients(modules):
+    """[(name, offset in the global tensor, this rank's part)] of every gradient of these
+    model chunks (one module or a list; a name once per copy), padding beyond the global
+    shape dropped: what a layout test compares with the one-process gradients."""
+    import parallel
+    out = []
+    for m in modules if isinstance(modules, (list, tuple)) else [modules]:
+        for name, p in m.named_parameters():
+            _, offset, extent = parallel.global_region(p)
+            out.append((name, offset, p.grad[tuple(slice(0, n) for n in extent)].clone()))
+    return out
+
+
+def assert_gradient_part(grad, offset, full, what, atol_floor=0.0):
+    """A rank's part of a gradient equals that region of the one-process gradient `full`,
+    to a tolerance relative to full's largest element: each parameter against its own size,
+    so a small one's error shows as much as the embedding's."""
+    region = full[tuple(slice(o, o + n) for o, n in zip(offset, grad.shape))]
+    torch.testing.assert_close(grad, region, rtol=1e-4, atol=1e-5 * full.abs().max().item() + atol_floor,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def assert_same_run(got, expected, rel=1e-5, keys=("loss", "grad_norm", "val_loss")):
     """Per step: the loss, the gradient norm (before clipping) and, where evaluated, the
     validation loss (the forward-only path) agree within `rel`."""

@@ -13,7 +13,8 @@ import checkpoint
 import data
 import models
 import parallel
-from conftest import LAYOUT, assert_same_run, one_line_error, one_process, train_job, train_on
+from conftest import (LAYOUT, assert_gradient_part, assert_same_run, local_gradients, one_line_error,
+                      one_process, train_job, train_on)
 
 BERT = ["--model", "bert", *LAYOUT, "--eval-every", "5"]
 ACCURACIES = ("mlm_accuracy", "sentence_order_accuracy", "val_mlm_accuracy",
@@ -78,7 +79,7 @@ def _batch(classifier):
 def _gradients(tp=1, cp=1, sp=True, overrides=()):
     """This rank's loss and heads' counts (summed over cp: its tp ranks must all hold the
     whole figures), and every parameter's gradient (summed over ranks as DataParallel does)
-    for one batch, keyed by name, as (offset in the global tensor, this rank's part)."""
+    for one batch (conftest.local_gradients)."""
     layout = parallel.init_distributed(tp=tp, cp=cp, sp=sp, device="cpu")
     try:
         model = models.build("bert", models.make_config("bert", "test", overrides), "cpu", 0, layout)
@@ -88,10 +89,7 @@ def _gradients(tp=1, cp=1, sp=True, overrides=()):
         ddp.finish()
         figures = torch.cat([loss.detach()[None], *(c for _, c in sorted(model.pop_stats().items()))])
         parallel.all_reduce(figures, layout.cp_group)
-        grads = {}
-        for name, p in model.named_parameters():
-            _, offset, extent = parallel.global_region(p)
-            grads[name] = (offset, p.grad[tuple(slice(0, n) for n in extent)].clone())
+        grads = local_gradients(model)
         ddp.close()
         return figures, grads
     finally:
@@ -113,13 +111,10 @@ def test_every_gradient_equals_one_process(ranks, world, layout, overrides):
     for rank, (got_figures, grads) in ranks(world).run(_gradients, overrides=overrides, **layout).items():
         torch.testing.assert_close(got_figures, figures, rtol=1e-5, atol=0,
                                    msg=lambda m: f"rank {rank} loss, [hits, targets] per head: {m}")
-        assert grads.keys() == expected.keys()
-        for name, (offset, grad) in grads.items():
-            full = expected[name].grad
-            region = full[tuple(slice(o, o + n) for o, n in zip(offset, grad.shape))]
+        assert [name for name, _, _ in grads] == list(expected)
+        for name, offset, grad in grads:
             # (+1e-8: the key bias's gradient is zero but for rounding, softmax ignores it)
-            torch.testing.assert_close(grad, region, rtol=1e-4, atol=1e-5 * full.abs().max().item() + 1e-8,
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
+            assert_gradient_part(grad, offset, expected[name].grad, f"rank {rank} {name}", atol_floor=1e-8)
 
 
 def _hits(tp, vocab):

@@ -10,7 +10,7 @@ import generate
 import mamba
 import models
 import parallel
-from conftest import LAYOUT, check_layouts, one_line_error
+from conftest import LAYOUT, assert_gradient_part, check_layouts, local_gradients, one_line_error
 
 PRESETS = ["test", "test-mamba1", "test-hybrid"]
 
@@ -78,8 +78,8 @@ def test_layouts_equal_one_process(ranks, preset, layouts):
 
 
 def _gradients(preset, tp=1, cp=1, sp=True):
-    """Every parameter's gradient (summed over ranks as DataParallel does) for one batch,
-    keyed by name, as (offset in the global tensor, this rank's part)."""
+    """Every parameter's gradient (summed over ranks as DataParallel does) for one batch
+    (conftest.local_gradients)."""
     layout = parallel.init_distributed(tp=tp, cp=cp, sp=sp, device="cpu")
     try:
         model = models.build("mamba", models.make_config("mamba", preset), "cpu", 0, layout)
@@ -87,10 +87,7 @@ def _gradients(preset, tp=1, cp=1, sp=True):
         ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
         model(ids, labels=ids).backward()
         ddp.finish()
-        grads = {}
-        for name, p in model.named_parameters():
-            _, offset, extent = parallel.global_region(p)
-            grads[name] = (offset, p.grad[tuple(slice(0, n) for n in extent)].clone())
+        grads = local_gradients(model)
         ddp.close()
         return grads
     finally:
@@ -106,11 +103,8 @@ def test_every_gradient_equals_one_process(ranks, preset, world, layout):
     update, at these sizes) would not show an error in them."""
     expected = {name: p.grad for name, p in _one_process_gradients(preset).items()}
     for rank, grads in ranks(world).run(_gradients, preset=preset, **layout).items():
-        for name, (offset, grad) in grads.items():
-            full = expected[name]
-            region = full[tuple(slice(o, o + n) for o, n in zip(offset, grad.shape))]
-            torch.testing.assert_close(grad, region, rtol=1e-4, atol=1e-5 * full.abs().max().item(),
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        for name, offset, grad in grads:
+            assert_gradient_part(grad, offset, expected[name], f"rank {rank} {name}")
 
 
 def _one_process_gradients(preset):

@@ -12,7 +12,8 @@ import generate
 import models
 import parallel
 import t5
-from conftest import LAYOUT, assert_same_run, one_line_error, one_process, train_job, train_on
+from conftest import (LAYOUT, assert_gradient_part, assert_same_run, local_gradients, one_line_error,
+                      one_process, train_job, train_on)
 
 T5 = ["--model", "t5", *LAYOUT, "--eval-every", "5"]
 
@@ -32,7 +33,7 @@ def _batch():
 
 def _gradients(tp=1, sp=True, overrides=()):
     """This rank's loss and every parameter's gradient (summed over ranks as DataParallel
-    does) for one batch, keyed by name, as (offset in the global tensor, this rank's part)."""
+    does) for one batch (conftest.local_gradients)."""
     layout = parallel.init_distributed(tp=tp, sp=sp, device="cpu")
     try:
         model = models.build("t5", models.make_config("t5", "test", overrides), "cpu", 0, layout)
@@ -40,10 +41,7 @@ def _gradients(tp=1, sp=True, overrides=()):
         loss = model(**_batch())
         loss.backward()
         ddp.finish()
-        grads = {}
-        for name, p in model.named_parameters():
-            _, offset, extent = parallel.global_region(p)
-            grads[name] = (offset, p.grad[tuple(slice(0, n) for n in extent)].clone())
+        grads = local_gradients(model)
         ddp.close()
         return loss.detach(), grads
     finally:
@@ -62,12 +60,9 @@ def test_every_gradient_equals_one_process(ranks, world, layout, overrides):
     expected = dict(model.named_parameters())
     for rank, (got_loss, grads) in ranks(world).run(_gradients, overrides=overrides, **layout).items():
         torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-5, atol=0)
-        assert grads.keys() == expected.keys()
-        for name, (offset, grad) in grads.items():
-            full = expected[name].grad
-            region = full[tuple(slice(o, o + n) for o, n in zip(offset, grad.shape))]
-            torch.testing.assert_close(grad, region, rtol=1e-4, atol=1e-5 * full.abs().max().item(),
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        assert [name for name, _, _ in grads] == list(expected)
+        for name, offset, grad in grads:
+            assert_gradient_part(grad, offset, expected[name].grad, f"rank {rank} {name}")
 
 
 def test_decoding_with_caches_equals_the_full_forward():
@@ -93,9 +88,10 @@ def test_decoding_with_caches_equals_the_full_forward():
 
 
 def _pipeline_gradients(pp, vpp=1, pp_layers=None, overrides=()):
-    """The step's loss (summed over the pipeline) and every gradient of this rank's chunks
-    after a pipeline schedule over two padded micro-batches: [(name, offset, part)], a name
-    once per copy (the bias tables on every chunk, a tied embedding on two stages)."""
+    """The step's loss (summed over the pipeline), the gradient norm and every gradient of
+    this rank's chunks (conftest.local_gradients: a name once per copy, the bias tables on
+    every chunk, a tied embedding on two stages) after a pipeline schedule over two padded
+    micro-batches."""
     layout = parallel.init_distributed(pp=pp, vpp=vpp, device="cpu")
     try:
         cfg = models.make_config("t5", "test", overrides)
@@ -110,11 +106,7 @@ def _pipeline_gradients(pp, vpp=1, pp_layers=None, overrides=()):
         ddp.finish()
         parallel.all_reduce(loss, layout.pp_group)
         norm = parallel.clip_grad_norm(ddp, 0.0)  # each copy counted once
-        grads = []
-        for m in modules:
-            for name, p in m.named_parameters():
-                _, offset, extent = parallel.global_region(p)
-                grads.append((name, offset, p.grad[tuple(slice(0, n) for n in extent)].clone()))
+        grads = local_gradients(modules)
         ddp.close()
         return loss, norm, grads
     finally:
@@ -144,10 +136,7 @@ def test_pipeline_gradients_equal_one_process(ranks, pipeline, overrides):
         torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-5, atol=0)
         torch.testing.assert_close(got_norm, norm, rtol=1e-6, atol=0)
         for name, offset, grad in grads:
-            full = expected[name].grad
-            region = full[tuple(slice(o, o + n) for o, n in zip(offset, grad.shape))]
-            torch.testing.assert_close(grad, region, rtol=1e-4, atol=1e-5 * full.abs().max().item(),
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
+            assert_gradient_part(grad, offset, expected[name].grad, f"rank {rank} {name}")
             seen.add(name)
     assert seen == expected.keys()
 
