@@ -94,39 +94,46 @@ def backend(x):
     return choice
 
 
-def _autotune(key, hopper, ampere, interpreter):
+def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", "BLOCK_N")):
     """triton.autotune over a short list of launch configurations for this GPU.
 
-    Configurations are (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, one list for
-    Hopper (sm_90: more shared memory and registers per SM, so larger tiles and deeper
-    pipelines pay) and one for Ampere (sm_80/86/89). The first launch for a new `key`
-    times each one and keeps the fastest; configurations that do not fit the card's
-    shared memory are skipped by the autotuner. Under the interpreter there is one
-    small fixed configuration: timing is meaningless there, and slow.
+    Configurations are tuples: the values of the `meta` parameters (by default BLOCK_M,
+    BLOCK_N), then num_warps and num_stages. There is one list per GPU generation: Hopper
+    (sm_90: more shared memory and registers per SM, so larger tiles and deeper pipelines
+    pay), Ada (sm_89, optional: 99 KiB of shared memory per block) and Ampere (sm_80/86,
+    optional for kernels that need newer instructions, such as FP8 tl.dot). A GPU gets the
+    list of the newest generation it has reached (an sm_89 card without an Ada list gets
+    Ampere's). The first launch for a new `key` times each configuration and keeps the
+    fastest; configurations that do not fit the card's shared memory are skipped by the
+    autotuner. Under the interpreter there is one small fixed configuration: timing is
+    meaningless there, and slow.
 
     The lists were chosen from `python bench.py kernels-compile`, which compiles every
-    configuration for sm_80 and sm_90 without a GPU and reports ptxas's register spills
+    configuration for each listed GPU without a GPU and reports ptxas's register spills
     and the shared memory used: each list has configurations that spill nothing at head
-    dims 64 and 128. The decorated kernel keeps them as `configs_by_arch`.
+    dims 64 and 128 (the FP8 matmul's: none spills). The decorated kernel keeps them as
+    `configs_by_arch` ({90: [...], 89: [...], 80: [...]}, the lists given).
     """
     if not HAVE_TRITON:
         return lambda fn: fn
 
     def config(c):
-        block_m, block_n, num_warps, num_stages = c
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
-                             num_warps=num_warps, num_stages=num_stages)
+        *values, num_warps, num_stages = c
+        return triton.Config(dict(zip(meta, values, strict=True)), num_warps=num_warps, num_stages=num_stages)
 
-    by_arch = {90: [config(c) for c in hopper], 80: [config(c) for c in ampere]}
+    by_arch = {arch: [config(c) for c in configs]
+               for arch, configs in ((90, hopper), (89, ada), (80, ampere)) if configs}
 
     def this_gpu(configs, named_args, **kwargs):
-        return by_arch[90 if torch.cuda.get_device_capability()[0] >= 9 else 80]
+        major, minor = torch.cuda.get_device_capability()
+        reached = [arch for arch in by_arch if arch <= 10 * major + minor]
+        return by_arch[max(reached) if reached else min(by_arch)]
 
     def decorate(fn):
         if _INTERPRET:  # one config: nothing is timed
             tuner = triton.autotune([config(interpreter)], key=key)(fn)
         else:
-            tuner = triton.autotune(by_arch[90] + by_arch[80], key=key,
+            tuner = triton.autotune([c for configs in by_arch.values() for c in configs], key=key,
                                     prune_configs_by={"early_config_prune": this_gpu})(fn)
         tuner.configs_by_arch = by_arch
         return tuner
@@ -1007,6 +1014,207 @@ def swiglu(gate, up):
             and gate.dtype in (torch.float16, torch.bfloat16, torch.float32) and gate.numel() > 0):
         return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
+
+
+# ----------------------------------------------------------------------------
+# FP8 matmul
+# ----------------------------------------------------------------------------
+# FP8 stores a number in one byte: E4M3 (4 exponent bits, 3 mantissa bits, largest 448)
+# for weights and activations, E5M2 (largest 57344: more range, less precision) for
+# gradients, the "hybrid" recipe of Transformer Engine and Megatron. A tensor is
+# multiplied by a scale before the cast so that its largest magnitude (amax) lands near
+# the top of the format: scale = fp8_max / amax. The matmul then multiplies the FP8
+# values, accumulates in fp32 and multiplies the result by both inverse scales.
+# Scales are per tensor (one number) or per row (one per row of an operand, rows taken
+# along the dimension that is *not* summed over, so the inverse scales still factor out
+# of each dot product).
+#
+# `fp8_matmul_reference` is the oracle and the CPU emulation: the same quantized values,
+# dequantized, then one fp32 matmul.
+
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_E5M2 = torch.float8_e5m2
+
+
+def fp8_max(dtype):
+    """The largest finite value of an FP8 format (448 for E4M3, 57344 for E5M2)."""
+    return torch.finfo(dtype).max
+
+
+def fp8_scale(amax, dtype, margin=0):
+    """fp8_max / amax / 2^margin, elementwise over a tensor of amaxes (fp32). An amax of 0
+    (an all-zero tensor) or a non-finite one gives scale 1: nothing to fit."""
+    amax = amax.float()
+    ok = (amax > 0) & torch.isfinite(amax)
+    return torch.where(ok, fp8_max(dtype) / torch.where(ok, amax, 1.0) / 2.0 ** margin, 1.0)
+
+
+def fp8_quantize(x, scale, dtype):
+    """x * scale cast to `dtype`, saturating: values beyond the format's range become
+    +-fp8_max rather than inf/NaN. `scale`: one element, or one per row of x (shape
+    (rows, 1))."""
+    m = fp8_max(dtype)
+    return (x.float() * scale).clamp(-m, m).to(dtype)
+
+
+def fp8_matmul_reference(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.float32):
+    """a @ b.T of FP8 operands a (M, K) and b (N, K), each times its inverse scale
+    (`a_scale_inv`: one element, or (M,); `b_scale_inv`: one element, or (N,)): the
+    operands dequantized to fp32, one fp32 matmul, the result cast to `out_dtype`."""
+    a = a.float() * a_scale_inv.float().reshape(-1, 1)
+    b = b.float() * b_scale_inv.float().reshape(-1, 1)
+    return (a @ b.t()).to(out_dtype)
+
+
+# The GEMM. Both operands are read along K, the summed dimension: A (M, K) and B (N, K)
+# row-major, C = A B^T, the "TN" layout that Hopper's FP8 tensor cores (wgmma) take from
+# shared memory without a transpose; the backward pass hands over transposed copies
+# (dgrad: dY and W^T; wgrad: dY^T and X^T), as Transformer Engine's cast-transpose does.
+# Any pair of the two formats multiplies: E4M3 x E4M3 forward, E5M2 x E4M3 for the
+# gradients.
+#
+# One program computes a (BLOCK_M, BLOCK_N) tile of C, walking K BLOCK_K at a time:
+#   - order: consecutive programs take GROUP_M tiles down a column of tiles before moving
+#     right (Triton's matmul tutorial), so a wave of programs reuses the same rows of A
+#     and columns of B from L2 instead of streaming all of B per row of tiles;
+#   - edges: rows of A past M (of B past N) in the last tiles are read wrapped around
+#     (row % M, always in bounds, so the loads need no row mask) and the store drops
+#     them; columns past K are masked to 0, which adds nothing to the dot products;
+#   - accumulation: fp32. Hopper's FP8 tensor cores keep fewer bits than fp32 while they
+#     accumulate (about 14: DeepSeek-V3 measured relative errors near 2% at K = 4096), and
+#     Triton's default on sm_90 accumulates the whole K that way; a weight gradient sums
+#     over every token of the batch. So each tl.dot's BLOCK_K products are added into the
+#     fp32 accumulator on the CUDA cores (max_num_imprecise_acc=BLOCK_K): DeepSeek-V3's
+#     promotion every 128 elements, and what cuBLAS does unless asked for fast
+#     accumulation (torch._scaled_mm's use_fast_accum). It costs registers: the partial
+#     accumulator is as large as the tile's. (Triton applies it to Hopper's wgmma only.)
+#   - scales: the inverse scales factor out of each dot product, so they multiply the
+#     finished tile once: a scalar per operand (tensorwise) or a vector per tile of rows
+#     (row-wise), chosen by the A_ROWWISE / B_ROWWISE constexprs.
+#
+# Autotuning lists, from `bench.py kernels-compile` (sm_90 and sm_89, both pairs of formats,
+# bf16 and fp32 outputs, compiled with the alignment a launch at our sizes has): none
+# spills. Hopper: 128x128 tiles, BLOCK_K 128, 8 warps (two warpgroups; 165 registers,
+# 4 or 5 stages: 128 or 160 KiB of shared memory), and 64x128 / 128x64 with 4 warps for
+# GEMMs of few tiles. 128x256 and 256x128 tiles spill: the promoted accumulation keeps a
+# second, partial accumulator as large as the first (255 registers and 240 bytes spilled
+# at 8 warps; 16 warps cap a thread at 128 registers). Ada: 99 KiB of shared memory and
+# mma.sync, whose fragments take more registers (242 to 254 at 128x128, 64x128 and
+# 128x64 tiles). There is no Ampere list: sm_80/86 have no FP8 tensor cores (and tl.dot
+# no FP8 path there), so fp8_matmul runs the reference on them.
+
+_FP8_MATMUL_KEY = ["M", "N", "K", "A_ROWWISE", "B_ROWWISE"]
+FP8_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@_autotune(_FP8_MATMUL_KEY, meta=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
+           hopper=[(128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 8, 5), (64, 128, 128, 8, 4, 4),
+                   (128, 64, 128, 8, 4, 4)],
+           ada=[(128, 128, 64, 8, 8, 4), (64, 128, 128, 8, 4, 3), (128, 64, 128, 8, 4, 3),
+                (64, 64, 128, 8, 4, 4)],
+           interpreter=(16, 32, 32, 2, 4, 1))
+@triton.jit
+def _fp8_matmul_kernel(A, B, C, A_SCALE_INV, B_SCALE_INV, M, N, K, stride_am, stride_bn, stride_cm,
+                       A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = (A @ B^T) * a_scale_inv[m] * b_scale_inv[n] for one (BLOCK_M, BLOCK_N) tile of C:
+    A (M, K) and B (N, K) FP8, K-contiguous; C (M, N) in its own dtype; an inverse scale
+    is one element, or one per row with A_ROWWISE / B_ROWWISE.
+    grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * tiles_n  # programs per group: GROUP_M rows of tiles, every column
+    first_m = pid // group * GROUP_M
+    rows_in_group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)  # the last group may be short
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = offs_m % M  # wrapped: see the comment above
+    rows_b = offs_n % N
+    # int64: rows * stride overflows int32 past 2^31 bytes (131072 tokens x 16384 features)
+    a_ptrs = A + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + rows_b.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]  # B^T's tile: (BLOCK_K, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if A_ROWWISE:
+        acc *= tl.load(A_SCALE_INV + rows_a)[:, None]
+    else:
+        acc *= tl.load(A_SCALE_INV)
+    if B_ROWWISE:
+        acc *= tl.load(B_SCALE_INV + rows_b)[None, :]
+    else:
+        acc *= tl.load(B_SCALE_INV)
+    tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _fp8_check(a, b, a_scale_inv, b_scale_inv, out_dtype):
+    """ValueError unless fp8_matmul's arguments are what it multiplies."""
+    fp8 = (FP8_E4M3, FP8_E5M2)
+    if a.dtype not in fp8 or b.dtype not in fp8:
+        raise ValueError(f"fp8_matmul: operands must be float8 ({FP8_E4M3} or {FP8_E5M2}); "
+                         f"got {a.dtype} and {b.dtype} (quantize them with fp8_quantize)")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_matmul: a must be (M, K) and b (N, K), the same K; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    for name, scale, rows in (("a_scale_inv", a_scale_inv, a.shape[0]), ("b_scale_inv", b_scale_inv, b.shape[0])):
+        if scale.numel() not in (1, rows):
+            raise ValueError(f"fp8_matmul: {name} must have 1 element (per tensor) or {rows} "
+                             f"(one per row); got shape {tuple(scale.shape)}")
+    devices = {t.device for t in (a, b, a_scale_inv, b_scale_inv)}
+    if len(devices) > 1:
+        raise ValueError(f"fp8_matmul: operands and scales must be on one device; got {sorted(map(str, devices))}")
+    if out_dtype not in FP8_OUT_DTYPES:
+        raise ValueError(f"fp8_matmul: out_dtype must be one of {FP8_OUT_DTYPES}; got {out_dtype}")
+
+
+def _fp8_tensor_cores(t):
+    """Whether Triton can multiply FP8 for tensor t: on the interpreter (forced backend),
+    or on a GPU with FP8 tensor cores (compute capability 8.9, Ada, and up)."""
+    return not t.is_cuda or torch.cuda.get_device_capability(t.device) >= (8, 9)
+
+
+def fp8_matmul_backend(device):
+    """Which implementation fp8_matmul runs for tensors on `device`: "triton" (the kernel)
+    or "torch" (the reference: the CPU, or a GPU without FP8 tensor cores)."""
+    probe = torch.empty(0, device=device)
+    return "triton" if backend(probe) == "triton" and _fp8_tensor_cores(probe) else "torch"
+
+
+def fp8_matmul(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.float32):
+    """a @ b.T * a_scale_inv * b_scale_inv: the FP8 GEMM. a (M, K) and b (N, K) are FP8
+    (E4M3 or E5M2, either pair); `a_scale_inv` has one element or M (one per row of a),
+    `b_scale_inv` one or N; the result is (M, N) in `out_dtype` (fp32, bf16 or fp16).
+
+    Triton (`_fp8_matmul_kernel`) on backend "triton" where FP8 tensor cores are (sm_89
+    and up) or under the interpreter; elsewhere (the CPU, Ampere) `fp8_matmul_reference`.
+    The two differ by the rounding of the sums: their order, and on Hopper the tensor
+    cores' narrower accumulation within each BLOCK_K. An operand whose last dimension is
+    not contiguous (a transposed view) is copied first."""
+    _fp8_check(a, b, a_scale_inv, b_scale_inv, out_dtype)
+    M, K = a.shape
+    N = b.shape[0]
+    if fp8_matmul_backend(a.device) != "triton" or M == 0 or N == 0:
+        return fp8_matmul_reference(a, b, a_scale_inv, b_scale_inv, out_dtype)
+    a, b = _launch_ready(a), _launch_ready(b)
+    a_scale_inv, b_scale_inv = (s.reshape(-1).float().contiguous() for s in (a_scale_inv, b_scale_inv))
+    c = torch.empty(M, N, device=a.device, dtype=out_dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _fp8_matmul_kernel[grid](a, b, c, a_scale_inv, b_scale_inv, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+                             A_ROWWISE=a_scale_inv.numel() > 1, B_ROWWISE=b_scale_inv.numel() > 1)
+    return c
 
 
 # ----------------------------------------------------------------------------

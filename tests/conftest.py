@@ -76,6 +76,18 @@ def one_process(argv):
     return _REFERENCES[key]
 
 
+def triton_kernels_or_skip():
+    """For a module testing the Triton kernels: skip it unless they can run here (triton
+    installed, and a GPU or the interpreter chosen before triton was imported); return
+    the device to test on."""
+    pytest.importorskip("triton")
+    import kernels
+    if not torch.cuda.is_available() and not kernels._INTERPRET:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (run through pytest, "
+                    "whose conftest.py sets it)", allow_module_level=True)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """kernels.py's Triton path for this test (compiled on a GPU, else the interpreter)."""

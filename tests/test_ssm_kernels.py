@@ -13,16 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+import kernels
+from conftest import triton_kernels_or_skip
 
-import kernels  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-if not CUDA and not kernels._INTERPRET:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (run through pytest, "
-                "whose conftest.py sets it)", allow_module_level=True)
-
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = triton_kernels_or_skip()
+CUDA = DEVICE == "cuda"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 

@@ -15,18 +15,12 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+import kernels
+import models
+from conftest import ROOT, triton_kernels_or_skip
 
-import kernels  # noqa: E402
-import models  # noqa: E402
-from conftest import ROOT  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-if not CUDA and not kernels._INTERPRET:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (run through pytest, "
-                "whose conftest.py sets it)", allow_module_level=True)
-
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = triton_kernels_or_skip()
+CUDA = DEVICE == "cuda"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
@@ -212,11 +206,12 @@ def test_kernels_import_and_run_without_triton():
 
 # The interpreter runs kernels as Python and so cannot tell whether they compile for a
 # GPU (types, layouts, registers, shared memory). Triton compiles ahead of time for a named
-# GPU without having one: `bench.py kernels-compile` does so for sm_80 and sm_90, for every
-# autotuning configuration, in a process where TRITON_INTERPRET is off.
+# GPU without having one: `bench.py kernels-compile` does so for sm_80 and sm_90 (the FP8
+# matmul: sm_89 and sm_90), for every autotuning configuration, in a process where
+# TRITON_INTERPRET is off.
 
 # A finished sweep is recorded here, keyed by kernels.py's bytes and Triton's version: the
-# same source compiles the same way, so the sweep (a minute on two cores) runs again only
+# same source compiles the same way, so the sweep (a few minutes on two cores) runs again only
 # when either changes (commit the updated record), or with KERNELS_COMPILE_SWEEP=1.
 COMPILED = os.path.join(ROOT, "tests", "kernels_compiled.json")
 
@@ -248,7 +243,11 @@ def test_every_kernel_configuration_compiles_for_ampere_and_hopper(tmp_path):
     assert {"ssd_chunk_cumsum", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan",
             "ssd_chunk_cumsum_bwd", "ssd_state_passing_bwd", "ssd_chunk_scan_bwd_dc",
             "ssd_chunk_scan_bwd_dx", "ssd_chunk_scan_bwd_db"} <= names
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    # FP8 tl.dot needs FP8 tensor cores: the FP8 matmul is built for Ada and Hopper instead
+    assert {r["arch"] for r in rows if r["kernel"] != "fp8_matmul"} == {"sm_80", "sm_90"}
+    fp8 = [r for r in rows if r["kernel"] == "fp8_matmul"]
+    assert {r["arch"] for r in fp8} == {"sm_89", "sm_90"}
+    assert [r for r in fp8 if not r["fits"] or r["spill_bytes"] != 0] == []  # its lists spill nothing
     groups = {(r["kernel"], r["arch"], r["case"]) for r in rows}
     # The autotuner needs one configuration that fits the card; the common case (causal)
     # must also have one that spills no registers (the lists were chosen for that).
