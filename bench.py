@@ -20,9 +20,16 @@ Modes:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak);
                 chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory;
                 on a GPU also Mamba-2's SSD scan (Triton) vs ssd_chunked and mamba_ssm, fwd and fwd+bwd
+  fp8-gemm      FP8 GEMM TFLOP/s of kernels.fp8_matmul (tensorwise and row-wise scales) against
+                torch._scaled_mm (cuBLASLt) and bf16 torch.matmul at 8192^3 and an 8B model's
+                projections on 8192 tokens (target: ours >= 0.95x _scaled_mm); on a CPU, what
+                the emulation (quantize + fp8_matmul_reference) costs against an fp32 matmul
+  fp8-curve     FP8 training's per-step loss against fp32's on the same batches: the default
+                recipe (delayed, bf16 rest) and each recipe alone (every layer FP8, fp32 rest)
+                python bench.py fp8-curve [--config tiny] [--steps 120] [--skip-bf16]
   kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
-                sm_80 and sm_90, no GPU needed: registers and spilled bytes (ptxas), shared
-                memory against the card's limit
+                sm_80 and sm_90 (the FP8 matmul for sm_89 and sm_90), no GPU needed: registers
+                and spilled bytes (ptxas), shared memory against the card's limit
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
   moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
@@ -37,7 +44,9 @@ summary line and returns its results, plus a function adding its options, and re
 both in `MODES` at the bottom. Common options (--device, --seed, --json) come for free.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -889,11 +898,20 @@ def benchmark_kernels(args, device):
 # cannot launch (the autotuner skips it). Neither needs a GPU to see.
 # ----------------------------------------------------------------------------
 
-# Shared memory one block may use (bytes, with the opt-in): A100 163 KiB, H100/H200 227 KiB.
-# (sm_86/89 cards have 99 KiB: there the autotuner skips the larger configurations.)
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Shared memory one block may use (bytes, with the opt-in): A100 163 KiB, H100/H200 227 KiB,
+# Ada (sm_89: L40S, RTX 4090) 99 KiB. The kernels are compiled for sm_80 and sm_90 (an sm_86/89
+# card runs Ampere's configurations; there the autotuner skips those that do not fit), the
+# FP8 matmul for sm_89 and sm_90, the GPUs with FP8 tensor cores, with its own Ada list.
+SHARED_MEMORY_LIMIT = {80: 166912, 89: 101376, 90: 232448}
 # Scalar kernel arguments that are floats; every other scalar is an int32.
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}
+# Arguments that Triton specializes as multiples of 16 (16-byte aligned pointers), as a launch
+# at the sizes we run sees them. Only the FP8 matmul is compiled so: for a GEMM the hints
+# decide everything (without them its loads are not vectorized, hence not pipelined with
+# cp.async, and every configuration spills), while the other kernels are compiled without
+# (their lists were chosen that way).
+ALIGNED_ARGS = {"_fp8_matmul_kernel": {"A", "B", "C", "A_SCALE_INV", "B_SCALE_INV", "M", "N", "K",
+                                       "stride_am", "stride_bn", "stride_cm"}}
 # (causal, window, key padding, T5's relative position bias): "masked" turns every option on.
 ATTENTION_MASKS = {"causal": (True, False, False, False), "masked": (True, True, True, True),
                    "none": (False, False, False, False), "t5": (False, False, True, True)}
@@ -903,7 +921,7 @@ def _compile_jobs(head_dims, dtypes, masks):
     """One job per (kernel, target, shape, configuration) that the public functions of
     kernels.py can launch: (kernel, arch, label, constexprs, pointer dtypes, warps, stages)."""
     jobs = []
-    for arch in SHARED_MEMORY_LIMIT:
+    for arch in (80, 90):
         for dtype in dtypes:
             for head_dim in head_dims:
                 pointers = {**dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], dtype),
@@ -931,6 +949,28 @@ def _compile_jobs(head_dims, dtypes, masks):
             for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
                 jobs.append((name, arch, dtype, dict(BLOCK=kernels.SWIGLU_BLOCK), pointers, 4, 3))
             jobs += _ssd_compile_jobs(arch, dtype)
+    return jobs + _fp8_compile_jobs()
+
+
+# The FP8 matmul's three uses in a linear layer (forward, dgrad, wgrad: parallel.py), with
+# row-wise scales (the larger epilogue: a vector of scales per operand), and the forward
+# also with tensorwise scales.
+FP8_MATMUL_CASES = [("fp8e4nv", "bf16", True), ("fp8e4nv", "bf16", False), ("fp8e5", "bf16", True),
+                    ("fp8e5", "fp32", True)]
+FP8_NAMES = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}
+
+
+def _fp8_compile_jobs():
+    """The FP8 matmul for each GPU with FP8 tensor cores, pair of formats and output dtype."""
+    jobs = []
+    for arch, configs in kernels._fp8_matmul_kernel.configs_by_arch.items():
+        for a_dtype, out_dtype, rowwise in FP8_MATMUL_CASES:
+            pointers = dict(A=a_dtype, B="fp8e4nv", C=out_dtype, A_SCALE_INV="fp32", B_SCALE_INV="fp32")
+            label = (f"{FP8_NAMES[a_dtype]} x e4m3 -> {out_dtype}, "
+                     + ("rowwise" if rowwise else "tensorwise"))
+            for c in configs:
+                jobs.append(("_fp8_matmul_kernel", arch, label, {"A_ROWWISE": rowwise, "B_ROWWISE": rowwise,
+                                                                 **c.kwargs}, pointers, c.num_warps, c.num_stages))
     return jobs
 
 
@@ -981,8 +1021,10 @@ def _compile_one(job):
     for arg in fn.arg_names:
         signature[arg] = ("constexpr" if arg in constexprs else "*" + pointers[arg] if arg in pointers
                           else "fp32" if arg in FLOAT_ARGS else "i32")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+               if arg in ALIGNED_ARGS.get(name, ())}
     row = {"kernel": name.strip("_").removesuffix("_kernel"), "arch": f"sm_{arch}", "case": label,
-           "config": "/".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+           "config": "/".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in constexprs)
                      + f" w{num_warps} s{num_stages}"}
     triton.knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
     triton.knobs.nvidia.dump_ptxas_log = True       # ptxas -v's report, printed to stdout
@@ -990,7 +1032,7 @@ def _compile_one(job):
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, signature, constexprs),
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, aligned),
                                       target=GPUTarget("cuda", arch, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
     except Exception as e:  # reported per row: one bad configuration must not hide the others
@@ -1013,7 +1055,8 @@ def add_kernels_compile_options(p):
 
 
 def kernels_compile(args, device):
-    """Compile every kernel configuration for sm_80 and sm_90; print and return the rows."""
+    """Compile every kernel configuration for sm_80 and sm_90 (the FP8 matmul for sm_89 and
+    sm_90); print and return the rows."""
     import concurrent.futures
     import multiprocessing
     if not kernels.HAVE_TRITON:
@@ -1033,7 +1076,8 @@ def kernels_compile(args, device):
                 print(f"compiled {len(rows)}/{len(jobs)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     failed = [r for r in rows if "error" in r]
     print_table(rows, [
-        ("kernel", "kernel", ""), ("arch", "arch", ""), ("case", "case", ""), ("config", "BLOCK_M/N warps stages", ""),
+        ("kernel", "kernel", ""), ("arch", "arch", ""), ("case", "case", ""),
+        ("config", "BLOCK_M/N(/K) warps stages", ""),
         ("registers", "registers", "d"), ("spill_bytes", "spilled bytes", "d"), ("shared_kib", "shared KiB", ".0f"),
         ("fits", "fits", "")] + ([("error", "error", "")] if failed else []))
     groups = {(r["kernel"], r["arch"], r["case"]) for r in rows}
@@ -1043,7 +1087,198 @@ def kernels_compile(args, device):
     return rows
 
 
-# mode -> (function, help, options). One entry per mode.
+# ----------------------------------------------------------------------------
+# fp8-gemm: kernels.fp8_matmul against cuBLAS's FP8 GEMM (torch._scaled_mm) and bf16
+# ----------------------------------------------------------------------------
+
+# (label, M, N, K) of C = A B^T: a square GEMM and the projections of an 8B model (LLaMA 3
+# 8B: dim 4096, 8 KV heads of 128, FFN 14336) on 8192 tokens; on a CPU, small stand-ins.
+FP8_GEMM_SHAPES = {"cuda": [("square", 8192, 8192, 8192), ("q/o proj", 8192, 4096, 4096),
+                            ("k/v proj", 8192, 1024, 4096), ("gate/up proj", 8192, 14336, 4096),
+                            ("down proj", 8192, 4096, 14336)],
+                   "cpu": [("square", 512, 512, 512), ("q/o proj", 512, 256, 256), ("k/v proj", 512, 64, 256),
+                           ("gate/up proj", 512, 896, 256), ("down proj", 512, 256, 896)]}
+
+
+def scaled_mm(a, b, a_scale_inv, b_scale_inv, out_dtype, fast_accum=False):
+    """kernels.fp8_matmul's arguments through torch._scaled_mm (cuBLASLt's FP8 GEMM): b
+    column-major (b.t() of the (N, K) operand), scales fp32, one element or (M, 1) and (1, N).
+    fast_accum=False is cuBLAS's accumulation with periodic promotion to fp32, as ours."""
+    rowwise = a_scale_inv.numel() > 1 or b_scale_inv.numel() > 1
+    scale_a = a_scale_inv.float().reshape(-1, 1) if rowwise else a_scale_inv.float().reshape(())
+    scale_b = b_scale_inv.float().reshape(1, -1) if rowwise else b_scale_inv.float().reshape(())
+    return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def _fp8_operands(M, N, K, device, generator, rowwise):
+    """E4M3 a (M, K) and b (N, K) of random bf16-like data and their inverse scales."""
+    out = []
+    for rows in (M, N):
+        x = torch.randn(rows, K, generator=generator, device=device)
+        amax = x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()
+        scale = kernels.fp8_scale(amax, kernels.FP8_E4M3)
+        out += [kernels.fp8_quantize(x, scale, kernels.FP8_E4M3), (1 / scale).reshape(-1)]
+    return out
+
+
+def _tflops(M, N, K, ms):
+    return None if ms is None else 2 * M * N * K / ms / 1e9
+
+
+def _time_or_none(fn, device, reps):
+    """time_ms(fn), or None where torch refuses (a _scaled_mm variant this GPU or build lacks)."""
+    try:
+        return time_ms(fn, device, reps)
+    except RuntimeError:
+        return None
+
+
+def _fp8_gemm_gpu_row(label, M, N, K, device, reps, g):
+    """TFLOP/s of ours (tensorwise and row-wise scales), _scaled_mm (the same two, and with
+    fast accumulation) and bf16 torch.matmul, bf16 outputs, operands already quantized."""
+    a, a_inv, b, b_inv = _fp8_operands(M, N, K, device, g, rowwise=False)
+    ar, ar_inv, br, br_inv = _fp8_operands(M, N, K, device, g, rowwise=True)
+    x, w = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    bf16 = torch.bfloat16
+    ms = {"ours": time_ms(lambda: kernels.fp8_matmul(a, b, a_inv, b_inv, bf16), device, reps),
+          "ours_rowwise": time_ms(lambda: kernels.fp8_matmul(ar, br, ar_inv, br_inv, bf16), device, reps),
+          "scaled_mm": _time_or_none(lambda: scaled_mm(a, b, a_inv, b_inv, bf16), device, reps),
+          "scaled_mm_rowwise": _time_or_none(lambda: scaled_mm(ar, br, ar_inv, br_inv, bf16), device, reps),
+          "scaled_mm_fast_accum": _time_or_none(lambda: scaled_mm(a, b, a_inv, b_inv, bf16, fast_accum=True),
+                                                device, reps),
+          "bf16": time_ms(lambda: x @ w.t(), device, reps)}
+    row = {"shape": f"{label} {M}x{N}x{K}", "M": M, "N": N, "K": K, "impl": kernels.backend(a)}
+    row.update({f"{name}_tflops": _tflops(M, N, K, t) for name, t in ms.items()})
+    for ours, theirs in (("ours", "scaled_mm"), ("ours_rowwise", "scaled_mm_rowwise")):
+        row[f"{ours}_vs_scaled_mm"] = ms[theirs] / ms[ours] if ms[theirs] else None
+    return row
+
+
+def _fp8_gemm_cpu_row(label, M, N, K, device, reps, g):
+    """What the CPU emulation costs: quantizing both operands and fp8_matmul_reference
+    (dequantize, one fp32 matmul) against the plain fp32 matmul it replaces."""
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+
+    def quantize():
+        return [kernels.fp8_quantize(t, kernels.fp8_scale(t.abs().amax(), kernels.FP8_E4M3), kernels.FP8_E4M3)
+                for t in (x, w)]
+    xq, wq = quantize()
+    one = torch.ones(1)
+    quantize_ms = time_ms(quantize, device, reps)
+    matmul_ms = time_ms(lambda: kernels.fp8_matmul_reference(xq, wq, one, one), device, reps)
+    fp32_ms = time_ms(lambda: x @ w.t(), device, reps)
+    return {"shape": f"{label} {M}x{N}x{K}", "M": M, "N": N, "K": K, "impl": "reference",
+            "quantize_ms": quantize_ms, "emulated_matmul_ms": matmul_ms, "fp32_ms": fp32_ms,
+            "emulation_vs_fp32": (quantize_ms + matmul_ms) / fp32_ms}
+
+
+def _gemm_shape(text):
+    """"MxNxK" -> (M, N, K), positive sizes."""
+    sizes = text.split("x")
+    if len(sizes) != 3 or not all(n.isdigit() and int(n) > 0 for n in sizes):
+        raise UsageError(f"--shapes takes MxNxK triples of positive sizes, e.g. 4096x4096x4096; got {text!r}")
+    return tuple(int(n) for n in sizes)
+
+
+def fp8_gemm(args, device):
+    """FP8 GEMM throughput on a GPU; the cost of the emulation on a CPU."""
+    gpu = device.type == "cuda"
+    shapes = [("custom", *_gemm_shape(text)) for text in args.shapes] if args.shapes else FP8_GEMM_SHAPES[device.type]
+    if gpu and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UsageError(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability "
+                         "8.9 and up: Ada, Hopper); fp8_matmul would time its fp32 emulation")
+    reps = args.reps or (20 if gpu else 5)
+    g = torch.Generator(device).manual_seed(args.seed)
+    make_row = _fp8_gemm_gpu_row if gpu else _fp8_gemm_cpu_row
+    rows = [make_row(*shape, device, reps, g) for shape in shapes]
+    if gpu:
+        print_table(rows, [("shape", "shape", ""), ("ours_tflops", "ours TFLOP/s", ".0f"),
+                           ("ours_rowwise_tflops", "ours rowwise", ".0f"),
+                           ("scaled_mm_tflops", "_scaled_mm", ".0f"),
+                           ("scaled_mm_rowwise_tflops", "_scaled_mm rowwise", ".0f"),
+                           ("scaled_mm_fast_accum_tflops", "_scaled_mm fast acc", ".0f"),
+                           ("bf16_tflops", "bf16 matmul", ".0f"), ("ours_vs_scaled_mm", "ours/_scaled_mm", ".2f"),
+                           ("ours_rowwise_vs_scaled_mm", "rowwise ours/_scaled_mm", ".2f")])
+        ratios = [r["ours_vs_scaled_mm"] for r in rows if r["ours_vs_scaled_mm"] is not None]
+        worst = f"{min(ratios):.2f}x" if ratios else "n/a"
+        print(f"fp8-gemm: ours/_scaled_mm (tensorwise, bf16 out, precise accumulation) at worst {worst} "
+              f"over {len(rows)} shapes (target >= 0.95x)")
+    else:
+        print_table(rows, [("shape", "shape", ""), ("quantize_ms", "quantize ms", ".2f"),
+                           ("emulated_matmul_ms", "fp8_matmul_reference ms", ".2f"),
+                           ("fp32_ms", "fp32 matmul ms", ".2f"), ("emulation_vs_fp32", "emulation/fp32", ".2f")])
+        ratios = [r["emulation_vs_fp32"] for r in rows]
+        print(f"fp8-gemm (cpu: the emulation, no FP8 arithmetic): quantize + fp8_matmul_reference takes "
+              f"{min(ratios):.1f}x to {max(ratios):.1f}x the time of the fp32 matmul it stands for")
+    return {"rows": rows}
+
+
+def add_fp8_gemm(p):
+    p.add_argument("--shapes", nargs="+", default=None, metavar="MxNxK",
+                   help="GEMM shapes C (M, N) = A (M, K) B^T (default: 8192^3 and an 8B model's projections "
+                        "on 8192 tokens on a GPU; small stand-ins on a CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
+
+
+def fp8_curve(args, device):
+    """FP8 training's loss curve against fp32's, step by step on the same batches: the
+    default recipe (delayed scaling, the rest in bf16, first and last layer bf16) and each
+    recipe alone (every layer FP8, the rest fp32: FP8's own effect), plus bf16 for scale.
+    On a CPU the FP8 matmuls are the emulation, so the times say what it costs, not FP8's speed."""
+    import train  # (bench.py's other modes do not need the trainer)
+    base = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
+            "--seq-len", str(args.seq_len), "--global-batch-size", str(args.batch_size),
+            "--warmup-steps", str(args.warmup), "--sample-tokens", "0", "--eval-every", "0",
+            "--eval-batches", "1", "--log-every", str(args.steps), "--device", device.type,
+            "--seed", str(args.seed)]
+    runs = [("fp32", ["--precision", "fp32"])]
+    if not args.skip_bf16:
+        runs += [("bf16", ["--precision", "bf16"]),
+                 ("fp8 default: delayed, rest bf16, layers 1..n-2", ["--precision", "fp8"])]
+    runs += [(f"fp8 {recipe}: every layer, rest fp32", ["--precision", "fp8", "--fp8-recipe", recipe,
+                                                        "--fp8-rest", "fp32", "--fp8-bf16-layers", "0"])
+             for recipe in args.recipes]
+    rows, curves = [], {}
+    for name, flags in runs:
+        start = time.perf_counter()
+        records = _quiet(train.train, train.parse_args(base + flags))
+        curves[name] = [r["loss"] for r in records]
+        rows.append({"run": name, "seconds": time.perf_counter() - start, "final": records[-1]["loss"],
+                     "val": records[-1].get("val_loss")})
+        print(f"{name}: {rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    fp32 = curves["fp32"]
+    after_warmup = slice(args.warmup, None)
+    for row in rows:
+        rel = [abs(a - b) / b for a, b in zip(curves[row["run"]][after_warmup], fp32[after_warmup])]
+        row.update(mean_rel=sum(rel) / len(rel), max_rel=max(rel), time_ratio=row["seconds"] / rows[0]["seconds"])
+    print_table(rows, [("run", "run", ""), ("final", "final loss", ".4f"), ("val", "val loss", ".4f"),
+                       ("mean_rel", "mean |rel diff| vs fp32", ".2%"), ("max_rel", "max", ".2%"),
+                       ("seconds", "time s", ".0f"), ("time_ratio", "x fp32 time", ".2f")])
+    worst = max(rows[1:], key=lambda r: r["mean_rel"])
+    print(f"fp8-curve: {args.model}/{args.config}, {args.steps} steps, per-step loss vs fp32 after "
+          f"warmup: worst mean |rel diff| {worst['mean_rel']:.2%} ({worst['run']})")
+    return {"rows": rows, "curves": curves}
+
+
+def _quiet(fn, *args):
+    """fn(*args) with its stdout (train.py's progress lines) swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def add_fp8_curve(p):
+    p.add_argument("--model", default="llama")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--warmup", type=int, default=20, help="warmup steps (left out of the comparison)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--recipes", nargs="+", default=list(parallel.FP8_RECIPES))
+    p.add_argument("--skip-bf16", action="store_true",
+                   help="leave out the runs with bf16 (slow on CPUs without bf16 matmul units)")
+
+
 def _long_context_step(model, seq_len, device, reps):
     """Median seconds of one forward + backward of a batch of one sequence, and the bytes
     autograd saved for backward (the activation memory)."""
@@ -1107,6 +1342,7 @@ def add_long_context(p):
     p.add_argument("--reps", type=int, default=3)
 
 
+# mode -> (function, help, options). One entry per mode.
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
@@ -1116,7 +1352,11 @@ MODES = {
                   add_cp_memory),
     "kernels": (benchmark_kernels, "attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak",
                 add_kernels_options),
-    "kernels-compile": (kernels_compile, "every Triton kernel config compiled for sm_80/sm_90 (no GPU): "
+    "fp8-gemm": (fp8_gemm, "FP8 GEMM TFLOP/s: ours vs torch._scaled_mm and bf16 (GPU); emulation cost (CPU)",
+                 add_fp8_gemm),
+    "fp8-curve": (fp8_curve, "FP8 training's loss curve vs fp32 (each recipe; the CPU runs the emulation)",
+                  add_fp8_curve),
+    "kernels-compile": (kernels_compile, "every Triton kernel config compiled for sm_80/89/90 (no GPU): "
                         "registers, spills, shared memory", add_kernels_compile_options),
     "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
                      add_pp_schedules),

@@ -7,6 +7,7 @@ On disk:
         index.json                every global tensor: shape, dtype, and its pieces
         shard-00000.safetensors   the tensors one rank owns (weights + optimizer state)
         rng-00000.safetensors     that rank's random-number-generator state
+        replicated.safetensors    tensors every rank holds alike (FP8 amax histories), if any
 
 The index is layout-free: a piece records which region (offset, shape) of the global
 tensor it holds, so a rank under any other parallel layout reads exactly the region
@@ -28,6 +29,7 @@ import parallel
 
 FORMAT = 1
 STEP_PREFIX = "step_"
+REPLICATED = "replicated.safetensors"
 
 
 def step_dir_name(step):
@@ -108,9 +110,10 @@ def _writes(param, layout):
     return first_replica and parallel.counts_once(param, layout)
 
 
-def save(root, step, modules, optimizer, layout, meta):
-    """Write one checkpoint of this rank's model chunks (a module or a list). Call on
-    every rank; returns the step directory."""
+def save(root, step, modules, optimizer, layout, meta, replicated=None):
+    """Write one checkpoint of this rank's model chunks (a module or a list), and the
+    `replicated` tensors (a dict: the same on every rank, written once). Call on every
+    rank; returns the step directory."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
     if layout.is_main:
@@ -137,6 +140,9 @@ def save(root, step, modules, optimizer, layout, meta):
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"))
+    if replicated and layout.is_main:
+        save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
+                  os.path.join(tmp, REPLICATED))
     parallel.barrier()
 
     if layout.is_main:
@@ -153,6 +159,16 @@ def save(root, step, modules, optimizer, layout, meta):
         os.replace(tmp, final)
     parallel.barrier()
     return final
+
+
+def read_replicated(step_dir):
+    """The tensors saved once for every rank (`save`'s `replicated`), on the CPU."""
+    path = os.path.join(step_dir, REPLICATED)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise parallel.UsageError(f"cannot read {path} ({e}); the checkpoint is damaged or incomplete")
 
 
 def read_meta(step_dir):

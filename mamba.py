@@ -271,6 +271,9 @@ class Mamba1Mixer(nn.Module):
         # Input features split over tp; the partial outputs are summed in forward.
         self.x_proj = parallel.RowParallelLinear(D, R + 2 * N, layout, name="expand * dim")
         self.dt_proj = parallel.ColumnParallelLinear(R, D, layout, bias=True, name="expand * dim")
+        # Both are used through slices of their weights (forward below), never called: they
+        # stay in higher precision under --precision fp8.
+        self.x_proj.fp8_capable = self.dt_proj.fp8_capable = False
         self.A_log = parallel.tp_sharded_parameter((D, N), 0, layout, "expand * dim")
         self.D = parallel.tp_sharded_parameter((D,), 0, layout, "expand * dim")
         self.out_proj = parallel.RowParallelLinear(D, cfg.dim, layout, cfg.proj_bias)

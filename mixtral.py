@@ -133,9 +133,9 @@ class Expert(llama.MLP):
     """One SwiGLU MLP, llama.py's; under tp each rank owns ffn_dim/tp of its hidden features."""
 
     def forward(self, x):
-        # down_proj's weight only: under tp its output is a partial sum, and the sum over
-        # tp (RowParallelLinear.forward's) waits until MoE.forward has combined the experts.
-        return F.linear(kernels.swiglu(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight)
+        # down_proj's partial sum only: the sum over tp (RowParallelLinear.forward's) waits
+        # until MoE.forward has combined the experts.
+        return self.down_proj.partial(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def capacity_mask(expert_ids, n_experts, capacity):

@@ -387,6 +387,195 @@ def copy_global(param, full):
 
 
 # ----------------------------------------------------------------------------
+# FP8 matmuls: scaling recipes and the three matmuls of a linear layer
+# ----------------------------------------------------------------------------
+# Under --precision fp8 the linear layers inside the transformer layers (the column- and
+# row-parallel layers of the next section) run their three matmuls in FP8
+# (kernels.fp8_matmul: Triton on a GPU; on a CPU the exact emulation, the same quantized
+# values multiplied in fp32):
+#
+#   forward  y  = x W^T     x and W in E4M3
+#   dgrad    dx = dy W      dy in E5M2 (gradients need range more than precision)
+#   wgrad    dW = dy^T x    into the fp32 gradient
+#
+# Everything else stays in higher precision: embeddings, the output layer and the loss,
+# norms, attention's softmax, residuals, the fp32 master weights and optimizer state, and
+# by default the first and the last transformer layer (Megatron's --first-last-layers-bf16).
+#
+# A scale maps an operand's largest magnitude (amax) onto the top of its format. The
+# recipes differ in which amax:
+#
+#   tensorwise  the tensor's own amax ("current scaling"), one number per operand.
+#   rowwise     one amax per row of each operand, rows along the dimension the matmul does
+#               not sum over (so each of the three matmuls quantizes its operands anew);
+#               an outlier then costs only its own row precision.
+#   delayed     the largest amax of the last `history_len` steps (Transformer Engine's
+#               delayed scaling): nothing to reduce inside the step. The amaxes a step sees
+#               are recorded and, at the step's end, reduced over every rank into the
+#               history. The first step has no history and scales tensorwise.
+#
+# Every layout must compute the one-process run's scales, so an amax is reduced (max)
+# over the ranks holding parts of its tensor: tp where the tensor is split over tp (a
+# sharded weight, a row-parallel layer's input), cp, whose ranks hold other tokens of
+# the same sequences. The max of a tensor every rank holds whole is harmless, so per
+# tensor every amax is reduced over tp and cp; per row, only where the dimension summed
+# over is split: over tp for a row-parallel layer's forward and a column-parallel layer's
+# dgrad, over cp for wgrad (a sum over tokens).
+
+FP8_RECIPES = ("delayed", "tensorwise", "rowwise")
+FP8_GEMM_MULTIPLE = 16  # an FP8 GEMM's weight dimensions must be multiples of this
+_X, _W, _DY = 0, 1, 2   # an FP8 linear's operands, in the rows of its amax history
+_FORMATS = (kernels.FP8_E4M3, kernels.FP8_E4M3, kernels.FP8_E5M2)  # ... and their formats
+
+
+@dataclass
+class FP8Recipe:
+    name: str = "delayed"
+    history_len: int = 1024  # delayed: steps of amax history (Transformer Engine's default)
+    margin: int = 0          # scales divided by 2^margin: headroom for a growing amax
+
+
+class FP8Scaling:
+    """The FP8 state of a model: its recipe and, for delayed scaling, an amax history for
+    the three operands (x, W, dy) of every FP8 linear of the *whole* model (`names`, one
+    row each, the same order on every rank). Reduced over all ranks each step, the table
+    is identical everywhere, so a checkpoint stores it once, whatever the layout."""
+
+    def __init__(self, recipe, names, device=None):
+        self.recipe, self.names = recipe, list(names)
+        self.step_amax = torch.zeros(len(self.names), 3, device=device)
+        self.set_history(torch.zeros(len(self.names), 3, recipe.history_len, device=device), 0)
+
+    def set_history(self, history, steps_recorded):
+        """Install an amax history (newest first) and the scales it gives each operand."""
+        self.history, self.steps_recorded = history, steps_recorded
+        amax = history.max(dim=-1).values
+        self.scales = torch.stack([kernels.fp8_scale(amax[:, op], fmt, self.recipe.margin)
+                                   for op, fmt in enumerate(_FORMATS)], dim=1)
+
+    @property
+    def delayed(self):
+        """Whether scales come from the history now (delayed scaling, after its first step)."""
+        return self.recipe.name == "delayed" and self.steps_recorded > 0
+
+    def record(self, slot, operand, amax):
+        """An amax seen in this step (delayed scaling keeps the step's largest)."""
+        if self.recipe.name == "delayed":
+            self.step_amax[slot, operand] = torch.maximum(self.step_amax[slot, operand], amax)
+
+    def end_step(self):
+        """After a step's backward passes: the step's amaxes, reduced (max) over every rank
+        (each holds only its own layers and shards), become the newest history entry."""
+        if self.recipe.name != "delayed":
+            return
+        if dist.is_initialized():
+            dist.all_reduce(self.step_amax, op=dist.ReduceOp.MAX)
+        self.set_history(torch.cat([self.step_amax[..., None], self.history[..., :-1]], dim=-1),
+                         self.steps_recorded + 1)
+        self.step_amax.zero_()
+
+
+@dataclass
+class FP8Site:
+    """One FP8 linear: its row of the scaling table and the groups its amaxes reduce over."""
+    scaling: FP8Scaling
+    slot: int
+    tp_group: object
+    cp_group: object
+    split_in: bool  # its input features are split over tp (a row-parallel layer)
+
+
+def _reduce_max(t, groups):
+    for group in groups:
+        all_reduce(t, group, op=dist.ReduceOp.MAX)
+    return t
+
+
+def _quantize_tensors(site, operands, record):
+    """[(fp8 tensor, inverse scale)] of [(operand, tensor, dtype)], one scale per tensor:
+    from the history (delayed), else from the amaxes now, reduced over tp and cp together."""
+    scaling = site.scaling
+    if scaling.delayed and not record:  # (evaluation: no amax to take)
+        return [(kernels.fp8_quantize(t, scaling.scales[site.slot, op], dtype), 1 / scaling.scales[site.slot, op])
+                for op, t, dtype in operands]
+    amax = torch.stack([t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                        for _, t, _ in operands])
+    if scaling.delayed:
+        scales = [scaling.scales[site.slot, op] for op, _, _ in operands]
+    else:
+        _reduce_max(amax, (site.tp_group, site.cp_group))
+        scales = [kernels.fp8_scale(a, dtype, scaling.recipe.margin) for a, (_, _, dtype) in zip(amax, operands)]
+    if record:
+        for a, (op, _, _) in zip(amax, operands):
+            scaling.record(site.slot, op, a)
+    return [(kernels.fp8_quantize(t, s, dtype), 1 / s) for s, (_, t, dtype) in zip(scales, operands)]
+
+
+def _quantize_rows(t, dtype, groups, margin):
+    """(fp8 tensor, inverse scales (rows,)) of a 2-D tensor, one scale per row, its amax
+    reduced over `groups` (where the row is split over their ranks)."""
+    amax = t.abs().amax(dim=1, keepdim=True).float() if t.shape[1] else t.new_zeros(t.shape[0], 1)
+    scale = kernels.fp8_scale(_reduce_max(amax, groups), dtype, margin)
+    return kernels.fp8_quantize(t, scale, dtype), (1 / scale).reshape(-1)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """x W^T with the forward, dgrad and wgrad matmuls in FP8; x (..., in), W (out, in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, site, training):
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.site, ctx.x_shape, ctx.x_dtype = site, x.shape, x.dtype
+        x = x.reshape(-1, x.shape[-1])
+        with torch.autocast(device, enabled=False):  # no bf16 inside the emulation's fp32 matmul
+            if site.scaling.recipe.name == "rowwise":
+                groups = (site.tp_group,) if site.split_in else ()
+                xq, xs = _quantize_rows(x, kernels.FP8_E4M3, groups, site.scaling.recipe.margin)
+                wq, ws = _quantize_rows(weight, kernels.FP8_E4M3, groups, site.scaling.recipe.margin)
+                ctx.save_for_backward(x, weight)  # quantized along their other dimension there
+            else:
+                (xq, xs), (wq, ws) = _quantize_tensors(
+                    site, [(_X, x, kernels.FP8_E4M3), (_W, weight, kernels.FP8_E4M3)],
+                    record=training)
+                ctx.save_for_backward(xq, xs, wq, ws)
+            y = kernels.fp8_matmul(xq, wq, xs, ws, out_dtype)
+        return y.view(*ctx.x_shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        site = ctx.site
+        dy = dy.reshape(-1, dy.shape[-1])
+        with torch.autocast(dy.device.type, enabled=False):
+            if site.scaling.recipe.name == "rowwise":
+                x, weight = ctx.saved_tensors
+                margin = site.scaling.recipe.margin
+                dgrad_groups = () if site.split_in else (site.tp_group,)  # sums over out features
+                dyq, dys = _quantize_rows(dy, kernels.FP8_E5M2, dgrad_groups, margin)
+                wtq, wts = _quantize_rows(weight.t(), kernels.FP8_E4M3, dgrad_groups, margin)
+                dytq, dyts = _quantize_rows(dy.t(), kernels.FP8_E5M2, (site.cp_group,), margin)
+                xtq, xts = _quantize_rows(x.t(), kernels.FP8_E4M3, (site.cp_group,), margin)
+            else:
+                xq, xs, wq, ws = ctx.saved_tensors
+                (dyq, dys), = _quantize_tensors(site, [(_DY, dy, kernels.FP8_E5M2)], record=True)
+                # Transposed copies: both operands of an FP8 GEMM are read along the summed dimension.
+                wtq, wts, dytq, dyts, xtq, xts = wq.t().contiguous(), ws, dyq.t().contiguous(), dys, \
+                    xq.t().contiguous(), xs
+            dx = kernels.fp8_matmul(dyq, wtq, dys, wts, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+            dw = kernels.fp8_matmul(dytq, xtq, dyts, xts, torch.float32)
+        return None if dx is None else dx.view(ctx.x_shape), dw, None, None
+
+
+def linear(x, weight, bias=None, fp8=None):
+    """F.linear(x, weight, bias), or with an FP8Site its matmuls in FP8 (the bias added in
+    the output's dtype, as F.linear under autocast does)."""
+    if fp8 is None:
+        return F.linear(x, weight, bias)
+    y = _FP8Linear.apply(x, weight, fp8, torch.is_grad_enabled())  # (no grad mode inside apply)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------
 # Tensor parallelism (Megatron) and sequence parallelism
 # ----------------------------------------------------------------------------
 # A transformer layer under tp: the input is made available to every tp rank
@@ -537,8 +726,11 @@ class ColumnParallelLinear(nn.Module):
     width (GPT's Q, K, V): the weight is (groups, out/groups, in) and each group is split
     separately, so a rank's slice is whole heads of each of Q, K and V."""
 
+    fp8_capable = True  # False where a model uses the weight itself (see enable_fp8)
+
     def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features"):
         super().__init__()
+        self.fp8 = None  # an FP8Site under --precision fp8 (enable_fp8)
         per_group = out_features // groups
         local = _split(per_group, layout.tp, name)
         shape = (groups, local, in_features) if groups > 1 else (local, in_features)
@@ -551,7 +743,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.reshape(-1)
-        return F.linear(x, self.weight.reshape(-1, self.weight.shape[-1]), bias)
+        return linear(x, self.weight.reshape(-1, self.weight.shape[-1]), bias, self.fp8)
 
 
 class RowParallelLinear(nn.Module):
@@ -559,16 +751,63 @@ class RowParallelLinear(nn.Module):
     slice of x (the output of a column-parallel layer) and the partial results are
     summed by `leave_tp_region`; the bias is added once, after the sum."""
 
+    fp8_capable = True
+
     def __init__(self, in_features, out_features, layout, bias=False, name="in_features"):
         super().__init__()
-        self.layout = layout
+        self.layout, self.fp8 = layout, None
         self.weight = nn.Parameter(torch.empty(out_features, _split(in_features, layout.tp, name)))
         _shard(self.weight, 1, layout, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    def partial(self, x):
+        """This rank's partial sum of the output (before the sum over tp)."""
+        return linear(x, self.weight, fp8=self.fp8)
+
     def forward(self, x):
-        y = leave_tp_region(F.linear(x, self.weight), self.layout)
+        y = leave_tp_region(self.partial(x), self.layout)
         return y if self.bias is None else y + self.bias
+
+
+def enable_fp8(modules, recipe, layout, n_layers, high_precision_layers=1):
+    """Run the column- and row-parallel linears of these model chunks' transformer layers
+    in FP8, but for the first and last `high_precision_layers` of the model's `n_layers`
+    and linears marked `fp8_capable = False` (used through their weights, not called).
+    Returns their shared FP8Scaling. Collective: every rank learns the whole model's
+    FP8 linears (the rows of the amax history)."""
+    sites = {}
+    for model in modules:
+        for index, layer in model.layers.items():
+            if high_precision_layers <= int(index) < n_layers - high_precision_layers:
+                for name, m in layer.named_modules():
+                    if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.fp8_capable:
+                        sites[f"layers.{index}.{name}"] = m
+    if not sites and n_layers <= 2 * high_precision_layers:
+        raise UsageError(f"--fp8-bf16-layers {high_precision_layers} keeps all {n_layers} layers in "
+                         f"higher precision, so nothing would run in FP8; lower it (0: every layer FP8)")
+    problems = []
+    for name, m in sites.items():
+        out_features, in_features = m.weight.reshape(-1, m.weight.shape[-1]).shape
+        if out_features % FP8_GEMM_MULTIPLE or in_features % FP8_GEMM_MULTIPLE:
+            problems.append(f"--precision fp8: {name} has a {out_features} x {in_features} weight on "
+                            f"each rank, and FP8 matmuls need multiples of {FP8_GEMM_MULTIPLE}; choose "
+                            f"sizes (or --tp) that give them, or keep it in bf16 with --fp8-bf16-layers")
+    everyone = [(sorted(sites), problems)]
+    if dist.is_initialized():  # (every rank raises the same error: none is left waiting)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (sorted(sites), problems))
+    problems = [p for _, rank_problems in everyone for p in rank_problems]
+    if problems:
+        raise UsageError(problems[0])
+    names = set().union(*(rank_names for rank_names, _ in everyone))
+    scaling = FP8Scaling(recipe, sorted(names), layout.device)
+    slot = {name: i for i, name in enumerate(scaling.names)}
+    for name, m in sites.items():
+        # An expert under ep sees tokens gathered from its ep group, and its cp peers hold
+        # other experts: only without ep do they hold the same expert on other tokens.
+        cp_group = layout.cp_group if not tags(m.weight).expert or layout.ep == 1 else None
+        m.fp8 = FP8Site(scaling, slot[name], layout.tp_group, cp_group, isinstance(m, RowParallelLinear))
+    return scaling
 
 
 class VocabParallelEmbedding(nn.Module):

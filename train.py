@@ -24,6 +24,7 @@ import checkpoint
 import convert
 import data
 import generate
+import kernels
 import models
 import parallel
 from parallel import UsageError
@@ -32,6 +33,10 @@ from parallel import UsageError
 # BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
 # at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
 DEFAULT_LR = {"default": 2e-3, "bert": 5e-4}
+
+# The FP8 flags' defaults: given otherwise without --precision fp8, they are an error.
+FP8_DEFAULTS = {"fp8_recipe": "delayed", "fp8_amax_history_len": 1024, "fp8_margin": 0,
+                "fp8_bf16_layers": 1, "fp8_rest": "bf16"}
 
 
 def parse_args(argv=None):
@@ -81,6 +86,19 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
       help="auto: bf16 on CUDA, fp32 on CPU")
+    a("--fp8-recipe", default=FP8_DEFAULTS["fp8_recipe"],
+      metavar="{" + ",".join(parallel.FP8_RECIPES) + "}",
+      help="fp8: how scales are chosen: delayed (the largest amax of recent steps), "
+           "tensorwise (each tensor's amax now) or rowwise (one scale per row)")
+    a("--fp8-amax-history-len", type=int, default=FP8_DEFAULTS["fp8_amax_history_len"],
+      help="fp8 delayed: steps of amax history")
+    a("--fp8-margin", type=int, default=FP8_DEFAULTS["fp8_margin"],
+      help="fp8: scales divided by 2^margin (headroom)")
+    a("--fp8-bf16-layers", type=int, default=FP8_DEFAULTS["fp8_bf16_layers"],
+      help="fp8: the first and the last N transformer layers stay in higher precision")
+    a("--fp8-rest", choices=["bf16", "fp32"], default=FP8_DEFAULTS["fp8_rest"],
+      help="fp8: the precision of everything that is not an FP8 matmul (fp32 isolates FP8's "
+           "own effect)")
     a("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the loss scale to start from")
     a("--loss-scale-window", type=int, default=1000,
       help="fp16: double the loss scale after this many steps without overflow")
@@ -129,8 +147,11 @@ def lr_at(step, args):
     return args.lr * ratio
 
 
-def precision_context(precision, device):
-    """Autocast for the forward pass; master weights and optimizer stay fp32."""
+def precision_context(precision, device, fp8_rest="bf16"):
+    """Autocast for the forward pass; master weights and optimizer stay fp32. Under fp8
+    the FP8 linears (parallel.enable_fp8) multiply in FP8 and the rest runs in `fp8_rest`."""
+    if precision == "fp8":
+        precision = fp8_rest
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -206,7 +227,8 @@ def model_config(args):
 FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_len": 1,
                 "vpp": 1, "lr_decay_steps": 1, "log_every": 1, "eval_batches": 1,
                 "loss_scale_window": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
-                "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0}
+                "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0,
+                "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0}
 
 
 def pp_layers(args):
@@ -240,9 +262,13 @@ def check_args(args, cfg, tokenizer):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    if args.precision == "fp8":
-        raise UsageError("--precision fp8 is not available yet (it comes with the FP8 matmul "
-                         "kernel); use bf16")
+    fp8_flags = [f"--{name.replace('_', '-')}" for name in FP8_DEFAULTS
+                 if getattr(args, name) != FP8_DEFAULTS[name]]
+    if fp8_flags and args.precision != "fp8":
+        raise UsageError(f"{fp8_flags[0]} applies to FP8 training only; add --precision fp8")
+    if args.fp8_recipe not in parallel.FP8_RECIPES:
+        raise UsageError(f"unknown --fp8-recipe {args.fp8_recipe}; choose one of "
+                         f"{', '.join(parallel.FP8_RECIPES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
     if getattr(cfg, "capacity_factor", 0) < 0:
@@ -344,6 +370,7 @@ class Run:
     scaler: parallel.LossScaler
     autocast: object
     precision: str
+    fp8: object              # parallel.FP8Scaling under --precision fp8, else None
     logger: object
     start_step: int = 0
     tokens_seen: int = 0
@@ -423,11 +450,16 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
     ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb)
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(precision == "fp16", args.initial_loss_scale, args.loss_scale_window)
+    fp8 = None
+    if precision == "fp8":
+        recipe = parallel.FP8Recipe(args.fp8_recipe, args.fp8_amax_history_len, args.fp8_margin)
+        fp8 = parallel.enable_fp8(modules, recipe, layout, cfg.n_layers, args.fp8_bf16_layers)
     run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer, train_data=train_data,
               val_data=val_data, chunks=chunks, modules=modules,
               actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
-              autocast=precision_context(precision, device), precision=precision, logger=None)
+              autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
+              fp8=fp8, logger=None)
     try:
         if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
             for m in modules:
@@ -446,6 +478,8 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
             meta = checkpoint.load(step_dir, modules, optimizer, layout)
             run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
             scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
+            if fp8 is not None:
+                load_fp8_history(fp8, step_dir, meta)
         if args.save:
             check_save_root(args, run.start_step)
         run.logger = Logger(args, layout)
@@ -454,7 +488,7 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
         raise
     log = run.logger.print
     log(f"{args.model}/{args.config}: {parallel.count_parameters(modules, layout) / 1e6:.2f}M "
-        f"parameters | {layout.describe()} | {precision} | "
+        f"parameters | {layout.describe()} | {describe_precision(run)} | "
         f"{f'task {args.task}' if args.task else f'data {args.data}'}: "
         f"{train_data.n_tokens:,} train tokens | {run.tokens_per_step:,} tokens/step in "
         f"{steps_per_rank} micro-batch(es) per rank")
@@ -472,12 +506,47 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
     return run
 
 
+def describe_precision(run):
+    """The run header's precision: under fp8, the recipe, which layers and how it runs."""
+    if run.fp8 is None:
+        return run.precision
+    args, fp8 = run.args, run.fp8
+    layers = sorted({int(name.split(".")[1]) for name in fp8.names})
+    recipe = f"{args.fp8_recipe} scaling" + (f", amax history {args.fp8_amax_history_len}"
+                                               if args.fp8_recipe == "delayed" else "")
+    matmul = "Triton" if kernels.fp8_matmul_backend(run.layout.device) == "triton" else \
+        "emulated: FP8 values, fp32 matmuls"
+    return (f"fp8 ({recipe}; layers {layers[0]}-{layers[-1]} in FP8, {matmul}; the rest "
+            f"{args.fp8_rest})")
+
+
+def load_fp8_history(fp8, step_dir, meta):
+    """Delayed scaling's amax history from a checkpoint, so that a resumed run scales as
+    the uninterrupted one. A checkpoint without one (trained in another precision) starts
+    a new history."""
+    saved = meta.get("fp8")
+    if saved is None or fp8.recipe.name != "delayed" or saved["recipe"] != "delayed":
+        return
+    if saved["names"] != fp8.names or saved["history_len"] != fp8.recipe.history_len:
+        raise UsageError(f"{step_dir} holds an FP8 amax history of {saved['history_len']} steps for "
+                         f"{len(saved['names'])} linears, this run has {fp8.recipe.history_len} for "
+                         f"{len(fp8.names)}; pass the --fp8-amax-history-len and --fp8-bf16-layers "
+                         f"it was trained with")
+    history = checkpoint.read_replicated(step_dir)["fp8.amax_history"]
+    fp8.set_history(history.to(fp8.history.device), saved["steps_recorded"])
+
+
 def save(run, step):
     args = run.args
-    checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, {
-        "model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
-        "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
-        "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps})
+    meta = {"model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
+            "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
+            "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps}
+    replicated = {}
+    if run.fp8 is not None:
+        meta["fp8"] = {"recipe": run.fp8.recipe.name, "history_len": run.fp8.recipe.history_len,
+                       "steps_recorded": run.fp8.steps_recorded, "names": run.fp8.names}
+        replicated["fp8.amax_history"] = run.fp8.history
+    checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, meta, replicated)
     run.logger.print(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
 
 
@@ -537,6 +606,8 @@ def train_step(run, step):
     run.optimizer.lr = lr_at(step, args)
     run.ddp.zero_grad()
     loss = forward_backward(run, lambda rows: draw_batch(run.train_data, step, args.seed, args, rows))
+    if run.fp8 is not None:
+        run.fp8.end_step()
     run.ddp.finish()
     finite = run.scaler.unscale_and_check(run.ddp)
     grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad)

@@ -5,6 +5,7 @@
 #   OUT=gpu-results bash scripts/gpu_check.sh mamba    # Mamba's (at the end of this file)
 #   OUT=gpu-results bash scripts/gpu_check.sh bert     # BERT's
 #   OUT=gpu-results bash scripts/gpu_check.sh t5       # T5's
+#   OUT=gpu-results bash scripts/gpu_check.sh fp8      # FP8's: the GEMM and FP8 training
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -63,6 +64,30 @@ if [ "${1:-}" = mamba ]; then
     step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
         --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
         n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
+
+if [ "${1:-}" = fp8 ]; then
+    # FP8, at most 5 minutes: the FP8 GEMM tests compiled on the GPU (the interpreter-sized
+    # cases: odd shapes, masks, strides, both pairs of formats, both kinds of scales; the
+    # `gpu` ones at 4096^3 and an 8B model's projections against the fp64 product, the
+    # reference and torch._scaled_mm, errors printed); the GEMM's TFLOP/s against
+    # _scaled_mm and bf16 (target: ours >= 0.95x _scaled_mm). Compiling every autotuning
+    # configuration of each case is most of the tests' time.
+    step fp8-gemm-tests 140 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider tests/test_fp8_matmul.py
+    step bench-fp8-gemm 40 python3 bench.py fp8-gemm --json "$out/fp8-gemm.json"
+    # FP8 training against bf16: a 4-layer llama3-8b (every layer FP8, Triton GEMMs), 20
+    # steps each; tokens/s and MFU (of the bf16 peak) from train.py (target: fp8 >= 1.3x
+    # bf16). Then the FP8 layer and training tests compiled (the Triton path of an FP8 linear).
+    for precision in bf16 fp8; do
+        step "train-llama3-8b-4l-$precision" 60 python3 train.py --model llama --config llama3-8b \
+            --set n_layers=4 --seq-len 4096 --global-batch-size 4 --precision $precision \
+            $([ $precision = fp8 ] && echo --fp8-bf16-layers 0) --steps 20 --warmup-steps 5 \
+            --log-every 5 --eval-every 0 --eval-batches 1 --sample-tokens 0 \
+            --metrics "$out/train-llama3-8b-4l-$precision.jsonl"
+    done
+    step fp8-training-tests 60 python3 -m pytest -q -rA --durations=0 -p no:cacheprovider \
+        tests/test_fp8_training.py -k "triton or emulation"
     exit 0
 fi
 

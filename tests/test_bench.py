@@ -54,3 +54,31 @@ def test_long_context_measures_both_models(tmp_path, capsys):
         ("mamba", 64), ("mamba", 128), ("llama", 64), ("llama", 128)]
     assert all(r["ms"] > 0 and r["kb_per_token"] > 0 for r in rows)
     assert "summary: from seq 64 to 128" in capsys.readouterr().out
+
+
+def test_fp8_gemm_reports_the_emulation_cost_on_cpu(tmp_path, capsys):
+    """On a CPU `bench.py fp8-gemm` times what the emulation costs (quantize + the reference)
+    against an fp32 matmul; on a GPU the same command times the Triton GEMM."""
+    out = tmp_path / "fp8.json"
+    bench.main(["fp8-gemm", "--device", "cpu", "--shapes", "64x32x48", "32x16x16", "--reps", "1",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [(r["M"], r["N"], r["K"]) for r in rows] == [(64, 32, 48), (32, 16, 16)]
+    assert all(r["quantize_ms"] > 0 and r["emulated_matmul_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
+    assert all(r["emulation_vs_fp32"] > 0 for r in rows)
+    assert "the time of the fp32 matmul it stands for" in capsys.readouterr().out
+
+
+def test_fp8_curve_compares_each_recipe_with_fp32(tmp_path, capsys):
+    out = tmp_path / "curve.json"
+    bench.main(["fp8-curve", "--config", "test", "--steps", "3", "--warmup", "1", "--seq-len", "32",
+                "--batch-size", "4", "--skip-bf16", "--recipes", "tensorwise", "rowwise",
+                "--device", "cpu", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["run"] for r in results["rows"]] == [
+        "fp32", "fp8 tensorwise: every layer, rest fp32", "fp8 rowwise: every layer, rest fp32"]
+    fp32 = results["curves"]["fp32"]
+    for row in results["rows"][1:]:
+        curve = results["curves"][row["run"]]
+        assert curve != fp32 and 0 < row["max_rel"] < 0.05
+    assert "fp8-curve: llama/test, 3 steps" in capsys.readouterr().out

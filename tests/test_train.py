@@ -211,7 +211,6 @@ def test_fp16_loss_scaler_skips_halves_and_grows(ranks, tmp_path):
     (["--model", "llama", "--load", "/"], "not a checkpoint"),
     (["--model", "llama", "--load", "/no/such/dir"], "no such directory"),
     (["--model", "llama", "--set", "n_heads=5"], "n_kv_heads"),
-    (["--model", "llama", "--precision", "fp8"], "fp8"),
     (["--model", "llama", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
     (["--model", "llama", "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--model", "llama", "--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
