@@ -290,9 +290,16 @@ class ActivationMeter:
     """Counts the bytes autograd saves for backward (the activation memory), live:
     each saved tensor is wrapped in a token whose deletion (when backward has used it
     and the graph is freed) subtracts its bytes. Bytes are attributed to the innermost
-    module class running when they were saved."""
+    module class running when they were saved.
 
-    def __init__(self, modules=()):
+    A checkpoint (torch.utils.checkpoint, non-reentrant: activation recomputation, ring
+    attention's blocks) keeps its inputs itself, out of the saved-tensor hooks' sight, and
+    saves nothing inside. With `checkpoint_inputs`, the meter also counts those inputs (as
+    "(checkpoint inputs)"), by wrapping torch.utils.checkpoint.checkpoint while it is
+    active, until it exits: right for the peak of a forward measured alone."""
+
+    def __init__(self, modules=(), checkpoint_inputs=False):
+        self.checkpoint_inputs, self.held = checkpoint_inputs, []
         self.live = self.peak = 0
         self.by_module = {}
         self.stack = ["(top level)"]
@@ -322,10 +329,23 @@ class ActivationMeter:
 
         self.hooks = torch.autograd.graph.saved_tensors_hooks(Token, lambda token: token.tensor)
         self.hooks.__enter__()
+        if self.checkpoint_inputs:
+            self.checkpoint = checkpoint = torch.utils.checkpoint.checkpoint
+
+            def counted(fn, *args, **kwargs):
+                if torch.is_grad_enabled():
+                    meter.stack.append("(checkpoint inputs)")
+                    self.held += [Token(a) for a in args if isinstance(a, torch.Tensor)]
+                    meter.stack.pop()
+                return checkpoint(fn, *args, **kwargs)
+            torch.utils.checkpoint.checkpoint = counted
         return self
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
+        if self.checkpoint_inputs:
+            torch.utils.checkpoint.checkpoint = self.checkpoint
+            self.held.clear()
 
 
 def _optimizer_bytes(preset, zero1):
@@ -1343,6 +1363,73 @@ def add_long_context(p):
 
 
 # mode -> (function, help, options). One entry per mode.
+def recompute(args, device):
+    """Activation recomputation (train.py --recompute): for none, selective and full, the
+    activation bytes of one micro-batch (ActivationMeter's peak, checkpoint inputs counted)
+    and the forward + backward time: memory saved and time paid, side by side."""
+    cfg = models.make_config("llama", args.config, args.set)
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len}")
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    # A padding mask (all real tokens) makes the torch path materialize a (T x T) mask that
+    # SDPA stores for backward; without one, SDPA's CPU and GPU kernels store no scores.
+    mask = torch.ones_like(ids) if args.padding_mask else None
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    rows, steps = [], []
+    for mode in ("none", "selective", "full"):
+        model = models.build("llama", cfg, device, args.seed)
+        parallel.apply_recompute([model], mode)
+        with ActivationMeter([model], checkpoint_inputs=True) as meter, autocast:
+            loss = model(ids, labels=ids, attention_mask=mask)
+        del loss
+
+        def step(model=model):
+            with autocast:
+                loss = model(ids, labels=ids, attention_mask=mask)
+            loss.backward()
+        rows.append({"recompute": mode, "activation_mb": meter.peak / 2**20})
+        steps.append(step)
+    # Timed in turns (one step of each mode per round), so that a machine's drift and
+    # other load fall on every mode alike.
+    for step in steps:
+        step()  # untimed: first-call costs (allocations, Triton's compilation on a GPU)
+    times = [[] for _ in steps]
+    for _ in range(args.reps):
+        for step, t in zip(steps, times):
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            t.append(1e3 * (time.perf_counter() - start))
+    for r, t in zip(rows, times):
+        r["step_ms"] = median(t)
+    base = rows[0]
+    for r in rows:
+        r["memory_vs_none"] = r["activation_mb"] / base["activation_mb"]
+        r["time_vs_none"] = r["step_ms"] / base["step_ms"]
+    print(f"recompute: llama/{args.config} {' '.join(args.set)}, batch {args.batch_size} x seq "
+          f"{args.seq_len}{', padding mask' if args.padding_mask else ''}, one micro-batch")
+    print_table(rows, [("recompute", "recompute", "s"), ("activation_mb", "activations MB", ".1f"),
+                       ("memory_vs_none", "x none", ".2f"), ("step_ms", "fwd+bwd ms", ".1f"),
+                       ("time_vs_none", "x none", ".2f")])
+    print(f"summary: full keeps {rows[2]['memory_vs_none']:.2f}x of the activations for "
+          f"{rows[2]['time_vs_none']:.2f}x the step time; selective {rows[1]['memory_vs_none']:.2f}x "
+          f"for {rows[1]['time_vs_none']:.2f}x")
+    return {"rows": rows}
+
+
+def add_recompute(p):
+    p.add_argument("--config", default="tiny", help="llama preset (tiny; on a GPU e.g. llama3-8b)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (e.g. n_layers=2)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--padding-mask", action="store_true",
+                   help="pass an attention mask (materialized by the torch path)")
+    p.add_argument("--reps", type=int, default=3, help="rounds of timed steps (median per mode)")
+
+
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
@@ -1363,6 +1450,8 @@ MODES = {
     "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),
     "long-context": (long_context, "Mamba-2 vs LLaMA: fwd+bwd time and activations per token vs seq len",
                      add_long_context),
+    "recompute": (recompute, "activation recomputation none/selective/full: activations vs step time",
+                  add_recompute),
 }
 
 

@@ -129,6 +129,7 @@ def to_hf(name, tensor, cfg):
 class Attention(nn.Module):
     """Bidirectional self-attention over the real tokens; under tp each rank owns
     n_heads/tp heads (separate Q, K, V projections with biases, as BERT's)."""
+    recompute_core = False  # set by parallel.apply_recompute (selective recomputation)
 
     def __init__(self, cfg: Config, layout):
         super().__init__()
@@ -143,7 +144,7 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=False,
-                                       key_padding_mask=key_padding_mask)
+                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -87,6 +87,7 @@ def to_hf(name, tensor, cfg):
 
 class Attention(nn.Module):
     """Causal self-attention; under tp each rank owns n_heads/tp heads."""
+    recompute_core = False  # set by parallel.apply_recompute (selective recomputation)
 
     def __init__(self, cfg: Config, layout):
         super().__init__()
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
-                                       key_padding_mask=key_padding_mask)
+                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

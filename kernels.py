@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 try:
     import triton
@@ -744,7 +745,7 @@ def _flash_supports(q, k, v, position_bias=None):
 
 
 def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
-              position_bias=None):
+              position_bias=None, recompute=False):
     """Multi-head attention with GQA, causal / sliding-window / key-padding masks, and T5's
     relative position bias. Shapes as in `attention_reference`; returns (B, H, Tq, D).
 
@@ -757,7 +758,12 @@ def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=No
     kernels compute from the table (in fp32, under autocast too), never materializing a
     (Tq, Tk) bias; a row with every key masked outputs 0. Another head dim runs the
     torch path: scaled_dot_product_attention, with the bias materialized
-    (`relative_position_bias_reference`) and added to the scores as a float mask."""
+    (`relative_position_bias_reference`) and added to the scores as a float mask.
+
+    `recompute` (selective activation recomputation, parallel.apply_recompute): the torch
+    path runs under a checkpoint, so backward recomputes the scores and probabilities
+    that SDPA's CPU path would store, keeping only q, k, v (and the bias table). The
+    Triton path stores no scores and recomputes them in backward anyway: unchanged."""
     if position_bias is not None and position_bias.table.shape[1:] != (q.shape[1],):
         raise ValueError(f"position_bias.table {tuple(position_bias.table.shape)} must be "
                          f"(num_buckets, {q.shape[1]}): one column per query head")
@@ -772,6 +778,14 @@ def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=No
         return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, position_bias.table,
                                     position_bias.bidirectional, position_bias.max_distance)
 
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(_torch_attention, q, k, v, causal, window,
+                                                 key_padding_mask, scale, position_bias,
+                                                 use_reentrant=False, preserve_rng_state=True)
+    return _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias)
+
+
+def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias):
     simple_causal = (causal and window is None and key_padding_mask is None and position_bias is None
                      and q.shape[2] == k.shape[2])
     mask = None if simple_causal else attention_mask(

@@ -106,6 +106,7 @@ def hf_name(name, cfg):
 class Attention(nn.Module):
     """Grouped-query attention; under tp each rank owns n_heads/tp query heads and the
     n_kv_heads/tp KV heads they read."""
+    recompute_core = False  # set by parallel.apply_recompute (selective recomputation)
 
     def __init__(self, cfg: Config, layout):
         super().__init__()
@@ -137,7 +138,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
                                        window=self.cfg.sliding_window or None,
-                                       key_padding_mask=key_padding_mask)
+                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -10,6 +10,7 @@ that can each be read (and copied) alone. Each section uses only the sections ab
   Context parallelism    zigzag sequence split, ring attention, all-to-all to heads
   Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
   Model chunks           a model cut into pipeline chunks; the output layer and loss
+  Recomputation          activations recomputed in backward: attention cores or whole layers
   Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
   Gradient norm          clipping and fp16 loss scaling, agreed across ranks
   Pipeline schedules     GPipe, 1F1B, interleaved 1F1B, and running them
@@ -20,6 +21,7 @@ tensor-parallel peers (which talk the most) sit on the same node.
 """
 import contextlib
 import datetime
+import functools
 import math
 import os
 import queue
@@ -1081,13 +1083,16 @@ def allgather_attention(q, k, v, positions, layout, causal=True, window=None, sc
     return out.to(q.dtype)
 
 
-def context_attention(q, k, v, positions, layout, causal=True, window=None, key_padding_mask=None):
+def context_attention(q, k, v, positions, layout, causal=True, window=None, key_padding_mask=None,
+                      recompute=False):
     """The attention call of the models: plain attention without cp, else ring (or
     all-gather, `--cp-comm allgather`) attention over the cp group. `key_padding_mask`
-    (B, T) is True on real tokens, for the whole sequence (every cp rank holds it)."""
+    (B, T) is True on real tokens, for the whole sequence (every cp rank holds it).
+    `recompute`: scores recomputed in backward, not stored (selective recomputation; the
+    cp paths checkpoint their blocks always)."""
     if layout.cp == 1:
         return kernels.attention(q, k, v, causal=causal, window=window,
-                                 key_padding_mask=key_padding_mask)
+                                 key_padding_mask=key_padding_mask, recompute=recompute)
     fn = ring_attention if layout.cp_comm == "ring" else allgather_attention
     return fn(q, k, v, positions, layout, causal, window, key_padding_mask=key_padding_mask)
 
@@ -1371,6 +1376,124 @@ def share_first_token_sums(t, layout):
     if layout.tp > 1 and layout.sp:
         return _ReduceFromTP.apply(t, layout.tp_group)
     return t
+
+
+# ----------------------------------------------------------------------------
+# Activation recomputation: attention cores or whole layers recomputed in backward
+# ----------------------------------------------------------------------------
+# Backward needs what the forward's ops saved; stored for every layer of every
+# micro-batch in flight, that is most of a large model's memory. Recomputation
+# (Korthikanti et al. 2022) stores less and runs part of the forward again in backward:
+#
+#   selective  the attention core only: its (queries x keys) scores and probabilities
+#              are the largest activations at long sequences and the cheapest to redo
+#              (no weights). Each attention module carries `recompute_core`, which it
+#              passes to kernels.attention (directly, or through context_attention);
+#              set here, never by a global switch. The Triton path (FlashAttention) and
+#              ring attention under cp store no scores anyway, so nothing changes there.
+#              Mamba's mixers have no attention: selective leaves them as they are
+#              (their scans choose what to store themselves, see kernels.py).
+#   full       whole layers: a checkpointed unit keeps only its input; everything inside
+#              runs again in backward. Megatron's methods, per model chunk: "uniform"
+#              cuts the chunk's layers into units of N consecutive layers, "block"
+#              checkpoints the chunk's first N layers one by one and runs the rest as usual.
+#
+# Full recomputation is torch.utils.checkpoint, non-reentrant (autograd's saved-tensor
+# hooks: parameters get their gradients in the usual way, so DataParallel's hooks fire
+# as usual), with the RNG state of the forward restored for the recompute. The model
+# files know nothing of it: apply_recompute replaces the `forward` of the layers in
+# `model.layers` on the instance, so module names, and with them initialization and
+# checkpoints, stay what they are (a wrapper module would rename every parameter). A
+# unit of several layers runs them all from its first layer's forward; its other layers,
+# already run, pass their input through. So every family's loop `x = layer(x, ...)`
+# works unchanged, as long as a unit's layers take the same arguments: units never
+# cross a change of layer class (T5's encoder -> decoder, where the encoder's final
+# norm runs between them). Without gradients (evaluation, decoding) layers run as usual.
+#
+# Side effects. A recomputed forward must not do twice what the forward did once. What
+# a layer leaves on its modules (Mixtral's router losses, `kept`, traffic counts, which
+# mixtral.py sums after the layers into model.extra_loss and router_stats) is restored
+# after each recompute, so the objective and the statistics are the forward's, counted
+# once. FP8 amax recording is a max, which a second look at the same tensor leaves as
+# it is; scales change only between steps. Collectives inside a layer (tp, sp, ep, cp)
+# run again in the recompute; every rank of a group recomputes the same layer at the
+# same point of the same schedule, so they still pair up.
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def recompute_units(layers, n, method="uniform"):
+    """The checkpointed units of a chunk's layers (a ModuleDict in model order): lists of
+    layers, each run under one checkpoint. uniform: consecutive runs of n layers (the
+    last may be shorter); block: the first n layers, one unit each. A unit never mixes
+    layer classes."""
+    layers = list(layers.values())
+    if method == "block":
+        return [[layer] for layer in layers[:n]]
+    units = []
+    for layer in layers:
+        if units and len(units[-1]) < n and type(units[-1][0]) is type(layer):
+            units[-1].append(layer)
+        else:
+            units.append([layer])
+    return units
+
+
+def apply_recompute(modules, mode, layers_per_unit=1, method="uniform"):
+    """Turn on activation recomputation in these model chunks (the section's header
+    says what each mode does). Call once, after building them."""
+    if mode not in RECOMPUTE_MODES or method not in RECOMPUTE_METHODS:
+        raise UsageError(f"recompute {mode!r}/{method!r}: choose a mode of {RECOMPUTE_MODES} "
+                         f"and a method of {RECOMPUTE_METHODS}")
+    for model in modules:
+        if mode == "selective":
+            for m in model.modules():
+                if hasattr(m, "recompute_core"):
+                    m.recompute_core = True
+        elif mode == "full":
+            for unit in recompute_units(model.layers, layers_per_unit, method):
+                unit[0].forward = functools.partial(_checkpointed_unit, unit)
+                for layer in unit[1:]:
+                    layer.forward = functools.partial(_ran_with_unit, layer)
+
+
+def _plain_forward(layer, *args, **kwargs):
+    return type(layer).forward(layer, *args, **kwargs)  # the class's, not the instance's
+
+
+def _unit_forward(unit, x, *args, **kwargs):
+    for layer in unit:
+        x = _plain_forward(layer, x, *args, **kwargs)
+    return x
+
+
+def _checkpointed_unit(unit, x, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return _plain_forward(unit[0], x, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(
+        _unit_forward, unit, x, *args, use_reentrant=False, preserve_rng_state=True,
+        context_fn=lambda: (contextlib.nullcontext(), _attributes_restored(unit)), **kwargs)
+
+
+def _ran_with_unit(layer, x, *args, **kwargs):
+    # The unit's first layer ran this one already; without gradients units are not used.
+    return x if torch.is_grad_enabled() else _plain_forward(layer, x, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _attributes_restored(unit):
+    """Around a recompute: the modules' plain attributes (not parameters, buffers or
+    submodules, which live in underscored dicts) are put back as the forward left them."""
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")})
+             for layer in unit for m in layer.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes in saved:
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attributes]:
+                delattr(m, k)
+            vars(m).update(attributes)
 
 
 # ----------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def shift_right(labels, start_token_id):
 class Attention(nn.Module):
     """Self- or cross-attention without biases and without score scaling; under tp each
     rank owns n_heads/tp heads (and, for self-attention, those columns of the bias table)."""
+    recompute_core = False  # set by parallel.apply_recompute (selective recomputation)
 
     def __init__(self, cfg: Config, layout):
         super().__init__()
@@ -186,7 +187,7 @@ class Attention(nn.Module):
     def _attend(self, x, k, v, key_padding_mask, causal, position_bias):
         q = self.heads(self.q_proj, x)
         y = kernels.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=1.0,
-                              position_bias=position_bias)
+                              position_bias=position_bias, recompute=self.recompute_core)
         B, _, T, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

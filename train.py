@@ -63,6 +63,16 @@ def parse_args(argv=None):
       help="ZeRO-1: shard optimizer state over data-parallel ranks")
     a("--ddp-bucket-mb", type=float, default=25.0,
       help="gradients reduced together, in MiB of fp32 (each bucket's reduction overlaps backward)")
+    a("--recompute", choices=parallel.RECOMPUTE_MODES, default="none",
+      help="activation recomputation: selective = attention scores recomputed in backward, "
+           "not stored; full = whole layers (only each checkpointed unit's input stored)")
+    a("--recompute-method", choices=parallel.RECOMPUTE_METHODS, default=None,
+      help="--recompute full, per pipeline chunk: uniform = units of --recompute-layers "
+           "consecutive layers; block = only the first --recompute-layers layers, one by one "
+           "(default: uniform)")
+    a("--recompute-layers", type=int, default=None, metavar="N",
+      help="--recompute full: layers per unit (uniform) or layers checkpointed (block) "
+           "(default: 1)")
     a("--moe-capacity-factor", type=float, default=None,
       help="mixture of experts: each expert keeps at most factor x its even share of a "
            "micro-batch's choices, dropping the rest (default: the preset's, 0 = dropless)")
@@ -127,6 +137,16 @@ def parse_args(argv=None):
     a("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
     a("--peak-tflops", type=float, default=None,
       help="per-device peak for MFU (default: known GPUs, or a measured matmul on CPU)")
+    a("--plan", action="store_true",
+      help="print the predicted memory per rank and the step time (memory.py), then exit: "
+           "no training, no weights allocated")
+    a("--world-size", type=int, default=None,
+      help="--plan: the world size the layout is planned for (default: this job's)")
+    a("--plan-mfu", type=float, default=0.4, help="--plan: the MFU the step time assumes")
+    a("--plan-gpu", default="H100", help="--plan: the GPU whose datasheet peak (GPU_PEAK_FLOPS) the "
+      "step time assumes, unless --peak-tflops gives the peak")
+    a("--device-memory-gb", type=float, default=None,
+      help="--plan: device memory (GB); say whether the plan fits, and what would make it fit")
     args = p.parse_args(argv)
     if "lr" not in vars(args):
         args.lr = DEFAULT_LR.get(args.model, DEFAULT_LR["default"])
@@ -228,7 +248,8 @@ FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_
                 "vpp": 1, "lr_decay_steps": 1, "log_every": 1, "eval_batches": 1,
                 "loss_scale_window": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
                 "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0,
-                "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0}
+                "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0,
+                "recompute_layers": 1}
 
 
 def pp_layers(args):
@@ -302,10 +323,20 @@ def check_args(args, cfg, tokenizer):
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={max_seq_len}; "
                          f"pass --set max_seq_len={args.seq_len}")
     # The layout.
-    dp = parallel.check_layout(parallel.world_size(), args.tp, args.cp, args.pp, args.ep)
+    dp = parallel.check_layout(args.world_size or parallel.world_size(), args.tp, args.cp, args.pp,
+                               args.ep)
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
-    parallel.pipeline_chunks(cfg.n_layers, args.pp, args.vpp, pp_layers(args))
+    chunk_layers = parallel.pipeline_chunks(cfg.n_layers, args.pp, args.vpp, pp_layers(args))
+    recompute_flags = [f for f, v in (("--recompute-method", args.recompute_method),
+                                      ("--recompute-layers", args.recompute_layers)) if v is not None]
+    if recompute_flags and args.recompute != "full":
+        raise UsageError(f"{recompute_flags[0]} applies to --recompute full only")
+    fewest = min(len(layers) for layers in chunk_layers)
+    if (args.recompute_layers or 1) > fewest:
+        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the {fewest} layer(s) "
+                         f"of a pipeline chunk ({cfg.n_layers} layers in pp*vpp = "
+                         f"{args.pp * args.vpp} chunks); choose at most {fewest}")
     if args.seq_len % (2 * args.cp):
         raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * args.cp}, "
                          f"as context parallelism needs; change --seq-len or --cp")
@@ -447,6 +478,8 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
 
     torch.manual_seed(args.seed + layout.rank)
     modules = [models.build(args.model, cfg, device, args.seed, layout, c) for c in chunks]
+    parallel.apply_recompute(modules, args.recompute, args.recompute_layers or 1,
+                             args.recompute_method or "uniform")
     ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb)
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(precision == "fp16", args.initial_loss_scale, args.loss_scale_window)
@@ -853,6 +886,10 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.plan:
+            import memory  # (here: memory.py imports this file for the flags' checks)
+            print(memory.plan_report(args))
+            return
         train(args)
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -1,0 +1,707 @@
+"""Predicting memory per rank, without training and without allocating weights:
+`python train.py ... --plan` calls `plan()` and prints `describe()`.
+
+One concept, kept out of train.py: train.py runs a layout, this file predicts what the
+layout holds. train.py only parses the flags, runs the same layout checks as training,
+and calls in here.
+
+What a rank holds (bytes):
+  weights, gradients, optimizer state: counted exactly, by building this rank's model
+      chunks on the meta device (no memory) and the real parallel.DataParallel and
+      parallel.AdamW over them (their flat buffers are meta tensors too): fp32 weights
+      in flat buffers padded to a multiple of the replicas, fp32 gradient buffers of the
+      same size, and per bucket on the rank's ZeRO-1 slice (all of it without ZeRO-1):
+      Adam's two moments, the weight-decay mask, the gradient-norm mask, and with ZeRO-1
+      the reduce-scattered gradient slice. Experts are split over ep, tp shards and
+      vocabulary padding are what the layers build, a tied embedding has its copy on
+      the last stage.
+  activations: the bytes saved for backward by one micro-batch (formulas below), times
+      the micro-batches the schedule keeps in flight on the stage.
+  autocast weight copies (bf16/fp16): autocast caches one low-precision copy of every
+      weight per forward region, and the copies that backward needs live as long as the
+      micro-batch's graph: 2 bytes per weight per micro-batch in flight.
+  the loss: kernels.linear_cross_entropy keeps dx (tokens x dim, activation dtype) and
+      dW (the vocabulary shard x dim, fp32) for backward (counted with the activations
+      of the last stage) and, transiently, one chunk of fp32 logits (LOGITS_PER_CHUNK).
+
+The measured quantity that `activation_bytes` predicts (tests/test_memory.py measures
+it): the distinct storages of the tensors autograd saves during one micro-batch's
+forward, each storage counted once at its full size, excluding the parameters and the
+tensors that are only views or casts of parameters (autocast's weight copies, counted
+separately above). bench.ActivationMeter counts more: every saved tensor, parameters
+and repeated views of one storage included.
+"""
+import dataclasses
+import math
+
+import torch
+
+import kernels
+import parallel
+
+
+# ----------------------------------------------------------------------------
+# Activations of one micro-batch, per component
+# ----------------------------------------------------------------------------
+# Notation (per rank): n = b * s / cp tokens of the micro-batch on this rank, h = dim;
+# under sequence parallelism the residual stream and the norms hold n / tp tokens
+# ("n_sp"), the linears' gathered inputs all n. a = query heads / tp, q = a * head_dim,
+# kv = kv_heads / tp * head_dim, f = ffn_dim / tp. e = bytes of an autocast tensor
+# (2 under bf16/fp16, 4 in fp32); the residual stream, norms, softmax statistics and
+# RoPE's products are fp32 (4) whatever the precision: the weights are fp32 and
+# autocast only lowers matmuls and attention.
+#
+# What each piece of code saves (read off the code, checked by the test):
+#   RMSNorm (kernels.rmsnorm_reference, x32 * rsqrt(mean(x32^2)) * weight):
+#       x (4 n_sp h; x32 is x itself in fp32, the residual is fp32 under autocast too),
+#       rsqrt (4 n_sp), normed (4 n_sp h)                        -> 4 n_sp (2h + 1)
+#   LayerNorm (torch): x (4 n_sp h), mean and rstd (8 n_sp)      -> 4 n_sp (h + 2)
+#   a norm's output y as the input of the column-parallel linears after it: in fp32 one
+#       tensor (all n tokens after sp's all-gather) shared by them: 4 n h; under
+#       autocast each linear casts its own copy: 2 n h per linear (LLaMA's q, k, v: 3).
+#       (LayerNorm's y is also the linear input, not saved by the norm itself.)
+#   LLaMA attention: K and V after RoPE/transposition e n kv each, Q e n q, the
+#       attention output e n q (also o_proj's input: the same storage), the softmax
+#       log-sum-exp 4 n a; RoPE's cos and sin 2 * 4 s/cp hd once per chunk, shared by
+#       its layers. No (s x s) scores: flash/SDPA attention recomputes them.
+#       Korthikanti's 5as/h term (scores + dropout mask) is therefore absent.
+#   GPT attention: the fused qkv output 3 e n h (one storage, q k v are views), the
+#       output e n h, lse 4 n a.
+#   SwiGLU MLP: gate, up, silu(gate), the product (down's input): 4 e n f.
+#   GELU MLP: fc output and gelu output: 2 e n f.
+#   MoE (Mixtral): router probabilities 4 n E, top-k indices 8 n k, their sum 4 n,
+#       top-k weights 4 n k; the router losses' logits 4 n E, logsumexp 4 n and counts 4 E;
+#       the gather index 8 n k; the n k routed token copies (as linear inputs: 4 n k h, or 2 casts e n k h); per expert its SwiGLU
+#       on the tokens routed to it: 4 e (n k) f in all (dropless; a capacity factor c caps
+#       it at c times the even share: an upper bound, the drops depend on the routing); the combine saves two indices 2 x 8 n k, the weights
+#       4 n k, the experts' outputs e n k h and their weighted product 4 n k h (fp32).
+#   Embedding: token ids 8 b s/cp (int64), GPT's positions 8 s/cp too.
+#   The last stage: final norm (x, rsqrt, normed; its y is not saved: the chunked loss
+#       keeps dx instead), dx e... (x's dtype: fp32, the norm's output) 4 n h,
+#       dW 4 V/tp h (+ 4 V/tp for a bias).
+#
+# Recompute (--recompute): selective keeps no attention scores/probabilities, which
+# this code never stores anyway (flash attention), so it changes nothing here; full
+# keeps only each checkpointed unit's input (4 n_sp h, the fp32 residual) and, during
+# backward, one unit's full activations while it is recomputed.
+
+
+@dataclasses.dataclass
+class Shape:
+    """The per-rank sizes the formulas use."""
+    b: int
+    s: int
+    tp: int
+    cp: int
+    sp: bool
+    e: int  # bytes of an autocast tensor
+    s_dec: int = 0  # T5: the decoder's length (data.span_corruption_lengths)
+    torch_attention: bool = False  # attention through torch (CPU), not the Triton kernels
+
+    @property
+    def n(self):
+        return self.b * self.s // self.cp
+
+    @property
+    def n_sp(self):
+        return self.n // self.tp if self.sp and self.tp > 1 else self.n
+
+    def at(self, s):
+        """The same shape for a sequence of s tokens (T5's decoder)."""
+        return dataclasses.replace(self, s=s)
+
+
+def rmsnorm(sh, h):
+    return 4 * sh.n_sp * (2 * h + 1)
+
+
+def layernorm(sh, h, e=4):
+    return e * sh.n_sp * h + 8 * sh.n_sp
+
+
+def linear_inputs(sh, h, n_linears):
+    """A norm's output as read by `n_linears` column-parallel linears."""
+    return 4 * sh.n * h if sh.e == 4 else sh.e * sh.n * h * n_linears
+
+
+def llama_attention(sh, cfg):
+    a = cfg.n_heads // sh.tp
+    q, kv = a * cfg.head_dim, cfg.n_kv_heads // sh.tp * cfg.head_dim
+    return sh.e * sh.n * (2 * q + 2 * kv) + 4 * sh.n * a + ring(sh, q, kv, a)
+
+
+def ring(sh, q, kv, a):
+    """Ring attention's extra (cp > 1, parallel.ring_attention): the cp - 1 received K/V
+    blocks (each checkpointed block keeps its inputs), each step's block output and lse
+    in fp32 for the log-sum-exp merge (in place of the one lse), the positions (int64)."""
+    if sh.cp == 1:
+        return 0
+    return (sh.e * sh.n * 2 * kv * (sh.cp - 1) + 4 * sh.n * (q + a) * sh.cp - 4 * sh.n * a
+            + 8 * (sh.s // sh.cp) * (sh.cp + 1))
+
+
+def gpt_attention(sh, cfg):
+    a = cfg.n_heads // sh.tp
+    q = cfg.dim // sh.tp
+    return sh.e * sh.n * 4 * q + 4 * sh.n * a + ring(sh, q, q, a)
+
+
+def swiglu_mlp(sh, f, tokens=None):
+    return 4 * sh.e * (sh.n if tokens is None else tokens) * f
+
+
+def gelu_mlp(sh, f):
+    return 2 * sh.e * sh.n * f
+
+
+def moe(sh, cfg):
+    k, E = cfg.top_k, cfg.n_experts
+    routed = sh.n * k
+    if cfg.capacity_factor:
+        routed = min(routed, E * math.ceil(cfg.capacity_factor * sh.n * k / E))
+    # the router: probabilities, top-k indices, their sum, the top-k weights; its losses
+    # (mixtral.MoE.router_losses, computed even with a zero coefficient): the fp32 logits
+    # and their logsumexp (z-loss), the tokens per expert as floats (balance)
+    router = 4 * sh.n * E + 8 * sh.n * k + 4 * sh.n + 4 * sh.n * k
+    losses = 4 * sh.n * E + 4 * sh.n + 4 * E
+    # dispatch (parallel.moe_dispatch_combine): the gather index and the routed token copies
+    # (fp32: one tensor the experts' gate and up read; autocast: each casts its own copy)
+    dispatch = 8 * routed + (4 * routed * cfg.dim if sh.e == 4 else 2 * sh.e * routed * cfg.dim)
+    # combine: the sort order indexing the weights and the index_add's index (token[assignment],
+    # computed again: its own storage), the routing weights, the experts' outputs and their
+    # weighted fp32 product (index_add saves its source)
+    combine = 2 * 8 * routed + 4 * routed + sh.e * routed * cfg.dim + 4 * routed * cfg.dim
+    return (router + losses + dispatch + swiglu_mlp(sh, cfg.ffn_dim // sh.tp, routed) + combine)
+
+
+def llama_layer(sh, cfg, i=0):
+    """One LLaMA/Mistral/Qwen block (Mixtral: experts in place of the MLP), by component."""
+    h = cfg.dim
+    ffn = moe(sh, cfg) if hasattr(cfg, "n_experts") else swiglu_mlp(sh, cfg.ffn_dim // sh.tp)
+    return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+            "attention": llama_attention(sh, cfg), "mlp_norm": rmsnorm(sh, h),
+            "mlp_inputs": linear_inputs(sh, h, 1 if hasattr(cfg, "n_experts") else 2),
+            "mlp": ffn}
+
+
+def gpt_layer(sh, cfg, i=0):
+    h = cfg.dim
+    return {"attn_norm": layernorm(sh, h), "qkv_input": linear_inputs(sh, h, 1),
+            "attention": gpt_attention(sh, cfg), "mlp_norm": layernorm(sh, h),
+            "mlp_input": linear_inputs(sh, h, 1), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
+
+
+# BERT (bert.py). Post-LN and pre-LN layers save the same pieces, in another order: the
+# two LayerNorms (input x in fp32: the residual sum; mean, rstd), a norm's output as
+# q/k/v's inputs and as the MLP's input, attention with separate Q, K, V (GPT's sizes),
+# the GELU MLP. The key-padding mask: the torch path hands SDPA a float mask (b, 1, s, s)
+# in the autocast dtype, saved by every layer; the Triton path takes the (b, s) bools.
+def padding_mask(sh, q_len, k_len, e):
+    return e * sh.b * q_len * k_len if sh.torch_attention else sh.b * k_len
+
+
+def bert_layer(sh, cfg, i=0):
+    h = cfg.dim
+    return {"attn_norm": layernorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+            "padding_mask": padding_mask(sh, sh.s // sh.cp, sh.s // sh.cp, sh.e),
+            "attention": gpt_attention(sh, cfg), "mlp_norm": layernorm(sh, h),
+            "mlp_input": linear_inputs(sh, h, 1), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
+
+
+# T5 (t5.py): RMSNorm as LLaMA's; bias-free projections; an FFN of ReLU (its output,
+# also the output projection's input: e n f) or gated GELU (gate, up, gelu, product:
+# 4 e n f, as SwiGLU). Self-attention carries the relative position bias:
+#   Triton path: q, k, v, output (e), lse (4 n a) as FlashAttention; the bias is computed
+#       in the kernels from the table (a parameter): nothing (s x s).
+#   torch path (CPU): the bias is materialized and attention runs SDPA's math path: the
+#       bucket index (8 s^2, int64, per layer), the bool mask (b s^2 encoder padding,
+#       s^2 decoder causal), q, k^T and v in fp32 copies, the probabilities 4 b a s^2,
+#       and o_proj's input (its own copy, e n q).
+# Cross-attention (decoder): q from the decoder tokens, k and v from the encoder output
+#   (`memory`, all n_enc tokens after sp's all-gather): that output as k/v's inputs in
+#   every decoder layer (4 n_enc h in fp32; 2 casts of e n_enc h under autocast), then
+#   flash attention over the n_enc keys: q, output e n_dec q, k, v e n_enc q, lse, and
+#   on the torch path the padding mask as a float (b, 1, s_dec, s_enc).
+def t5_self_attention(sh, cfg, q_len, mask):
+    a = cfg.n_heads // sh.tp
+    q = a * cfg.head_dim
+    n = sh.b * q_len
+    if not sh.torch_attention:
+        return sh.e * n * 4 * q + 4 * n * a
+    return (8 * q_len * q_len + mask + 3 * 4 * n * q + 4 * sh.b * a * q_len * q_len
+            + sh.e * n * q)
+
+
+def t5_ffn(sh, cfg):
+    f = cfg.ffn_dim // sh.tp
+    return {"mlp_inputs": linear_inputs(sh, cfg.dim, 2 if cfg.gated_gelu else 1),
+            "mlp": (4 if cfg.gated_gelu else 1) * sh.e * sh.n * f}
+
+
+def t5_layer(sh, cfg, i):
+    h, a = cfg.dim, cfg.n_heads // sh.tp
+    q = a * cfg.head_dim
+    if i < cfg.n_encoder_layers:
+        return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+                "self_attention": t5_self_attention(sh, cfg, sh.s, sh.b * sh.s * sh.s),
+                "mlp_norm": rmsnorm(sh, h), **t5_ffn(sh, cfg)}
+    d = sh.at(sh.s_dec)
+    n_enc, n_dec = sh.b * sh.s, d.n
+    # fp32: every decoder layer reads the one encoder output (counted once per chunk, in
+    # chunk_extras); under autocast each layer's k and v cast their own copies
+    memory = 0 if sh.e == 4 else 2 * sh.e * n_enc * h
+    cross = (sh.e * n_dec * 2 * q + sh.e * n_enc * 2 * q + 4 * n_dec * a
+             + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e))
+    return {"attn_norm": rmsnorm(d, h), "qkv_inputs": linear_inputs(d, h, 3),
+            "self_attention_dec": t5_self_attention(d, cfg, sh.s_dec, sh.s_dec * sh.s_dec),
+            "cross_norm": rmsnorm(d, h), "cross_q_input": linear_inputs(d, h, 1),
+            "cross_memory_inputs": memory, "cross_attention": cross,
+            "mlp_norm": rmsnorm(d, h), **t5_ffn(d, cfg)}
+
+
+# Mamba (mamba.py). Per rank: D = d_inner / tp channels (Mamba-2: H = n_heads / tp heads
+# of P = head_dim, G = n_groups / tp groups, D = H P), N = d_state, w = d_conv. Under cp
+# the convolution and the scan see every token of 1/cp of the channels: the same count
+# of elements as n tokens of all D. Every layer is x + mixer(RMSNorm(x)), the residual
+# in fp32; the norm as LLaMA's, its output as in_proj's input.
+#   The convolution (causal_conv): the padded input, transposed (b (s + w - 1) channels,
+#   conv1d's input), conv1d's output (silu's input) and silu's output (n channels each);
+#   under autocast in e.
+def _conv(sh, channels, w):
+    return sh.e * sh.b * (sh.s // sh.cp + w - 1) * channels + 2 * sh.e * sh.n * channels
+
+
+#   Mamba-1 (Mamba1Mixer, kernels.selective_scan: SelectiveScan recomputes the states in
+#   backward and keeps only its inputs): in_proj's output [x | z] (e n 2D: silu(z) reads
+#   the z half; under autocast z.float() is a 4 n D copy instead), the convolution, x_proj's
+#   input (a contiguous copy of silu's transposed output, e n D) and output (dt, B, C:
+#   n (R + 2N), dt_proj's input and the scan's B, C), dt_proj's output (softplus' input)
+#   and softplus' output dt as the scan reads it (4 n D each; under autocast the first is
+#   e n D and the second the scan's float() copy), A = -exp(A_log) (exp's output and A: 8 D N), the initial state
+#   zeros 4 b D N, then y + D x (4 n D; D x reads silu's output), silu(z) 4 n D, and
+#   out_proj's input (the gated product, cast under autocast) 4 n D.
+def mamba1_mixer(sh, cfg):
+    D, N, R, n, e = cfg.d_inner // sh.tp, cfg.d_state, cfg.dt_rank, sh.n, sh.e
+    z = 2 * e * n * D if e == 4 else 4 * n * D
+    dt = 2 * 4 * n * D if e == 4 else e * n * D + 4 * n * D
+    # under autocast the scan's float() copies of x, B and C are saved as well
+    casts = 0 if e == 4 else 4 * n * D + 2 * 4 * n * N
+    return {"in_proj_output": z, "conv": _conv(sh, D, cfg.d_conv),
+            "x_proj": e * n * D + e * n * (R + 2 * N), "dt": dt, "A_and_state": 8 * D * N + 4 * sh.b * D * N,
+            "scan_casts": casts, "gate": 3 * 4 * n * D if e == 4 else 2 * 4 * n * D + e * n * D}
+
+
+#   Mamba-2 (Mamba2Mixer): in_proj's output (e n W, W = 2D + 2GN + H: silu(z) reads z; under
+#   autocast a 4 n D copy of z instead), the convolution over x, B, C (D + 2GN channels;
+#   its weight is a concatenation of this rank's slices: a copy, channels x w), dt:
+#   dt + dt_bias, softplus and clamp outputs (4 n H each), A (8 H), the scan (ssd below),
+#   then y + D x, silu(z), y * silu(z), rsqrt (4 n G), the normed y and its product with
+#   the norm's weight (out_proj's input; e under autocast): 5 x 4 n D.
+def mamba2_mixer(sh, cfg):
+    H, G, N, P = cfg.n_heads // sh.tp, cfg.n_groups // sh.tp, cfg.d_state, cfg.head_dim
+    D, n, e = H * P, sh.n, sh.e
+    channels = D + 2 * G * N
+    W = 2 * D + 2 * G * N + H
+    z = e * n * W if e == 4 else 4 * n * D
+    return {"in_proj_output": z, "conv": _conv(sh, channels, cfg.d_conv) + e * channels * cfg.d_conv,
+            "dt": 3 * 4 * n * H + 8 * H, "ssd": ssd(sh, cfg),
+            "gated_norm": 4 * 4 * n * D + 4 * n * G + e * n * D}
+
+
+#   The SSD scan, L = chunk_size, c = ceil(s / L) chunks, n' = b c L (the sequence padded
+#   to whole chunks; padding also saves the padded x and dt, 4 n' (D + H)).
+#   Triton (kernels.SSDFunction): x, dt, B, C (the tensors above), a_cum (4 n' H) and the
+#       states entering each chunk and the final one (4 b (c + 1) H P N).
+#   torch (CPU, kernels.ssd_chunked, plain autograd; under autocast its einsums run in e
+#   and save e copies): the causal mask (L^2 bools); per head the (L x L) blocks: the decay
+#   (4 n' H L), the raw scores and the decayed ones as einsum's operand (2 e n' H L); B
+#   repeated to the heads (4 n' H N, read by the chunk-state product) and einsum's copies
+#   of C, B, B * decay and C again (4 e n' H N); dt x as two einsum operands and C.state
+#   (3 e n' H P); the decays to the chunk's end and from its start (2 x 4 n' H), the chunk
+#   decays (4 b H c), the states passed (c x 4 b H P N, fp32) and their stack as einsum's
+#   operand (e b c H P N). Under autocast the float() copy of x too (4 n' D).
+def ssd(sh, cfg):
+    H, N, P, L, e = cfg.n_heads // sh.tp, cfg.d_state, cfg.head_dim, cfg.chunk_size, sh.e
+    # under cp the scan sees every token of 1/cp of the heads: as b*cp sequences of H/cp... the
+    # same element count as b sequences of s/cp tokens of H heads: model it so
+    T, b = sh.s // sh.cp, sh.b
+    c = -(-T // L)
+    n_pad = b * c * L
+    pad = 4 * n_pad * (H * P + H) if c * L != T else 0
+    if not sh.torch_attention:
+        return 4 * n_pad * H + 4 * b * (c + 1) * H * P * N + pad
+    cast = 0 if e == 4 else 4 * n_pad * H * P
+    return (L * L + 4 * n_pad * H * L + 2 * e * n_pad * H * L + 4 * n_pad * H * N
+            + 4 * e * n_pad * H * N + 3 * e * n_pad * H * P + 2 * 4 * n_pad * H + 4 * b * H * c
+            + c * 4 * b * H * P * N + e * b * c * H * P * N + pad + cast)
+
+
+#   Hybrids: '*' is llama.py's attention (norm, q/k/v inputs, attention), '-' its SwiGLU MLP
+#   or Nemotron-H's squared ReLU (up's output, relu's output = square's input, the square
+#   = down's input: 2 e n f... relu saves its output, square its input: one storage).
+def mamba_layer(sh, cfg, i):
+    h, kind = cfg.dim, cfg.pattern[i]
+    if kind == "M":
+        mixer = mamba1_mixer(sh, cfg) if cfg.version == 1 else mamba2_mixer(sh, cfg)
+        return {"norm": rmsnorm(sh, h), "in_proj_input": linear_inputs(sh, h, 1), **mixer}
+    a = cfg.attention_config()
+    if kind == "*":
+        return {"norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+                "attention": llama_attention(sh, a)}
+    f = a.ffn_dim // sh.tp
+    if cfg.mlp == "swiglu":
+        return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h, 2), "mlp": swiglu_mlp(sh, f)}
+    return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h, 1), "mlp": 2 * sh.e * sh.n * f}
+
+
+LAYERS = {"llama": llama_layer, "mixtral": llama_layer, "gpt": gpt_layer, "bert": bert_layer,
+          "t5": t5_layer, "mamba": mamba_layer}
+
+
+def chunk_extras(model, sh, cfg, chunk, padded_vocab, recompute="none"):
+    """Per-chunk activations outside the layers: ids, RoPE tables, norms, heads, the loss."""
+    first, last = chunk.first, chunk.last
+    out = {}
+    h = cfg.dim
+    if model == "mamba" and cfg.rope and "*" in cfg.pattern:
+        out["rope_cos_sin"] = 2 * 4 * (sh.s // sh.cp) * cfg.attn_head_dim
+    if model in ("llama", "mixtral"):
+        out["rope_cos_sin"] = 2 * 4 * (sh.s // sh.cp) * cfg.head_dim
+    if first:
+        out["token_ids"] = 8 * sh.n
+        if model in ("gpt", "bert"):
+            out["positions"] = 8 * (sh.s // sh.cp)
+        if model == "bert":
+            out["token_types"] = 8 * sh.n
+            if not cfg.pre_ln:
+                out["embed_norm"] = layernorm(sh, h)
+        if model == "t5":
+            out["decoder_ids"] = 8 * sh.b * sh.s_dec
+    if model == "t5" and cfg.n_encoder_layers - 1 in chunk.layers:
+        out["encoder_norm"] = rmsnorm(sh, h)
+    if model == "t5" and any(i >= cfg.n_encoder_layers for i in chunk.layers) and (
+            sh.e == 4 or recompute == "full"):  # the encoder output, read by cross-attention
+        out["encoder_output"] = 4 * sh.n * h
+    if not last:
+        return out
+    if model == "bert":
+        if cfg.pre_ln:
+            out["final_norm"] = layernorm(sh, h)
+        if cfg.mlm_head:
+            # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
+            # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
+            predicted = int(sh.n * 0.15)
+            out["mlm_head"] = (linear_inputs(sh, h, 1) // (sh.tp if sh.sp and sh.tp > 1 else 1)
+                               + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n)
+            out["loss_dx"] = sh.e * predicted * h
+            out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)
+        if cfg.pooler:  # the first token (a cast under autocast), tanh's output, the head
+            out["pooler"] = (sh.e if sh.e == 2 else 0) * sh.b * h + sh.e * sh.b * h + 16 * sh.b
+        return out
+    d = sh.at(sh.s_dec) if model == "t5" else sh
+    out["final_norm"] = layernorm(d, h) if model == "gpt" else rmsnorm(d, h)
+    out["loss_dx"] = 4 * d.n * h
+    out["loss_dW"] = 4 * padded_vocab // sh.tp * h
+    return out
+
+
+def recompute_layers(per_layer, recompute_layers_n, method, inputs, kinds):
+    """Activations of a chunk's layers (per_layer: bytes of each) under full recomputation:
+    (stored, transient). Each checkpointed unit stores its inputs (inputs[i]: bytes of
+    layer i's arguments) and nothing inside; during backward one unit's activations exist
+    again while it is recomputed (the transient: the largest unit). Units are cut as
+    parallel.recompute_units cuts them (never across a change of layer kind, `kinds`)."""
+    N = recompute_layers_n or 1
+    n = len(per_layer)
+    if method == "block":  # the first N layers each keep only their input
+        kept = min(N, n)
+        return sum(inputs[:kept]) + sum(per_layer[kept:]), max(per_layer[:kept])
+    units = []
+    for i in range(n):
+        if units and len(units[-1]) < N and kinds[units[-1][0]] == kinds[i]:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return (sum(inputs[u[0]] for u in units),
+            max(sum(per_layer[i] for i in u) for u in units))
+
+
+def activation_bytes(model, cfg, sh, chunk, padded_vocab, recompute="none",
+                     recompute_n=1, method="uniform"):
+    """{component: bytes} saved for backward by one micro-batch of a chunk (and the peak
+    extra of recomputing one unit, under "recompute_transient")."""
+    if model not in LAYERS:
+        raise parallel.UsageError(f"--plan: activations of --model {model} are not modelled yet "
+                                  f"(llama, mixtral, gpt, bert, t5, mamba are)")
+    per = [LAYERS[model](sh, cfg, i) for i in chunk.layers]
+    if recompute == "selective":
+        per = [selective(model, sh, cfg, p) for p in per]
+    out = {}
+    if recompute == "full":
+        kinds = [model == "t5" and i >= cfg.n_encoder_layers for i in chunk.layers]
+        stored, transient = recompute_layers(
+            [sum(p.values()) for p in per], recompute_n, method,
+            [unit_inputs(model, sh, cfg, i) for i in chunk.layers], kinds)
+        out["layers (recomputed units: inputs only)"] = stored
+    else:
+        transient = 0
+        for p in per:
+            for name, v in p.items():
+                out[f"layer.{name}"] = out.get(f"layer.{name}", 0) + v
+    out.update(chunk_extras(model, sh, cfg, chunk, padded_vocab, recompute))
+    return out, transient, per[0] if per else {}
+
+
+def unit_inputs(model, sh, cfg, i):
+    """What a checkpointed unit starting at layer i keeps: its input, the fp32 residual
+    stream (T5's decoder units: of the decoder's tokens; the encoder output they also keep
+    is one tensor for all of them, counted once in chunk_extras)."""
+    if model == "t5" and i >= cfg.n_encoder_layers:
+        return 4 * sh.at(sh.s_dec).n_sp * cfg.dim
+    return 4 * sh.n_sp * cfg.dim
+
+
+def selective(model, sh, cfg, per):
+    """A layer's pieces under --recompute selective: the attention core runs under a
+    checkpoint that keeps q, k, v (its inputs); what the core itself saved (lse, and on the
+    torch path the float mask, the bias indices, the probabilities) is recomputed. Its
+    output is saved by o_proj anyway (counted as its input)."""
+    out = dict(per)
+    a = (cfg.n_heads // sh.tp)
+    if model in ("llama", "mixtral", "gpt", "bert", "mamba") and sh.torch_attention and (
+            "attention" in out):  # Triton: unchanged
+        out["attention"] -= 4 * sh.n * a if sh.cp == 1 else 0
+        out.pop("padding_mask", None)
+    if model == "t5" and sh.torch_attention:  # the self-attention core: q, k, v views kept
+        for key, tokens in (("self_attention", sh.n), ("self_attention_dec", sh.b * sh.s_dec)):
+            if key in out:
+                out[key] = 4 * sh.e * tokens * a * cfg.head_dim
+    if model == "t5" and "cross_attention" in out:
+        d = sh.at(sh.s_dec)
+        out["cross_attention"] -= 4 * d.n * a + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Micro-batches in flight
+# ----------------------------------------------------------------------------
+
+def in_flight(schedule, pp, vpp, stage, n_micro):
+    """Micro-batch forwards (of one chunk each) whose activations are alive at once at
+    the peak of `stage`: GPipe all of them; 1F1B min(pp - stage, n_micro); interleaved
+    (Megatron) the warm-up forwards plus one, in chunks: min((pp - stage - 1) * 2 +
+    (vpp - 1) * pp + 1, n_micro * vpp)."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return n_micro
+    if schedule == "interleaved":
+        return min((pp - stage - 1) * 2 + (vpp - 1) * pp + 1, n_micro * vpp)
+    return min(pp - stage, n_micro)
+
+
+# ----------------------------------------------------------------------------
+# Weights, gradients, optimizer: the real classes on the meta device
+# ----------------------------------------------------------------------------
+
+def state_bytes(model, cfg, layout, layers_per_chunk=None, zero1=True):
+    """(weights, gradients, optimizer, parameters held, padded vocabulary) of the rank
+    `layout.rank`, from DataParallel and AdamW built over meta tensors."""
+    import models
+    chunks = parallel.rank_chunks(layout, cfg.n_layers, layers_per_chunk)
+    with torch.device("meta"):
+        modules = [models.MODELS[model][2](cfg, layout, c) for c in chunks]
+    ddp = parallel.DataParallel(modules, layout, zero1=zero1)
+    opt = parallel.AdamW(ddp, 1e-3, 0.1)
+    ddp.close()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    weights = nbytes(b.data for b in ddp.buckets)
+    grads = nbytes(b.grads for b in ddp.buckets)
+    optimizer = nbytes([*opt.exp_avg, *opt.exp_avg_sq, *opt.decay, *(b.norm_weight for b in ddp.buckets),
+                        *(b.grad_shard for b in ddp.buckets if b.sharded)])
+    n_params = sum(p.numel() for m in modules for p in m.parameters())
+    vocab = -(-cfg.vocab_size // layout.tp) * layout.tp
+    return weights, grads, optimizer, n_params, vocab, chunks
+
+
+# ----------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: int
+    weights: int
+    gradients: int
+    optimizer: int
+    weight_copies: int
+    activations_per_micro: dict
+    in_flight: int
+    recompute_transient: int
+    logits_chunk: int
+    per_layer: dict
+
+    @property
+    def activations(self):
+        return sum(self.activations_per_micro.values()) * self.in_flight
+
+    @property
+    def peak(self):
+        return (self.weights + self.gradients + self.optimizer + self.weight_copies +
+                self.activations + self.recompute_transient + self.logits_chunk)
+
+
+def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=True,
+         layers_per_chunk=None, schedule="1f1b", micro_batch=1, n_micro=1, seq_len=256,
+         precision="fp32", recompute="none", recompute_n=1, recompute_method="uniform",
+         torch_attention=False):
+    """One StagePlan per pipeline stage (tp rank 0, dp rank 0 of each). torch_attention:
+    attention as the torch path runs it (the CPU), not the Triton kernels (a GPU)."""
+    import data
+    dp = world // (tp * cp * pp)
+    sp = sp and tp > 1
+    e = 4 if precision == "fp32" else 2
+    stages = []
+    for stage in range(pp):
+        layout = parallel.Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp, vpp=vpp,
+                                 rank=stage * tp * cp * dp)
+        weights, grads, optim, n_params, vocab, chunks = state_bytes(model, cfg, layout,
+                                                                      layers_per_chunk, zero1)
+        sh = Shape(b=micro_batch, s=seq_len, tp=tp, cp=cp, sp=sp, e=e, torch_attention=torch_attention,
+                   s_dec=data.span_corruption_lengths(seq_len)[1] if model == "t5" else 0)
+        # With vpp chunks per rank the in-flight count is in chunk-forwards: use the
+        # mean chunk (chunks of one rank hold the same number of layers unless --pp-layers).
+        acts, transients = {}, []
+        for c in chunks:
+            a, t, per_layer = activation_bytes(model, cfg, sh, c, vocab,
+                                               recompute, recompute_n, recompute_method)
+            for k, v in a.items():
+                acts[k] = acts.get(k, 0) + v / len(chunks)
+            transients.append(t)
+        sched = "interleaved" if vpp > 1 else schedule
+        flight = in_flight(sched, pp, vpp, stage, n_micro)
+        last = any(c.last for c in chunks)
+        copies = 2 * n_params * min(flight, n_micro) // len(chunks) if e == 2 else 0
+        logits = 4 * min(kernels.LOGITS_PER_CHUNK // (vocab // tp) * (vocab // tp),
+                         sh.n * vocab // tp) if last else 0
+        stages.append(StagePlan(stage, weights, grads, optim, copies,
+                                {k: int(v) for k, v in acts.items()}, flight, max(transients),
+                                logits, per_layer))
+    return stages
+
+
+def flops_per_step(model, cfg, seq_len, global_batch):
+    """Training FLOPs of one step, from the model's own flops_per_token."""
+    import data
+    import models
+    with torch.device("meta"):
+        m = models.MODELS[model][2](cfg, parallel.Layout(), parallel.Chunk(0, [0], True, True))
+    m.cfg = cfg
+    extra = {"decoder_len": data.span_corruption_lengths(seq_len)[1]} if model == "t5" else {}
+    return m.flops_per_token(seq_len, **extra) * seq_len * global_batch
+
+
+GB = 2**30
+
+
+def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak_source=None):
+    """The plan as text, one block per stage (one block if all stages agree)."""
+    lines = []
+    distinct = {}
+    for st in stages:
+        key = (st.weights, st.gradients, st.optimizer, st.activations, st.peak)
+        distinct.setdefault(key, []).append(st.stage)
+    for key, which in distinct.items():
+        st = stages[which[0]]
+        label = f"stage {which[0]}" if len(which) == 1 else f"stages {','.join(map(str, which))}"
+        lines.append(f"-- per rank, pipeline {label} --")
+        lines.append(f"  weights (fp32)            {st.weights / GB:10.2f} GiB")
+        lines.append(f"  gradients (fp32)          {st.gradients / GB:10.2f} GiB")
+        lines.append(f"  optimizer state           {st.optimizer / GB:10.2f} GiB")
+        if st.weight_copies:
+            lines.append(f"  autocast weight copies    {st.weight_copies / GB:10.2f} GiB")
+        per_micro = sum(st.activations_per_micro.values())
+        lines.append(f"  activations / micro-batch {per_micro / GB:10.2f} GiB:")
+        for k, v in st.activations_per_micro.items():
+            lines.append(f"    {k:34s} {v / GB:10.3f} GiB")
+        lines.append(f"  micro-batches in flight   {st.in_flight:10d}")
+        lines.append(f"  activations in flight     {st.activations / GB:10.2f} GiB")
+        if st.recompute_transient:
+            lines.append(f"  recompute (one unit)      {st.recompute_transient / GB:10.2f} GiB")
+        if st.logits_chunk:
+            lines.append(f"  loss: one chunk of logits {st.logits_chunk / GB:10.2f} GiB")
+        lines.append(f"  peak                      {st.peak / GB:10.2f} GiB")
+    if step_flops:
+        lines.append(f"FLOPs per step: {step_flops:.3e}")
+        if peak_flops:
+            seconds = step_flops / (world * peak_flops * mfu)
+            lines.append(f"step time at {mfu:.0%} MFU of {peak_flops / 1e12:.0f} TFLOP/s x {world} "
+                         f"devices: {seconds:.2f} s" + (f" (peak: {peak_source})" if peak_source else ""))
+    return "\n".join(lines)
+
+
+def peak_bytes(stages):
+    return max(st.peak for st in stages)
+
+
+def _plan_args(args, cfg):
+    import train
+    world = args.world_size or parallel.world_size()
+    dp = parallel.check_layout(world, args.tp, args.cp, args.pp, args.ep)
+    mbs = train.micro_batch_size(args, dp)
+    precision = args.precision if args.precision != "auto" else "bf16"
+    return plan(args.model, cfg, world=world, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep,
+                vpp=args.vpp, sp=args.sp, zero1=args.zero1, layers_per_chunk=train.pp_layers(args),
+                schedule=args.pp_schedule, micro_batch=mbs, n_micro=train.micro_steps(args, dp),
+                seq_len=args.seq_len, precision="fp32" if precision == "fp32" else "bf16",
+                recompute=args.recompute, recompute_n=args.recompute_layers or 1,
+                recompute_method=args.recompute_method or "uniform"), world
+
+
+def plan_report(args):
+    """`train.py --plan`: the flags checked as training checks them, then the plan."""
+    import copy
+    import train
+    if args.world_size is not None and args.world_size < 1:
+        raise parallel.UsageError(f"--world-size must be >= 1, got {args.world_size}")
+    if not 0 < args.plan_mfu <= 1:
+        raise parallel.UsageError(f"--plan-mfu must be in (0, 1], got {args.plan_mfu}")
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise parallel.UsageError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}")
+    cfg, tokenizer, _ = train.model_config(args)
+    train.check_args(args, cfg, tokenizer)
+    stages, world = _plan_args(args, cfg)
+    # train.peak_flops's order: --peak-tflops, else a GPU's datasheet (--plan-gpu: the
+    # device is not here to be asked its name)
+    gpu = getattr(args, "plan_gpu", None) or "H100"
+    if args.peak_tflops:
+        peak, source = args.peak_tflops * 1e12, "--peak-tflops"
+    elif gpu in train.GPU_PEAK_FLOPS:
+        peak, source = train.GPU_PEAK_FLOPS[gpu], f"{gpu} bf16 datasheet (--plan-gpu)"
+    else:
+        raise parallel.UsageError(f"--plan-gpu {gpu}: unknown; choose from "
+                                  f"{', '.join(train.GPU_PEAK_FLOPS)} or give --peak-tflops")
+    text = describe(stages, step_flops=flops_per_step(args.model, cfg, args.seq_len,
+                                                      args.global_batch_size),
+                    world=world, peak_flops=peak, mfu=args.plan_mfu, peak_source=source)
+    if args.device_memory_gb:
+        limit = args.device_memory_gb * 1e9
+        need = peak_bytes(stages)
+        if need <= limit:
+            text += f"\nfits: peak {need / 1e9:.1f} GB <= {args.device_memory_gb:g} GB"
+        else:
+            text += f"\ndoes not fit: peak {need / 1e9:.1f} GB > {args.device_memory_gb:g} GB"
+            for knob, change in (("--tp x2", {"tp": args.tp * 2}), ("--pp x2", {"pp": args.pp * 2}),
+                                 ("--recompute selective", {"recompute": "selective"}),
+                                 ("--recompute full", {"recompute": "full"}),
+                                 ("--micro-batch-size 1", {"micro_batch_size": 1})):
+                other = copy.copy(args)
+                vars(other).update(change)
+                try:
+                    train.check_args(other, cfg, tokenizer)
+                    other_peak = peak_bytes(_plan_args(other, cfg)[0])
+                except parallel.UsageError:
+                    continue
+                if other_peak <= limit:
+                    text += f"\n  would fit with {knob}: peak {other_peak / 1e9:.1f} GB"
+    return text

@@ -1,0 +1,305 @@
+"""memory.py's planner against measurement.
+
+Parameters and optimizer state: the planner's exact byte counts against the real model
+and optimizer built on the CPU. Activations: the planner's bytes for one micro-batch
+against what autograd saves during that micro-batch's forward, measured as memory.py
+defines it: each saved storage once, at its full size, parameters and views/casts of
+parameters left out (bench.ActivationMeter counts every saved tensor, those included).
+Each within 1% (the contract is 10%).
+"""
+import pytest
+import torch
+
+import memory
+import models
+import parallel
+from conftest import one_line_error
+
+# Autograd nodes that only view or cast their one input: a saved tensor reached from a
+# parameter through these alone is that parameter (or autocast's copy of it).
+_VIEWS = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
+          "PermuteBackward0", "ExpandBackward0", "UnsafeViewBackward0", "SliceBackward0",
+          "AliasBackward0"}  # AliasBackward0: a full slice, weight[:, 0:n]
+
+
+def _is_parameter(t, param_storages):
+    if t.untyped_storage().data_ptr() in param_storages:
+        return True
+    node = t.grad_fn
+    while node is not None and type(node).__name__ in _VIEWS:
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        node = nxt[0]
+        if type(node).__name__ == "AccumulateGrad":
+            return True
+    return False
+
+
+def batch(model_name, cfg, b, s):
+    """A training micro-batch of each family's form: BERT with padding, token types and 15%
+    of the tokens to predict; T5 with padding and span corruption's decoder length."""
+    import data
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones_like(ids)
+    mask[0, s - 5:] = 0
+    if model_name == "bert":
+        labels = torch.where(torch.rand(b, s) < 0.15, ids, -100)
+        return dict(input_ids=ids, labels=labels, attention_mask=mask,
+                    token_type_ids=(torch.arange(s) >= s // 2).long().repeat(b, 1),
+                    sentence_order_labels=torch.zeros(b, dtype=torch.long))
+    if model_name == "t5":
+        dec = data.span_corruption_lengths(s)[1]
+        return dict(input_ids=ids, labels=torch.randint(0, cfg.vocab_size, (b, dec)), attention_mask=mask)
+    return dict(input_ids=ids, labels=ids)
+
+
+def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
+            sets=(), recompute="none", recompute_n=1, method="uniform"):
+    """On this rank (one of LocalRanks, or the test process): (saved activation bytes of one
+    micro-batch's forward on pipeline stage 0, weights, gradients and optimizer bytes)."""
+    cfg = models.make_config(model_name, preset, sets)
+    layout = parallel.init_distributed(tp, cp, pp, ep, sp, device="cpu")
+    try:
+        chunks = parallel.rank_chunks(layout, cfg.n_layers)
+        module = models.build(model_name, cfg, layout.device, 0, layout, chunks[0])
+        parallel.apply_recompute([module], recompute, recompute_n, method)
+        ddp = parallel.DataParallel([module], layout, zero1=True)
+        opt = parallel.AdamW(ddp, 1e-3, 0.1)
+        ddp.close()
+        nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+        state = (nb(b_.data for b_ in ddp.buckets), nb(b_.grads for b_ in ddp.buckets),
+                 nb([*opt.exp_avg, *opt.exp_avg_sq, *opt.decay,
+                     *(b_.norm_weight for b_ in ddp.buckets),
+                     *(b_.grad_shard for b_ in ddp.buckets if b_.sharded)]))
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        seen = {}
+
+        def pack(t):
+            if not _is_parameter(t, params):
+                seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+        inputs = batch(model_name, cfg, b, s)
+        if not chunks[0].first:
+            inputs["hidden"] = torch.randn(b, s // cp // (tp if sp and tp > 1 else 1), cfg.dim,
+                                           requires_grad=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        # Under recomputation a checkpoint keeps its tensor arguments for the recompute
+        # (outside autograd's saved tensors, which it replaces): count them as saved.
+        plain = torch.utils.checkpoint.checkpoint
+
+        def checkpoint(fn, *args, **kwargs):
+            for t in [*args, *kwargs.values()]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    pack(t)
+            return plain(fn, *args, **kwargs)
+        torch.utils.checkpoint.checkpoint = checkpoint
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                module(**inputs)
+        finally:
+            torch.utils.checkpoint.checkpoint = plain
+        return sum(seen.values()), state
+    finally:
+        parallel.destroy_distributed(layout)
+
+
+def predict(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
+            sets=(), world=None, recompute="none", recompute_n=1, method="uniform"):
+    cfg = models.make_config(model_name, preset, sets)
+    world = world or tp * cp * pp * max(1, ep // cp)
+    st = memory.plan(model_name, cfg, world=world, tp=tp, cp=cp, pp=pp, ep=ep, sp=sp,
+                     micro_batch=b, seq_len=s, precision=precision, recompute=recompute,
+                     recompute_n=recompute_n, recompute_method=method, torch_attention=True)[0]
+    return sum(st.activations_per_micro.values()), (st.weights, st.gradients, st.optimizer)
+
+
+ONE_PROCESS = [
+    ("llama", "test", {}),
+    ("llama", "test", {"precision": "bf16"}),
+    ("llama", "test", {"s": 64, "b": 1}),
+    ("gpt", "test", {}),
+    ("mixtral", "test", {}),
+    ("mixtral", "test", {"precision": "bf16"}),
+    ("bert", "test", {}),
+    ("bert", "test", {"precision": "bf16", "sets": ("pre_ln=true",)}),
+    ("t5", "test", {}),
+    ("t5", "test", {"precision": "bf16", "sets": ("gated_gelu=false",)}),
+    ("llama", "test", {"recompute": "full"}),
+    ("llama", "test", {"recompute": "full", "recompute_n": 2}),
+    ("llama", "test", {"recompute": "full", "method": "block", "sets": ("n_layers=3",)}),
+    ("llama", "test", {"recompute": "selective"}),
+    ("bert", "test", {"recompute": "selective"}),
+    ("t5", "test", {"recompute": "selective"}),
+    ("t5", "test", {"recompute": "full"}),
+    ("mamba", "test", {}),
+    ("mamba", "test", {"precision": "bf16"}),
+    ("mamba", "test-mamba1", {}),
+    ("mamba", "test-mamba1", {"precision": "bf16"}),
+    ("mamba", "test-hybrid", {}),
+    ("mamba", "test", {"recompute": "full"}),
+]
+
+RESULTS = []  # (combination, predicted, measured) for the report
+
+
+def _check(name, predicted, measured):
+    (p_act, p_state), (m_act, m_state) = predicted, measured
+    RESULTS.append((name, p_act, m_act))
+    assert p_state == m_state, (name, p_state, m_state)
+    # 10% is the contract; the formulas match to 1% (Mixtral too: dropless routing saves
+    # n k routed rows whatever the experts' shares), so a missing term of a few percent shows.
+    # Under ep the all-to-all's re-sorting indices depend on how many rows each rank gets.
+    tolerance = 0.02 if "'ep'" in name else 0.01
+    assert abs(p_act - m_act) <= tolerance * m_act, (name, p_act, m_act, f"{(p_act - m_act) / m_act:+.1%}")
+
+
+@pytest.mark.parametrize("model_name,preset,kw", ONE_PROCESS, ids=lambda v: str(v))
+def test_one_process(model_name, preset, kw):
+    _check(f"{model_name}/{preset} {kw}", predict(model_name, preset, **kw),
+           measure(model_name, preset, **kw))
+
+
+TWO_RANKS = [
+    ("llama", "test", {"tp": 2}),
+    ("llama", "test", {"tp": 2, "sp": False}),
+    ("llama", "test", {"cp": 2}),
+    ("llama", "test", {"pp": 2}),
+    ("gpt", "test", {"tp": 2}),
+    ("mixtral", "test", {"ep": 2}),
+]
+
+
+@pytest.mark.parametrize("model_name,preset,kw", TWO_RANKS, ids=lambda v: str(v))
+def test_two_ranks(ranks, model_name, preset, kw):
+    measured = ranks(2).run(measure, model_name=model_name, preset=preset, **kw)[0]
+    _check(f"{model_name}/{preset} {kw}", predict(model_name, preset, world=2, **kw), measured)
+
+
+def test_plan_bad_layout_is_one_line(capsys):
+    err = one_line_error(capsys, ["--model", "llama", "--config", "llama3-70b", "--tp", "8",
+                                  "--pp", "4", "--world-size", "48", "--plan"])
+    assert "world size 48" in err
+
+
+def test_plan_prints(capsys):
+    import train
+    train.main(["--model", "llama", "--config", "llama3-70b", "--tp", "8", "--pp", "4",
+                "--world-size", "64", "--seq-len", "8192", "--precision", "bf16", "--plan",
+                "--device-memory-gb", "80", "--global-batch-size", "64", "--micro-batch-size", "1"])
+    out = capsys.readouterr().out
+    assert "peak" in out and "does not fit" in out and "would fit with --recompute full" in out
+
+
+# ----------------------------------------------------------------------------
+# The peak of a real training step
+# ----------------------------------------------------------------------------
+
+class LiveSaved:
+    """The live bytes of what autograd holds for backward, as memory.py defines them: each
+    storage once at its full size, parameters and their views/casts left out; `peak` is
+    the most alive at once. Each saved tensor is wrapped in a token; a storage counts
+    while any token of it lives (autograd drops the tokens as backward frees the graph).
+    A parameter here: a leaf that requires grad (stage 0 receives no such activation), or
+    a view/cast of one."""
+
+    def __init__(self):
+        self.refs, self.live, self.peak = {}, 0, 0
+
+    def __enter__(self):
+        tracker = self
+
+        class Token:
+            def __init__(self, t):
+                self.t, self.key = t, t.untyped_storage().data_ptr()
+                n = tracker.refs.get(self.key, 0)
+                if n == 0:
+                    tracker.live += t.untyped_storage().nbytes()
+                    tracker.peak = max(tracker.peak, tracker.live)
+                tracker.refs[self.key] = n + 1
+
+            def __del__(self):
+                tracker.refs[self.key] -= 1
+                if tracker.refs[self.key] == 0:
+                    tracker.live -= self.t.untyped_storage().nbytes()
+
+        def pack(t):
+            if (t.grad_fn is None and t.requires_grad) or _is_parameter(t, ()):
+                return t
+            return Token(t)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(
+            pack, lambda p: p.t if isinstance(p, Token) else p)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def traced_step(argv):
+    """One training step of train.py on this rank: the live peak of saved bytes."""
+    from conftest import train_job
+    with LiveSaved() as tracker:
+        train_job(argv)
+    return tracker.peak
+
+
+# (flags, plan keywords): one process with 2 micro-batches of accumulation; pp=2 1F1B with
+# 4 micro-batches (stage 0 keeps 2 in flight).
+PEAK_CASES = [
+    (["--model", "llama", "--global-batch-size", "4", "--micro-batch-size", "2"],
+     dict(model="llama", micro_batch=2, n_micro=2)),
+    (["--model", "llama", "--pp", "2", "--global-batch-size", "8", "--micro-batch-size", "2"],
+     dict(model="llama", pp=2, micro_batch=2, n_micro=4)),
+]
+# Not yet: Mamba-2 ("--model mamba"): the live peak at the end of a micro-batch's forward is
+# 1.87 MB against 1.60 MB that test_one_process measures and the planner predicts: unexplained.
+PEAKS = []  # (case, predicted, measured) for the report
+
+
+@pytest.mark.parametrize("flags,kw", PEAK_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_peak_of_a_training_step(ranks, flags, kw):
+    """The planner's peak (stage 0) against a real step's: the static state counted from
+    the model, DataParallel and AdamW (as memory.py does: test_one_process checks those
+    counts against the real objects), plus the live peak of saved bytes while the step's
+    micro-batches run forward and backward. The loss's logits chunk is a transient, not a
+    saved tensor: left out of both. Within 10%."""
+    import conftest
+    pp = kw.get("pp", 1)
+    argv = [*conftest.FAST, "--precision", "fp32", "--steps", "1", "--warmup-steps", "0", *flags]
+    live = ranks(pp).run(traced_step, argv=argv)[0] if pp > 1 else traced_step(argv)
+    kw = dict(kw)
+    model = kw.pop("model")
+    cfg = models.make_config(model, "test", ())
+    st = memory.plan(model, cfg, world=pp, seq_len=32, torch_attention=True, **kw)[0]
+    static = st.weights + st.gradients + st.optimizer
+    predicted, measured = st.peak - st.logits_chunk, static + live
+    PEAKS.append((" ".join(flags), predicted, measured))
+    assert abs(predicted - measured) <= 0.1 * measured, (flags, predicted, measured,
+                                                         f"{(predicted - measured) / measured:+.1%}")
+    # the activations alone, so that the static part cannot hide a missing micro-batch
+    act = st.activations + st.recompute_transient
+    assert abs(act - live) <= 0.1 * live, (flags, act, live, f"{(act - live) / live:+.1%}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_matches_cuda_max_memory_allocated():
+    """On a GPU: a 2-layer llama3-8b in bf16 with the Triton kernels, 2 micro-batches of 1 x
+    4096 tokens: the planner's peak against torch.cuda.max_memory_allocated over two
+    training steps (the numbers are printed for BENCHMARKS.md), within 10%. The allocator's
+    own overhead (cuBLAS workspaces, fragmentation) is inside the measurement only."""
+    from conftest import train_job
+    flags = ["--model", "llama", "--config", "llama3-8b", "--set", "n_layers=2", "--seq-len", "4096",
+             "--global-batch-size", "2", "--micro-batch-size", "1", "--precision", "bf16"]
+    torch.cuda.reset_peak_memory_stats()
+    train_job([*flags, "--steps", "2", "--warmup-steps", "1", "--eval-every", "0", "--eval-batches", "1",
+               "--sample-tokens", "0", "--device", "cuda", "--peak-tflops", "1"])
+    measured = torch.cuda.max_memory_allocated()
+    cfg = models.make_config("llama", "llama3-8b", ("n_layers=2",))
+    predicted = memory.peak_bytes(memory.plan("llama", cfg, world=1, micro_batch=1, n_micro=2,
+                                              seq_len=4096, precision="bf16"))
+    print(f"llama3-8b x 2 layers, bf16, 2 x 4096 tokens: planned {predicted / 2**30:.2f} GiB, "
+          f"max_memory_allocated {measured / 2**30:.2f} GiB ({(predicted - measured) / measured:+.1%})")
+    assert abs(predicted - measured) <= 0.1 * measured
