@@ -64,7 +64,7 @@ def test_zigzag_split_balances_and_checks_length():
         parallel.zigzag_positions(20, parallel.Layout(cp=4, rank=0))
 
 
-CP = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "2"]
+CP = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "2", "--steps", "5"]
 
 
 @pytest.mark.parametrize("model,overrides,layouts", [

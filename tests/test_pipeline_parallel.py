@@ -5,7 +5,7 @@ import pytest
 import parallel
 from conftest import LAYOUT, assert_same_run, check_layouts, one_line_error, one_process, train_on
 
-FOUR_LAYERS = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "1"]
+FOUR_LAYERS = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "1", "--steps", "5"]
 
 
 def simulate(schedule, pp, vpp, n_micro):
