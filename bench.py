@@ -30,6 +30,9 @@ Modes:
   kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
                 sm_80 and sm_90 (the FP8 matmul for sm_89 and sm_90), no GPU needed: registers
                 and spilled bytes (ptxas), shared memory against the card's limit
+  recompute     activation recomputation none / selective / full: the activations of one
+                micro-batch and the forward + backward time of the tiny llama (CPU) or, on a
+                GPU, e.g. --config llama3-8b --set n_layers=2 --seq-len 4096
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
   moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the

@@ -6,6 +6,7 @@
 #   OUT=gpu-results bash scripts/gpu_check.sh bert     # BERT's
 #   OUT=gpu-results bash scripts/gpu_check.sh t5       # T5's
 #   OUT=gpu-results bash scripts/gpu_check.sh fp8      # FP8's: the GEMM and FP8 training
+#   OUT=gpu-results bash scripts/gpu_check.sh memory   # the planner vs CUDA's peak; recompute
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -64,6 +65,16 @@ if [ "${1:-}" = mamba ]; then
     step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
         --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
         n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
+
+if [ "${1:-}" = memory ]; then
+    # Memory, at most 3 minutes: the planner's peak against torch.cuda.max_memory_allocated
+    # for a 2-layer llama3-8b in bf16 (tests/test_memory.py's `gpu` test, numbers printed),
+    # and recompute none / selective / full on the same shape: activations and step time.
+    step memory-tests 120 python3 -m pytest -q -rA -s -m gpu -p no:cacheprovider tests/test_memory.py
+    step bench-recompute 60 python3 bench.py recompute --config llama3-8b --set n_layers=2 \
+        --seq-len 4096 --json "$out/recompute.json"
     exit 0
 fi
 
