@@ -15,11 +15,26 @@ it needs from whichever pieces overlap it. Tensors are safetensors only; nothing
 loaded with pickle.
 
 Atomic: everything is written into `.tmp-step_...` and renamed into place last, so
-a crash mid-save leaves the previous checkpoint as the newest complete one.
+a crash mid-save leaves the previous checkpoint as the newest complete one. Such a
+leftover `.tmp-step_*` directory is removed when a later run next saves into that root
+(`clean_leftovers`); nothing else under the root is touched.
+
+Integrity: index.json also holds, under the key "files" (tensor keys all begin with
+"model." or "optimizer.", so it cannot clash), {file name: {"crc32": ..., "bytes": ...}}
+for every safetensors file of the step: the shards, the rng files and replicated.safetensors.
+Each rank checksums the files it wrote (in parallel) and the main rank gathers the sums
+into the index with the pieces. Loading checks each file it opens, once per file, before
+reading it, and refuses a damaged one with a one-line UsageError naming it. Checkpoints
+written before checksums existed (no "files" in the index) still load, unverified. A
+piece's "file" must be a plain name inside the step directory (no separator, no "..").
+
+Files are written readable as the rest of the checkpoint (0o666 less the umask):
+safetensors' save_file alone creates them 0o600.
 """
 import json
 import os
 import shutil
+import zlib
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,6 +45,8 @@ import parallel
 FORMAT = 1
 STEP_PREFIX = "step_"
 REPLICATED = "replicated.safetensors"
+TMP_PREFIX = ".tmp-" + STEP_PREFIX
+FILES = "files"  # index.json's key of the per-file checksums
 
 
 def step_dir_name(step):
@@ -65,6 +82,75 @@ def _fsync_write(path, text):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def clean_leftovers(root):
+    """Remove the `.tmp-step_*` directories a crashed save left under `root` (only those:
+    never a complete step, nor anything else). Called by the main rank as a run saves."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(TMP_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _checksum(path):
+    """zlib.crc32 of the file, streamed in 4 MiB blocks. Measured: ~0.06 s for a 100 MB
+    file from the page cache (~1.8 GB/s; blake2b took ~0.15 s), small beside writing it."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _save_file(tensors, path, sums):
+    """save_file, then make the file readable like the others (save_file creates it 0o600),
+    flush it to disk, and record its checksum and size in `sums` under its name."""
+    save_file(tensors, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    sums[os.path.basename(path)] = {"crc32": _checksum(path), "bytes": os.path.getsize(path)}
+
+
+def _check_file_name(step_dir, name):
+    """A file named in the index must lie inside the step directory."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or os.sep in name or ".." in name or os.path.isabs(name)):
+        raise parallel.UsageError(f"{step_dir}/index.json names the file {name!r} outside the "
+                                  f"checkpoint directory; the index is damaged or not ours")
+
+
+def verify_file(step_dir, name, files):
+    """Refuse `name` (in `step_dir`) if its size or checksum differs from the index's
+    `files` table. Files of checkpoints written without checksums pass unverified."""
+    _check_file_name(step_dir, name)
+    expected = (files or {}).get(name)
+    if expected is None:
+        return
+    path = os.path.join(step_dir, name)
+    try:
+        ok = (os.path.getsize(path) == expected["bytes"]
+              and _checksum(path) == expected["crc32"])
+    except OSError as e:
+        raise parallel.UsageError(f"cannot read {path} ({e.strerror}); the checkpoint is damaged "
+                                  f"or incomplete; load an earlier step") from None
+    if not ok:
+        raise parallel.UsageError(f"{path} is damaged: checksum mismatch; the checkpoint cannot "
+                                  f"be used; load an earlier step (--load ITS_ROOT/{STEP_PREFIX}N)")
+
+
+def _index_files(step_dir):
+    """The checksum table of a step's index.json, or None (older checkpoints: no table)."""
+    try:
+        with open(os.path.join(step_dir, "index.json")) as f:
+            return json.load(f).get(FILES)
+    except (OSError, json.JSONDecodeError) as e:
+        raise parallel.UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
 
 
 def _all_named_parameters(modules):
@@ -119,7 +205,7 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
     if layout.is_main:
         if os.path.exists(final):
             raise parallel.UsageError(f"refusing to overwrite the existing checkpoint {final}")
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        clean_leftovers(root)  # of a crashed save, this step's included
         os.makedirs(tmp)
     parallel.barrier()
 
@@ -133,25 +219,31 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
         tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
         pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
                        "pieces": [{"file": shard, "offset": offset, "shape": extent}]}
+    sums = {}  # this rank's files: name -> {"crc32", "bytes"}
     if tensors:
-        save_file(tensors, os.path.join(tmp, shard))
+        _save_file(tensors, os.path.join(tmp, shard), sums)
         _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"))
+    _save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"), sums)
     if replicated and layout.is_main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
-                  os.path.join(tmp, REPLICATED))
+        _save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
+                   os.path.join(tmp, REPLICATED), sums)
+    _fsync_write(os.path.join(tmp, f"sums-{layout.rank:05d}.json"), json.dumps(sums))
     parallel.barrier()
 
     if layout.is_main:
-        index = {}
+        index, files = {}, {}
         for name in sorted(os.listdir(tmp)):
             if name.startswith("pieces-"):
                 for key, entry in json.load(open(os.path.join(tmp, name))).items():
                     index.setdefault(key, {**entry, "pieces": []})["pieces"] += entry["pieces"]
                 os.remove(os.path.join(tmp, name))
+            elif name.startswith("sums-"):
+                files.update(json.load(open(os.path.join(tmp, name))))
+                os.remove(os.path.join(tmp, name))
+        index[FILES] = dict(sorted(files.items()))
         _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({"format": FORMAT, "step": step,
                                                                  **meta}, indent=1))
         # index.json last: its presence marks the directory complete.
@@ -164,6 +256,7 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
 def read_replicated(step_dir):
     """The tensors saved once for every rank (`save`'s `replicated`), on the CPU."""
     path = os.path.join(step_dir, REPLICATED)
+    verify_file(step_dir, REPLICATED, _index_files(step_dir))
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -193,10 +286,12 @@ class _Reader:
                 self.index = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise parallel.UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+        self.sums = self.index.pop(FILES, None)  # None: written before checksums
         self.files = {}
 
     def _open(self, name):
         if name not in self.files:
+            verify_file(self.step_dir, name, self.sums)  # once per file: it is then cached
             path = os.path.join(self.step_dir, name)
             try:
                 self.files[name] = safe_open(path, framework="pt")
@@ -255,6 +350,7 @@ def load(step_dir, modules, optimizer, layout):
                 meta["optimizer_steps"])
     rng_file = os.path.join(step_dir, f"rng-{layout.rank:05d}.safetensors")
     if os.path.exists(rng_file):  # the same rank existed when saving: restore its stream
+        verify_file(step_dir, os.path.basename(rng_file), reader.sums)
         with safe_open(rng_file, framework="pt") as f:
             torch.set_rng_state(f.get_tensor("cpu"))
             if "cuda" in f.keys() and torch.cuda.is_available():

@@ -89,6 +89,12 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=0.1)
     a("--adam-eps", type=float, default=1e-8)
     a("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--on-nonfinite", choices=["stop", "skip"], default="stop",
+      help="a step whose loss or gradient norm is inf/nan: stop (exit 1, nothing of it saved) or "
+           "skip its update (the lr schedule still advances) and stop after --max-skipped-steps "
+           "such steps in a row")
+    a("--max-skipped-steps", type=int, default=10,
+      help="--on-nonfinite skip: stop after this many consecutive skipped steps")
     a("--global-batch-size", type=int, default=16, help="sequences per optimizer step")
     a("--micro-batch-size", type=int, default=None,
       help="sequences per forward pass (default: global batch / dp, no accumulation)")
@@ -249,7 +255,17 @@ FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_
                 "loss_scale_window": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
                 "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0,
                 "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0,
-                "recompute_layers": 1}
+                "recompute_layers": 1, "max_skipped_steps": 1}
+
+# fp16: an overflow halves the loss scale and skips the step; a scale halved below this
+# means the gradients overflow at any scale (inf/nan in the model itself): stop.
+MIN_LOSS_SCALE = 1.0
+
+
+class NonFinite(Exception):
+    """Training met a non-finite loss, gradient norm or state and stops. Every rank
+    reaches the same decision from the same all-reduced figures, so all stop together;
+    train.main prints the message (rank 0) and exits with status 1."""
 
 
 def pp_layers(args):
@@ -406,6 +422,8 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     start_note: str = ""     # how the run started, when not from scratch
+    skipped_in_a_row: int = 0  # --on-nonfinite skip: consecutive skipped steps
+    stop: str = ""           # why the step just run ends training (non-finite), else ""
 
     @property
     def tokens_per_step(self):
@@ -569,8 +587,35 @@ def load_fp8_history(fp8, step_dir, meta):
     fp8.set_history(history.to(fp8.history.device), saved["steps_recorded"])
 
 
+def state_is_finite(run):
+    """Whether every parameter and optimizer moment is finite on every rank: one flag,
+    all-reduced over the world (each rank checks its own slice)."""
+    layout, bad = run.layout, torch.zeros((), device=run.layout.device)
+    for b, m, v in zip(run.ddp.buckets, run.optimizer.exp_avg, run.optimizer.exp_avg_sq):
+        for t in (b.data[b.shard], m, v):
+            bad += (~torch.isfinite(t)).any()
+    for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):
+        parallel.all_reduce(bad, group)
+    return bad.item() == 0
+
+
+def stop_message(run, what):
+    """The one line training stops with: what went wrong, at which step, and the last good
+    checkpoint to resume from."""
+    args = run.args
+    steps = checkpoint.complete_steps(args.save) if args.save else []
+    if steps:
+        last = f"last good checkpoint: {os.path.join(args.save, checkpoint.step_dir_name(steps[-1]))}"
+    else:
+        last = "no checkpoint was saved" + ("" if args.save else " (no --save)")
+    return f"{what}; stopped, nothing of this state saved; {last}"
+
+
 def save(run, step):
     args = run.args
+    if not state_is_finite(run):
+        raise NonFinite(stop_message(run, f"step {step}: a parameter or optimizer value is "
+                                          f"non-finite (inf/nan); refusing to save a checkpoint"))
     meta = {"model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
             "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
             "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps}
@@ -643,14 +688,34 @@ def train_step(run, step):
         run.fp8.end_step()
     run.ddp.finish()
     finite = run.scaler.unscale_and_check(run.ddp)
-    grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad)
-    if finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
+    grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad).item()
+    # The loss (reduced in forward_backward) and the gradient norm (global) are the same
+    # on every rank: one decision everywhere without another collective.
+    healthy = math.isfinite(loss) and math.isfinite(grad_norm)
+    run.stop = ""
+    if not finite:  # fp16 overflow: skip this step (the scaler lowered its scale)
+        if run.scaler.scale < MIN_LOSS_SCALE:
+            run.stop = (f"step {step + 1}: fp16 gradients overflow even at loss scale "
+                        f"{run.scaler.scale:g} (below the minimum {MIN_LOSS_SCALE:g})")
+    elif not healthy:
+        what = f"step {step + 1}: non-finite loss {loss} / gradient norm {grad_norm}"
+        if args.on_nonfinite == "stop":
+            run.stop = what
+        else:
+            run.skipped_in_a_row += 1
+            run.logger.print(f"{what}: update skipped ({run.skipped_in_a_row} in a row)", flush=True)
+            if run.skipped_in_a_row >= args.max_skipped_steps:
+                run.stop = f"{what}: {run.skipped_in_a_row} consecutive steps skipped (--max-skipped-steps)"
+    else:
         run.optimizer.step()
+        run.skipped_in_a_row = 0
     run.tokens_seen += run.tokens_per_step
-    record = {"step": step + 1, "loss": loss, "lr": run.optimizer.lr, "grad_norm": grad_norm.item(),
+    record = {"step": step + 1, "loss": loss, "lr": run.optimizer.lr, "grad_norm": grad_norm,
               "tokens_seen": run.tokens_seen}
     if run.scaler.enabled:
-        record.update(loss_scale=run.scaler.scale, skipped=not finite)
+        record.update(loss_scale=run.scaler.scale, skipped=not (finite and healthy))
+    elif not healthy:
+        record["skipped"] = True
     return record
 
 
@@ -815,6 +880,8 @@ def training_loop(run):
                 record["val_majority_baseline"] = run.val_data.majority_share
         run.logger.step(record, router, eta=(now - t_start) / (done - run.start_step) * (args.steps - done))
         records.append(record)
+        if run.stop:  # (the same on every rank) before any save of this state
+            raise NonFinite(stop_message(run, run.stop))
         if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
             save(run, done)
     if args.save and run.start_step < args.steps:
@@ -869,8 +936,9 @@ def train(args):
     try:
         run = setup(args, cfg, tokenizer, hf_dir, layout)
         records = training_loop(run)
-    except UsageError:
-        # Every rank checks the same input and fails alike, so they can all leave cleanly.
+    except (UsageError, NonFinite):
+        # Every rank checks the same input (the same all-reduced figures) and fails alike,
+        # so they can all leave cleanly.
         parallel.destroy_distributed(layout)
         raise
     finally:  # on any exception too: the gradient hooks, the metrics file, wandb
@@ -895,6 +963,10 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFinite as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Checkpoint integrity: per-file checksums in the index, file names kept inside the step
+directory, leftovers of crashed saves cleaned, file modes like the rest of the checkpoint.
+One process, in-process runs; one checkpoint is saved per module and copied per test."""
+import json
+import os
+import shutil
+import stat
+import struct
+
+import pytest
+
+import checkpoint
+from conftest import FAST, one_line_error, train_job
+
+ARGV = ["--model", "gpt", *FAST, "--steps", "2"]
+STEP = "step_00000002"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved") / "ckpt"
+    train_job([*ARGV, "--save", str(root)])
+    return root
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(saved, root)
+    return root
+
+
+def _resume(root):
+    return [*ARGV, "--steps", "3", "--load", str(root)]
+
+
+def test_index_records_a_checksum_of_every_file(ckpt):
+    index = json.loads((ckpt / STEP / "index.json").read_text())
+    files = index[checkpoint.FILES]
+    on_disk = sorted(n for n in os.listdir(ckpt / STEP) if n.endswith(".safetensors"))
+    assert sorted(files) == on_disk and "shard-00000.safetensors" in files
+    for name, entry in files.items():
+        assert entry["bytes"] == (ckpt / STEP / name).stat().st_size
+        assert entry["crc32"] == checkpoint._checksum(ckpt / STEP / name)
+
+
+def test_a_flipped_byte_in_a_shard_is_refused_naming_it(ckpt, capsys):
+    shard = ckpt / STEP / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    middle = header + (len(data) - header) // 2  # in the tensor data, not the header
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    shard.write_bytes(bytes(data))
+    err = one_line_error(capsys, _resume(ckpt))
+    assert "shard-00000.safetensors is damaged: checksum mismatch" in err
+    assert "load an earlier step" in err
+
+
+def test_an_index_naming_a_file_outside_the_step_directory_is_refused(ckpt, capsys):
+    (ckpt / "x.safetensors").write_bytes((ckpt / STEP / "shard-00000.safetensors").read_bytes())
+    index_path = ckpt / STEP / "index.json"
+    index = json.loads(index_path.read_text())
+    for key, entry in index.items():
+        if key != checkpoint.FILES:
+            for piece in entry["pieces"]:
+                piece["file"] = "../x.safetensors"
+    index_path.write_text(json.dumps(index))
+    err = one_line_error(capsys, _resume(ckpt))
+    assert "'../x.safetensors' outside the checkpoint directory" in err
+    for bad in ["/etc/passwd", "a/b.safetensors", "..", ""]:
+        with pytest.raises(Exception, match="outside the checkpoint directory"):
+            checkpoint._check_file_name(str(ckpt / STEP), bad)
+
+
+def test_checkpoints_without_checksums_still_load(ckpt):
+    index_path = ckpt / STEP / "index.json"
+    index = json.loads(index_path.read_text())
+    del index[checkpoint.FILES]  # as written before checksums existed
+    index_path.write_text(json.dumps(index))
+    records, out = train_job([*_resume(ckpt), "--save", str(ckpt)])
+    assert "resumed from" in out and (ckpt / "step_00000003" / "index.json").is_file()
+    assert [r["step"] for r in records][-1] == 3
+
+
+def test_leftover_temporary_directories_are_cleaned_when_saving_again(tmp_path):
+    root = tmp_path / "ckpt"
+    leftover = root / ".tmp-step_00000007"  # a crashed save of another step
+    leftover.mkdir(parents=True)
+    (leftover / "shard-00000.safetensors").write_bytes(b"partial")
+    (root / "notes").mkdir()
+    (root / ".tmp-step_file").write_text("a file, not ours to remove")
+    train_job([*ARGV, "--save", str(root)])
+    assert not leftover.exists()
+    assert (root / "notes").is_dir() and (root / ".tmp-step_file").is_file()
+    assert checkpoint.complete_steps(root) == [2]
+
+
+def test_weights_are_as_readable_as_the_rest_of_the_checkpoint(ckpt):
+    mode = stat.S_IMODE((ckpt / STEP / "meta.json").stat().st_mode)
+    for name in os.listdir(ckpt / STEP):
+        assert stat.S_IMODE((ckpt / STEP / name).stat().st_mode) == mode, name
