@@ -683,21 +683,29 @@ def bench_attention(device, seq_lens, head_dim, heads, tokens, reps, dtype):
         for causal in (False, True):
             q, k, v = (torch.randn(B, heads, T, head_dim, device=device, dtype=dtype, requires_grad=True)
                        for _ in range(3))
-            # FLOPs of the two matmuls QK^T and PV, halved when causal; the backward pass
-            # does five such matmuls against the forward's two: 2.5x (FlashAttention's count).
-            fwd_flops = 4 * B * heads * T * T * head_dim * (0.5 if causal else 1.0)
-            impl = kernels.backend(q)
             ours = fwd_bwd_fns(lambda a, b, c: kernels.attention(a, b, c, causal=causal), (q, k, v), None)
             base = fwd_bwd_fns(lambda a, b, c: sdpa_flash(a, b, c, causal), (q, k, v), None)
-            for i, pas in enumerate(("fwd", "bwd")):
-                flops = fwd_flops * (1.0 if pas == "fwd" else 2.5)
-                ms_ours, ms_base = time_ms(ours[i], device, reps), time_ms(base[i], device, reps)
-                rows.append({"kernel": "attention", "pass": pas, "shape": f"B{B} H{heads} T{T} D{head_dim}",
-                             "causal": causal, "impl": impl, "ms": ms_ours,
-                             "tflops": flops / ms_ours / 1e9, "baseline": "sdpa",
-                             "baseline_ms": ms_base, "baseline_tflops": flops / ms_base / 1e9,
-                             "speedup": ms_base / ms_ours})
+            rows += _attention_rows("attention", "sdpa", ours, base, q, causal, device, reps)
             del q, k, v, ours, base
+    return rows
+
+
+def _attention_rows(kernel, baseline, ours, base, q, causal, device, reps):
+    """Timed forward and backward rows of attention `ours` against `base` (each a
+    (forward, backward) pair from fwd_bwd_fns) on q's shape (B, H, T, D)."""
+    B, heads, T, head_dim = q.shape
+    # FLOPs of the two matmuls QK^T and PV, halved when causal; the backward pass
+    # does five such matmuls against the forward's two: 2.5x (FlashAttention's count).
+    fwd_flops = 4 * B * heads * T * T * head_dim * (0.5 if causal else 1.0)
+    rows = []
+    for i, pas in enumerate(("fwd", "bwd")):
+        flops = fwd_flops * (1.0 if pas == "fwd" else 2.5)
+        ms_ours, ms_base = time_ms(ours[i], device, reps), time_ms(base[i], device, reps)
+        rows.append({"kernel": kernel, "pass": pas, "shape": f"B{B} H{heads} T{T} D{head_dim}",
+                     "causal": causal, "impl": kernels.backend(q), "ms": ms_ours,
+                     "tflops": flops / ms_ours / 1e9, "baseline": baseline,
+                     "baseline_ms": ms_base, "baseline_tflops": flops / ms_base / 1e9,
+                     "speedup": ms_base / ms_ours})
     return rows
 
 
@@ -726,18 +734,10 @@ def bench_attention_t5(device, seq_lens, heads, tokens, reps, dtype):
                 if causal:
                     mask = mask.masked_fill(~kernels.attention_mask(T, T, a.device), float("-inf"))
                 return F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=1.0)
-            fwd_flops = 4 * B * heads * T * T * head_dim * (0.5 if causal else 1.0)
-            impl = kernels.backend(q)
             ours = fwd_bwd_fns(ours_fn, (q, k, v, bias.table), None)
             base = fwd_bwd_fns(base_fn, (q, k, v, bias.table), None)
-            for i, pas in enumerate(("fwd", "bwd")):
-                flops = fwd_flops * (1.0 if pas == "fwd" else 2.5)
-                ms_ours, ms_base = time_ms(ours[i], device, reps), time_ms(base[i], device, reps)
-                rows.append({"kernel": "attention-t5", "pass": pas, "shape": f"B{B} H{heads} T{T} D{head_dim}",
-                             "causal": causal, "impl": impl, "ms": ms_ours,
-                             "tflops": flops / ms_ours / 1e9, "baseline": "sdpa + materialized bias",
-                             "baseline_ms": ms_base, "baseline_tflops": flops / ms_base / 1e9,
-                             "speedup": ms_base / ms_ours})
+            rows += _attention_rows("attention-t5", "sdpa + materialized bias", ours, base, q, causal,
+                                    device, reps)
             del q, k, v, table, bias, ours, base
     return rows
 
@@ -1265,7 +1265,8 @@ def fp8_curve(args, device):
     rows, curves = [], {}
     for name, flags in runs:
         start = time.perf_counter()
-        records = _quiet(train.train, train.parse_args(base + flags))
+        with contextlib.redirect_stdout(io.StringIO()):  # train.py's progress lines
+            records = train.train(train.parse_args(base + flags))
         curves[name] = [r["loss"] for r in records]
         rows.append({"run": name, "seconds": time.perf_counter() - start, "final": records[-1]["loss"],
                      "val": records[-1].get("val_loss")})
@@ -1282,12 +1283,6 @@ def fp8_curve(args, device):
     print(f"fp8-curve: {args.model}/{args.config}, {args.steps} steps, per-step loss vs fp32 after "
           f"warmup: worst mean |rel diff| {worst['mean_rel']:.2%} ({worst['run']})")
     return {"rows": rows, "curves": curves}
-
-
-def _quiet(fn, *args):
-    """fn(*args) with its stdout (train.py's progress lines) swallowed."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args)
 
 
 def add_fp8_curve(p):

@@ -31,13 +31,17 @@ tensors that are only views or casts of parameters (autocast's weight copies, co
 separately above). bench.ActivationMeter counts more: every saved tensor, parameters
 and repeated views of one storage included.
 """
+import copy
 import dataclasses
 import math
 
 import torch
 
+import data
 import kernels
+import models
 import parallel
+import train
 
 
 # ----------------------------------------------------------------------------
@@ -507,7 +511,6 @@ def in_flight(schedule, pp, vpp, stage, n_micro):
 def state_bytes(model, cfg, layout, layers_per_chunk=None, zero1=True):
     """(weights, gradients, optimizer, parameters held, padded vocabulary) of the rank
     `layout.rank`, from DataParallel and AdamW built over meta tensors."""
-    import models
     chunks = parallel.rank_chunks(layout, cfg.n_layers, layers_per_chunk)
     with torch.device("meta"):
         modules = [models.MODELS[model][2](cfg, layout, c) for c in chunks]
@@ -557,7 +560,6 @@ def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tru
          torch_attention=False):
     """One StagePlan per pipeline stage (tp rank 0, dp rank 0 of each). torch_attention:
     attention as the torch path runs it (the CPU), not the Triton kernels (a GPU)."""
-    import data
     dp = world // (tp * cp * pp)
     sp = sp and tp > 1
     e = 4 if precision == "fp32" else 2
@@ -592,8 +594,6 @@ def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tru
 
 def flops_per_step(model, cfg, seq_len, global_batch):
     """Training FLOPs of one step, from the model's own flops_per_token."""
-    import data
-    import models
     with torch.device("meta"):
         m = models.MODELS[model][2](cfg, parallel.Layout(), parallel.Chunk(0, [0], True, True))
     m.cfg = cfg
@@ -645,7 +645,6 @@ def peak_bytes(stages):
 
 
 def _plan_args(args, cfg):
-    import train
     world = args.world_size or parallel.world_size()
     dp = parallel.check_layout(world, args.tp, args.cp, args.pp, args.ep)
     mbs = train.micro_batch_size(args, dp)
@@ -660,8 +659,6 @@ def _plan_args(args, cfg):
 
 def plan_report(args):
     """`train.py --plan`: the flags checked as training checks them, then the plan."""
-    import copy
-    import train
     if args.world_size is not None and args.world_size < 1:
         raise parallel.UsageError(f"--world-size must be >= 1, got {args.world_size}")
     if not 0 < args.plan_mfu <= 1:

@@ -955,7 +955,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.plan:
-            import memory  # (here: memory.py imports this file for the flags' checks)
+            import memory  # (here, not at the top: memory.py imports this file)
             print(memory.plan_report(args))
             return
         train(args)
