@@ -42,6 +42,11 @@ Modes:
                 time per token to stay flat and LLaMA's to grow with the length; memory per
                 token stays flat for both, attention being a fused kernel on CPU and GPU)
 
+  determinism   two identical training runs (separate processes, the README's tiny llama by
+                default: 200 steps) give bit-identical metrics: every loss, gradient norm,
+                learning rate and validation loss equal, not merely close
+                python bench.py determinism [--steps 200] [--nproc 1] [-- extra train.py flags]
+
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
 summary line and returns its results, plus a function adding its options, and register
 both in `MODES` at the bottom. Common options (--device, --seed, --json) come for free.
@@ -1417,6 +1422,54 @@ def recompute(args, device):
     return {"rows": rows}
 
 
+# What a metrics record holds that depends on the machine's speed, not on the computation.
+TIMING_FIELDS = ("tokens_per_s", "mfu", "mem_gb")
+
+
+def determinism(args, device):
+    """Run the same training command twice, each in its own processes (torchrun with
+    --nproc > 1), and compare their --metrics records field by field, exactly."""
+    import subprocess
+    import tempfile
+    import train
+    command = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
+               "--sample-tokens", "0", "--device", device.type, "--seed", str(args.seed),
+               *[f for f in args.train_flags if f != "--"]]
+    launcher = [sys.executable, "train.py"] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        "train.py"]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2):
+            metrics = os.path.join(tmp, f"run{i}.jsonl")
+            start = time.perf_counter()
+            subprocess.run(launcher + command + ["--metrics", metrics], check=True,
+                           stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)))
+            runs.append([{k: v for k, v in r.items() if k not in TIMING_FIELDS}
+                         for r in train.read_metrics(metrics)])
+            print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+    first, second = runs
+    differing = [a["step"] for a, b in zip(first, second) if a != b]
+    compared = sorted({k for r in first for k in r})
+    identical = len(first) == len(second) == args.steps and not differing
+    print(f"determinism: {' '.join(launcher[1:] + command)}")
+    print(f"summary: {len(first)} steps, fields {', '.join(compared)}: " +
+          ("bit-identical in both runs" if identical else
+           f"DIFFERENT at steps {differing[:10]} (of {len(first)} / {len(second)} records)"))
+    return {"identical": identical, "steps": len(first), "fields": compared, "differing_steps": differing,
+            "final_loss": first[-1]["loss"] if first else None}
+
+
+def add_determinism(p):
+    p.add_argument("--model", default="llama")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER,
+                   help="more train.py flags, after `--` (e.g. -- --tp 2)")
+
+
 def add_recompute(p):
     p.add_argument("--config", default="tiny", help="llama preset (tiny; on a GPU e.g. llama3-8b)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -1450,6 +1503,7 @@ MODES = {
                      add_long_context),
     "recompute": (recompute, "activation recomputation none/selective/full: activations vs step time",
                   add_recompute),
+    "determinism": (determinism, "two identical training runs: bit-identical metrics?", add_determinism),
 }
 
 

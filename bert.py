@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import gpt
 import parallel
 
@@ -59,6 +60,7 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
+        errors.check_config_fields(self)
         if self.dim % self.n_heads:
             raise parallel.UsageError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_classes == 1 or self.n_classes < 0:

@@ -31,6 +31,8 @@ piece's "file" must be a plain name inside the step directory (no separator, no 
 Files are written readable as the rest of the checkpoint (0o666 less the umask):
 safetensors' save_file alone creates them 0o600.
 """
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import models
 import parallel
 
 FORMAT = 1
@@ -202,12 +205,12 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
     rank; returns the step directory."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
-    if layout.is_main:
-        if os.path.exists(final):
-            raise parallel.UsageError(f"refusing to overwrite the existing checkpoint {final}")
-        clean_leftovers(root)  # of a crashed save, this step's included
-        os.makedirs(tmp)
-    parallel.barrier()
+    if layout.is_main and os.path.exists(final):
+        raise parallel.UsageError(f"refusing to overwrite the existing checkpoint {final}")
+    with _every_rank_writes(root, step, tmp, layout):
+        if layout.is_main:
+            clean_leftovers(root)  # of a crashed save, this step's included
+            os.makedirs(tmp)
 
     state = train_state_tensors(modules, optimizer)
     shard = f"shard-{layout.rank:05d}.safetensors"
@@ -219,38 +222,76 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
         tensors[key] = tensor[_extent_slices(extent)].contiguous().cpu()
         pieces[key] = {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch."),
                        "pieces": [{"file": shard, "offset": offset, "shape": extent}]}
-    sums = {}  # this rank's files: name -> {"crc32", "bytes"}
-    if tensors:
-        _save_file(tensors, os.path.join(tmp, shard), sums)
-        _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    _save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"), sums)
-    if replicated and layout.is_main:
-        _save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
-                   os.path.join(tmp, REPLICATED), sums)
-    _fsync_write(os.path.join(tmp, f"sums-{layout.rank:05d}.json"), json.dumps(sums))
-    parallel.barrier()
+    with _every_rank_writes(root, step, tmp, layout):
+        sums = {}  # this rank's files: name -> {"crc32", "bytes"}
+        if tensors:
+            _save_file(tensors, os.path.join(tmp, shard), sums)
+            _fsync_write(os.path.join(tmp, f"pieces-{layout.rank:05d}.json"), json.dumps(pieces))
+        _save_file(rng, os.path.join(tmp, f"rng-{layout.rank:05d}.safetensors"), sums)
+        if replicated and layout.is_main:
+            _save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
+                       os.path.join(tmp, REPLICATED), sums)
+        _fsync_write(os.path.join(tmp, f"sums-{layout.rank:05d}.json"), json.dumps(sums))
 
-    if layout.is_main:
-        index, files = {}, {}
-        for name in sorted(os.listdir(tmp)):
-            if name.startswith("pieces-"):
-                for key, entry in json.load(open(os.path.join(tmp, name))).items():
-                    index.setdefault(key, {**entry, "pieces": []})["pieces"] += entry["pieces"]
-                os.remove(os.path.join(tmp, name))
-            elif name.startswith("sums-"):
-                files.update(json.load(open(os.path.join(tmp, name))))
-                os.remove(os.path.join(tmp, name))
-        index[FILES] = dict(sorted(files.items()))
-        _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({"format": FORMAT, "step": step,
-                                                                 **meta}, indent=1))
-        # index.json last: its presence marks the directory complete.
-        _fsync_write(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
-        os.replace(tmp, final)
-    parallel.barrier()
+    with _every_rank_writes(root, step, tmp, layout):
+        if layout.is_main:
+            _write_index(tmp, final, step, meta)
     return final
+
+
+def _write_index(tmp, final, step, meta):
+    """The main rank's last part of a save: gather the ranks' pieces and checksums into
+    index.json, write meta.json, and rename the step into place."""
+    index, files = {}, {}
+    for name in sorted(os.listdir(tmp)):
+        if name.startswith("pieces-"):
+            for key, entry in json.load(open(os.path.join(tmp, name))).items():
+                index.setdefault(key, {**entry, "pieces": []})["pieces"] += entry["pieces"]
+            os.remove(os.path.join(tmp, name))
+        elif name.startswith("sums-"):
+            files.update(json.load(open(os.path.join(tmp, name))))
+            os.remove(os.path.join(tmp, name))
+    index[FILES] = dict(sorted(files.items()))
+    _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({"format": FORMAT, "step": step,
+                                                             **meta}, indent=1))
+    # index.json last: its presence marks the directory complete.
+    _fsync_write(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def _every_rank_writes(root, step, tmp, layout):
+    """A part of a save that every rank runs, ending as a barrier does. If any rank met an
+    OSError (a full disk, a lost mount), every rank raises the same UsageError here, none
+    left waiting for one that gave up, and the temporary directory is removed: the previous
+    checkpoint stays the newest complete one."""
+    error = None
+    try:
+        yield
+    except OSError as e:
+        error = e
+    failed = torch.tensor(float(error is not None), device=layout.device)
+    if parallel.all_reduce_world(failed, layout).item():
+        if layout.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise parallel.UsageError(_save_failure(root, step, error)) from None
+
+
+def _save_failure(root, step, error):
+    """The one line of a save that could not be written: why, and what is intact."""
+    if error is None:
+        reason = "another rank could not write its files"
+    else:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
+        reason += f" ({error.filename})" if error.filename else ""
+    earlier = [s for s in complete_steps(root) if s < step]
+    kept = (f"the previous checkpoint {os.path.join(root, step_dir_name(earlier[-1]))} is intact "
+            f"(--load {root} resumes from it)" if earlier else "no earlier checkpoint was there")
+    return (f"cannot save step {step} into {root}: {reason}; nothing of it was kept and {kept}; "
+            f"free space or choose another --save directory")
 
 
 def read_replicated(step_dir):
@@ -264,15 +305,35 @@ def read_replicated(step_dir):
         raise parallel.UsageError(f"cannot read {path} ({e}); the checkpoint is damaged or incomplete")
 
 
+# What every reader of meta.json takes from it (train.py's resume, generate.py, convert.py),
+# checked once here so that a damaged file is one line naming the key, not a KeyError later.
+META_KEYS = {"step": (int,), "model": (str,), "config": (dict,), "tokenizer": (str,),
+             "tokens_seen": (int,), "optimizer_steps": (int,), "loss_scale": (int, float),
+             "loss_scale_clean_steps": (int,)}
+
+
 def read_meta(step_dir):
     try:
         with open(os.path.join(step_dir, "meta.json")) as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise parallel.UsageError(f"cannot read {step_dir}/meta.json ({e}); the checkpoint is damaged")
+    if not isinstance(meta, dict):
+        raise parallel.UsageError(f"{step_dir}/meta.json is not a JSON object; the checkpoint is damaged")
     if meta.get("format") != FORMAT:
         raise parallel.UsageError(f"{step_dir} has checkpoint format {meta.get('format')}, "
                                   f"this code reads format {FORMAT}")
+    for key, kinds in META_KEYS.items():
+        if key not in meta or not isinstance(meta[key], kinds) or isinstance(meta[key], bool):
+            problem = "lacks" if key not in meta else f"has a {type(meta[key]).__name__} for"
+            raise parallel.UsageError(f"{step_dir}/meta.json {problem} {key!r} (expected "
+                                      f"{' or '.join(k.__name__ for k in kinds)}); the checkpoint "
+                                      f"is damaged; load another step")
+    try:
+        models.config_from_dict(meta["model"], meta["config"])
+    except parallel.UsageError as e:
+        raise parallel.UsageError(f"{step_dir}/meta.json: {e}; the checkpoint is damaged or was "
+                                  f"written by other code") from None
     return meta
 
 

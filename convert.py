@@ -34,7 +34,6 @@ Both directions write into a temporary sibling of the target and rename it into 
 last (section 4): a failure leaves the target as it was, and a non-empty target is never
 overwritten.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -50,6 +49,7 @@ from safetensors.torch import save_file
 import bert
 import checkpoint
 import data
+import errors
 import gpt
 import llama
 import mamba
@@ -586,6 +586,13 @@ class _ExpertView:
         return self.fused[(slice(self.expert, self.expert + 1), rows, *rest)][0]
 
 
+# config.json keys that are sizes in some family (a positive integer where present, or null),
+# checked before a translation computes with them (hidden_size // num_attention_heads).
+HF_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "n_embd", "n_layer", "n_head", "d_model", "num_heads", "d_kv",
+            "d_ff", "num_layers", "state_size", "max_position_embeddings", "n_positions")
+
+
 def read_hf_config(hf_dir):
     """(our model name, Config) from HF_DIR/config.json."""
     path = os.path.join(hf_dir, "config.json")
@@ -596,15 +603,27 @@ def read_hf_config(hf_dir):
         raise UsageError(f"{hf_dir} has no config.json: not a Hugging Face model folder") from None
     except ValueError as e:
         raise UsageError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise UsageError(f"{path} is not a JSON object of config fields")
     model_type = hf.get("model_type")
     if model_type not in BY_HF_TYPE:
         raise UsageError(f"{path}: model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(BY_HF_TYPE)}")
+    for key in HF_SIZES:  # before a translation divides by one
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{path}: {key}={value!r} must be a positive integer; the folder's "
+                             f"config.json is damaged")
     family = BY_HF_TYPE[model_type]
     try:
         return family.model, family.config_from_hf(hf, model_type)
     except KeyError as e:
         raise UsageError(f"{path} has no {e.args[0]!r}, which a {model_type} config needs") from None
+    except UsageError as e:  # our Config refused a value, named by our field's name
+        raise UsageError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. float("fast") for a RoPE field
+        raise UsageError(f"{path}: a value has the wrong type ({e}); the folder's config.json is "
+                         f"damaged") from None
 
 
 @torch.no_grad()
@@ -695,10 +714,17 @@ def _write_atomically(target, write):
     _check_target(target)
     tmp = f"{os.path.abspath(target).rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UsageError(f"{target}: cannot create it ({e.strerror}); choose another directory") from None
     try:
         write(tmp)
         os.replace(tmp, target)  # also replaces an empty directory
+    except OSError as e:  # a full disk, ...: the target is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot write {target} ({e.strerror}); nothing was written; free space "
+                         f"or choose another directory") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -774,7 +800,7 @@ def export(ckpt, hf_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Hugging Face import/export.")
+    p = errors.ArgumentParser(description="Hugging Face import/export.")
     commands = p.add_subparsers(dest="command", required=True)
     c = commands.add_parser("import", help="HF model folder -> checkpoint root for train.py --load")
     c.add_argument("hf_dir")

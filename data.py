@@ -26,8 +26,8 @@ T5 (t5.py) reads them as SpanCorruptionData: 15% of a window, in spans of 3 toke
 is replaced by sentinels (<extra_id_0>, <extra_id_1>, ...) in the encoder's input, and the
 decoder predicts the spans; its rows are drawn as BERT's are.
 """
-import argparse
 import dataclasses
+import errno
 import functools
 import glob
 import json
@@ -41,6 +41,7 @@ import numpy as np
 import tiktoken
 import torch
 
+import errors
 from errors import UsageError
 
 BYTE_TOKENIZER = "byte"
@@ -344,7 +345,10 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
     # Written next to out_dir and renamed into place at the end, so a crash never leaves a
     # half-written dataset that looks complete.
     tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UsageError(f"{out_dir}: cannot create it ({e.strerror}); choose another OUT_DIR") from None
     writers = {split: _ShardWriter(tmp, split, _dtype(enc), shard_tokens)
                for split in ("train", "val")}
     try:
@@ -360,10 +364,15 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, out_dir)  # on POSIX this also replaces an empty out_dir
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, an unreadable source file
+            reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+            raise UsageError(f"cannot prepare {out_dir}: {reason}"
+                             f"{f' ({e.filename})' if e.filename else ''}; nothing was written; "
+                             f"free space or choose another OUT_DIR") from None
         raise
     n = {split: sum(s["tokens"] for s in meta[split]) for split in ("train", "val")}
     print(f"prepared {out_dir}: {n['train']:,} train + {n['val']:,} val tokens "
@@ -841,8 +850,8 @@ class SpanCorruptionData:
         return corrupt(is_noise), corrupt(~is_noise)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Data tools for train.py.")
+def main(argv=None):
+    parser = errors.ArgumentParser(description="Data tools for train.py.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenize text into memory-mapped shards for --data")
     p.add_argument("src", help='"stdlib", a text file, a directory or a glob pattern')
@@ -850,8 +859,13 @@ if __name__ == "__main__":
     p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES) + " or hf:DIR")
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         prepare(args.src, args.out_dir, args.tokenizer, args.val_fraction, args.shard_tokens)
     except UsageError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

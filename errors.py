@@ -1,11 +1,55 @@
-"""The one error type meant for the user.
+"""The one error type meant for the user, and the checks every tool shares that raise it.
 
 Its own file so that anything can raise it (data.py, checkpoint.py, the model files through
 parallel.UsageError) without importing the parallel machinery or the Triton kernels.
 """
+import argparse
+import dataclasses
+import math
 
 
 class UsageError(ValueError):
     """Bad input from the user (flags, paths, layouts, damaged files). train.py, convert.py
     and generate.py print its message as one line, `error: ...`, and exit with status 2,
     instead of a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line, `error: ...`, exit status 2, like every
+    other bad input (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def require_number(what, value, at_least=None, above=None):
+    """`what` (a flag or a config field, named as the user writes it) must be a finite number,
+    >= at_least and > above where given: NaN or inf would train nothing useful, silently."""
+    if not math.isfinite(value):
+        raise UsageError(f"{what} must be a finite number, got {value}")
+    if at_least is not None and value < at_least:
+        raise UsageError(f"{what} must be >= {at_least}, got {value}")
+    if above is not None and value <= above:
+        raise UsageError(f"{what} must be > {above}, got {value}")
+
+
+def check_config_fields(cfg):
+    """Every field of a model's Config (a dataclass) has its declared kind and a usable value,
+    wherever it came from (a preset, --set, a checkpoint's meta.json, a HF config.json), before
+    anything divides by it or allocates with it. Numbers are finite (inf only where the default
+    is: Mamba's dt_limit_max) and never negative; an integer field whose default is not 0 is a
+    size or a count, >= 1 (a default of 0 means "derive it" or "off", so there 0 is allowed)."""
+    for field in dataclasses.fields(cfg):
+        value, default, kind = getattr(cfg, field.name), field.default, type(field.default)
+        what = f"config field {field.name}"
+        if kind not in _FIELD_KINDS:
+            continue
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, _FIELD_KINDS[kind]):
+            raise UsageError(f"{what} must be of type {kind.__name__}, got {value!r}")
+        if kind in (int, float) and not value == default == math.inf:
+            require_number(what, value, at_least=1 if kind is int and default else 0)
+
+
+# A field's kind (its default's type) -> the values it takes: a float field takes an integer
+# too (config.json files write rope_theta 10000 as often as 10000.0).
+_FIELD_KINDS = {bool: (bool,), str: (str,), int: (int,), float: (int, float)}

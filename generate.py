@@ -10,7 +10,6 @@ the cached keys and values instead of recomputing the whole prefix. An encoder-d
 (T5) encodes the prompt once and decodes from its start token the same way, its
 cross-attention keys and values computed from the encoder output once.
 """
-import argparse
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ import torch
 import checkpoint
 import convert
 import data
+import errors
 import models
 import parallel
 
@@ -138,8 +138,36 @@ def load_model(path, device="cpu"):
     return model, meta["tokenizer"]
 
 
+def check_device(name):
+    """--device: cpu, or cuda[:N] where such a GPU is visible."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise parallel.UsageError(f"--device {name}: not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise parallel.UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise parallel.UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                                  f"device(s) are visible")
+    if device.type not in ("cpu", "cuda"):
+        raise parallel.UsageError(f"--device {name}: generate.py runs on cpu or cuda")
+
+
+def check_prompt_fits(model, tokenizer, prompt):
+    """A prompt must leave room in a model's context for a new token. (A sliding-window
+    model attends to the last window only, so its context is not bounded like that.)"""
+    max_len = getattr(model.cfg, "max_seq_len", None)
+    if max_len is None or getattr(model.cfg, "sliding_window", 0):
+        return
+    n = len(tokenizer.encode_ordinary(prompt)) if prompt else 1  # (or the end-of-text token)
+    if n >= max_len:
+        raise parallel.UsageError(f"--prompt is {n:,} tokens but the model's context is "
+                                  f"max_seq_len={max_len:,} tokens; shorten the prompt to at most "
+                                  f"{max_len - 1:,} tokens to leave room for new ones")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True,
                    help="checkpoint (a save root or one step directory) or Hugging Face model folder")
     p.add_argument("--prompt", default="")
@@ -151,8 +179,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         for flag in ("max_new_tokens", "temperature", "top_k"):
-            if getattr(args, flag) < 0:
-                raise parallel.UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+            errors.require_number(f"--{flag.replace('_', '-')}", getattr(args, flag), at_least=0)
+        check_device(args.device)
         model, tokenizer_name = load_model(args.load, args.device)
         if not hasattr(model, "new_kv_caches") and not hasattr(model, "encode"):
             raise parallel.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
@@ -167,6 +195,7 @@ def main(argv=None):
                                   args.temperature, args.top_k, args.seed))
             return
         tokenizer = data.get_tokenizer(tokenizer_name)
+        check_prompt_fits(model, tokenizer, args.prompt)
         print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                           args.top_k, args.seed))
     except parallel.UsageError as e:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import kernels
 import parallel
 
@@ -35,6 +36,7 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
+        errors.check_config_fields(self)
         if not self.ffn_dim:
             self.ffn_dim = 4 * self.dim
         if self.dim % self.n_heads:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import errors
 import kernels
 import parallel
 
@@ -51,11 +52,21 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.dim // self.n_heads
+        errors.check_config_fields(self)
         if self.n_heads % self.n_kv_heads:
             raise parallel.UsageError(f"n_heads={self.n_heads} is not a multiple of "
                                       f"n_kv_heads={self.n_kv_heads}")
+        if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise parallel.UsageError(f"dim={self.dim} is not divisible by n_heads="
+                                          f"{self.n_heads}; change one, or set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise parallel.UsageError(f"head_dim={self.head_dim} is odd: RoPE rotates pairs of "
+                                      f"channels; choose dim and n_heads (or head_dim) for an "
+                                      f"even head dimension")
+        if self.rope_theta <= 0:
+            raise parallel.UsageError(f"rope_theta must be > 0, got {self.rope_theta}")
 
 
 # Presets are keyword arguments of Config (train.py: Config(**PRESETS[name], **overrides)).

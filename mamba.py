@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import kernels
 import llama
 import parallel
@@ -92,6 +93,7 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
+        errors.check_config_fields(self)
         self.pattern = self.pattern or "M" * self.n_layers
         self.d_inner = self.expand * self.dim
         self.n_heads = self.n_heads or self.d_inner // self.head_dim
@@ -115,9 +117,6 @@ class Config:
                 raise error(f"n_heads={self.n_heads} is not divisible by n_groups={self.n_groups}")
         if self.mlp not in ("swiglu", "relu2"):
             raise error(f"mlp={self.mlp!r}: choose swiglu or relu2")
-        for name in ("dim", "n_layers", "d_state", "d_conv", "expand", "chunk_size", "head_dim"):
-            if getattr(self, name) < 1:
-                raise error(f"{name}={getattr(self, name)} must be positive")
 
     def attention_config(self):
         """llama.py's Config for the hybrid's attention and MLP layers."""

@@ -237,15 +237,18 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", dev
                     rank=rank, device=device)
     if world == 1:
         return layout
+    # How long any collective or message may wait for a peer before it raises (gloo) or
+    # NCCL's watchdog ends the process: each group has its own, the world's is not inherited.
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
+                                world_size=world, timeout=timeout)
         layout.owns_world = True
     for name, rank_lists in group_ranks(layout).items():
         for ranks in rank_lists:
             if len(ranks) == 1:
                 continue
-            group = dist.new_group(ranks)  # collective: every rank makes every group, in order
+            group = dist.new_group(ranks, timeout=timeout)  # collective: every rank makes every group, in order
             layout.created.append(group)
             if rank in ranks:
                 setattr(layout, name, group)
@@ -275,6 +278,32 @@ def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
     if group is not None:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def all_reduce_world(tensor, layout, op=dist.ReduceOp.SUM):
+    """In-place all-reduce over every rank of the layout: its replicas (dp x cp, expert
+    ranks included), tensor and pipeline groups together span the world."""
+    for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):
+        all_reduce(tensor, group, op)
+    return tensor
+
+
+# What gloo's errors say when the other end of a collective or a pipeline message failed.
+# (NCCL's watchdog aborts the process itself once a collective outlives the timeout.)
+_PEER_FAILURES = {"Timed out waiting": "no answer from the other ranks within the timeout",
+                  "Connection reset by peer": "another rank closed its connection (it exited)",
+                  "Connection closed by peer": "another rank closed its connection (it exited)",
+                  "Broken pipe": "another rank closed its connection (it exited)"}
+
+
+def peer_failure(error):
+    """What went wrong, in a few words, when `error` means that another rank died, hangs
+    or was stopped; None for any other error (a bug here, to be reported as such)."""
+    text = str(error)
+    reason = next((why for sign, why in _PEER_FAILURES.items() if sign in text), None)
+    if reason is None and isinstance(error, dist.DistError):
+        reason = text.splitlines()[0] if text else type(error).__name__
+    return reason
 
 
 # ----------------------------------------------------------------------------
@@ -1808,9 +1837,7 @@ class LossScaler:
         for b in ddp.buckets:
             b.grad_shard.div_(self.scale)
             bad += (~torch.isfinite(b.grad_shard)).sum()
-        # Over dp x cp, tp and pp: every rank of the world (expert buckets included).
-        for group in (ddp.layout.dp_cp_group, ddp.layout.tp_group, ddp.layout.pp_group):
-            all_reduce(bad, group)
+        all_reduce_world(bad, ddp.layout)  # (expert buckets included)
         finite = bad.item() == 0
         if finite:
             self.clean_steps += 1

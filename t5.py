@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import kernels
 import parallel
 
@@ -63,8 +64,9 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if self.n_encoder_layers < 1 or self.n_decoder_layers < 1:
+        if self.n_encoder_layers == 0 or self.n_decoder_layers == 0:  # said plainly, before the field checks
             raise parallel.UsageError("T5 needs at least one encoder and one decoder layer")
+        errors.check_config_fields(self)
         if self.num_buckets < 4 or self.max_distance < self.num_buckets // 2:
             raise parallel.UsageError(f"num_buckets={self.num_buckets}, max_distance="
                                       f"{self.max_distance}: need num_buckets >= 4 and "

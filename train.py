@@ -10,12 +10,16 @@ One step, for every layout:
 Every layout therefore follows the single-process loss curve.
 """
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -23,6 +27,7 @@ import torch
 import checkpoint
 import convert
 import data
+import errors
 import generate
 import kernels
 import models
@@ -40,8 +45,8 @@ FP8_DEFAULTS = {"fp8_recipe": "delayed", "fp8_amax_history_len": 1024, "fp8_marg
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a language model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = errors.ArgumentParser(description="Train a language model.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help=f"one of: {', '.join(models.MODELS)}")
     a("--config", default="tiny", help="preset of the model file (tiny, test, llama3-8b, gpt2, ...)")
@@ -119,6 +124,9 @@ def parse_args(argv=None):
     a("--loss-scale-window", type=int, default=1000,
       help="fp16: double the loss scale after this many steps without overflow")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--distributed-timeout-minutes", type=float, default=10.0,
+      help="how long a rank waits for the others in any collective or pipeline message before "
+           "it gives up with an error naming what it waited for (a rank died, hangs or was stopped)")
     a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
     a("--tokenizer", default="byte",
       help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json)")
@@ -246,6 +254,8 @@ def model_config(args):
     if moe and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
                          f"not to --model {args.model}")
+    for field, value in moe.items():  # named as the user wrote them, before the config checks them
+        errors.require_number(f"--moe-{field.replace('_', '-')}", value, at_least=0)
     return dataclasses.replace(cfg, **moe), tokenizer, hf_dir
 
 
@@ -256,6 +266,10 @@ FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_
                 "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0,
                 "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0,
                 "recompute_layers": 1, "max_skipped_steps": 1}
+# The value each float flag must exceed. Every float flag must be finite besides: --clip-grad
+# inf would be "off", which 0 already says. (memory.plan_report checks the --plan flags.)
+FLAG_ABOVE = {"adam_eps": 0, "peak_tflops": 0, "initial_loss_scale": 0, "ddp_bucket_mb": 0,
+              "distributed_timeout_minutes": 0}
 
 # fp16: an overflow halves the loss scale and skips the step; a scale halved below this
 # means the gradients overflow at any scale (inf/nan in the model itself): stop.
@@ -266,6 +280,12 @@ class NonFinite(Exception):
     """Training met a non-finite loss, gradient norm or state and stops. Every rank
     reaches the same decision from the same all-reduced figures, so all stop together;
     train.main prints the message (rank 0) and exits with status 1."""
+
+
+class PeerFailure(Exception):
+    """Another rank died, hangs or was stopped: a collective or a pipeline message failed
+    or outlived --distributed-timeout-minutes. train.main prints the message on every rank
+    that saw it and exits with status 1."""
 
 
 def pp_layers(args):
@@ -289,16 +309,14 @@ def micro_steps(args, dp):
 def check_args(args, cfg, tokenizer):
     """Every check of the flags, before anything starts: a UsageError naming the fix, the
     same on every rank."""
-    for name, minimum in FLAG_MINIMUM.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    for name, value in vars(args).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, float):
+            errors.require_number(flag, value, FLAG_MINIMUM.get(name), FLAG_ABOVE.get(name))
+        elif value is not None and name in FLAG_MINIMUM:
+            errors.require_number(flag, value, FLAG_MINIMUM[name])
     if args.min_lr_ratio > 1:
         raise UsageError(f"--min-lr-ratio is a fraction of --lr: between 0 and 1, got {args.min_lr_ratio}")
-    for name in ("adam_eps", "peak_tflops", "initial_loss_scale", "ddp_bucket_mb"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     fp8_flags = [f"--{name.replace('_', '-')}" for name in FP8_DEFAULTS
                  if getattr(args, name) != FP8_DEFAULTS[name]]
     if fp8_flags and args.precision != "fp8":
@@ -308,8 +326,6 @@ def check_args(args, cfg, tokenizer):
                          f"{', '.join(parallel.FP8_RECIPES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
-    if getattr(cfg, "capacity_factor", 0) < 0:
-        raise UsageError("--moe-capacity-factor must be >= 0 (0: dropless)")
     if args.ep > 1 and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
                          f"needs a mixture-of-experts model (--model mixtral)")
@@ -353,7 +369,7 @@ def check_args(args, cfg, tokenizer):
         raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the {fewest} layer(s) "
                          f"of a pipeline chunk ({cfg.n_layers} layers in pp*vpp = "
                          f"{args.pp * args.vpp} chunks); choose at most {fewest}")
-    if args.seq_len % (2 * args.cp):
+    if args.cp > 1 and args.seq_len % (2 * args.cp):
         raise UsageError(f"--seq-len {args.seq_len} is not divisible by 2*cp = {2 * args.cp}, "
                          f"as context parallelism needs; change --seq-len or --cp")
     if args.sp and args.tp > 1 and args.seq_len // args.cp % args.tp:
@@ -421,7 +437,8 @@ class Run:
     logger: object
     start_step: int = 0
     tokens_seen: int = 0
-    start_note: str = ""     # how the run started, when not from scratch
+    start_note: str = ""     # a note on how the run started
+    doing: str = "setting up"  # what the run is doing now, for an error from a failed peer
     skipped_in_a_row: int = 0  # --on-nonfinite skip: consecutive skipped steps
     stop: str = ""           # why the step just run ends training (non-finite), else ""
 
@@ -459,6 +476,14 @@ def starts_from_pretrained(args, cfg):
         raise UsageError(f"--load {args.load} was pre-trained with tokenizer {saved['tokenizer']}; "
                          f"pass --tokenizer {saved['tokenizer']}")
     return True
+
+
+def nothing_to_resume(args):
+    """`--load DIR --save DIR` before DIR holds a checkpoint: the first run of a job that
+    resumes itself with the same command (a requeued job, scripts/slurm.sh). It starts at
+    step 0; any other --load without a checkpoint is an error."""
+    return (args.save is not None and os.path.realpath(args.load) == os.path.realpath(args.save)
+            and not checkpoint.complete_steps(args.save))
 
 
 def load_data(args, tokenizer):
@@ -511,16 +536,19 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
               autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
               fp8=fp8, logger=None)
+    resume = args.load and not hf_dir and not nothing_to_resume(args)
+    if args.load and not hf_dir and not resume:
+        run.start_note = f"--load {args.load}: no checkpoint there yet; starting at step 0"
     try:
         if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
             for m in modules:
                 convert.load_hf_weights(m, hf_dir)
-        elif args.load and starts_from_pretrained(args, cfg):
+        elif resume and starts_from_pretrained(args, cfg):
             step_dir = checkpoint.resolve(args.load)
             new = checkpoint.load_weights(step_dir, modules, layout)
             run.start_note = (f"fine-tuning from {step_dir}; new parameters: "
                               f"{', '.join(new) or 'none on this rank'}")
-        elif args.load:
+        elif resume:
             step_dir = checkpoint.resolve(args.load)
             saved = checkpoint.read_meta(step_dir)
             if saved["model"] != args.model or models.config_from_dict(saved["model"], saved["config"]) != cfg:
@@ -531,9 +559,12 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
             scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
             if fp8 is not None:
                 load_fp8_history(fp8, step_dir, meta)
+        if run.start_step >= args.steps:
+            raise UsageError(f"--load {args.load}: the checkpoint is at step {run.start_step} and "
+                             f"--steps is {args.steps}: nothing to train; pass a larger --steps")
         if args.save:
             check_save_root(args, run.start_step)
-        run.logger = Logger(args, layout)
+        run.logger = Logger(args, layout, metrics_header(run))
     except BaseException:
         ddp.close()
         raise
@@ -555,6 +586,15 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
     if run.start_note:
         log(run.start_note)
     return run
+
+
+def metrics_header(run):
+    """The record that starts a run's part of the --metrics file: what ran, where, from
+    which step, so that the runs appended to one file stay separable."""
+    return {"start_step": run.start_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": vars(run.args), "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
+            "layout": run.layout.describe(), "world_size": run.layout.world,
+            "precision": run.precision, "torch": torch.__version__}
 
 
 def describe_precision(run):
@@ -594,9 +634,7 @@ def state_is_finite(run):
     for b, m, v in zip(run.ddp.buckets, run.optimizer.exp_avg, run.optimizer.exp_avg_sq):
         for t in (b.data[b.shard], m, v):
             bad += (~torch.isfinite(t)).any()
-    for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):
-        parallel.all_reduce(bad, group)
-    return bad.item() == 0
+    return parallel.all_reduce_world(bad, layout).item() == 0
 
 
 def stop_message(run, what):
@@ -611,7 +649,8 @@ def stop_message(run, what):
     return f"{what}; stopped, nothing of this state saved; {last}"
 
 
-def save(run, step):
+def save(run, step, announce=True):
+    """Checkpoint this step under --save (collective); returns its directory."""
     args = run.args
     if not state_is_finite(run):
         raise NonFinite(stop_message(run, f"step {step}: a parameter or optimizer value is "
@@ -625,7 +664,10 @@ def save(run, step):
                        "steps_recorded": run.fp8.steps_recorded, "names": run.fp8.names}
         replicated["fp8.amax_history"] = run.fp8.history
     checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, meta, replicated)
-    run.logger.print(f"saved checkpoint {args.save}/{checkpoint.step_dir_name(step)}")
+    path = os.path.join(args.save, checkpoint.step_dir_name(step))
+    if announce:
+        run.logger.print(f"saved checkpoint {path}")
+    return path
 
 
 # ----------------------------------------------------------------------------
@@ -742,8 +784,7 @@ def router_figures(modules, layout, global_targets):
         return {}
     keys = sorted(stats[0])
     flat = torch.cat([sum(s[k] for s in stats).reshape(-1) for k in keys])
-    for group in (layout.dp_cp_group, layout.tp_group, layout.pp_group):  # the whole world
-        parallel.all_reduce(flat, group)
+    parallel.all_reduce_world(flat, layout)
     total = dict(zip(keys, flat.split([stats[0][k].numel() for k in keys])))
     tokens = total["tokens_per_expert"]  # (layers, experts)
     return {"aux_loss": total["aux_loss"].item() / global_targets,
@@ -783,23 +824,68 @@ def describe_accuracies(record, prefix=""):
                     if prefix + key in record)
 
 
+def clock(seconds):
+    """h:mm:ss"""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def read_metrics(path):
+    """The step records of a --metrics file, in order (without the runs' header records)."""
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "step" in r]
+
+
+def trim_metrics(path, start_step):
+    """Before a run resumed at `start_step` appends to its --metrics file: remove the
+    records of later steps, which the interrupted run wrote after its last checkpoint and
+    this run trains again, so that no step is recorded twice; and a last line cut short by
+    a crash. Only records of this run's lineage go: those after the header of the run that
+    started it from step 0 (an earlier, unrelated run in the same file keeps its own).
+    Returns how many records were removed."""
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]  # a crash may cut the last one
+    records = [json.loads(line) for line in complete]
+    lineage = max((i for i, r in enumerate(records) if r.get("run", {}).get("start_step") == 0),
+                  default=0)
+    keep = [line for i, (line, r) in enumerate(zip(complete, records))
+            if i < lineage or r.get("step", 0) <= start_step]
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class Logger:
     """Where each step's record goes: a line every --log-every steps (rank 0; for Mixtral
     with the router's figures over the steps since the last line), the --metrics file (JSON
-    lines) and wandb."""
+    lines: each run's header record, then one record per step) and wandb."""
 
-    def __init__(self, args, layout):
+    def __init__(self, args, layout, header):
         self.args, self.layout = args, layout
         self.router_steps = []  # router figures since the last line
+        self.interval = []  # the records since the last line
         self.metrics = self.wandb = None
         if not layout.is_main:
             return
         if args.metrics:
+            start = header["start_step"]
             try:
+                removed = trim_metrics(args.metrics, start) if start and os.path.exists(args.metrics) else 0
                 self.metrics = open(args.metrics, "a")
             except OSError as e:
                 raise UsageError(f"--metrics {args.metrics}: cannot open it ({e.strerror}); "
                                  f"choose another file") from None
+            except ValueError:
+                raise UsageError(f"--metrics {args.metrics} is not a metrics file (a line is not "
+                                 f"JSON); choose another file") from None
+            if removed:
+                self.print(f"--metrics {args.metrics}: removed {removed} record(s) after step "
+                           f"{start}, which this run trains again")
+            self.write({"run": header})
         if args.wandb:
             try:
                 import wandb
@@ -812,12 +898,19 @@ class Logger:
         if self.layout.is_main:
             print(*what, **kwargs)
 
-    def step(self, record, router, eta):
+    def step(self, record, router, elapsed, eta):
+        """Log one step's record; `elapsed` and `eta` in seconds."""
         if router:
             self.router_steps.append(router)
+        self.interval.append(record)
         done, args = record["step"], self.args
         if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
-            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            steps, self.interval = self.interval, []  # speed over the steps since the last line
+            step_time = sum(r["step_time"] for r in steps) / len(steps)
+            mfu = sum(r["mfu"] for r in steps) / len(steps) if record["mfu"] is not None else None
+            on_gpu = self.layout.device.type == "cuda"
+            mfu = "n/a" if mfu is None else f"{mfu:.1%}" if on_gpu else f"{mfu:.1%} of cpu matmul"
+            memory = f"peak mem {record['mem_gb']:.2f} GB" if on_gpu else f"peak rss {record['mem_gb']:.2f} GB"
             train_acc, val_acc = describe_accuracies(record), describe_accuracies(record, "val_")
             train_acc = f" ({train_acc})" if train_acc else ""
             val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
@@ -825,13 +918,26 @@ class Logger:
             moe = self.describe_router() if self.router_steps else ""
             self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{train_acc}{val}{moe} | lr "
                        f"{record['lr']:.2e} | grad {record['grad_norm']:.2f} | "
-                       f"{record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem "
-                       f"{record['mem_gb']:.2f} GB | eta {eta:.0f}s", flush=True)
+                       f"{record['tokens_seen'] and args.global_batch_size * args.seq_len / step_time:,.0f} "
+                       f"tok/s | step {step_time:.2f}s | mfu {mfu} | {memory} | "
+                       f"{clock(elapsed)} elapsed, eta {clock(eta)}", flush=True)
         if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            self.write(record)
         if self.wandb:
             self.wandb.log(record, step=done)
+
+    def write(self, record):
+        """One line of the --metrics file, on disk now (a crash loses no record)."""
+        try:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            file, self.metrics = self.metrics, None
+            with contextlib.suppress(OSError):  # (closing flushes the same bytes, and fails again)
+                file.close()
+            reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+            raise UsageError(f"--metrics {self.args.metrics}: cannot write it ({reason}); free "
+                             f"space or choose another file") from None
 
     def describe_router(self):
         """Mean losses over the interval's steps, tokens per expert (fewest and most, over
@@ -852,40 +958,99 @@ class Logger:
 
 
 # ----------------------------------------------------------------------------
+# Stopping on a signal
+# ----------------------------------------------------------------------------
+
+class StopSignals:
+    """SIGTERM (how schedulers preempt a job, and how torchrun stops its workers), SIGINT
+    (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit, see scripts/slurm.sh) do
+    not kill training: the handler only notes the signal. After each step the ranks agree
+    on it, since a signal may reach one rank only, and all stop after that same step,
+    saving a checkpoint first. Only while training: elsewhere the signals act as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, announce):
+        self.received, self.announce, self.previous = 0, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # (only it may set handlers)
+            self.previous = {sig: signal.signal(sig, self.note) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def note(self, signum, frame):
+        self.received = signum
+        if self.announce:  # os.write: print() may be in the middle of a line of its own
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step\n".encode())
+
+    def agreed(self, layout):
+        """The signal that stops training after this step (if several ranks got one, the
+        highest-numbered), or 0 to go on. Collective: every rank calls it after each step."""
+        flag = torch.tensor(float(self.received), device=layout.device)
+        return int(parallel.all_reduce_world(flag, layout, torch.distributed.ReduceOp.MAX).item())
+
+
+def stop_on_signal(run, signum, done):
+    """Save after step `done` (with --save) and say how to resume: training stops."""
+    args = run.args
+    name = signal.Signals(signum).name
+    if not args.save:
+        run.logger.print(f"stopped by {name} after step {done}/{args.steps}; nothing saved (no --save)")
+        return
+    run.doing = f"saving step {done}"
+    path = save(run, done, announce=False)
+    again = "the same command" if args.load and os.path.realpath(args.load) == os.path.realpath(args.save) \
+        else f"the same command with --load {args.save}"
+    run.logger.print(f"stopped by {name} after step {done}/{args.steps}: saved {path}; to resume, "
+                     f"run {again}", flush=True)
+
+
+# ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
 
 def training_loop(run):
-    """Steps from the start (or the resumed) step to --steps: train, evaluate, log, save.
-    Returns the records of the steps run."""
+    """Steps from the start (or the resumed) step to --steps: train, evaluate, log, save;
+    stop early, saving, on a signal. Returns the records of the steps run."""
     args, layout = run.args, run.layout
     step_flops = flops_per_step(run)
     peak = peak_flops(layout.device, args)
-    records, t_start, last = [], time.perf_counter(), time.perf_counter()
-    for step in range(run.start_step, args.steps):
-        record = train_step(run, step)
-        router = router_figures(run.modules, layout, run.tokens_per_step)
-        record.update(head_figures(run))
-        now = time.perf_counter()
-        step_time, last = now - last, now
-        record.update(tokens_per_s=run.tokens_per_step / step_time,
-                      mfu=step_flops / step_time / (peak * layout.world) if peak else None,
-                      mem_gb=memory_gb(layout.device),
-                      **{k: v for k, v in router.items() if k != "tokens_per_expert"})
-        done = step + 1
-        if done % (args.eval_every or args.steps) == 0 or done == args.steps:
-            record["val_loss"] = evaluate(run)
-            record.update({"val_" + k: v for k, v in head_figures(run).items()})
-            if hasattr(run.val_data, "majority_share"):  # what always answering the commonest scores
-                record["val_majority_baseline"] = run.val_data.majority_share
-        run.logger.step(record, router, eta=(now - t_start) / (done - run.start_step) * (args.steps - done))
-        records.append(record)
-        if run.stop:  # (the same on every rank) before any save of this state
-            raise NonFinite(stop_message(run, run.stop))
-        if args.save and args.save_every and done % args.save_every == 0 and done != args.steps:
-            save(run, done)
-    if args.save and run.start_step < args.steps:
-        save(run, args.steps)
+    records, t_start = [], time.perf_counter()
+    with StopSignals(announce=layout.is_main) as signals:
+        for step in range(run.start_step, args.steps):
+            run.doing, t_step = f"step {step + 1}", time.perf_counter()
+            record = train_step(run, step)
+            router = router_figures(run.modules, layout, run.tokens_per_step)
+            record.update(head_figures(run))
+            step_time = time.perf_counter() - t_step  # (evaluation and saving not included)
+            record.update(tokens_per_s=run.tokens_per_step / step_time, step_time=step_time,
+                          mfu=step_flops / step_time / (peak * layout.world) if peak else None,
+                          mem_gb=memory_gb(layout.device),
+                          **{k: v for k, v in router.items() if k != "tokens_per_expert"})
+            done = step + 1
+            if done % (args.eval_every or args.steps) == 0 or done == args.steps:
+                run.doing = f"the evaluation after step {done}"
+                record["val_loss"] = evaluate(run)
+                record.update({"val_" + k: v for k, v in head_figures(run).items()})
+                if hasattr(run.val_data, "majority_share"):  # what always answering the commonest scores
+                    record["val_majority_baseline"] = run.val_data.majority_share
+            elapsed = time.perf_counter() - t_start
+            run.logger.step(record, router, elapsed, eta=elapsed / (done - run.start_step) * (args.steps - done))
+            records.append(record)
+            if run.stop:  # (the same on every rank) before any save of this state
+                raise NonFinite(stop_message(run, run.stop))
+            signum = signals.agreed(layout)
+            if signum and done < args.steps:
+                stop_on_signal(run, signum, done)
+                return records
+            if args.save and (done == args.steps or args.save_every and done % args.save_every == 0):
+                run.doing = f"saving step {done}"
+                save(run, done)
+    run.doing = "finishing"
     if records:
         run.logger.print(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} in "
                          f"{time.perf_counter() - t_start:.0f}s")
@@ -931,7 +1096,8 @@ def train(args):
     cfg, tokenizer, hf_dir = model_config(args)
     check_args(args, cfg, tokenizer)
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
-                                       args.cp_comm, None if args.device == "auto" else args.device)
+                                       args.cp_comm, None if args.device == "auto" else args.device,
+                                       timeout_minutes=args.distributed_timeout_minutes)
     run = None
     try:
         run = setup(args, cfg, tokenizer, hf_dir, layout)
@@ -941,6 +1107,11 @@ def train(args):
         # so they can all leave cleanly.
         parallel.destroy_distributed(layout)
         raise
+    except RuntimeError as e:
+        reason = parallel.peer_failure(e) if layout.world > 1 else None
+        if reason is None:
+            raise
+        raise PeerFailure(peer_failure_message(args, run, layout, reason)) from None
     finally:  # on any exception too: the gradient hooks, the metrics file, wandb
         if run is not None:
             run.close()
@@ -949,6 +1120,20 @@ def train(args):
     parallel.barrier()  # leave together: no rank closes its connections while a peer still talks
     parallel.destroy_distributed(layout)
     return records
+
+
+def peer_failure_message(args, run, layout, reason):
+    """The line a rank stops with when another rank died, hangs or was stopped: what this
+    one was doing and waiting for, and where to resume from."""
+    doing = run.doing if run else "setting up"
+    last = ""
+    if args.save:
+        steps = checkpoint.complete_steps(args.save)
+        last = (f"; last checkpoint: {os.path.join(args.save, checkpoint.step_dir_name(steps[-1]))}"
+                if steps else "; no checkpoint saved yet")
+    return (f"rank {layout.rank}, {doing}: {reason} (--distributed-timeout-minutes "
+            f"{args.distributed_timeout_minutes:g}); "
+            f"a rank died, hangs or was stopped: see its own output{last}")
 
 
 def main(argv=None):
@@ -967,6 +1152,10 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except PeerFailure as e:  # (each rank that saw it: the main rank may be the one that failed)
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # now: no teardown that would wait for the missing rank again
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_prepare_cli(tmp_path):
     assert done.returncode == 0 and "prepared" in done.stdout, done.stderr
     np.testing.assert_array_equal(_tokens(*data.load_dataset(out, "byte", 16)), _stream(docs))
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)  # again: out exists
-    assert done.returncode == 1 and done.stderr.startswith("error:"), done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error:"), done.stderr
     assert "not empty" in done.stderr
 
 

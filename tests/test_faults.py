@@ -1,17 +1,34 @@
-"""Non-finite training (issue #14): a step whose loss or gradient norm is inf/nan stops
-the run (exit 1, one line naming the step and the last good checkpoint, nothing of the bad
-state saved) or, with --on-nonfinite skip, is skipped without touching the weights, until
---max-skipped-steps in a row stop it; fp16's scaler stops when its scale falls below the
-minimum; a checkpoint is never written with a non-finite value. NaN is injected where a
-real fault would put it: into the reduced gradients, the loss, or a weight."""
-import math
+"""Faults a real run meets, injected on purpose.
 
+Non-finite training: a step whose loss or gradient norm is inf/nan stops the run (exit 1,
+one line naming the step and the last good checkpoint, nothing of the bad state saved) or,
+with --on-nonfinite skip, is skipped without touching the weights, until --max-skipped-steps
+in a row stop it; fp16's scaler stops when its scale falls below the minimum; a checkpoint
+is never written with a non-finite value. NaN is injected where a real fault would put it:
+into the reduced gradients, the loss, or a weight.
+
+Processes that stop: SIGTERM (to one process, or to one rank of a torchrun job) stops
+training after the current step with a checkpoint, and the resumed run continues the
+uninterrupted one exactly; `kill -9` in the middle of a save leaves the previous checkpoint
+loadable; a stopped (SIGSTOP) or killed rank ends the job within --distributed-timeout-minutes
+with one line from the rank that waited; a resumed run's --metrics holds each step once.
+"""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
 import checkpoint
 import parallel
 import train
-from conftest import FAST, main_job, train_job
+from conftest import FAST, LAYOUT, ROOT, main_job, one_line_error, train_job
 
 ARGV = ["--model", "llama", *FAST, "--precision", "fp32"]
 
@@ -128,3 +145,187 @@ def test_a_checkpoint_is_never_written_with_a_nonfinite_weight(monkeypatch, tmp_
     assert code == 1 and "step 4:" in line and "refusing to save" in line, line
     assert checkpoint.complete_steps(str(save)) == [2]
     assert str(save / "step_00000002") in line
+
+
+# ----------------------------------------------------------------------------
+# Signals, killed and stopped processes
+# ----------------------------------------------------------------------------
+
+@pytest.fixture
+def start(tmp_path):
+    """start(argv, nproc=1, python=("train.py",)) launches train.py (or those python
+    arguments) as a user does, in the background: (Popen, the files of its stdout and
+    stderr). Whatever is still running when the test ends is killed."""
+    procs = []
+
+    def launch(argv, nproc=1, python=("train.py",)):
+        launcher = [sys.executable, *python] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", *python]
+        out, err = tmp_path / f"out-{len(procs)}", tmp_path / f"err-{len(procs)}"
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen(launcher + argv, cwd=ROOT, stdout=o, stderr=e,
+                                          start_new_session=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        return procs[-1], out, err
+    yield launch
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finish(proc, timeout=120):
+    """Wait for a launched job: its exit status."""
+    return proc.wait(timeout=timeout)
+
+
+def wait_for(condition, timeout=60, what="a condition"):
+    start_time = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start_time < timeout, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
+def steps_written(metrics):
+    return len(train.read_metrics(metrics)) if os.path.exists(metrics) else 0
+
+
+def worker(torchrun, rank):
+    """The pid of torchrun's worker process of this rank (its child with RANK=rank)."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if parent == torchrun.pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(start, tmp_path):
+    argv = ["--model", "llama", *FAST, "--precision", "fp32", "--steps", "60", "--log-every", "100"]
+    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    job = [*argv, "--save", str(save), "--metrics", str(metrics)]
+    proc, out, err = start(job)
+    wait_for(lambda: steps_written(metrics) >= 1, what="the first step")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 0, err.read_text()
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)/60: saved (\S+); to resume, run the "
+                        r"same command with --load (\S+)", out.read_text())
+    assert stopped, out.read_text() + err.read_text()
+    step = int(stopped[1])
+    assert step < 60 and checkpoint.complete_steps(str(save)) == [step]
+    assert stopped[2] == str(save / checkpoint.step_dir_name(step)) and stopped[3] == str(save)
+    assert "Traceback" not in err.read_text()
+
+    proc, out, err = start([*job, "--load", str(save)])  # the same command, resumed
+    assert finish(proc) == 0, err.read_text()
+    assert checkpoint.complete_steps(str(save)) == [step, 60]
+    resumed = train.read_metrics(metrics)
+    proc, _, err = start([*argv, "--metrics", str(tmp_path / "whole.jsonl")])
+    assert finish(proc) == 0, err.read_text()
+    whole = train.read_metrics(tmp_path / "whole.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 61))  # each step once
+    for a, b in zip(resumed, whole):  # step for step, exactly
+        assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(start, tmp_path):
+    argv = ["--model", "llama", *LAYOUT, "--steps", "400", "--log-every", "1000"]
+    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    job = [*argv, "--tp", "2", "--save", str(save), "--metrics", str(metrics)]
+    proc, out, err = start(job, nproc=2)
+    wait_for(lambda: steps_written(metrics) >= 1, what="the first step")
+    os.kill(worker(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it from the agreement
+    assert finish(proc) == 0, err.read_text()
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)/400: saved", out.read_text())[1])
+    assert step < 400 and checkpoint.complete_steps(str(save)) == [step]  # both ranks' shards in it
+    records, _ = train_job([*argv, "--steps", str(step + 2), "--load", str(save),
+                            "--save", str(tmp_path / "again")])
+    assert [r["step"] for r in records] == [step + 1, step + 2]
+    assert [r["step"] for r in train.read_metrics(metrics)] == list(range(1, step + 1))
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import checkpoint, train
+real, saves = checkpoint._save_file, []
+def save_file(tensors, path, sums):
+    real(tensors, path, sums)
+    if "step_00000004" in path:  # the second save: its first file is written, then kill -9
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint._save_file = save_file
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(start, tmp_path, capsys):
+    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    job = ["--model", "llama", *FAST, "--precision", "fp32", "--steps", "6", "--save", str(save),
+           "--save-every", "2", "--metrics", str(metrics)]
+    proc, _, err = start(job, python=("-c", KILL_DURING_SAVE))
+    assert finish(proc) == -signal.SIGKILL, err.read_text()
+    assert checkpoint.complete_steps(str(save)) == [2]
+    assert os.path.isdir(save / ".tmp-step_00000004")  # what the killed save left
+    assert [r["step"] for r in train.read_metrics(metrics)] == [1, 2, 3, 4]
+    code, _ = main_job([*job, "--load", str(save)])  # the same command resumes at step 2
+    assert code == 0
+    assert "removed 2 record(s) after step 2" in capsys.readouterr().out
+    assert checkpoint.complete_steps(str(save)) == [2, 4, 6]
+    assert not os.path.exists(save / ".tmp-step_00000004")
+    assert [r["step"] for r in train.read_metrics(metrics)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_stopped_or_killed_rank_ends_the_job_within_the_timeout(start, tmp_path, fault):
+    timeout_s = 3
+    metrics = tmp_path / "m.jsonl"
+    job = ["--model", "llama", *LAYOUT, "--steps", "100000", "--tp", "2", "--metrics", str(metrics),
+           "--distributed-timeout-minutes", str(timeout_s / 60), "--save", str(tmp_path / "ckpt"),
+           "--save-every", "1"]
+    proc, out, err = start(job, nproc=2)
+    wait_for(lambda: steps_written(metrics) >= 2, what="two steps")
+    rank1 = worker(proc, 1)
+    os.kill(rank1, getattr(signal, fault))
+    t0 = time.monotonic()
+    wait_for(lambda: "error: rank 0" in err.read_text(), timeout=timeout_s + 30, what="rank 0's error")
+    waited = time.monotonic() - t0
+    if fault == "SIGSTOP":
+        os.kill(rank1, signal.SIGCONT)  # (so that torchrun can end it)
+    assert finish(proc) != 0
+    line = next(x for x in err.read_text().splitlines() if x.startswith("error: rank 0"))
+    expected = ("no answer from the other ranks within the timeout" if fault == "SIGSTOP"
+                else "another rank closed its connection")
+    assert expected in line and "--distributed-timeout-minutes 0.05" in line, line
+    assert re.search(r"rank 0, (step \d+|saving step \d+): ", line), line
+    assert "last checkpoint: " + str(tmp_path / "ckpt" / "step_") in line, line
+    assert waited < (timeout_s + 10 if fault == "SIGSTOP" else 10), f"{fault}: {waited:.1f} s"
+    print(f"{fault}: rank 0 exited {waited:.1f} s after the fault: {line}")
+
+
+def test_a_requeued_command_starts_then_resumes(capsys, tmp_path):
+    """`--load DIR --save DIR`: the same command starts a job (nothing in DIR yet) and
+    resumes it after an interruption (here: a shorter first run)."""
+    ckpt = str(tmp_path / "ckpt")
+    argv = ["--model", "llama", *FAST, "--precision", "fp32", "--load", ckpt, "--save", ckpt]
+    records, out = train_job([*argv, "--steps", "3"])
+    assert [r["step"] for r in records] == [1, 2, 3] and "no checkpoint there yet" in out
+    records, out = train_job([*argv, "--steps", "5"])
+    assert [r["step"] for r in records] == [4, 5] and "resumed from" in out
+    assert "at step 5 and --steps is 5: nothing to train" in one_line_error(capsys, [*argv, "--steps", "5"])
+
+
+def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [{"run": {"start_step": 0}}, *({"step": s} for s in (1, 2, 3)),  # an earlier run
+             {"run": {"start_step": 0}}, *({"step": s} for s in (1, 2)),     # this run's start
+             {"run": {"start_step": 2}}, *({"step": s} for s in (3, 4, 5))]  # resumed at 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')  # cut short
+    assert train.trim_metrics(path, 3) == 3  # 4, 5 and the cut line
+    assert path.read_text().splitlines() == [json.dumps(r) for r in lines[:-2]]
+    assert [r["step"] for r in train.read_metrics(path)] == [1, 2, 3, 1, 2, 3]
+    assert train.trim_metrics(path, 3) == 0

@@ -1,27 +1,25 @@
 """train.py end to end: learning, resume, precision (bf16, fp16 and its loss scaler),
 the pieces every layout test relies on checked against independent oracles (AdamW,
-the learning-rate schedule, clipping), and bad input."""
+the learning-rate schedule, clipping), and damaged checkpoints (the table of bad input is
+tests/test_bad_input.py)."""
 import gc
-import json
 import math
-import os
 import re
 
 import pytest
 import torch
 
-import generate
 import models
 import parallel
 import train
-from conftest import FAST, LAYOUT, ROOT, assert_same_run, one_line_error, one_process, run, train_job, train_on
+from conftest import FAST, LAYOUT, assert_same_run, one_line_error, one_process, run, train_job, train_on
 
 
 def test_loss_falls_on_builtin_corpus(tmp_path):
     metrics = tmp_path / "m.jsonl"
     proc = run(["--model", "llama", *FAST, "--steps", "40", "--metrics", str(metrics),
                 "--sample-tokens", "20"])
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = train.read_metrics(metrics)
     assert records[-1]["loss"] < 0.75 * records[0]["loss"]
     assert "---- sample ----" in proc.stdout
     record = records[-1]
@@ -34,7 +32,7 @@ def test_torchrun_equals_one_process(tmp_path):
     argv = ["--model", "llama", *LAYOUT, "--tp", "2", "--metrics", str(tmp_path / "m.jsonl")]
     proc = run(argv, nproc=2)
     assert "done: loss" in proc.stdout
-    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    records = train.read_metrics(tmp_path / "m.jsonl")
     assert_same_run(records, one_process(["--model", "llama", *LAYOUT]))
 
 
@@ -66,7 +64,7 @@ def test_training_lets_go_of_the_model_after_an_exception(monkeypatch, tmp_path)
     with pytest.raises(RuntimeError, match="boom"):
         train.train(train.parse_args(["--model", "llama", *FAST, "--metrics", str(tmp_path / "m.jsonl")]))
     assert alive() == before
-    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 1
+    assert [r["step"] for r in train.read_metrics(tmp_path / "m.jsonl")] == [1]
 
 
 def test_resume_equals_uninterrupted_run(ranks, tmp_path):
@@ -199,42 +197,8 @@ def test_fp16_loss_scaler_skips_halves_and_grows(ranks, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Bad input: one line naming the problem, exit status 2
+# Damaged checkpoints: one line naming the problem, exit status 2 (more in test_bad_input.py)
 # ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "bert2"], "unknown --model"),
-    (["--model", "llama", "--config", "llama9"], "unknown --config"),
-    (["--model", "llama", "--tp", "2"], "not divisible by tp*cp*pp"),
-    (["--model", "llama", "--global-batch-size", "8", "--micro-batch-size", "3"], "micro-batch-size"),
-    (["--model", "llama", "--data", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
-    (["--model", "llama", "--load", "/"], "not a checkpoint"),
-    (["--model", "llama", "--load", "/no/such/dir"], "no such directory"),
-    (["--model", "llama", "--set", "n_heads=5"], "n_kv_heads"),
-    (["--model", "llama", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
-    (["--model", "llama", "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
-    (["--model", "llama", "--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
-    (["--model", "llama", "--eval-batches", "0"], "--eval-batches must be >= 1"),
-    (["--model", "llama", "--lr", "-0.001"], "--lr must be >= 0"),
-    (["--model", "llama", "--warmup-steps", "-3"], "--warmup-steps must be >= 0"),
-    (["--model", "llama", "--min-lr-ratio", "2"], "between 0 and 1"),
-    (["--model", "llama", "--adam-eps", "0"], "--adam-eps must be > 0"),
-    (["--model", "llama", "--steps", "0"], "--steps must be >= 1"),
-    (["--model", "llama", "--save", "/proc/no-checkpoints-here"], "cannot create it"),
-    (["--model", "llama", "--save", os.path.join(ROOT, "README.md")], "is a file"),
-    (["--model", "llama", "--metrics", "/proc/no-metrics-here.jsonl"], "--metrics /proc/no-metrics-here.jsonl: cannot open"),
-])
-def test_bad_input_is_one_line(capsys, argv, message):
-    assert message in one_line_error(capsys, argv + ["--config", "test"] * ("--config" not in argv))
-
-
-@pytest.mark.parametrize("flag", ["--max-new-tokens", "--temperature", "--top-k"])
-def test_generate_refuses_negative_sampling_flags(capsys, flag):
-    with pytest.raises(SystemExit) as exit_info:
-        generate.main(["--load", "checked-after-the-flags", flag, "-1"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().startswith(f"error: {flag} must be >= 0, got -1")
-
 
 def test_checkpoints_are_never_overwritten_or_silently_loaded_when_damaged(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"

@@ -1,0 +1,248 @@
+"""Bad input, everywhere: whatever a user gets wrong (a flag, a path, a config field, a
+damaged file) in train.py, generate.py, convert.py or `data.py prepare` ends with exactly one
+line on stderr, `error: ...`, naming the problem and the fix, exit status 2, no traceback,
+and nothing the user saved overwritten or lost.
+
+Each case runs the tool's main() in this process (no subprocess), so the table stays fast;
+every case fails while the input is checked, before any training.
+"""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import convert
+import data
+import generate
+import train
+from conftest import FAST, ROOT
+
+TOOLS = {"train": train.main, "generate": generate.main, "convert": convert.main, "data": data.main}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+def one_line_error(capsys, tool, argv):
+    """The tool's main(argv) exits 2 with one line on stderr, `error: ...`. Returns it."""
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[tool](argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A one-step checkpoint of the test llama, and its Hugging Face export: what the
+    damaged copies below start from."""
+    root = tmp_path_factory.mktemp("saved")
+    ckpt, hf = str(root / "ckpt"), str(root / "hf")
+    train.main(["--model", "llama", *FAST, "--steps", "1", "--save", ckpt])
+    convert.main(["export", ckpt, hf])
+    return {"ckpt": ckpt, "hf": hf}
+
+
+# Damage done to a copy of the checkpoint's meta.json or the HF folder's config.json:
+# (which file, a function of its parsed JSON returning the new content).
+def meta(change):
+    return ("ckpt", os.path.join(checkpoint.step_dir_name(1), "meta.json"), change)
+
+
+def hf_config(change):
+    return ("hf", "config.json", change)
+
+
+def edited(**fields):
+    """A change that sets (or, given None, deletes) top-level keys."""
+    def change(d):
+        for key, value in fields.items():
+            d.pop(key) if value is None else d.__setitem__(key, value)
+        return d
+    return change
+
+
+def config_edited(**fields):
+    """A change to the config inside meta.json."""
+    def change(d):
+        d["config"].update(fields)
+        return d
+    return change
+
+
+NOT_JSON = lambda d: "{ not json"  # noqa: E731
+
+LLAMA = ["--model", "llama"]
+PLAN2 = ["--plan", "--world-size", "2"]  # a layout of 2 ranks, checked without launching them
+SMALL = ["--seq-len", "32", "--global-batch-size", "8", "--steps", "1", "--sample-tokens", "0",
+         "--peak-tflops", "1", "--device", "cpu"]
+
+
+def case(tool, argv, message, damage=None, marks=()):
+    shown = [a for a in argv if a not in SMALL]  # the case's own flags, in its test id
+    return pytest.param(tool, argv, message, damage, marks=marks, id=f"{tool}:{' '.join(shown)}"[:90])
+
+
+CASES = [
+    # train.py: names, layouts, batches, paths
+    case("train", ["--model", "bert2"], "unknown --model"),
+    case("train", [*LLAMA, "--config", "llama9"], "unknown --config"),
+    case("train", [*LLAMA, "--tp", "2"], "not divisible by tp*cp*pp"),
+    case("train", [*LLAMA, "--global-batch-size", "8", "--micro-batch-size", "3"], "micro-batch-size"),
+    case("train", [*LLAMA, "--data", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    case("train", [*LLAMA, "--load", "/"], "not a checkpoint"),
+    case("train", [*LLAMA, "--load", "/no/such/dir"], "no such directory"),
+    case("train", [*LLAMA, "--tokenizer", "sentencepiece"], "unknown tokenizer"),
+    case("train", [*LLAMA, "--tokenizer", "hf:/no/dir"], "hf:/no/dir"),
+    case("train", [*LLAMA, "--task", "stdlib-packages"], "pass --model bert"),
+    case("train", [*LLAMA, "--tp", "two"], "--tp: invalid int value"),
+    case("train", [*LLAMA, "--no-such-flag"], "unrecognized arguments"),
+    case("train", [*LLAMA, "--save", "/proc/no-checkpoints-here"], "cannot create it"),
+    case("train", [*LLAMA, "--save", os.path.join(ROOT, "README.md")], "is a file"),
+    case("train", [*LLAMA, "--metrics", "/proc/no-metrics-here.jsonl"],
+         "--metrics /proc/no-metrics-here.jsonl: cannot open"),
+    case("train", [*LLAMA, *SMALL, "--metrics", "/dev/full"], "--metrics /dev/full: cannot write it "
+         "(the disk is full)"),
+    pytest.param("train", [*LLAMA, "--device", "cuda"], "no CUDA device", None, marks=NO_GPU,
+                 id="train:--device cuda"),
+    # train.py: numbers out of range
+    case("train", [*LLAMA, "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    case("train", [*LLAMA, "--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    case("train", [*LLAMA, "--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    case("train", [*LLAMA, "--eval-batches", "0"], "--eval-batches must be >= 1"),
+    case("train", [*LLAMA, "--steps", "0"], "--steps must be >= 1"),
+    case("train", [*LLAMA, "--lr", "-0.001"], "--lr must be >= 0"),
+    case("train", [*LLAMA, "--warmup-steps", "-3"], "--warmup-steps must be >= 0"),
+    case("train", [*LLAMA, "--min-lr-ratio", "2"], "between 0 and 1"),
+    case("train", [*LLAMA, "--adam-eps", "0"], "--adam-eps must be > 0"),
+    case("train", [*LLAMA, "--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
+    case("train", [*LLAMA, "--distributed-timeout-minutes", "-1"], "--distributed-timeout-minutes must be > 0"),
+    case("train", [*LLAMA, "--plan", "--world-size", "0"], "--world-size must be >= 1"),
+    case("train", [*LLAMA, "--plan", "--plan-mfu", "2"], "--plan-mfu must be in (0, 1]"),
+    case("train", [*LLAMA, "--plan", "--device-memory-gb", "nan"], "--device-memory-gb must be a finite number"),
+    # train.py: NaN and inf in float flags
+    *[case("train", [*LLAMA, flag, value], f"{flag} must be a finite number, got {value}")
+      for flag, value in [("--lr", "nan"), ("--lr", "inf"), ("--adam-eps", "nan"), ("--clip-grad", "inf"),
+                          ("--weight-decay", "nan"), ("--min-lr-ratio", "nan"),
+                          ("--initial-loss-scale", "inf"), ("--peak-tflops", "nan"),
+                          ("--ddp-bucket-mb", "inf"), ("--distributed-timeout-minutes", "nan")]],
+    case("train", ["--model", "mixtral", "--moe-capacity-factor", "nan"],
+         "--moe-capacity-factor must be a finite number"),
+    case("train", ["--model", "mixtral", "--moe-aux-loss-coef", "-1"], "--moe-aux-loss-coef must be >= 0"),
+    case("train", ["--model", "bert", "--mask-prob", "nan"], "--mask-prob must be a finite number"),
+    # train.py: layouts
+    *[case("train", [*LLAMA, flag, "0"], f"{flag} must be >= 1") for flag in ("--tp", "--pp", "--cp", "--ep", "--vpp")],
+    case("train", [*LLAMA, *PLAN2, "--cp", "2", "--seq-len", "33"], "not divisible by 2*cp = 4"),
+    case("train", [*LLAMA, *PLAN2, "--pp", "2", "--pp-layers", "1,x"], "expected comma-separated integers"),
+    case("train", [*LLAMA, *PLAN2, "--pp", "2", "--pp-layers", "1,3"], "add up to n_layers=2"),
+    # train.py: config fields (--set)
+    case("train", [*LLAMA, "--set", "n_heads=5"], "n_kv_heads"),
+    case("train", [*LLAMA, "--set", "colour=red"], "not a config field"),
+    case("train", [*LLAMA, "--set", "dim=big"], "expected a int"),
+    case("train", [*LLAMA, "--set", "norm_eps=nan"], "config field norm_eps must be a finite number"),
+    case("train", [*LLAMA, "--set", "rope_theta=inf"], "config field rope_theta must be a finite number"),
+    case("train", [*LLAMA, "--set", "rope_theta=0"], "rope_theta must be > 0"),
+    *[case("train", [*LLAMA, "--set", f"{field}={value}"], f"config field {field} must be >= 1")
+      for field, value in [("dim", 0), ("n_layers", 0), ("n_heads", 0), ("vocab_size", 0), ("ffn_dim", -5)]],
+    case("train", ["--model", "gpt", "--set", "dim=-64"], "config field dim must be >= 1"),
+    case("train", [*LLAMA, "--set", "dim=36"], "head_dim=9 is odd"),
+    case("train", [*LLAMA, "--set", "dim=66"], "dim=66 is not divisible by n_heads=4"),
+    case("train", ["--model", "gpt", "--set", "dim=66"], "dim=66 is not divisible by n_heads=4"),
+    case("train", [*LLAMA, "--set", "vocab_size=10000000000"], "the embedding alone"),
+    # train.py: damaged checkpoints and Hugging Face folders
+    case("train", [*LLAMA, "--load", "{ckpt}"], "meta.json", meta(NOT_JSON)),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "lacks 'tokens_seen'", meta(edited(tokens_seen=None))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "config field dim must be of type int, got 'big'",
+         meta(config_edited(dim="big"))),
+    case("train", [*LLAMA, "--load", "hf:{hf}"], "hidden_size='big' must be a positive integer",
+         hf_config(edited(hidden_size="big"))),
+    case("train", [*LLAMA, "--load", "hf:{hf}"], "config field norm_eps must be of type float",
+         hf_config(edited(rms_norm_eps="small"))),
+    # generate.py
+    *[case("generate", ["--load", "checked-after-the-flags", flag, "-1"], f"{flag} must be >= 0, got -1")
+      for flag in ("--max-new-tokens", "--temperature", "--top-k")],
+    case("generate", ["--load", "{ckpt}", "--temperature", "nan"], "--temperature must be a finite number"),
+    case("generate", ["--load", "{ckpt}", "--temperature", "inf"], "--temperature must be a finite number"),
+    case("generate", ["--load", "{ckpt}", "--device", "tpu"], "--device tpu: not a device"),
+    pytest.param("generate", ["--load", "{ckpt}", "--device", "cuda"], "no CUDA device", None,
+                 marks=NO_GPU, id="generate:--device cuda"),
+    case("generate", ["--load", "{ckpt}", "--prompt", "x" * 300], "--prompt is 300 tokens but the "
+         "model's context is max_seq_len=256"),
+    case("generate", ["--load", "/no/such/dir"], "no such directory"),
+    case("generate", ["--prompt", "x"], "the following arguments are required: --load"),
+    case("generate", ["--load", "{ckpt}"], "has a str for 'step'", meta(edited(step="ten"))),
+    case("generate", ["--load", "{ckpt}"], "unknown field(s): colour", meta(config_edited(colour="red"))),
+    case("generate", ["--load", "{ckpt}"], "unknown model 'bloom'", meta(edited(model="bloom"))),
+    case("generate", ["--load", "{hf}"], "has no 'num_hidden_layers'", hf_config(edited(num_hidden_layers=None))),
+    case("generate", ["--load", "{hf}"], "num_attention_heads=0 must be a positive integer",
+         hf_config(edited(num_attention_heads=0))),
+    # convert.py
+    case("convert", ["import", "{hf}", "/proc/no-checkpoint-here"], "cannot create it"),
+    case("convert", ["export", "{ckpt}", "/proc/no-folder-here"], "cannot create it"),
+    case("convert", ["export", "{ckpt}", ROOT], "already exists and is not empty"),
+    case("convert", ["import", "/no/such/dir", "{tmp}/out"], "no config.json"),
+    case("convert", ["import", "{hf}"], "the following arguments are required: ckpt_dir"),
+    case("convert", ["export", "{ckpt}", "{tmp}/out"], "config field dim must be >= 1",
+         meta(config_edited(dim=0))),
+    case("convert", ["export", "{ckpt}", "{tmp}/out"], "lacks 'model'", meta(edited(model=None))),
+    case("convert", ["import", "{hf}", "{tmp}/out"], "not valid JSON", hf_config(NOT_JSON)),
+    case("convert", ["import", "{hf}", "{tmp}/out"], "hidden_act='relu'", hf_config(edited(hidden_act="relu"))),
+    case("convert", ["import", "{hf}", "{tmp}/out"], "model_type 'bloom' is not supported",
+         hf_config(edited(model_type="bloom"))),
+    # data.py prepare
+    case("data", ["prepare", "stdlib", "/proc/no-data-here"], "cannot create it"),
+    case("data", ["prepare", "/no/such/text", "{tmp}/out"], "no such file or directory"),
+    case("data", ["prepare", "stdlib", "{tmp}/out", "--val-fraction", "nan"], "--val-fraction"),
+    case("data", ["prepare", "stdlib", "{tmp}/out", "--tokenizer", "sentencepiece"], "unknown tokenizer"),
+    case("data", ["prepare", "stdlib", ROOT], "already exists and is not empty"),
+    case("data", ["tokenize"], "invalid choice: 'tokenize'"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,message,damage", CASES)
+def test_bad_input_is_one_line(capsys, tmp_path, saved, tool, argv, message, damage):
+    paths = {**saved, "tmp": str(tmp_path)}
+    if damage:  # a damaged copy, in place of the saved folder
+        folder, file, change = damage
+        paths[folder] = str(tmp_path / folder)
+        shutil.copytree(saved[folder], paths[folder])
+        with open(os.path.join(paths[folder], file)) as f:
+            content = change(json.load(f))
+        with open(os.path.join(paths[folder], file), "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content))
+    argv = [a.format(**paths) for a in argv]
+    if tool == "train" and "--config" not in argv:
+        argv += ["--config", "test"]
+    assert message in one_line_error(capsys, tool, argv)
+
+
+def test_odd_seq_len_trains_without_context_parallelism():
+    """Only context parallelism (its zigzag halves) needs --seq-len divisible by 2 * cp."""
+    train.main(["--model", "llama", *FAST, "--steps", "1", "--seq-len", "33"])
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, saved, monkeypatch):
+    root = tmp_path / "ckpt"
+    shutil.copytree(saved["ckpt"], root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    err = one_line_error(capsys, "train", ["--model", "llama", *FAST, "--steps", "2", "--load", str(root),
+                                           "--save", str(root)])
+    assert "the disk is full" in err and f"{checkpoint.step_dir_name(1)} is intact" in err, err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # no .tmp-step_ left
+
+
+def test_full_disk_while_preparing_data_leaves_nothing(capsys, tmp_path, monkeypatch):
+    src = tmp_path / "text.txt"
+    src.write_text("some text to tokenize\n" * 200)
+    monkeypatch.setattr(data._ShardWriter, "write", full_disk)
+    err = one_line_error(capsys, "data", ["prepare", str(src), str(tmp_path / "out")])
+    assert "the disk is full" in err and "nothing was written" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["text.txt"]
