@@ -42,10 +42,18 @@ Modes:
                 time per token to stay flat and LLaMA's to grow with the length; memory per
                 token stays flat for both, attention being a fused kernel on CPU and GPU)
 
+  generate      decoding tokens/s and KV-cache bytes of a sliding-window llama (test dims,
+                window 256) at context 1k-8k, rolling cache vs full cache (expect the rolling
+                bytes flat, the full ones growing with the context); 8 prompts batched vs one by one
   determinism   two identical training runs (separate processes, the README's tiny llama by
                 default: 200 steps) give bit-identical metrics: every loss, gradient norm,
                 learning rate and validation loss equal, not merely close
                 python bench.py determinism [--steps 200] [--nproc 1] [-- extra train.py flags]
+
+  plot          training curves of one or more --metrics files, side by side: loss, validation
+                loss, learning rate and tokens/s against step (or tokens), one line per file
+                python bench.py plot A.jsonl [B.jsonl ...] -o curves.png [--x tokens]
+                (needs matplotlib: pip install matplotlib)
 
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
 summary line and returns its results, plus a function adding its options, and register
@@ -1422,6 +1430,55 @@ def recompute(args, device):
     return {"rows": rows}
 
 
+def plot(args, device):
+    """Draw the curves of each --metrics file (train.read_metrics: its step records) into
+    one PNG: loss, validation loss, learning rate, tokens/s; x = step or tokens seen."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # a file, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("bench.py plot needs matplotlib: pip install matplotlib") from None
+    import train
+    runs = {}
+    for path in args.files:
+        try:
+            runs[path] = train.read_metrics(path)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: not a --metrics file ({e})") from None
+        if not runs[path]:
+            raise UsageError(f"{path} holds no step records")
+    x_key, x_label = ("tokens_seen", "tokens seen") if args.x == "tokens" else ("step", "step")
+    panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
+              ("tokens_per_s", "tokens/s")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for path, records in runs.items():
+            points = [(r[x_key], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3,
+                        label=os.path.basename(path))
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.savefig(args.output, dpi=args.dpi)
+    rows = [{"file": path, "steps": len(r), "final_loss": r[-1]["loss"],
+             "val_loss": next((x["val_loss"] for x in reversed(r) if "val_loss" in x), None)}
+            for path, r in runs.items()]
+    print_table(rows, [("file", "file", ""), ("steps", "steps", "d"), ("final_loss", "final loss", ".4f"),
+                       ("val_loss", "last val loss", ".4f")])
+    print(f"plot: wrote {args.output} ({len(runs)} run(s), x = {x_label})")
+    return {"output": args.output, "rows": rows}
+
+
+def add_plot(p):
+    p.add_argument("files", nargs="+", metavar="METRICS.jsonl", help="--metrics files of train.py")
+    p.add_argument("-o", "--output", default="curves.png", help="the PNG to write")
+    p.add_argument("--x", choices=["step", "tokens"], default="step", help="the horizontal axis")
+    p.add_argument("--dpi", type=int, default=110)
+
+
 # What a metrics record holds that depends on the machine's speed, not on the computation.
 TIMING_FIELDS = ("tokens_per_s", "mfu", "mem_gb")
 
@@ -1481,6 +1538,49 @@ def add_recompute(p):
     p.add_argument("--reps", type=int, default=3, help="rounds of timed steps (median per mode)")
 
 
+def generate_speed(args, device):
+    """Decoding at growing context: the rolling cache (kernels.KVCache with a window) against
+    the full cache, then several prompts as one batch against one by one (generate.py)."""
+    import generate
+    cfg = models.make_config("llama", "test", [f"sliding_window={args.window}", "max_seq_len=65536"])
+    model = models.build("llama", cfg, device, seed=args.seed).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, max(args.lengths) + args.new_tokens), device=device)
+    rows = []
+    with torch.no_grad():
+        for length in args.lengths:
+            for name in ("rolling", "full"):
+                size = length + args.new_tokens
+                caches = model.new_kv_caches(size) if name == "rolling" else [
+                    kernels.KVCache(size) for _ in model.layers]
+                model(ids[:, :length], kv_caches=caches)  # prefill, not timed
+                start = time.perf_counter()
+                for t in range(length, size):
+                    model(ids[:, t:t + 1], kv_caches=caches)
+                seconds = time.perf_counter() - start
+                rows.append({"context": length, "cache": name, "tokens_per_s": args.new_tokens / seconds,
+                             "cache_mb": sum(c.nbytes() for c in caches) / 2**20})
+    print_table(rows, [("context", "context", "d"), ("cache", "cache", "s"),
+                       ("tokens_per_s", "decode tokens/s", ".0f"), ("cache_mb", "KV cache MiB", ".2f")])
+    prompts = [ids[0, :16 * (i + 1)].tolist() for i in range(args.batch)]
+    timing = {}
+    for name, batches in (("batched", [prompts]), ("one by one", [[p] for p in prompts])):
+        start = time.perf_counter()
+        new = sum(len(n) for b in batches for n in generate.sample_batch(model, b, args.new_tokens, 0))
+        timing[name] = new / (time.perf_counter() - start)
+    print(f"{args.batch} prompts of 16-{16 * args.batch} tokens, {args.new_tokens} new each: batched "
+          f"{timing['batched']:.0f} tokens/s, one by one {timing['one by one']:.0f} tokens/s "
+          f"({timing['batched'] / timing['one by one']:.1f}x)")
+    return {"context": rows, "batched_tokens_per_s": timing["batched"],
+            "one_by_one_tokens_per_s": timing["one by one"]}
+
+
+def add_generate(p):
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+
+
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
@@ -1503,7 +1603,10 @@ MODES = {
                      add_long_context),
     "recompute": (recompute, "activation recomputation none/selective/full: activations vs step time",
                   add_recompute),
+    "generate": (generate_speed, "decoding: rolling vs full KV cache at 1k-8k, batched vs one by one",
+                 add_generate),
     "determinism": (determinism, "two identical training runs: bit-identical metrics?", add_determinism),
+    "plot": (plot, "training curves of --metrics files: loss, val loss, lr, tokens/s", add_plot),
 }
 
 

@@ -1,18 +1,33 @@
 """Sampling with a KV cache, from a model in memory, a checkpoint or a Hugging Face folder.
 
     python generate.py --load runs/llama --prompt "def main(" --max-new-tokens 200
-    python generate.py --load path/to/hf-model-folder --prompt "Hello"
+    python generate.py --load runs/llama --prompt "def " --prompt "class " --stop "\n\n"
+    python generate.py --load runs/llama --prompts-file prompts.txt --temperature 0
+    python generate.py --load hf:path/to/hf-model-folder --prompt "Hello"
+    torchrun --nproc-per-node 2 generate.py --load runs/llama --tp 2 --prompt "Hello"
     python generate.py --load runs/t5 --prompt "import <extra_id_0> as np"   (T5: fill spans)
 
-The prompt is run through the model once (prefill), filling every layer's KV cache;
-then each new token costs one forward pass over a single position, attending to
-the cached keys and values instead of recomputing the whole prefix. An encoder-decoder
-(T5) encodes the prompt once and decodes from its start token the same way, its
-cross-attention keys and values computed from the encoder output once.
+The prompts are run through the model once (prefill), filling every layer's KV cache;
+then each new token costs one forward pass over a single position, attending to the
+cached keys and values instead of recomputing the whole prefix. Several prompts decode
+as one batch: left-padded to the longest, with a padding mask that the caches keep for
+every cached key and each row's own positions, so that each row gets the logits it
+would get alone; a row that reaches end-of-text, a --stop string or the token limit
+leaves the batch (and its rows of the caches). A sliding-window model (Mistral) keeps a
+rolling cache bounded by its window (kernels.KVCache). Under torchrun with --tp (and
+--ep for Mixtral) each rank holds and loads only its shard; the logits are gathered
+over the vocabulary and every rank samples the same token from the same seeded
+generator, so the text is the one-process text. An encoder-decoder (T5) encodes the
+prompt once and decodes from its start token the same way, its cross-attention keys and
+values computed from the encoder output once.
+
+From Python: generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
+stop, seed) -> texts; load_model(path) -> (model, tokenizer name).
 """
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -37,20 +52,102 @@ def next_token(logits, temperature=0.8, top_k=50, generator=None):
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=50, generator=None):
-    """Continue `prompt_ids` (B, T) by `max_new_tokens` tokens; returns (B, T + new)."""
+def sample_batch(model, prompts, max_new_tokens, temperature=0.8, top_k=50, generator=None,
+                 finished=None):
+    """New token ids for each prompt (lists of token ids, of any lengths), decoded as one
+    batch of a causal model. The prompts are left-padded to the longest; the padding mask
+    goes to the caches, which keep it for every cached key, and each row gets its own
+    positions (counting from its first real token), so each row's logits are those it
+    gets alone. `finished(i, new_ids)`, called after each token of prompt i, says
+    whether that row is done (end-of-text, a stop string): it leaves the batch and the
+    caches, costing nothing more. Returns a list of lists."""
+    out = [[] for _ in prompts]
+    if max_new_tokens <= 0:
+        return out
     was_training = model.training
     model.eval()
-    ids = prompt_ids
-    caches = model.new_kv_caches(prompt_ids.shape[1] + max_new_tokens)
-    logits = model(ids, kv_caches=caches)[:, -1]
-    for i in range(max_new_tokens):
-        next_id = next_token(logits, temperature, top_k, generator)
-        ids = torch.cat([ids, next_id], dim=1)
-        if i + 1 < max_new_tokens:
-            logits = model(next_id, kv_caches=caches)[:, -1]
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    real = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, device=device)
+        real[i, longest - len(p):] = True
+    positions = (real.cumsum(1) - 1).clamp(min=0)
+    caches = model.new_kv_caches(longest + max_new_tokens)
+    mask = None if bool(real.all()) else real  # none needed: the models' unmasked fast path
+    logits = model(ids, attention_mask=mask, kv_caches=caches, positions=positions)[:, -1]
+    rows = list(range(len(prompts)))  # the prompt of each row of the batch
+    for step in range(max_new_tokens):
+        next_ids = next_token(logits, temperature, top_k, generator)
+        done = []
+        for i, token in zip(rows, next_ids[:, 0].tolist()):
+            out[i].append(token)
+            done.append(finished is not None and finished(i, out[i]))
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        if any(done):  # finished rows leave the batch
+            keep = torch.tensor([r for r, d in enumerate(done) if not d], device=device)
+            rows = [i for i, d in zip(rows, done) if not d]
+            next_ids, positions = next_ids[keep], positions[keep]
+            for cache in caches:
+                if cache is not None:
+                    cache.keep_rows(keep)
+        positions = positions[:, -1:] + 1
+        logits = model(next_ids, kv_caches=caches, positions=positions)[:, -1]
     model.train(was_training)
-    return ids
+    return out
+
+
+def sample(model, prompt_ids, max_new_tokens, temperature=0.8, top_k=50, generator=None):
+    """Continue `prompt_ids` (B, T) by `max_new_tokens` tokens; returns (B, T + new)."""
+    new = sample_batch(model, prompt_ids.tolist(), max_new_tokens, temperature, top_k, generator)
+    return torch.cat([prompt_ids, torch.tensor(new, dtype=prompt_ids.dtype, device=prompt_ids.device)], 1)
+
+
+def generate(model, tokenizer, prompts, max_new_tokens=200, temperature=0.8, top_k=50, stop=(), seed=0,
+             stream=None, stats=None):
+    """Each prompt (a string; "" starts after end-of-text) with its continuation, all
+    decoded as one batch (sample_batch). A row ends at end-of-text, before the first of
+    the `stop` strings, or after max_new_tokens (fewer where a model without a sliding
+    window runs out of context). `stream(text)` receives the first prompt's continuation
+    piece by piece as it is decoded: complete characters only (a multi-byte character
+    split over tokens waits for its last byte), and none that could still turn out to
+    begin a stop string. `stats` (a dict), if given, gets "new_tokens": how many tokens
+    were sampled in all."""
+    device = next(model.parameters()).device
+    prompt_ids = [tokenizer.encode_ordinary(p) if p else [tokenizer.eot_token] for p in prompts]
+    max_len = getattr(model.cfg, "max_seq_len", None)
+    if max_len is not None and not getattr(model.cfg, "sliding_window", 0):
+        max_new_tokens = min(max_new_tokens, max_len - max(len(p) for p in prompt_ids))
+    texts, shown = [""] * len(prompts), 0  # shown: characters of texts[0] streamed so far
+    hold = max((len(s) for s in stop), default=1) - 1
+
+    def finished(i, new_ids):
+        nonlocal shown
+        ended = new_ids[-1] == tokenizer.eot_token
+        text = tokenizer.decode([t for t in new_ids[:len(new_ids) - ended] if t < tokenizer.n_vocab])
+        cut = min((j for j in (text.find(s) for s in stop) if j >= 0), default=-1)
+        done = ended or cut >= 0 or len(new_ids) == max_new_tokens
+        texts[i] = text[:cut] if cut >= 0 else text
+        if stream is not None and i == 0:
+            ready = texts[0] if done else texts[0].rstrip("\ufffd")  # (an incomplete character)
+            ready = ready if done else ready[:max(len(ready) - hold, 0)]
+            if len(ready) > shown:
+                stream(ready[shown:])
+                shown = len(ready)
+        return done
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new = sample_batch(model, prompt_ids, max_new_tokens, temperature, top_k, generator, finished)
+    if stats is not None:
+        stats["new_tokens"] = sum(len(n) for n in new)
+    return [p + t for p, t in zip(prompts, texts)]
+
+
+def sample_text(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50, seed=0):
+    """Decode a continuation of the string `prompt` (empty: start after end-of-text)."""
+    return generate(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, seed=seed)[0]
 
 
 @torch.no_grad()
@@ -77,20 +174,6 @@ def sample_seq2seq(model, input_ids, attention_mask, max_new_tokens, temperature
                 break
     model.train(was_training)
     return torch.cat(out, dim=1)
-
-
-def sample_text(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50, seed=0):
-    """Decode a continuation of the string `prompt` (empty: start after end-of-text)."""
-    device = next(model.parameters()).device
-    ids = tokenizer.encode_ordinary(prompt) if prompt else [tokenizer.eot_token]
-    max_len = getattr(model.cfg, "max_seq_len", None)
-    if max_len is not None:
-        max_new_tokens = min(max_new_tokens, max_len - len(ids))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
-                 generator)
-    new = [t for t in out[0, len(ids):].tolist() if t < tokenizer.n_vocab]
-    return prompt + tokenizer.decode(new)
 
 
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -125,17 +208,73 @@ def fill_spans_text(model, tokenizer_name, text, max_new_tokens, temperature=0.8
     return data.get_tokenizer(tokenizer_name).decode(new)
 
 
-def load_model(path, device="cpu"):
-    """Model and tokenizer name from a checkpoint (a step directory or a save root), or
-    from a Hugging Face model folder (config.json + safetensors, see convert.py)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return convert.from_hf(path, device), convert.tokenizer_name(path)
+def model_source(path):
+    """(model name, Config, tokenizer name, load) for a checkpoint (a step directory or a
+    save root) or a Hugging Face model folder (plain, or hf:DIR as train.py's --load
+    takes it); load(model, layout) fills a built model (this rank's shards only)."""
+    hf_dir = path[len("hf:"):] if path.startswith("hf:") else path
+    if path.startswith("hf:") or os.path.isfile(os.path.join(path, "config.json")):
+        name, cfg = convert.read_hf_config(hf_dir)
+        return name, cfg, convert.tokenizer_name(hf_dir), lambda model, layout: convert.load_hf_weights(model, hf_dir)
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
     cfg = models.config_from_dict(meta["model"], meta["config"])
-    model = models.build(meta["model"], cfg, torch.device(device), seed=0)
-    checkpoint.load(step_dir, model, None, parallel.Layout(device=torch.device(device)))
-    return model, meta["tokenizer"]
+    return meta["model"], cfg, meta["tokenizer"], lambda model, layout: checkpoint.load(step_dir, model, None, layout)
+
+
+def load_model(path, device="cpu", layout=None):
+    """Model (eval mode; under `layout`, this rank's tp/ep shard) and tokenizer name, from
+    a checkpoint or a Hugging Face folder (see model_source)."""
+    layout = layout or parallel.Layout(device=torch.device(device))
+    name, cfg, tokenizer_name, load = model_source(path)
+    model = models.build(name, cfg, layout.device, seed=0, layout=layout)
+    load(model, layout)
+    return model.eval(), tokenizer_name
+
+
+def decoding_layout(args, name, cfg):
+    """This rank's Layout for --tp/--ep (tp x ep processes, ep sharding Mixtral's experts
+    over ranks that decode the same batch), checked before any process group is made:
+    a shard must divide the model (built on the meta device, which allocates nothing),
+    and the job must have one process per shard. Sequence parallelism stays off: a
+    decoding step's single token cannot be split over ranks."""
+    for flag in ("pp", "cp"):
+        if getattr(args, flag) != 1:
+            raise parallel.UsageError(f"--{flag} {getattr(args, flag)}: generate.py shards a model with --tp "
+                                      f"(and --ep) only; decoding one token at a time leaves nothing to "
+                                      f"split over pipeline stages or sequence chunks")
+    errors.require_number("--tp", args.tp, at_least=1)
+    errors.require_number("--ep", args.ep, at_least=1)
+    if args.ep > 1 and name != "mixtral":
+        raise parallel.UsageError(f"--ep {args.ep}: expert parallelism needs a mixture of experts "
+                                  f"(mixtral), not {name}")
+    with torch.device("meta"):
+        models.MODELS[name][2](cfg, parallel.Layout(tp=args.tp, dp=args.ep, ep=args.ep))
+    world = parallel.world_size()
+    if world != args.tp * args.ep:
+        raise parallel.UsageError(f"--tp {args.tp} --ep {args.ep} needs {args.tp * args.ep} processes "
+                                  f"(one per shard) but this job has {world}: launch torchrun "
+                                  f"--nproc-per-node {args.tp * args.ep} generate.py ...")
+    return parallel.init_distributed(tp=args.tp, ep=args.ep, sp=False, device=args.device)
+
+
+def read_prompts(args):
+    """The --prompt strings, then the lines of --prompts-file; [""] (start after
+    end-of-text) when neither is given."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError as e:
+            raise parallel.UsageError(f"--prompts-file {args.prompts_file}: cannot read it "
+                                      f"({e.strerror})") from None
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            raise parallel.UsageError(f"--prompts-file {args.prompts_file} has no prompts: write one "
+                                      f"prompt per line")
+        prompts += lines
+    return prompts or [""]
 
 
 def check_device(name):
@@ -168,39 +307,70 @@ def check_prompt_fits(model, tokenizer, prompt):
 
 def main(argv=None):
     p = errors.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--load", required=True,
-                   help="checkpoint (a save root or one step directory) or Hugging Face model folder")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--load", required=True, help="checkpoint (a save root or one step directory), or "
+                   "Hugging Face model folder (DIR or hf:DIR)")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
+    p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a continuation before this string (repeatable); end-of-text always ends it")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards (torchrun, one process each)")
+    p.add_argument("--ep", type=int, default=1, help="Mixtral: expert-parallel shards (x tp processes)")
+    p.add_argument("--pp", type=int, default=1, help="must be 1 (decoding splits no layers)")
+    p.add_argument("--cp", type=int, default=1, help="must be 1 (decoding splits no sequence)")
     args = p.parse_args(argv)
+    layout = None
     try:
         for flag in ("max_new_tokens", "temperature", "top_k"):
             errors.require_number(f"--{flag.replace('_', '-')}", getattr(args, flag), at_least=0)
+        if "" in args.stop:
+            raise parallel.UsageError("--stop '': a stop string needs at least one character")
         check_device(args.device)
-        model, tokenizer_name = load_model(args.load, args.device)
+        prompts = read_prompts(args)
+        name, cfg, _, _ = model_source(args.load)
+        layout = decoding_layout(args, name, cfg)
+        model, tokenizer_name = load_model(args.load, layout=layout)
         if not hasattr(model, "new_kv_caches") and not hasattr(model, "encode"):
             raise parallel.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
                                       f"predicts masked tokens and classes, it does not generate "
                                       f"text; generate.py samples causal models (gpt, llama, "
                                       f"mixtral, mamba)")
         if hasattr(model, "encode"):  # an encoder-decoder (T5): fill the marked spans
-            if not args.prompt:
-                raise parallel.UsageError("T5 completes text with missing spans: pass a --prompt "
-                                          "with <extra_id_0>, <extra_id_1>, ... where spans are missing")
-            print(fill_spans_text(model, tokenizer_name, args.prompt, args.max_new_tokens,
+            if not args.prompt or len(prompts) > 1 or layout.world > 1:
+                raise parallel.UsageError("T5 completes one text with missing spans, in one process: "
+                                          "pass one --prompt with <extra_id_0>, <extra_id_1>, ... "
+                                          "where spans are missing (and no --tp)")
+            print(fill_spans_text(model, tokenizer_name, prompts[0], args.max_new_tokens,
                                   args.temperature, args.top_k, args.seed))
             return
         tokenizer = data.get_tokenizer(tokenizer_name)
-        check_prompt_fits(model, tokenizer, args.prompt)
-        print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, args.seed))
+        for prompt in prompts:
+            check_prompt_fits(model, tokenizer, prompt)
+        print_here = layout.rank == 0  # every rank decodes the same text; one prints it
+
+        def stream(piece):
+            print(piece, end="", flush=True)
+        if print_here and len(prompts) == 1:  # one prompt: its text appears as it is decoded
+            print(prompts[0], end="", flush=True)
+        stats, start = {}, time.perf_counter()
+        texts = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                         args.stop, args.seed, stream if print_here and len(prompts) == 1 else None, stats)
+        seconds = time.perf_counter() - start
+        if print_here:
+            print("" if len(prompts) == 1 else "\n----------------\n".join(texts))
+            print(f"{stats['new_tokens']} new tokens in {seconds:.2f} s: "
+                  f"{stats['new_tokens'] / seconds:.1f} tokens/s ({len(prompts)} prompt(s), "
+                  f"{layout.world} process(es))", file=sys.stderr)
     except parallel.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if layout is not None:
+            parallel.destroy_distributed(layout)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+        if kv_cache is not None:  # the cache's mask covers every cached key, not just these
+            k, v, key_padding_mask = kv_cache.update(k, v, key_padding_mask)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
                                        key_padding_mask=key_padding_mask, recompute=self.recompute_core)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -169,7 +169,8 @@ class GPT(nn.Module):
     def new_kv_caches(self, max_len):
         return [kernels.KVCache(max_len) for _ in self.layers]
 
-    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
+                positions=None):
         """Called like every model here (llama.Llama.forward says how): logits, or with
         `labels` the sum of token losses. Learned positions end at max_seq_len."""
         start = kv_caches[0].length if kv_caches else 0
@@ -177,10 +178,13 @@ class GPT(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise parallel.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
-        # Global positions of this rank's tokens (under cp, its zigzag share of them).
-        positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
+        if positions is None:
+            # Global positions of this rank's tokens (under cp, its zigzag share of them).
+            positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
         if hidden is None:
-            pos = parallel.sequence_shard(self.pos_embed(positions)[None], self.layout)
+            # (positions (B, T), a left-padded batch's own, give (B, T, dim) directly)
+            pos = self.pos_embed(positions) if positions.dim() == 2 else self.pos_embed(positions)[None]
+            pos = parallel.sequence_shard(pos, self.layout)
             x = self.embed(parallel.context_shard(input_ids, self.layout)) + pos
         else:
             x = hidden

@@ -798,29 +798,81 @@ def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one attention layer.
+    """Keys and values of the tokens seen so far, for one attention layer, and which of
+    them are real tokens (a left-padded batch, see generate.py).
 
-    Preallocated to `max_len` on the first update so decoding appends in place.
+    Without a window: preallocated to `max_len` on the first update, appended in place.
+
+    With a sliding window w (Mistral): a query at position i sees the keys i - w < j <= i
+    (kernels.attention_mask), so a forward call needs only the w - 1 keys before its first
+    token: a rolling buffer of 2w slots, appended in place; when full, its last w - 1 keys
+    move to the front (one copy every ~w tokens: amortized O(1) per token). Memory stays
+    bounded by the window (plus a long call's own tokens), whatever the number of tokens
+    generated. `update` returns the kept keys in position order, which is all attention
+    needs: it aligns the queries to the end of the keys, and the window mask cuts the
+    extra kept ones. `length` counts every position seen (RoPE's next position).
     """
 
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.length = 0
-        self.k = self.v = None
+    def __init__(self, max_len, window=None):
+        self.window = window
+        self.capacity = 2 * window if window else max_len
+        self.length = 0  # positions seen
+        self.filled = 0  # slots of the buffer in use
+        # k, v (B, Hkv, slots, D) and valid (B, 1, slots, 1): one slot axis (2) for all three.
+        self.k = self.v = self.valid = None
 
-    def update(self, k, v):
-        """Append k, v (B, Hkv, T, D); return all keys and values so far."""
+    def buffers(self):
+        return [b for b in (self.k, self.v, self.valid) if b is not None]
+
+    def update(self, k, v, valid=None):
+        """Append k, v (B, Hkv, T, D) and `valid` (B, T, True on real tokens; None: all
+        real). Returns the keys, values and key padding mask (B, keys) the new queries
+        attend to (the mask None while every key is real)."""
+        B, T = k.shape[0], k.shape[2]
         if self.k is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+            shape = (B, k.shape[1], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if valid is not None and self.valid is None:  # every key before was a real token
+            self.valid = torch.ones(B, 1, self.capacity, 1, dtype=torch.bool, device=k.device)
+        if self.valid is not None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid
+            valid = valid.bool()[:, None, :, None]
+        new = [k, v] + ([valid] if self.valid is not None else [])
+        self.length += T
+        if self.filled + T > self.capacity:
+            if not self.window:
+                raise ValueError(f"KV cache holds {self.capacity} positions; asked for {self.filled + T}")
+            keep = min(self.window - 1, self.filled)  # the last window - 1 keys move to the front
+            for b in self.buffers():
+                b[:, :, :keep] = b[:, :, self.filled - keep:self.filled].clone()
+            self.filled = keep
+        if self.filled + T > self.capacity:  # a call longer than the buffer (a long prompt)
+            out = [torch.cat([b[:, :, :self.filled], n], dim=2) for b, n in zip(self.buffers(), new)]
+            keep = self.window - 1
+            for b, o in zip(self.buffers(), out):
+                b[:, :, :keep] = o[:, :, o.shape[2] - keep:]
+            self.filled = keep
+        else:
+            for b, n in zip(self.buffers(), new):
+                b[:, :, self.filled:self.filled + T] = n
+            self.filled += T
+            out = [b[:, :, :self.filled] for b in self.buffers()]
+        key_padding_mask = out[2][:, 0, :, 0] if self.valid is not None else None
+        return out[0], out[1], key_padding_mask
+
+    def keep_rows(self, rows):
+        """Only these rows of the batch from now on (generate.py drops finished ones)."""
+        self.k, self.v, self.valid = (None if b is None else b[rows] for b in (self.k, self.v, self.valid))
+
+    def nbytes(self):
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def rope_cos_sin_rows(positions, inv_freq):
+    """rope_cos_sin for per-row positions (B, T) (a left-padded batch decoding):
+    cos and sin (B, 1, T, head_dim), the same for every head."""
+    cos, sin = rope_cos_sin(positions.flatten(), inv_freq)
+    return tuple(t.view(*positions.shape, -1)[:, None] for t in (cos, sin))
 
 
 # ----------------------------------------------------------------------------

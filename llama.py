@@ -145,8 +145,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if cos is not None:  # None: no position embedding (the attention of Mamba hybrids)
             q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+        if kv_cache is not None:  # the cache's mask covers every cached key, not just these
+            k, v, key_padding_mask = kv_cache.update(k, v, key_padding_mask)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
                                        window=self.cfg.sliding_window or None,
                                        key_padding_mask=key_padding_mask, recompute=self.recompute_core)
@@ -226,19 +226,27 @@ class Llama(nn.Module):
                                                   c.rope_original_max_seq_len))
 
     def new_kv_caches(self, max_len):
-        return [kernels.KVCache(max_len) for _ in self.layers]
+        """Decoding caches, one per layer; with a sliding window, rolling buffers bounded
+        by the window whatever max_len (see kernels.KVCache)."""
+        return [kernels.KVCache(max_len, self.cfg.sliding_window or None) for _ in self.layers]
 
-    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
+                positions=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
         parallel.output_layer). `attention_mask` (B, T) marks real tokens as HF does;
         `kv_caches` (from new_kv_caches) makes this a decoding step after the cached
-        tokens. Under sp the residual stream holds this rank's tokens. A pipeline chunk
-        after the first takes the previous chunk's output as `hidden`; one before the
-        last returns its hidden states."""
-        start = kv_caches[0].length if kv_caches else 0
-        # Global positions of this rank's tokens (under cp, its zigzag share of them).
-        positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
-        cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        tokens, the caches keeping the mask of every cached token. `positions` (B, T):
+        each row's own positions (a left-padded batch, generate.py); default: the same
+        for every row, after the cached tokens. Under sp the residual stream holds this
+        rank's tokens. A pipeline chunk after the first takes the previous chunk's output
+        as `hidden`; one before the last returns its hidden states."""
+        if positions is None:
+            start = kv_caches[0].length if kv_caches else 0
+            # Global positions of this rank's tokens (under cp, its zigzag share of them).
+            positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
+            cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+        else:
+            cos, sin = kernels.rope_cos_sin_rows(positions, self.inv_freq)
         x = self.embed(parallel.context_shard(input_ids, self.layout)) if hidden is None else hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)

@@ -237,6 +237,16 @@ def causal_conv(x, weight, bias, state=None):
     return F.silu(y), padded[:, padded.shape[1] - (width - 1):]
 
 
+def skip_pads(t, real):
+    """t (B, T, ...) zeroed where `real` (B, T) is False (None: nothing to zero). Applied
+    to the convolution's input, a pad looks like the zeros before a sequence's start; to
+    dt, it makes the SSM step the identity (exp(0 * A) = 1, dt * B x = 0): left pads leave
+    every state exactly as at the start."""
+    if real is None:
+        return t
+    return t * real.view(*real.shape, *[1] * (t.dim() - 2)).to(t.dtype)
+
+
 def _cp_part(n, layout):
     """This cp rank's share of n heads (or channels) for the scan (see context_to_heads)."""
     size = n // layout.cp
@@ -250,6 +260,10 @@ class SSMCache:
     def __init__(self):
         self.conv = self.ssm = None
         self.length = 0
+
+    def keep_rows(self, rows):
+        """Only these rows of the batch from now on (generate.py drops finished ones)."""
+        self.conv, self.ssm = self.conv[rows], self.ssm[rows]
 
 
 class Mamba1Mixer(nn.Module):
@@ -277,21 +291,23 @@ class Mamba1Mixer(nn.Module):
         self.D = parallel.tp_sharded_parameter((D,), 0, layout, "expand * dim")
         self.out_proj = parallel.RowParallelLinear(D, cfg.dim, layout, cfg.proj_bias)
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, real=None):
+        """`real` (B, T): False on a left-padded batch's pads (decoding), which then leave
+        the states as at the sequence start (`skip_pads`)."""
         cfg, layout = self.cfg, self.layout
         u = parallel.enter_tp_region(u, layout)
         x, z = self.in_proj(u).chunk(2, dim=-1)                    # this rank's channels
         # Under cp: every token of this rank's 1/cp of the channels.
         x = parallel.context_to_heads(x, layout)
         part = _cp_part(self.D.shape[0], layout)
-        x, conv_state = causal_conv(x, self.conv1d.weight[part],
+        x, conv_state = causal_conv(skip_pads(x, real), self.conv1d.weight[part],
                                     None if self.conv1d.bias is None else self.conv1d.bias[part],
                                     cache and cache.conv)
         # dt, B and C read every channel: sum this rank's part over tp and cp.
         dt_B_C = F.linear(x, self.x_proj.weight[:, part])
         dt_B_C = parallel.sum_partials(parallel.sum_partials(dt_B_C, layout.tp_group), layout.cp_group)
         dt, B, C = dt_B_C.split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight[part], self.dt_proj.bias[part]))
+        dt = skip_pads(F.softplus(F.linear(dt, self.dt_proj.weight[part], self.dt_proj.bias[part])), real)
         A = -torch.exp(self.A_log[part].float())
         if cache is not None and cache.ssm is not None and x.shape[1] == 1:
             y, state = kernels.selective_scan_step(cache.ssm, x[:, 0].float(), dt[:, 0].float(), A,
@@ -372,7 +388,8 @@ class Mamba2Mixer(nn.Module):
         tx = tx.reshape(self.heads, cfg.head_dim, *t.shape[2:])[heads]
         return torch.cat([tx.flatten(0, 1), tB[groups].flatten(0, 1), tC[groups].flatten(0, 1)])
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, real=None):
+        """`real`: as Mamba1Mixer.forward's."""
         cfg, layout = self.cfg, self.layout
         u = parallel.enter_tp_region(u, layout)
         batch, T, _ = u.shape
@@ -383,13 +400,13 @@ class Mamba2Mixer(nn.Module):
         x, B, C, dt, (conv_w, conv_b), heads = self._scan_share(
             x.reshape(batch, T, self.heads, P), B, C, dt.reshape(batch, T, self.heads))
         T_all, n_heads, n_groups = x.shape[1], x.shape[2], B.shape[2]
-        xBC, conv_state = causal_conv(torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1),
-                                      conv_w, conv_b, cache and cache.conv)
+        xBC, conv_state = causal_conv(skip_pads(torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1),
+                                                real), conv_w, conv_b, cache and cache.conv)
         x, B, C = xBC.split([n_heads * P, n_groups * N, n_groups * N], dim=-1)
         x = x.view(batch, T_all, n_heads, P)
         B, C = B.view(batch, T_all, n_groups, N), C.view(batch, T_all, n_groups, N)
         dt = F.softplus(dt.float() + self.dt_bias[heads].float())
-        dt = dt.clamp(cfg.dt_limit_min, cfg.dt_limit_max)
+        dt = skip_pads(dt.clamp(cfg.dt_limit_min, cfg.dt_limit_max), real)
         A = -torch.exp(self.A_log[heads].float())
         if cache is not None and cache.ssm is not None and T_all == 1:
             y, state = kernels.ssd_step(cache.ssm, x[:, 0].float(), dt[:, 0], A, B[:, 0].float(),
@@ -446,13 +463,13 @@ class Layer(nn.Module):
             mlp = llama.MLP if cfg.mlp == "swiglu" else SquaredReLUMLP
             self.mixer = mlp(cfg.attention_config(), layout)
 
-    def forward(self, x, positions, cos, sin, cache=None):
+    def forward(self, x, positions, cos, sin, cache=None, real=None):
         residual = x.float() if self.residual_in_fp32 else x
         h = self.norm(x)
         if self.kind == "M":
-            h = self.mixer(h, cache)
+            h = self.mixer(h, cache, real)
         elif self.kind == "*":
-            h = self.mixer(h, positions, cos, sin, kv_cache=cache)
+            h = self.mixer(h, positions, cos, sin, real, kv_cache=cache)
         else:
             h = self.mixer(h)
         return residual + h
@@ -516,22 +533,28 @@ class Mamba(nn.Module):
         return [SSMCache() if layer.kind == "M" else kernels.KVCache(max_len) if layer.kind == "*"
                 else None for layer in self.layers.values()]
 
-    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
+                positions=None):
         """Called like every model here (llama.Llama.forward says how). `attention_mask`
-        (padding) is not supported: a state-space scan has no way to skip a token."""
-        if attention_mask is not None and not bool(attention_mask.all()):
+        (padding) only while decoding (kv_caches), left padding (generate.py's batches):
+        pads leave every state as at the start (skip_pads). A training batch cannot
+        have it: the convolution of a token after a pad would see the pad."""
+        if kv_caches is None and attention_mask is not None and not bool(attention_mask.all()):
             raise parallel.UsageError("Mamba models take no padding mask: batch sequences of "
                                       "equal length")
+        real = attention_mask if kv_caches else None
         caches = kv_caches or [None] * len(self.layers)
         start = next((c.length for c in caches if c is not None), 0)
         T = input_ids.shape[1]
-        positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
+        rope = kernels.rope_cos_sin_rows if positions is not None else kernels.rope_cos_sin
+        if positions is None:
+            positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
         cos = sin = None
         if self.cfg.rope and "*" in self.cfg.pattern:
-            cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+            cos, sin = rope(positions, self.inv_freq)
         x = self.embed(parallel.context_shard(input_ids, self.layout)) if hidden is None else hidden
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, positions, cos, sin, caches[i])
+            x = layer(x, positions, cos, sin, caches[i], real)
         for c in caches:
             if isinstance(c, SSMCache):
                 c.length = start + T

@@ -665,7 +665,7 @@ def plan_report(args):
         raise parallel.UsageError(f"--plan-mfu must be in (0, 1], got {args.plan_mfu}")
     if args.device_memory_gb is not None and args.device_memory_gb <= 0:
         raise parallel.UsageError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}")
-    cfg, tokenizer, _ = train.model_config(args)
+    cfg, tokenizer, _, _ = train.model_config(args)
     train.check_args(args, cfg, tokenizer)
     stages, world = _plan_args(args, cfg)
     # train.peak_flops's order: --peak-tflops, else a GPU's datasheet (--plan-gpu: the

@@ -169,7 +169,7 @@ class Attention(nn.Module):
         x = parallel.enter_tp_region(x, self.layout)
         k, v = self.heads(self.k_proj, x), self.heads(self.v_proj, x)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+            k, v, _ = kv_cache.update(k, v)  # (T5 decodes without padding)
         return self._attend(x, k, v, key_padding_mask, causal, position_bias)
 
     def cross(self, x, memory, memory_mask, cache=None):

@@ -35,6 +35,9 @@ import parallel
 from parallel import UsageError
 
 
+# The preset a run uses without --config (or --load).
+DEFAULT_CONFIG = "tiny"
+
 # BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
 # at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
 DEFAULT_LR = {"default": 2e-3, "bert": 5e-4}
@@ -45,11 +48,13 @@ FP8_DEFAULTS = {"fp8_recipe": "delayed", "fp8_amax_history_len": 1024, "fp8_marg
 
 
 def parse_args(argv=None):
-    p = errors.ArgumentParser(description="Train a language model.",
+    p = errors.ArgumentParser(description="Train a language model.", allow_abbrev=False,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help=f"one of: {', '.join(models.MODELS)}")
-    a("--config", default="tiny", help="preset of the model file (tiny, test, llama3-8b, gpt2, ...)")
+    a("--config", default=None,
+      help=f"preset of the model file (test, tiny, llama3-8b, gpt2, ...; default: {DEFAULT_CONFIG}, "
+           f"or with --load the checkpoint's own config)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     a("--tp", type=int, default=1, help="tensor-parallel size")
     a("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -85,14 +90,16 @@ def parse_args(argv=None):
       help="mixture of experts: load-balancing loss coefficient (default: the preset's)")
     a("--moe-z-loss-coef", type=float, default=None,
       help="mixture of experts: router z-loss coefficient (default: the preset's)")
-    a("--steps", type=int, default=200)
-    a("--warmup-steps", type=int, default=20)
+    a("--steps", type=int, default=200, help="optimizer steps to train (in all, counting a resumed "
+      "run's earlier steps)")
+    a("--warmup-steps", type=int, default=20, help="steps of linear learning-rate warmup")
     a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
     a("--lr", type=float, default=argparse.SUPPRESS,  # (a default that depends on --model)
       help=f"peak learning rate (default: {DEFAULT_LR['default']:g}; {DEFAULT_LR['bert']:g} for bert)")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    a("--weight-decay", type=float, default=0.1)
-    a("--adam-eps", type=float, default=1e-8)
+    a("--weight-decay", type=float, default=0.1,
+      help="AdamW's decoupled weight decay (weight matrices only: not norms, biases, embeddings)")
+    a("--adam-eps", type=float, default=1e-8, help="AdamW's epsilon")
     a("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--on-nonfinite", choices=["stop", "skip"], default="stop",
       help="a step whose loss or gradient norm is inf/nan: stop (exit 1, nothing of it saved) or "
@@ -102,9 +109,11 @@ def parse_args(argv=None):
       help="--on-nonfinite skip: stop after this many consecutive skipped steps")
     a("--global-batch-size", type=int, default=16, help="sequences per optimizer step")
     a("--micro-batch-size", type=int, default=None,
-      help="sequences per forward pass (default: global batch / dp, no accumulation)")
-    a("--seq-len", type=int, default=256)
-    a("--seed", type=int, default=1337)
+      help="sequences per forward pass (default: global batch / dp, no accumulation; under "
+           "pipeline parallelism global batch / dp / pp, pp micro-batches per step)")
+    a("--seq-len", type=int, default=256, help="tokens per training sequence")
+    a("--seed", type=int, default=1337,
+      help="weights and batches follow from it: the same seed, the same run, on any layout")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
       help="auto: bf16 on CUDA, fp32 on CPU")
     a("--fp8-recipe", default=FP8_DEFAULTS["fp8_recipe"],
@@ -123,13 +132,15 @@ def parse_args(argv=None):
     a("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the loss scale to start from")
     a("--loss-scale-window", type=int, default=1000,
       help="fp16: double the loss scale after this many steps without overflow")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto",
+      help="auto: cuda (+ NCCL) when a GPU is visible, else cpu (+ gloo)")
     a("--distributed-timeout-minutes", type=float, default=10.0,
       help="how long a rank waits for the others in any collective or pipeline message before "
            "it gives up with an error naming what it waited for (a rank died, hangs or was stopped)")
     a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
-    a("--tokenizer", default="byte",
-      help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json)")
+    a("--tokenizer", default=None,
+      help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json) "
+           "(default: byte, or the tokenizer of the --load checkpoint or folder)")
     a("--mask-prob", type=float, default=0.15,
       help="bert pre-training: share of tokens to predict (80%% [MASK], 10%% random, 10%% kept)")
     a("--whole-word-masking", action="store_true", help="bert pre-training: mask whole words")
@@ -145,9 +156,10 @@ def parse_args(argv=None):
            "Face model (its config replaces --config, its tokenizer.json the default tokenizer)")
     a("--metrics", default=None, metavar="FILE", help="append JSON lines, one per step")
     a("--wandb", default=None, metavar="PROJECT", help="log to Weights & Biases")
-    a("--log-every", type=int, default=10)
+    a("--log-every", type=int, default=10, help="a progress line every N steps")
     a("--eval-every", type=int, default=100, help="validation loss every N steps (0: only at the end)")
-    a("--eval-batches", type=int, default=4)
+    a("--eval-batches", type=int, default=4,
+      help="validation batches (of --global-batch-size sequences) per evaluation")
     a("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
     a("--peak-tflops", type=float, default=None,
       help="per-device peak for MFU (default: known GPUs, or a measured matmul on CPU)")
@@ -161,9 +173,14 @@ def parse_args(argv=None):
       "step time assumes, unless --peak-tflops gives the peak")
     a("--device-memory-gb", type=float, default=None,
       help="--plan: device memory (GB); say whether the plan fits, and what would make it fit")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if "lr" not in vars(args):
         args.lr = DEFAULT_LR.get(args.model, DEFAULT_LR["default"])
+    # Which flags the command gave (a resumed run keeps the checkpoint's schedule for the
+    # others). Exact names only: allow_abbrev is off, so --warm cannot stand for --warmup-steps.
+    args.given = sorted({action.dest for action in p._actions for arg in argv
+                         if any(arg == o or arg.startswith(o + "=") for o in action.option_strings)})
     return args
 
 
@@ -225,20 +242,53 @@ def memory_gb(device):
 # ----------------------------------------------------------------------------
 
 def model_config(args):
-    """(Config, tokenizer name, Hugging Face folder or None) from --model/--config/--set,
-    or from the folder of `--load hf:DIR`, with the --moe-* flags applied and, with --task,
-    a classifier for the task's classes in place of BERT's pre-training heads."""
+    """(Config, tokenizer name, Hugging Face folder or None, where the config came from).
+
+    From --model/--config/--set; or from the checkpoint of --load, so that resuming or
+    fine-tuning needs none of them again (given, they must agree with it); or from the
+    folder of `--load hf:DIR`. A preset's vocabulary grows to fit a larger --tokenizer
+    unless --set vocab_size says otherwise. Then the --moe-* flags and, with --task, a
+    classifier for the task's classes in place of BERT's pre-training heads."""
     hf_dir = args.load[len("hf:"):] if args.load and args.load.startswith("hf:") else None
-    tokenizer = args.tokenizer
+    saved = None if hf_dir else saved_checkpoint(args)
     if hf_dir:
         hf_model, cfg = convert.read_hf_config(hf_dir)
         if hf_model != args.model:
             raise UsageError(f"--load {args.load} is a {hf_model} model; pass --model {hf_model}")
         cfg = dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set))
-        if tokenizer == data.BYTE_TOKENIZER:  # the folder's own, if it has one
-            tokenizer = convert.tokenizer_name(hf_dir)
+        tokenizer = args.tokenizer or convert.tokenizer_name(hf_dir)  # the folder's own, if it has one
+        source = f"Hugging Face folder {hf_dir}"
+    elif saved:
+        step_dir, meta = saved
+        cfg, tokenizer = checkpoint_config(args, step_dir, meta)
+        source = f"checkpoint {step_dir}"
     else:
-        cfg = models.make_config(args.model, args.config, args.set)
+        preset = args.config or DEFAULT_CONFIG
+        cfg = models.make_config(args.model, preset, args.set)
+        tokenizer = args.tokenizer or data.BYTE_TOKENIZER
+        source = f"preset {preset}" + "".join(f" --set {s}" for s in args.set)
+        needed = tokenizer_vocab(args.model, tokenizer)
+        if needed > cfg.vocab_size and not any(s.startswith("vocab_size=") for s in args.set):
+            cfg = dataclasses.replace(cfg, vocab_size=needed)
+            source += f", vocab_size {needed} to fit tokenizer {tokenizer}"
+    moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
+           "z_loss_coef": args.moe_z_loss_coef}
+    moe = {field: value for field, value in moe.items() if value is not None}
+    if moe and not hasattr(cfg, "n_experts"):
+        raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
+                         f"not to --model {args.model}")
+    for field, value in moe.items():  # named as the user wrote them, before the config checks them
+        errors.require_number(f"--moe-{field.replace('_', '-')}", value, at_least=0)
+    cfg = dataclasses.replace(cfg, **moe)
+    if saved:
+        # (--task replaces the heads: a pre-trained BERT and its classifier differ there)
+        trained = models.config_from_dict(meta["model"], meta["config"])
+        differ = [f"{f.name}={getattr(trained, f.name)!r} (this command: {getattr(cfg, f.name)!r})"
+                  for f in dataclasses.fields(cfg) if getattr(trained, f.name) != getattr(cfg, f.name)
+                  and not (args.task and f.name in BERT_HEAD_FIELDS)]
+        if differ:
+            raise UsageError(f"{step_dir} was trained with {', '.join(differ)}; drop the flags "
+                             f"that change them (the checkpoint's config is used) or make them agree")
     if args.task:
         if hf_dir:
             raise UsageError("--task with --load hf:DIR: import the folder first (python convert.py "
@@ -248,15 +298,42 @@ def model_config(args):
                              f"not {args.model}")
         n_classes = len(data.task_class_names(args.task))
         cfg = dataclasses.replace(cfg, mlm_head=False, binary_head=False, n_classes=n_classes)
-    moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
-           "z_loss_coef": args.moe_z_loss_coef}
-    moe = {field: value for field, value in moe.items() if value is not None}
-    if moe and not hasattr(cfg, "n_experts"):
-        raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
-                         f"not to --model {args.model}")
-    for field, value in moe.items():  # named as the user wrote them, before the config checks them
-        errors.require_number(f"--moe-{field.replace('_', '-')}", value, at_least=0)
-    return dataclasses.replace(cfg, **moe), tokenizer, hf_dir
+    return cfg, tokenizer, hf_dir, source
+
+
+def tokenizer_vocab(model, tokenizer):
+    """The ids a model trained with this tokenizer must embed (BERT's and T5's special
+    tokens included). A UsageError for a tokenizer the model cannot use."""
+    if model == "bert":
+        return data.bert_special_tokens(tokenizer).n_vocab
+    if model == "t5":
+        return data.t5_special_tokens(tokenizer).n_vocab
+    return data.get_tokenizer(tokenizer).n_vocab
+
+
+def saved_checkpoint(args):
+    """(step directory, meta) of the checkpoint --load names, or None (no --load, or the
+    first run of a job that resumes itself, see nothing_to_resume)."""
+    if not args.load or nothing_to_resume(args):
+        return None
+    if os.path.isfile(os.path.join(args.load, "config.json")):
+        raise UsageError(f"--load {args.load} is a Hugging Face model folder: pass --load hf:{args.load}")
+    step_dir = checkpoint.resolve(args.load)
+    return step_dir, checkpoint.read_meta(step_dir)
+
+
+def checkpoint_config(args, step_dir, saved):
+    """(Config, tokenizer) of a checkpoint, as --config/--set/--tokenizer would change them
+    (model_config then refuses any difference, naming the fields)."""
+    if saved["model"] != args.model:
+        raise UsageError(f"--load {args.load} holds a {saved['model']} model; pass --model {saved['model']}")
+    cfg = models.config_from_dict(saved["model"], saved["config"])
+    cfg = (models.make_config(args.model, args.config, args.set) if args.config else
+           dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set)))
+    if args.tokenizer and args.tokenizer != saved["tokenizer"]:
+        raise UsageError(f"{step_dir} was trained with tokenizer {saved['tokenizer']}; drop "
+                         f"--tokenizer {args.tokenizer} or pass --tokenizer {saved['tokenizer']}")
+    return cfg, saved["tokenizer"]
 
 
 # The smallest value each numeric flag accepts (None: the flag's default applies).
@@ -297,8 +374,13 @@ def pp_layers(args):
 
 
 def micro_batch_size(args, dp):
-    """Sequences per forward pass: --micro-batch-size, or all of a data rank's rows."""
-    return args.micro_batch_size or args.global_batch_size // dp
+    """Sequences per forward pass: --micro-batch-size; by default all of a data rank's rows,
+    in pp micro-batches under pipeline parallelism where they divide (with one, a pipeline
+    runs one stage at a time, and the interleaved schedule needs a multiple of pp)."""
+    if args.micro_batch_size:
+        return args.micro_batch_size
+    rows = args.global_batch_size // dp
+    return rows // args.pp if args.pp > 1 and rows % args.pp == 0 else rows
 
 
 def micro_steps(args, dp):
@@ -329,14 +411,13 @@ def check_args(args, cfg, tokenizer):
     if args.ep > 1 and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
                          f"needs a mixture-of-experts model (--model mixtral)")
+    n_vocab = tokenizer_vocab(args.model, tokenizer)  # a UsageError without BERT's or T5's specials
     if args.model == "bert":
-        n_vocab = data.bert_special_tokens(tokenizer).n_vocab  # a UsageError without [MASK] etc.
         if not 0 < args.mask_prob <= 1:
             raise UsageError(f"--mask-prob must be in (0, 1], got {args.mask_prob}: a batch "
                              f"without a masked token has nothing to learn from")
     elif args.model == "t5":
-        tokens = data.t5_special_tokens(tokenizer)  # a UsageError without sentinels
-        n_vocab = tokens.n_vocab
+        tokens = data.t5_special_tokens(tokenizer)
         if cfg.decoder_start_token_id != tokens.pad:
             raise UsageError(f"the decoder starts with token {cfg.decoder_start_token_id} but the "
                              f"tokenizer's pad token is {tokens.pad}; pass --set "
@@ -345,8 +426,6 @@ def check_args(args, cfg, tokenizer):
             raise UsageError("--cp: T5 does not support context parallelism (its cross-attention "
                              "would need a ring over keys of another length); use --tp, --pp or "
                              "data parallelism")
-    else:
-        n_vocab = data.get_tokenizer(tokenizer).n_vocab
     if n_vocab > cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer} has {n_vocab} tokens but the model's vocab_size "
                          f"is {cfg.vocab_size}; pass --set vocab_size={n_vocab}")
@@ -460,22 +539,40 @@ BERT_HEAD_FIELDS = ("mlm_head", "binary_head", "n_classes")
 def starts_from_pretrained(args, cfg):
     """Whether --load (with --task) is a pre-trained BERT to fine-tune from: its weights
     start the run at step 0 with fresh optimizer state and a new classifier. A checkpoint
-    with these very heads (a fine-tuning run) is resumed instead."""
-    if not args.task:
-        return False
-    step_dir = checkpoint.resolve(args.load)
-    saved = checkpoint.read_meta(step_dir)
-    saved_cfg = models.config_from_dict(saved["model"], saved["config"]) if saved["model"] == "bert" else None
-    if saved_cfg == cfg:
-        return False
-    heads = {field: getattr(cfg, field) for field in BERT_HEAD_FIELDS}
-    if saved_cfg is None or dataclasses.replace(saved_cfg, **heads) != cfg:
-        raise UsageError(f"--load {args.load} holds a different model ({saved['model']} "
-                         f"{saved['config']}); pass the --config/--set it was pre-trained with")
-    if saved["tokenizer"] != args.tokenizer:
-        raise UsageError(f"--load {args.load} was pre-trained with tokenizer {saved['tokenizer']}; "
-                         f"pass --tokenizer {saved['tokenizer']}")
-    return True
+    with these very heads (a fine-tuning run) is resumed instead. (model_config made `cfg`
+    from the checkpoint's, the task's classifier in place of its heads.)"""
+    saved = checkpoint.read_meta(checkpoint.resolve(args.load))
+    return bool(args.task) and models.config_from_dict(saved["model"], saved["config"]) != cfg
+
+
+# The flags that make the learning-rate schedule (lr_at): a resumed run keeps the
+# checkpoint's values of those it is not given.
+SCHEDULE_FLAGS = ("lr", "warmup_steps", "lr_decay_steps", "min_lr_ratio")
+
+
+def keep_schedule(args, saved):
+    """On resume: the learning-rate schedule of the run that saved the checkpoint, for every
+    schedule flag this command does not give (so a larger --steps trains on at the final
+    learning rate instead of warming the cosine up again); the flags it gives change the
+    schedule. Returns a note saying which did what ("" if nothing differs)."""
+    if saved is None:  # (a checkpoint from before schedules were saved)
+        return ""
+    kept, changed = [], []
+    for name in SCHEDULE_FLAGS:
+        flag, now = f"--{name.replace('_', '-')}", getattr(args, name)
+        if name == "lr_decay_steps":
+            now = now or args.steps
+        if now == saved[name]:
+            continue
+        if name in args.given:
+            changed.append(f"{flag} {now:g} (was {saved[name]:g})")
+        else:
+            setattr(args, name, saved[name])
+            kept.append(f"{flag} {saved[name]:g}")
+    note = [f"learning-rate schedule kept from the checkpoint: {', '.join(kept)} (give the flag to "
+            f"change it)"] if kept else []
+    note += [f"learning-rate schedule changed: {', '.join(changed)}"] if changed else []
+    return "; ".join(note)
 
 
 def nothing_to_resume(args):
@@ -509,7 +606,7 @@ def draw_batch(dataset, step, seed, args, rows):
     return batch
 
 
-def setup(args, cfg, tokenizer, hf_dir, layout):
+def setup(args, cfg, tokenizer, hf_dir, source, layout):
     """Build this rank's model chunks, optimizer and data; load --load; open the logs."""
     device = layout.device
     precision = args.precision if args.precision != "auto" else (
@@ -550,12 +647,9 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
                               f"{', '.join(new) or 'none on this rank'}")
         elif resume:
             step_dir = checkpoint.resolve(args.load)
-            saved = checkpoint.read_meta(step_dir)
-            if saved["model"] != args.model or models.config_from_dict(saved["model"], saved["config"]) != cfg:
-                raise UsageError(f"{step_dir} holds a different model ({saved['model']} "
-                                 f"{saved['config']}); pass the --model/--config/--set it was trained with")
             meta = checkpoint.load(step_dir, modules, optimizer, layout)
             run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
+            run.start_note = keep_schedule(args, meta.get("schedule"))
             scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
             if fp8 is not None:
                 load_fp8_history(fp8, step_dir, meta)
@@ -569,8 +663,9 @@ def setup(args, cfg, tokenizer, hf_dir, layout):
         ddp.close()
         raise
     log = run.logger.print
-    log(f"{args.model}/{args.config}: {parallel.count_parameters(modules, layout) / 1e6:.2f}M "
-        f"parameters | {layout.describe()} | {describe_precision(run)} | "
+    log(f"{args.model} ({source}; tokenizer {tokenizer}): "
+        f"{parallel.count_parameters(modules, layout) / 1e6:.2f}M parameters | {layout.describe()} | "
+        f"{describe_precision(run)} | "
         f"{f'task {args.task}' if args.task else f'data {args.data}'}: "
         f"{train_data.n_tokens:,} train tokens | {run.tokens_per_step:,} tokens/step in "
         f"{steps_per_rank} micro-batch(es) per rank")
@@ -657,7 +752,9 @@ def save(run, step, announce=True):
                                           f"non-finite (inf/nan); refusing to save a checkpoint"))
     meta = {"model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
             "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
-            "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps}
+            "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps,
+            "schedule": {name: getattr(args, name) for name in SCHEDULE_FLAGS}}
+    meta["schedule"]["lr_decay_steps"] = args.lr_decay_steps or args.steps  # (its effective value)
     replicated = {}
     if run.fp8 is not None:
         meta["fp8"] = {"recipe": run.fp8.recipe.name, "history_len": run.fp8.recipe.history_len,
@@ -1051,9 +1148,7 @@ def training_loop(run):
                 run.doing = f"saving step {done}"
                 save(run, done)
     run.doing = "finishing"
-    if records:
-        run.logger.print(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} in "
-                         f"{time.perf_counter() - t_start:.0f}s")
+    run.logger.print(summary(run, records, time.perf_counter() - t_start))
     model = run.modules[0]
     sample = args.sample_tokens and (hasattr(model, "new_kv_caches") or hasattr(model, "encode"))
     if sample and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
@@ -1062,6 +1157,22 @@ def training_loop(run):
         run.logger.print(f"(sampling needs the whole model in one process: python generate.py "
                          f"--load {args.save})")
     return records
+
+
+def summary(run, records, seconds):
+    """The end-of-run line: losses, speed, time, and where the run's files went."""
+    args = run.args
+    evaluated = [r for r in records if "val_loss" in r]
+    best = min(evaluated, key=lambda r: r["val_loss"])
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    speed = f"{run.tokens_per_step * len(records) / sum(r['step_time'] for r in records):,.0f} tok/s"
+    if records[0]["mfu"] is not None:
+        speed += f", mfu {mean('mfu'):.1%}" + ("" if run.layout.device.type == "cuda" else " of cpu matmul")
+    files = [f"checkpoints in {args.save}" if args.save else "no checkpoint (no --save)"]
+    files += [f"metrics in {args.metrics}"] if args.metrics else []
+    return (f"done: {len(records)} steps in {clock(seconds)} | loss {records[0]['loss']:.4f} -> "
+            f"{records[-1]['loss']:.4f} | val {evaluated[-1]['val_loss']:.4f} (best "
+            f"{best['val_loss']:.4f} at step {best['step']}) | {speed} | {', '.join(files)}")
 
 
 def sample_report(run):
@@ -1093,14 +1204,14 @@ def flops_per_step(run):
 def train(args):
     """Train as the flags say; return the records of the steps run (one dict per step,
     what --metrics writes). Under torchrun every rank calls this."""
-    cfg, tokenizer, hf_dir = model_config(args)
+    cfg, tokenizer, hf_dir, source = model_config(args)
     check_args(args, cfg, tokenizer)
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
                                        args.cp_comm, None if args.device == "auto" else args.device,
                                        timeout_minutes=args.distributed_timeout_minutes)
     run = None
     try:
-        run = setup(args, cfg, tokenizer, hf_dir, layout)
+        run = setup(args, cfg, tokenizer, hf_dir, source, layout)
         records = training_loop(run)
     except (UsageError, NonFinite):
         # Every rank checks the same input (the same all-reduced figures) and fails alike,

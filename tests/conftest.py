@@ -189,6 +189,7 @@ def assert_gradient_part(grad, offset, full, what, atol_floor=0.0):
 def assert_same_run(got, expected, rel=1e-5, keys=("loss", "grad_norm", "val_loss")):
     """Per step: the loss, the gradient norm (before clipping) and, where evaluated, the
     validation loss (the forward-only path) agree within `rel`."""
+    assert expected, "no steps to compare"
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for a, b in zip(got, expected):
         for key in keys:

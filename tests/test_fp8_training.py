@@ -152,7 +152,7 @@ FP8_LAYOUTS = [  # (flags of both runs, flags of the two-process run only)
     (FP8 + ["--fp8-recipe", "rowwise"], ["--tp", "2", "--no-sp"]),
     (FP8 + ["--fp8-recipe", "tensorwise"], ["--cp", "2"]),
     (FP8 + ["--fp8-recipe", "rowwise"], ["--cp", "2"]),
-    (DELAYED, ["--pp", "2"]),
+    (DELAYED + ["--micro-batch-size", "4"], ["--pp", "2"]),  # the same micro-batches: step 1 scales per micro-batch
     (DELAYED + ["--micro-batch-size", "4"], []),  # dp = 2: one process runs the same micro-batches
     ([a if a != "llama" else "mixtral" for a in FP8] + ["--fp8-recipe", "tensorwise"], ["--tp", "2"]),
 ]

@@ -127,10 +127,11 @@ def test_interleaved_pipeline_times_tensor_parallel(ranks, overrides):
 
 
 def test_resume_under_pipeline_parallelism(ranks, tmp_path):
-    argv = ["--model", "gpt", *FOUR_LAYERS, "--pp", "2"]
+    argv = ["--model", "gpt", *FOUR_LAYERS, "--pp", "2", "--steps", "8"]
     full, _ = train_on(ranks, 2, argv)
     train_on(ranks, 2, argv + ["--save", str(tmp_path / "ckpt"), "--save-every", "5"])
     resumed, _ = train_on(ranks, 2, argv + ["--load", str(tmp_path / "ckpt" / "step_00000005")])
+    assert [r["step"] for r in resumed] == [6, 7, 8]
     assert_same_run(resumed, full[5:], rel=1e-6)
 
 

@@ -59,7 +59,8 @@ def test_tensor_parallel_equals_one_process(ranks, tmp_path, model, overrides, l
 
 def test_layout_that_does_not_divide_is_one_line():
     """End to end under torchrun: each rank stops with the same one-line message."""
-    proc = run(["--model", "llama", *LAYOUT, "--tp", "2", "--set", "n_heads=3", "--set", "n_kv_heads=3"],
+    proc = run(["--model", "llama", *LAYOUT, "--tp", "2", "--set", "n_heads=3", "--set", "n_kv_heads=3",
+                "--set", "head_dim=16"],
                nproc=2, expect_ok=False)
     assert proc.returncode != 0
     assert "error: n_heads=3 is not divisible by tp=2" in proc.stderr
@@ -68,7 +69,7 @@ def test_layout_that_does_not_divide_is_one_line():
 
 
 @pytest.mark.parametrize("model,overrides,message", [
-    ("llama", dict(n_heads=6, n_kv_heads=6), "n_heads=6 is not divisible by tp=4"),
+    ("llama", dict(n_heads=6, n_kv_heads=6, head_dim=16), "n_heads=6 is not divisible by tp=4"),
     ("llama", dict(n_kv_heads=2), "n_kv_heads=2 is not divisible by tp=4"),
     ("llama", dict(n_kv_heads=4, ffn_dim=130), "ffn_dim=130 is not divisible by tp=4"),
     ("gpt", dict(n_heads=2), "n_heads=2 is not divisible by tp=4"),
