@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import bench
 
 
@@ -34,7 +36,7 @@ def test_moe_ep_counts_all_to_all_bytes(tmp_path, capsys):
 
 def test_kernels_runs_on_cpu(tmp_path, capsys):
     """On a CPU `bench.py kernels` times the reference paths at small shapes, so the
-    command a GPU session runs is exercised everywhere."""
+    command a GPU machine runs is exercised everywhere."""
     out = tmp_path / "kernels.json"
     bench.main(["kernels", "--device", "cpu", "--seq-lens", "64", "--reps", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
@@ -82,3 +84,25 @@ def test_fp8_curve_compares_each_recipe_with_fp32(tmp_path, capsys):
         curve = results["curves"][row["run"]]
         assert curve != fp32 and 0 < row["max_rel"] < 0.05
     assert "fp8-curve: llama/test, 3 steps" in capsys.readouterr().out
+
+
+def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
+    """Two --metrics files (a header record, then steps; validation every other step) ->
+    one PNG; a file without steps is one line."""
+    pytest.importorskip("matplotlib")
+    files = []
+    for name, scale in (("a", 1.0), ("b", 1.1)):
+        records = [{"run": {"start_step": 0}}] + [
+            {"step": s, "loss": scale * 5 / s, "lr": 1e-3, "tokens_per_s": 1000.0 * scale,
+             "tokens_seen": 256 * s, **({"val_loss": scale * 5.5 / s} if s % 2 == 0 else {})}
+            for s in range(1, 11)]
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "curves.png"
+    bench.main(["plot", *map(str, files), "-o", str(out), "--x", "tokens"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "wrote" in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").write_text('{"run": {}}\n')
+    with pytest.raises(SystemExit):
+        bench.main(["plot", str(tmp_path / "empty.jsonl"), "-o", str(out)])
+    assert "holds no step records" in capsys.readouterr().err
