@@ -803,11 +803,11 @@ def main(argv=None):
     p = errors.ArgumentParser(description="Hugging Face import/export.")
     commands = p.add_subparsers(dest="command", required=True)
     c = commands.add_parser("import", help="HF model folder -> checkpoint root for train.py --load")
-    c.add_argument("hf_dir")
-    c.add_argument("ckpt_dir")
+    c.add_argument("hf_dir", help="a Hugging Face model folder (config.json, safetensors)")
+    c.add_argument("ckpt_dir", help="the checkpoint root to write (must not exist, or be empty)")
     c = commands.add_parser("export", help="checkpoint (save root or step dir) -> HF model folder")
-    c.add_argument("ckpt_dir")
-    c.add_argument("hf_dir")
+    c.add_argument("ckpt_dir", help="one of our checkpoints: a save root (its newest step) or a step")
+    c.add_argument("hf_dir", help="the Hugging Face folder to write (must not exist, or be empty)")
     args = p.parse_args(argv)
     try:
         if args.command == "import":

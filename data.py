@@ -857,8 +857,9 @@ def main(argv=None):
     p.add_argument("src", help='"stdlib", a text file, a directory or a glob pattern')
     p.add_argument("out_dir", help="new directory for the shards and meta.json")
     p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES) + " or hf:DIR")
-    p.add_argument("--val-fraction", type=float, default=0.005)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of the tokens held out for validation")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     args = parser.parse_args(argv)
     try:
         prepare(args.src, args.out_dir, args.tokenizer, args.val_fraction, args.shard_tokens)

@@ -24,6 +24,7 @@ values computed from the encoder output once.
 From Python: generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
 stop, seed) -> texts; load_model(path) -> (model, tokenizer name).
 """
+import argparse
 import os
 import re
 import sys
@@ -306,18 +307,20 @@ def check_prompt_fits(model, tokenizer, prompt):
 
 
 def main(argv=None):
-    p = errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint (a save root or one step directory), or "
                    "Hugging Face model folder (DIR or hf:DIR)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
                    help="end a continuation before this string (repeatable); end-of-text always ends it")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add to each prompt, at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="the sampling's random numbers (the same on every rank)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards (torchrun, one process each)")
     p.add_argument("--ep", type=int, default=1, help="Mixtral: expert-parallel shards (x tp processes)")
     p.add_argument("--pp", type=int, default=1, help="must be 1 (decoding splits no layers)")
