@@ -8,6 +8,7 @@ Modes:
   train-vs-hf   training tokens/s of our `llama` against transformers' LlamaForCausalLM
                 of the identical shape and weights, in one process (target: ours >= 1.0x).
                 python bench.py train-vs-hf [--config tiny] [--batch-size 16] [--seq-len 256]
+                [--compile] (also ours with its layers compiled, same process and shape)
   zero1-memory  optimizer-state bytes per rank at dp=4 with and without ZeRO-1 (expect ~1/4)
   sp-memory     activations saved for backward per rank at tp=2, seq 1024, with and without
                 sequence parallelism (expect the norm/residual part ~1/2)
@@ -36,7 +37,8 @@ Modes:
   pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
                 and measured step time against the theoretical bubble
   moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
-                same process counts) with the same global batch, and all-to-all bytes per step
+                same process counts) with the same global batch, and all-to-all bytes per step;
+                each with the experts as grouped matmuls and as their reference loop
   long-context  forward + backward time and activation memory per token against sequence
                 length, a Mamba-2 model and a LLaMA of similar size in one run (expect Mamba's
                 time per token to stay flat and LLaMA's to grow with the length; memory per
@@ -45,6 +47,11 @@ Modes:
   generate      decoding tokens/s and KV-cache bytes of a sliding-window llama (test dims,
                 window 256) at context 1k-8k, rolling cache vs full cache (expect the rolling
                 bytes flat, the full ones growing with the context); 8 prompts batched vs one by one
+  mfu           one device training a ~1B LLaMA (LLaMA 3.2 1B's shape) in bf16 at seq 4096:
+                tokens/s and MFU against the card's datasheet peak, eager vs --compile, with
+                kernels.py's torch and Triton paths; on a CPU the test preset at seq 64, fp32
+                (a CPU figure, against a measured matmul)
+                python bench.py mfu [--seq-len 4096] [--batch-size 2] [--backends torch triton]
   determinism   two identical training runs (separate processes, the README's tiny llama by
                 default: 200 steps) give bit-identical metrics: every loss, gradient norm,
                 learning rate and validation loss equal, not merely close
@@ -75,6 +82,7 @@ import torch.nn.functional as F
 
 import data
 import kernels
+import mixtral
 import models
 import parallel
 from errors import UsageError
@@ -207,14 +215,19 @@ def train_vs_hf(args, device):
     hf = hf_llama_like(cfg, ours, device)
     max_diff = check_logits(ours, hf, batches[0][0])
 
-    def loss_ours(x, y):
-        return ours(x, labels=y) / y.numel()
+    def loss_ours(model):
+        return lambda x, y: model(x, labels=y) / y.numel()
 
     def loss_hf(x, y):
         return F.cross_entropy(hf(input_ids=x).logits.float().flatten(0, 1), y.flatten())
 
+    contenders = [("ours", ours, loss_ours(ours)), ("hf", hf, loss_hf)]
+    if args.compile:  # a second copy of ours (the same weights), its layers compiled
+        compiled = models.build("llama", cfg, device, args.seed)
+        parallel.apply_compile([compiled])
+        contenders.insert(1, ("compiled", compiled, loss_ours(compiled)))
     runs = {}
-    for name, model, loss_fn in (("ours", ours, loss_ours), ("hf", hf, loss_hf)):
+    for name, model, loss_fn in contenders:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                 weight_decay=0.1, fused=device.type == "cuda")
         runs[name] = {"model": model, "loss_fn": loss_fn, "opt": opt, "phases": [], "losses": []}
@@ -237,9 +250,11 @@ def train_vs_hf(args, device):
         run["losses"].append(loss.item())
         return t1 - t0, t2 - t1, t3 - t2
 
-    for run in runs.values():  # warm-up: allocator, kernels, optimizer state
+    for run in runs.values():  # warm-up: allocator, kernels, optimizer state, compilation
+        t0 = clock()
         for s in range(args.warmup):
             step(run, s)
+        run["warmup_s"] = clock() - t0
     # Timed steps alternate between the models in blocks, so background load hits both.
     for start in range(args.warmup, n_batches, args.block):
         for run in runs.values():
@@ -251,13 +266,15 @@ def train_vs_hf(args, device):
     for name, run in runs.items():
         t = [sum(p) for p in run["phases"]]
         fwd, bwd, opt = (1e3 * median([p[i] for p in run["phases"]]) for i in range(3))
-        rows.append({"model": "ours (llama.py)" if name == "ours" else f"HF transformers {transformers.__version__}",
+        title = {"ours": "ours (llama.py)", "compiled": "ours, --compile",
+                 "hf": f"HF transformers {transformers.__version__}"}[name]
+        rows.append({"model": title, "warmup_s": run["warmup_s"],
                      "params_m": sum(p.numel() for p in run["model"].parameters()) / 1e6,
                      "ms_mean": 1e3 * sum(t) / len(t), "ms_median": 1e3 * median(t), "ms_best": 1e3 * min(t),
                      "fwd_ms": fwd, "bwd_ms": bwd, "opt_ms": opt,
                      "tokens_per_s": tokens * len(t) / sum(t), "tokens_per_s_median": tokens / median(t),
                      "loss_last": run["losses"][-1]})
-    ours_row, hf_row = rows
+    ours_row, hf_row = rows[0], rows[-1]
     ratio = ours_row["tokens_per_s"] / hf_row["tokens_per_s"]
     ratio_median = ours_row["tokens_per_s_median"] / hf_row["tokens_per_s_median"]
     print(f"llama/{args.config}: batch {args.batch_size} x seq {args.seq_len} = {tokens:,} tokens/step | "
@@ -268,13 +285,24 @@ def train_vs_hf(args, device):
                        ("ms_mean", "step ms mean", ".1f"), ("ms_median", "median", ".1f"),
                        ("ms_best", "best", ".1f"), ("fwd_ms", "fwd+loss", ".1f"),
                        ("bwd_ms", "bwd", ".1f"), ("opt_ms", "adamw", ".1f"),
-                       ("tokens_per_s", "tokens/s", ",.0f"), ("loss_last", "last loss", ".4f")])
-    print("(tokens/s = all timed tokens / all timed seconds; phase columns are medians)")
+                       ("tokens_per_s", "tokens/s", ",.0f"), ("loss_last", "last loss", ".4f"),
+                       ("warmup_s", "warm-up s", ".1f")])
+    print("(tokens/s = all timed tokens / all timed seconds; phase columns are medians; "
+          "warm-up includes --compile's compilation)")
     print()
     print(f"train-vs-hf: ours {ours_row['tokens_per_s']:,.0f} tok/s vs HF {hf_row['tokens_per_s']:,.0f} "
           f"tok/s = {ratio:.2f}x (median step: {ratio_median:.2f}x; target >= 1.0x: "
           f"{'met' if ratio >= 1.0 else 'NOT met'})")
-    return {"config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    extra = {}
+    if args.compile:
+        compiled_row = rows[1]
+        extra = {"compiled": compiled_row, "ratio_compiled": compiled_row["tokens_per_s"] / hf_row["tokens_per_s"],
+                 "compiled_vs_eager": compiled_row["tokens_per_s"] / ours_row["tokens_per_s"]}
+        print(f"compiled: {compiled_row['tokens_per_s']:,.0f} tok/s = {extra['ratio_compiled']:.2f}x HF, "
+              f"{extra['compiled_vs_eager']:.2f}x ours eager (compiled in the warm-up: "
+              f"{compiled_row['warmup_s']:.1f} s; last losses {compiled_row['loss_last']:.4f} vs "
+              f"{ours_row['loss_last']:.4f} eager)")
+    return {**extra, "config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "steps": args.steps, "warmup": args.warmup, "block": args.block,
             "transformers": transformers.__version__, "logits_max_abs_diff": max_diff,
             "logits_check": "passed", "ours": ours_row, "hf": hf_row, "ratio": ratio,
@@ -294,6 +322,8 @@ def add_train_vs_hf(p):
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--block", type=int, default=5, help="consecutive steps per model when alternating")
+    p.add_argument("--compile", action="store_true",
+                   help="also time a copy of ours with its layers compiled (parallel.apply_compile)")
 
 
 # ----------------------------------------------------------------------------
@@ -545,14 +575,19 @@ def add_cp_memory(p):
     p.add_argument("--seq-len", type=int, default=8192)
 
 
-def _moe_steps(preset, ep, global_batch, seq_len, steps):
-    """Training steps of Mixtral at this world size and ep (dp = world): median step
+def _moe_steps(preset, ep, global_batch, seq_len, steps, experts="grouped"):
+    """Training steps of Mixtral at this world size and ep (dp = world), the local experts
+    run by grouped matmuls or by their reference loop (`experts`): median step
     time after one warm-up step; the bytes this rank sent to others per step through
     all_to_all_single (counted at the call: tokens, results, their gradients, counts),
     and the model's own count of them (router_stats, forward x 2), both averaged."""
     import torch.distributed as dist
     layout = parallel.init_distributed(ep=ep, device="cpu")
     model = models.build("mixtral", models.make_config("mixtral", preset), layout.device, 0, layout)
+    if experts == "loop":
+        for m in model.modules():
+            if isinstance(m, mixtral.Experts):
+                m.forward = m.loop
     ddp = parallel.DataParallel(model, layout, zero1=True)
     optimizer = parallel.AdamW(ddp, lr=1e-3, weight_decay=0.1)
     rows = global_batch // layout.dp
@@ -589,25 +624,32 @@ def _moe_steps(preset, ep, global_batch, seq_len, steps):
 
 
 def moe_ep(args, device):
-    """Tokens/s of Mixtral at ep = 1, 2, 4 (and plain dp) with one global batch."""
+    """Tokens/s of Mixtral at ep = 1, 2, 4 (and plain dp) with one global batch; the
+    experts as grouped matmuls and as a loop of one matmul per expert."""
     rows = []
     for world in args.world:
         for ep in sorted({1, world}):
-            r = parallel.run_ranks(world, _moe_steps, preset=args.config, ep=ep, global_batch=args.global_batch,
-                          seq_len=args.seq_len, steps=args.steps)
-            step = max(x["step_s"] for x in r.values())
+            r, loop = (parallel.run_ranks(world, _moe_steps, preset=args.config, ep=ep,
+                                          global_batch=args.global_batch, seq_len=args.seq_len,
+                                          steps=args.steps, experts=experts)
+                       for experts in ("grouped", "loop"))
+            step, loop_step = (max(x["step_s"] for x in runs.values()) for runs in (r, loop))
             rows.append({"world": world, "ep": ep, "step_s": step,
                          "tokens_per_s": args.global_batch * args.seq_len / step,
+                         "loop_step_s": loop_step, "grouped_speedup": loop_step / step,
                          "a2a_mb": sum(x["sent"] for x in r.values()) / 2**20,
                          "model_mb": sum(x["reported"] for x in r.values()) / 2**20})
     print_table(rows, [("world", "processes", "d"), ("ep", "ep", "d"), ("step_s", "step s", ".3f"),
-                       ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("tokens_per_s", "tokens/s", ",.0f"), ("loop_step_s", "loop step s", ".3f"),
+                       ("grouped_speedup", "grouped vs loop", ".2f"),
                        ("a2a_mb", "all-to-all MB/step (all ranks)", ".2f"),
                        ("model_mb", "model's count MB", ".2f")])
     base = rows[0]["tokens_per_s"]
     ratios = ", ".join(f"world={r['world']} ep={r['ep']}: {r['tokens_per_s'] / base:.2f}x" for r in rows[1:])
     print(f"summary: tokens/s vs one process (global batch {args.global_batch} x {args.seq_len}): "
           f"{ratios}; one process per core at most on {os.cpu_count()} cores")
+    print("experts: grouped matmuls (mixtral.Experts) vs their reference loop, step time: " +
+          ", ".join(f"world={r['world']} ep={r['ep']}: {r['grouped_speedup']:.2f}x" for r in rows))
     return {"rows": rows}
 
 
@@ -1373,7 +1415,105 @@ def add_long_context(p):
     p.add_argument("--reps", type=int, default=3)
 
 
-# mode -> (function, help, options). One entry per mode.
+# ----------------------------------------------------------------------------
+# mfu: one GPU's training throughput, eager vs compiled, torch vs Triton kernels
+# ----------------------------------------------------------------------------
+
+# On a GPU, llama3-8b's preset at LLaMA 3.2 1B's shape (1.5B parameters untied: a model
+# one GPU trains whole); on a CPU the test preset.
+MFU_SHAPE = ["dim=2048", "n_layers=16", "n_heads=32", "ffn_dim=8192"]
+
+
+def _mfu_run(cfg, device, args, compiled, peak):
+    """Train steps of a fresh llama (AdamW, bf16 autocast on a GPU): the first step's
+    compilation, then tokens/s and MFU over the timed steps."""
+    torch._dynamo.reset()  # kernels.py picks its backend while tracing: no graph reused across backends
+    model = models.build("llama", cfg, device, args.seed)
+    if compiled:
+        parallel.apply_compile([model])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1),
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = model(ids[:, :-1], labels=ids[:, 1:]) / ids[:, 1:].numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # (synchronizes)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = time.perf_counter() - t0
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    seconds = (time.perf_counter() - t0) / args.steps
+    tokens_per_s = args.batch_size * args.seq_len / seconds
+    mfu = model.flops_per_token(args.seq_len) * tokens_per_s / peak
+    return {"step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu, "warmup_s": warmup_s,
+            "loss": loss}
+
+
+def mfu(args, device):
+    """Tokens/s and MFU of one device training a ~1B LLaMA: eager vs --compile, with
+    kernels.py's torch and Triton paths (KERNELS_BACKEND). On a CPU a tiny shape, and MFU
+    against a measured fp32 matmul, not a datasheet."""
+    import train
+    on_gpu = device.type == "cuda"
+    preset = args.config or ("llama3-8b" if on_gpu else "test")
+    cfg = models.make_config("llama", preset, (MFU_SHAPE if on_gpu and not args.config else []) + args.set)
+    seq_len = args.seq_len or (4096 if on_gpu else 64)
+    if seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds max_seq_len={cfg.max_seq_len}")
+    args.seq_len, args.batch_size = seq_len, args.batch_size or 2
+    peak = train.peak_flops(device, argparse.Namespace(peak_tflops=args.peak_tflops))
+    if peak is None:
+        raise UsageError(f"no datasheet peak for {torch.cuda.get_device_name(device)}: pass --peak-tflops")
+    backends = args.backends or (["torch", "triton"] if on_gpu and kernels.HAVE_TRITON else ["torch"])
+    rows = []
+    for backend in backends:
+        for compiled in (False, True):
+            os.environ["KERNELS_BACKEND"] = backend
+            try:
+                r = _mfu_run(cfg, device, args, compiled, peak)
+            finally:
+                os.environ.pop("KERNELS_BACKEND")
+            if on_gpu:  # (the run's model and optimizer are gone: give their memory back)
+                torch.cuda.empty_cache()
+            rows.append({"kernels": backend, "compile": "yes" if compiled else "no", **r})
+    where = (f"of {torch.cuda.get_device_name(device)}'s datasheet bf16 peak ({peak / 1e12:.0f} TFLOP/s)"
+             if on_gpu else f"CPU figure: of a measured fp32 matmul ({peak / 1e9:.0f} GFLOP/s), tiny shape")
+    print(f"llama dim {cfg.dim} x {cfg.n_layers} layers, vocab {cfg.vocab_size} | batch {args.batch_size} x "
+          f"seq {seq_len} | {'bf16 autocast' if on_gpu else 'fp32'}, AdamW | {args.warmup} warm-up + "
+          f"{args.steps} timed steps")
+    print()
+    print_table(rows, [("kernels", "kernels", ""), ("compile", "compile", ""), ("step_ms", "step ms", ".1f"),
+                       ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
+                       ("warmup_s", "warm-up s (compile)", ".1f"), ("loss", "last loss", ".4f")])
+    best = max(rows, key=lambda r: r["mfu"])
+    print(f"mfu: best {best['mfu']:.1%} ({best['kernels']} kernels, compile {best['compile']}) {where}")
+    return {"config": preset, "dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
+            "batch_size": args.batch_size, "peak_flops": peak, "on_gpu": on_gpu, "rows": rows}
+
+
+def add_mfu(p):
+    p.add_argument("--config", default=None,
+                   help="llama preset (default: on a GPU llama3-8b at LLaMA 3.2 1B's shape, MFU_SHAPE; "
+                        "on a CPU test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 4096 on a GPU, 64 on a CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 2")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    p.add_argument("--backends", nargs="+", choices=kernels.BACKENDS, default=None,
+                   help="kernels.py paths to time (default: torch and, on a GPU, triton)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
+
+
 def recompute(args, device):
     """Activation recomputation (train.py --recompute): for none, selective and full, the
     activation bytes of one micro-batch (ActivationMeter's peak, checkpoint inputs counted)
@@ -1480,7 +1620,7 @@ def add_plot(p):
 
 
 # What a metrics record holds that depends on the machine's speed, not on the computation.
-TIMING_FIELDS = ("tokens_per_s", "mfu", "mem_gb")
+TIMING_FIELDS = ("tokens_per_s", "step_time", "mfu", "mem_gb")
 
 
 def determinism(args, device):
@@ -1507,13 +1647,13 @@ def determinism(args, device):
             print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
     first, second = runs
-    differing = [a["step"] for a, b in zip(first, second) if a != b]
-    compared = sorted({k for r in first for k in r})
+    compared = sorted({k for r in first + second for k in r})
+    differing = [(a["step"], k) for a, b in zip(first, second) for k in compared if a.get(k) != b.get(k)]
     identical = len(first) == len(second) == args.steps and not differing
     print(f"determinism: {' '.join(launcher[1:] + command)}")
     print(f"summary: {len(first)} steps, fields {', '.join(compared)}: " +
           ("bit-identical in both runs" if identical else
-           f"DIFFERENT at steps {differing[:10]} (of {len(first)} / {len(second)} records)"))
+           f"DIFFERENT: (step, field) {differing[:10]} (of {len(first)} / {len(second)} records)"))
     return {"identical": identical, "steps": len(first), "fields": compared, "differing_steps": differing,
             "final_loss": first[-1]["loss"] if first else None}
 
@@ -1581,6 +1721,7 @@ def add_generate(p):
     p.add_argument("--batch", type=int, default=8)
 
 
+# mode -> (function, help, options). One entry per mode.
 MODES = {
     "train-vs-hf": (train_vs_hf, "training tokens/s: our llama vs HF LlamaForCausalLM", add_train_vs_hf),
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
@@ -1606,6 +1747,8 @@ MODES = {
     "generate": (generate_speed, "decoding: rolling vs full KV cache at 1k-8k, batched vs one by one",
                  add_generate),
     "determinism": (determinism, "two identical training runs: bit-identical metrics?", add_determinism),
+    "mfu": (mfu, "one device: tokens/s and MFU of a ~1B llama, eager vs compiled, torch vs Triton kernels",
+            add_mfu),
     "plot": (plot, "training curves of --metrics files: loss, val loss, lr, tokens/s", add_plot),
 }
 

@@ -138,6 +138,58 @@ class Expert(llama.MLP):
         return self.down_proj.partial(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of expert e] = x[those rows] @ weights[e]^T for every e at once: one grouped
+    matmul (torch._grouped_mm) over rows sorted by expert, `offsets` the cumulative row
+    counts. The weights are stacked for the matmul and again in backward, never saved:
+    autograd keeps x and the parameters themselves, as a loop of F.linear would."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, *weights):
+        ctx.save_for_backward(x, offsets, *weights)
+        return torch._grouped_mm(x, torch.stack(weights).to(x.dtype).transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, *weights = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, torch.stack(weights).to(dy.dtype), offs=offsets)
+        dw = torch._grouped_mm(dy.t(), x, offs=offsets)  # (experts, out, in): dy_e^T x_e
+        return dx, None, *(g.to(w.dtype) for g, w in zip(dw.unbind(0), weights))
+
+
+def grouped_linear(x, offsets, weights):
+    """_GroupedLinear in the autocast dtype where autocast is on (as F.linear would run)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):
+        return _GroupedLinear.apply(x, offsets, *weights)
+
+
+class Experts(nn.ModuleDict):
+    """This rank's experts, keyed by their global index, run together on rows sorted by
+    expert (counts[i] rows for the i-th): each projection one grouped matmul over every
+    expert's rows, no padding, one launch instead of one per expert."""
+
+    def forward(self, x, counts):
+        experts = list(self.values())
+        if any(e.gate_proj.fp8 is not None for e in experts):  # FP8 scales are per expert
+            return self.loop(x, counts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate = grouped_linear(x, offsets, [e.gate_proj.weight for e in experts])
+        up = grouped_linear(x, offsets, [e.up_proj.weight for e in experts])
+        # down_proj's partial sum only, as Expert.forward's
+        return grouped_linear(kernels.swiglu(gate, up), offsets, [e.down_proj.weight for e in experts])
+
+    def loop(self, x, counts):
+        """The reference (and the FP8 path): each expert on its own slice of rows. An
+        expert with no rows still runs (on an empty slice), so that every expert parameter
+        gets a gradient and its DataParallel hook fires; the grouped matmuls give zeros."""
+        parts = x.split(counts.tolist())
+        return torch.cat([expert(part) for expert, part in zip(self.values(), parts)])
+
+
 def capacity_mask(expert_ids, n_experts, capacity):
     """(N, top_k) choices -> True where kept: the first `capacity` choices of each expert,
     in token order (token 0's choices, then token 1's, ...)."""
@@ -153,8 +205,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleDict({str(e): Expert(cfg, layout)
-                                      for e in parallel.local_experts(layout, cfg.n_experts)})
+        self.experts = Experts({str(e): Expert(cfg, layout)
+                                for e in parallel.local_experts(layout, cfg.n_experts)})
         parallel.mark_expert_parallel(*self.experts.parameters())
         # Replicated over tp, but each tp rank's copy weights only its partial outputs.
         parallel.mark_partial_grad(self.router.weight)
@@ -173,7 +225,7 @@ class MoE(nn.Module):
             self.kept = self.within_capacity(top_e.view(*shape[:2], c.top_k)).view_as(top_e)
         self.traffic = {}
         y = parallel.moe_dispatch_combine(x, top_e.masked_fill(~self.kept, -1), weights,
-                                          list(self.experts.values()), c.n_experts, self.layout,
+                                          self.experts, c.n_experts, self.layout,
                                           self.traffic)
         self.router_losses(logits, probs, top_e)
         return parallel.leave_tp_region(y.view(shape), self.layout)

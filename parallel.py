@@ -11,6 +11,7 @@ that can each be read (and copied) alone. Each section uses only the sections ab
   Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
   Model chunks           a model cut into pipeline chunks; the output layer and loss
   Recomputation          activations recomputed in backward: attention cores or whole layers
+  Compilation            torch.compile applied layer by layer
   Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
   Gradient norm          clipping and fp16 loss scaling, agreed across ranks
   Pipeline schedules     GPipe, 1F1B, interleaved 1F1B, and running them
@@ -26,6 +27,7 @@ import math
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 import zlib
@@ -1185,27 +1187,15 @@ def _all_to_all(x, send_sizes, recv_sizes, group):
     return out
 
 
-def _run_experts(x, counts, experts):
-    """Rows of x sorted by local expert, counts[i] rows for experts[i]: a loop of dense
-    matmuls, one contiguous slice per expert. An expert with no rows still runs (on an
-    empty slice), so every expert parameter gets a gradient and its DataParallel hook fires.
-
-    A loop rather than one batched matmul over experts padded to the largest count:
-    dropless routing gives each expert a different number of rows, and padding costs
-    compute and memory in proportion to the imbalance (and needs a capacity to bound
-    it). The loop multiplies exactly the routed rows, in large dense GEMMs when batches
-    are large; its price is three kernel launches per local expert. A grouped GEMM
-    (one launch for all experts, e.g. torch._grouped_mm) is the drop-in replacement."""
-    parts = x.split(counts.tolist())
-    return torch.cat([expert(part) for expert, part in zip(experts, parts)])
-
-
 def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, traffic=None):
     """sum_k weights[:, k] * expert_{expert_ids[:, k]}(x), the experts possibly on other ranks.
 
     x (N, dim): this rank's tokens; expert_ids (N, top_k): global expert indices, -1 for an
     assignment dropped by a capacity limit (it contributes 0); weights (N, top_k);
-    `experts`: this rank's experts in order (local_experts). Returns (N, dim). If given,
+    `experts(rows, counts)`: this rank's experts (local_experts, in order) run on rows sorted
+    by local expert, counts[i] rows for the i-th (a loop of dense matmuls, or one grouped
+    matmul: mixtral.Experts; either way exactly the routed rows, no padding to the largest
+    count, whose cost grows with the imbalance). Returns (N, dim). If given,
     `traffic` (a dict) gets "bytes_sent": what this rank sends to other ranks in the two
     exchanges of the forward (the backward sends as much again).
     """
@@ -1220,7 +1210,7 @@ def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, tra
     rows = x[token[assignment]]
 
     if layout.ep == 1:
-        out = _run_experts(rows, counts, experts)
+        out = experts(rows, counts)
     else:
         per_rank = n_experts // layout.ep
         # 1. Counts: recv[s, i] = rows rank s sends to my local expert i.
@@ -1238,7 +1228,7 @@ def moe_dispatch_combine(x, expert_ids, weights, experts, n_experts, layout, tra
         # 3. Regroup by local expert, run the experts, restore the arrival order.
         local_id = torch.arange(per_rank, device=x.device).repeat(layout.ep)
         by_expert = torch.argsort(local_id.repeat_interleave(recv.reshape(-1)), stable=True)
-        y = _run_experts(received[by_expert], recv.sum(0), experts)
+        y = experts(received[by_expert], recv.sum(0))
         y = y[torch.argsort(by_expert)]
         # 4. Back to the ranks the tokens came from (the reverse exchange).
         out = _AllToAll.apply(y, recv_sizes, send_sizes, layout.ep_group)
@@ -1488,7 +1478,8 @@ def apply_recompute(modules, mode, layers_per_unit=1, method="uniform"):
 
 
 def _plain_forward(layer, *args, **kwargs):
-    return type(layer).forward(layer, *args, **kwargs)  # the class's, not the instance's
+    # The class's forward, not the instance's (or apply_compile's compiled copy of it).
+    return getattr(layer, "compiled_forward", type(layer).forward)(layer, *args, **kwargs)
 
 
 def _unit_forward(unit, x, *args, **kwargs):
@@ -1523,6 +1514,38 @@ def _attributes_restored(unit):
             for k in [k for k in vars(m) if not k.startswith("_") and k not in attributes]:
                 delattr(m, k)
             vars(m).update(attributes)
+
+
+# ----------------------------------------------------------------------------
+# Compilation: each layer compiled by torch.compile, the model around it eager
+# ----------------------------------------------------------------------------
+# torch.compile fuses a layer's elementwise work (norms, RoPE, SwiGLU, residual adds)
+# into a few kernels around the matmuls. It is applied per layer, as torchtitan does,
+# not to the whole model: every layer of a family has the same code and shapes, so one
+# graph (and one compile) serves them all; the pipeline schedule, the data-parallel
+# hooks and the output layer stay plain Python; and what the compiler cannot trace
+# (a collective, an expert dispatch with data-dependent sizes) breaks the graph there
+# and runs eagerly, so every layout works as before. In place (Module.compile), so
+# parameter names, and with them checkpoints, do not change. Under full recomputation
+# the compiled code runs inside the checkpoint (torch.compile cannot trace a checkpoint
+# given a context_fn, which _checkpointed_unit needs): call apply_recompute first.
+
+def apply_compile(modules):
+    """Compile each layer of these model chunks with torch.compile (see above)."""
+    for model in modules:
+        for layer in model.layers.values():
+            if "forward" in vars(layer):  # in a unit of apply_recompute: see _plain_forward
+                layer.compiled_forward = torch.compile(type(layer).forward)
+            else:
+                layer.compile()
+
+
+def compile_seconds():
+    """Seconds this process has spent compiling so far (torch.compile's own accounting of
+    its compilations: tracing, forward and backward graphs, code generation). Without a
+    compilation torch._dynamo was never imported (1 s): 0 without importing it."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return sum(dynamo.compilation_time_metrics.get("_compile.compile_inner", [])) if dynamo else 0.0
 
 
 # ----------------------------------------------------------------------------

@@ -83,6 +83,9 @@ def parse_args(argv=None):
     a("--recompute-layers", type=int, default=None, metavar="N",
       help="--recompute full: layers per unit (uniform) or layers checkpointed (block) "
            "(default: 1)")
+    a("--compile", action="store_true",
+      help="torch.compile each transformer layer (the first step compiles: its time is "
+           "reported as compile, not step time)")
     a("--moe-capacity-factor", type=float, default=None,
       help="mixture of experts: each expert keeps at most factor x its even share of a "
            "micro-batch's choices, dropping the rest (default: the preset's, 0 = dropless)")
@@ -438,6 +441,13 @@ def check_args(args, cfg, tokenizer):
                                args.ep)
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
+    if args.compile and args.precision == "fp8":
+        raise UsageError("--compile with --precision fp8: the FP8 linears record their amaxes in "
+                         "place, which torch.compile's backward refuses; drop one of them")
+    if args.compile and kernels._INTERPRET and os.environ.get("KERNELS_BACKEND") == "triton":
+        raise UsageError("--compile cannot trace the Triton kernels run by Triton's interpreter "
+                         "(TRITON_INTERPRET=1, KERNELS_BACKEND=triton): drop --compile, or unset "
+                         "KERNELS_BACKEND to compile the torch path")
     chunk_layers = parallel.pipeline_chunks(cfg.n_layers, args.pp, args.vpp, pp_layers(args))
     recompute_flags = [f for f, v in (("--recompute-method", args.recompute_method),
                                       ("--recompute-layers", args.recompute_layers)) if v is not None]
@@ -627,6 +637,8 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     if precision == "fp8":
         recipe = parallel.FP8Recipe(args.fp8_recipe, args.fp8_amax_history_len, args.fp8_margin)
         fp8 = parallel.enable_fp8(modules, recipe, layout, cfg.n_layers, args.fp8_bf16_layers)
+    if args.compile:  # (after recompute and FP8 have set up the layers it compiles)
+        parallel.apply_compile(modules)
     run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer, train_data=train_data,
               val_data=val_data, chunks=chunks, modules=modules,
               actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
@@ -1120,10 +1132,16 @@ def training_loop(run):
     with StopSignals(announce=layout.is_main) as signals:
         for step in range(run.start_step, args.steps):
             run.doing, t_step = f"step {step + 1}", time.perf_counter()
+            compiled_before = parallel.compile_seconds()
             record = train_step(run, step)
             router = router_figures(run.modules, layout, run.tokens_per_step)
             record.update(head_figures(run))
-            step_time = time.perf_counter() - t_step  # (evaluation and saving not included)
+            # (evaluation, saving and --compile's compilation, reported apart, not included)
+            compile_s = parallel.compile_seconds() - compiled_before
+            step_time = time.perf_counter() - t_step - compile_s
+            if compile_s:
+                record["compile_s"] = compile_s
+                run.logger.print(f"compile: {compile_s:.1f} s (step {step + 1}; not in its step time)")
             record.update(tokens_per_s=run.tokens_per_step / step_time, step_time=step_time,
                           mfu=step_flops / step_time / (peak * layout.world) if peak else None,
                           mem_gb=memory_gb(layout.device),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one command, for the sessions that are lent one:
+# Everything only a GPU can show, in one command:
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh          # the general checks, below
 #   OUT=gpu-results bash scripts/gpu_check.sh mamba    # Mamba's (at the end of this file)
@@ -7,6 +7,7 @@
 #   OUT=gpu-results bash scripts/gpu_check.sh t5       # T5's
 #   OUT=gpu-results bash scripts/gpu_check.sh fp8      # FP8's: the GEMM and FP8 training
 #   OUT=gpu-results bash scripts/gpu_check.sh memory   # the planner vs CUDA's peak; recompute
+#   OUT=gpu-results bash scripts/gpu_check.sh mfu      # tokens/s and MFU of a ~1B llama: eager/compile
 #
 # 1. every test of tests/test_triton.py, tests/test_kernels.py and tests/test_ssm_kernels.py,
 #    compiled on the GPU: the interpreter-sized cases (ragged lengths, decoding, windows,
@@ -20,11 +21,11 @@
 # others, and writes its log (and JSON, and each test's duration) under $OUT as it goes;
 # BENCHMARKS.md is written from these files, with the device, date and commit they name.
 #
-# At most 8.5 minutes in all. The limits are not measured yet: no session so far had a GPU.
+# At most 8.5 minutes in all. The limits are not measured yet: nothing here has run on a GPU.
 # They are bounds from what the steps do: the tests compile each kernel once per distinct
 # shape class and autotune configuration (on the CPU they take 60 s in Triton's
 # interpreter), a training step of these sizes is well under a second on an H100 (start-up
-# dominates), and bench.py kernels times ~20 cases. The first GPU session replaces them
+# dominates), and bench.py kernels times ~20 cases. The first run on a GPU replaces them
 # with its measured times (tests.log lists every test's duration) plus a margin.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,16 @@ if [ "${1:-}" = mamba ]; then
     step bench-long-context 90 python3 bench.py long-context --seq-lens 1024 2048 4096 8192 16384 \
         --mamba-config mamba2-130m --mamba-set --llama-config tiny --llama-set dim=768 n_layers=12 \
         n_heads=12 n_kv_heads=12 ffn_dim=2048 vocab_size=50288 --json "$out/long-context.json"
+    exit 0
+fi
+
+if [ "${1:-}" = mfu ]; then
+    # One GPU's throughput, at most 4 minutes: bench.py mfu (a 1.5B LLaMA, LLaMA 3.2 1B's
+    # shape, bf16, batch 2 x seq 4096), eager and compiled, torch and Triton kernels: tokens/s
+    # and MFU of the datasheet peak, compile time apart; then 2048 for the shorter sequence.
+    step bench-mfu-4096 150 python3 bench.py mfu --seq-len 4096 --json "$out/mfu-4096.json"
+    step bench-mfu-2048 80 python3 bench.py mfu --seq-len 2048 --batch-size 4 --steps 5 \
+        --json "$out/mfu-2048.json"
     exit 0
 fi
 

@@ -106,3 +106,32 @@ def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["plot", str(tmp_path / "empty.jsonl"), "-o", str(out)])
     assert "holds no step records" in capsys.readouterr().err
+
+
+def test_mfu_runs_on_cpu_eager_and_compiled(tmp_path, capsys):
+    """On a CPU `bench.py mfu` trains the test llama at a tiny shape, eager and compiled,
+    and says that its MFU is a CPU figure."""
+    out = tmp_path / "mfu.json"
+    # (the shape of tests/test_compile.py's runs: torch.compile's cache holds its graphs)
+    bench.main(["mfu", "--device", "cpu", "--steps", "1", "--warmup", "1", "--seq-len", "32",
+                "--batch-size", "8", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["kernels"], r["compile"]) for r in results["rows"]] == [("torch", "no"), ("torch", "yes")]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in results["rows"])
+    eager, compiled = results["rows"]
+    assert abs(eager["loss"] - compiled["loss"]) <= 1e-5 * abs(eager["loss"])
+    assert "CPU figure" in capsys.readouterr().out
+
+
+def test_train_vs_hf_compile_and_moe_grouped_vs_loop(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["train-vs-hf", "--config", "test", "--seq-len", "32", "--batch-size", "8", "--steps", "1",
+                "--warmup", "1", "--block", "1", "--device", "cpu", "--compile", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results["compiled"]["tokens_per_s"] > 0 and results["compiled_vs_eager"] > 0
+    assert abs(results["compiled"]["loss_last"] - results["ours"]["loss_last"]) <= 1e-5 * results["ours"]["loss_last"]
+    bench.main(["moe-ep", "--config", "test", "--world", "1", "--seq-len", "32", "--global-batch", "4",
+                "--steps", "1", "--device", "cpu", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["results"]["rows"]
+    assert row["loop_step_s"] > 0 and row["grouped_speedup"] > 0
+    assert "grouped matmuls (mixtral.Experts) vs their reference loop" in capsys.readouterr().out

@@ -68,6 +68,7 @@ ELSEWHERE = {
     "python bench.py moe-ep": "tests/test_bench.py::test_moe_ep_counts_all_to_all_bytes",
     "python bench.py long-context": "tests/test_bench.py::test_long_context_measures_both_models",
     "python bench.py kernels": "tests/test_bench.py::test_kernels_runs_on_cpu",
+    "python bench.py mfu": "tests/test_bench.py::test_mfu_runs_on_cpu_eager_and_compiled",
     "python bench.py fp8-gemm": "tests/test_bench.py::test_fp8_gemm_reports_the_emulation_cost_on_cpu",
     "python bench.py fp8-curve": "tests/test_bench.py::test_fp8_curve_compares_each_recipe_with_fp32",
     **{command: "parsed by test_bench_command_lines_parse" for command in BENCH_PARSED},
