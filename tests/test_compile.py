@@ -11,6 +11,7 @@ layouts and the other families run with TEST_COMPILE_ALL=1.
 import os
 
 import pytest
+import torch
 
 from conftest import LAYOUT, assert_same_run, one_line_error, one_process, train_job, train_on
 
@@ -22,6 +23,7 @@ SLOW = pytest.mark.skipif(not os.environ.get("TEST_COMPILE_ALL"),
 
 @pytest.fixture(scope="module")
 def compiled_llama():
+    torch._dynamo.reset()  # (so that this run compiles, whatever compiled the same layer before)
     return train_job(LLAMA + ["--compile"])
 
 
