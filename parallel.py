@@ -290,19 +290,22 @@ def all_reduce_world(tensor, layout, op=dist.ReduceOp.SUM):
     return tensor
 
 
-# What gloo's errors say when the other end of a collective or a pipeline message failed.
-# (NCCL's watchdog aborts the process itself once a collective outlives the timeout.)
-_PEER_FAILURES = {"Timed out waiting": "no answer from the other ranks within the timeout",
-                  "Connection reset by peer": "another rank closed its connection (it exited)",
-                  "Connection closed by peer": "another rank closed its connection (it exited)",
-                  "Broken pipe": "another rank closed its connection (it exited)"}
+# What gloo's errors say (lower-cased) when the other end of a collective or a pipeline
+# message failed: "Timed out waiting 3000ms for recv operation", "Application timeout
+# caused pair closure", "Connection reset by peer", ... (NCCL's watchdog aborts the process
+# itself once a collective outlives the timeout.)
+_PEER_FAILURES = {"timed out": "no answer from the other ranks within the timeout",
+                  "application timeout": "no answer from the other ranks within the timeout",
+                  "connection reset": "another rank closed its connection (it exited)",
+                  "connection closed": "another rank closed its connection (it exited)",
+                  "broken pipe": "another rank closed its connection (it exited)"}
 
 
 def peer_failure(error):
     """What went wrong, in a few words, when `error` means that another rank died, hangs
     or was stopped; None for any other error (a bug here, to be reported as such)."""
     text = str(error)
-    reason = next((why for sign, why in _PEER_FAILURES.items() if sign in text), None)
+    reason = next((why for sign, why in _PEER_FAILURES.items() if sign in text.lower()), None)
     if reason is None and isinstance(error, dist.DistError):
         reason = text.splitlines()[0] if text else type(error).__name__
     return reason

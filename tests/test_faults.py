@@ -329,3 +329,20 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
     assert path.read_text().splitlines() == [json.dumps(r) for r in lines[:-2]]
     assert [r["step"] for r in train.read_metrics(path)] == [1, 2, 3, 1, 2, 3]
     assert train.trim_metrics(path, 3) == 0
+
+
+@pytest.mark.parametrize("message,reason", [
+    ("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to "
+     "complete", "within the timeout"),
+    ("Application timeout caused pair closure", "within the timeout"),
+    ("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:28847: Connection reset by peer",
+     "closed its connection"),
+    ("Connection closed by peer [127.0.0.1]:5423", "closed its connection"),
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)", None),
+])
+def test_what_gloo_says_when_a_peer_fails(message, reason):
+    """Each text gloo was seen to raise when a peer died or stopped (the second, rarely,
+    instead of the first: a stopped peer's collective, under load) means a peer failure;
+    anything else stays the error it is."""
+    got = parallel.peer_failure(RuntimeError(message))
+    assert got is None if reason is None else reason in got
