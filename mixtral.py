@@ -172,6 +172,10 @@ class Experts(nn.ModuleDict):
     expert (counts[i] rows for the i-th): each projection one grouped matmul over every
     expert's rows, no padding, one launch instead of one per expert."""
 
+    # Eager under --compile: torch.compile's tracing of _grouped_mm accepts bf16 only (its
+    # GPU kernel's rule) where the CPU multiplies fp32 too, and the dispatch around the
+    # experts (data-dependent row counts) is a graph break anyway.
+    @torch.compiler.disable
     def forward(self, x, counts):
         experts = list(self.values())
         if any(e.gate_proj.fp8 is not None for e in experts):  # FP8 scales are per expert

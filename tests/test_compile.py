@@ -5,8 +5,9 @@ presets, the losses and gradient norms differ by at most 1e-7 relative over 3 st
 gpt, mixtral, mamba, bert, t5; most steps bit-identical), so 1e-5, the layouts' tolerance,
 holds with a margin. Compilation is slow on a CPU (40 s for the test llama's layer graph
 on 2 cores with a cold cache; each layout and family compiles graphs of its own, 20-60 s
-more each): the suite runs one process (and recomputation, which reuses its graph); the
-layouts and the other families run with TEST_COMPILE_ALL=1.
+more each): the suite runs llama in one process (and with recomputation, which reuses its
+graph) and Mixtral (whose experts stay eager); the layouts and the other families run with
+TEST_COMPILE_ALL=1.
 """
 import os
 
@@ -74,8 +75,9 @@ def test_compile_with_fp8_is_one_line(capsys):
     assert "--compile" in err and "fp8" in err
 
 
-@SLOW
-@pytest.mark.parametrize("model", ["gpt", "mixtral", "mamba", "bert", "t5"])
+@pytest.mark.parametrize("model", [
+    "mixtral",  # (in the suite: its experts run eagerly between graph breaks, see mixtral.Experts)
+    *(pytest.param(m, marks=SLOW) for m in ("gpt", "mamba", "bert", "t5"))])
 def test_each_family_compiles_to_the_eager_run(model):
     argv = ["--model", model, *LAYOUT, "--steps", "2"]
     records, _ = train_job(argv + ["--compile"])
