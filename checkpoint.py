@@ -67,17 +67,23 @@ def complete_steps(root):
     return sorted(steps)
 
 
+def newest(root):
+    """The newest complete step directory under `root`, or None."""
+    steps = complete_steps(root)
+    return os.path.join(root, step_dir_name(steps[-1])) if steps else None
+
+
 def resolve(path):
     """`--load PATH`: a step directory, or a save root (its newest complete step)."""
     if not os.path.exists(path):
         raise parallel.UsageError(f"--load {path}: no such directory")
     if os.path.isfile(os.path.join(path, "index.json")):
         return path
-    steps = complete_steps(path)
-    if not steps:
+    step_dir = newest(path)
+    if step_dir is None:
         raise parallel.UsageError(f"--load {path} is not a checkpoint: no index.json and no "
                                   f"complete {STEP_PREFIX}* directory inside")
-    return os.path.join(path, step_dir_name(steps[-1]))
+    return step_dir
 
 
 def _fsync_write(path, text):

@@ -748,9 +748,9 @@ def stop_message(run, what):
     """The one line training stops with: what went wrong, at which step, and the last good
     checkpoint to resume from."""
     args = run.args
-    steps = checkpoint.complete_steps(args.save) if args.save else []
-    if steps:
-        last = f"last good checkpoint: {os.path.join(args.save, checkpoint.step_dir_name(steps[-1]))}"
+    step_dir = checkpoint.newest(args.save) if args.save else None
+    if step_dir:
+        last = f"last good checkpoint: {step_dir}"
     else:
         last = "no checkpoint was saved" + ("" if args.save else " (no --save)")
     return f"{what}; stopped, nothing of this state saved; {last}"
@@ -933,6 +933,15 @@ def describe_accuracies(record, prefix=""):
                     if prefix + key in record)
 
 
+def describe_mfu(records, device):
+    """The mean MFU of these steps' records, "41.2%" (of a GPU's datasheet peak), on a CPU
+    "41.2% of cpu matmul" (see peak_flops), or "n/a" without a peak."""
+    if records[0]["mfu"] is None:
+        return "n/a"
+    mfu = sum(r["mfu"] for r in records) / len(records)
+    return f"{mfu:.1%}" if device.type == "cuda" else f"{mfu:.1%} of cpu matmul"
+
+
 def clock(seconds):
     """h:mm:ss"""
     seconds = round(seconds)
@@ -1016,9 +1025,7 @@ class Logger:
         if done % args.log_every == 0 or done == args.steps or "val_loss" in record:
             steps, self.interval = self.interval, []  # speed over the steps since the last line
             step_time = sum(r["step_time"] for r in steps) / len(steps)
-            mfu = sum(r["mfu"] for r in steps) / len(steps) if record["mfu"] is not None else None
             on_gpu = self.layout.device.type == "cuda"
-            mfu = "n/a" if mfu is None else f"{mfu:.1%}" if on_gpu else f"{mfu:.1%} of cpu matmul"
             memory = f"peak mem {record['mem_gb']:.2f} GB" if on_gpu else f"peak rss {record['mem_gb']:.2f} GB"
             train_acc, val_acc = describe_accuracies(record), describe_accuracies(record, "val_")
             train_acc = f" ({train_acc})" if train_acc else ""
@@ -1027,8 +1034,8 @@ class Logger:
             moe = self.describe_router() if self.router_steps else ""
             self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{train_acc}{val}{moe} | lr "
                        f"{record['lr']:.2e} | grad {record['grad_norm']:.2f} | "
-                       f"{record['tokens_seen'] and args.global_batch_size * args.seq_len / step_time:,.0f} "
-                       f"tok/s | step {step_time:.2f}s | mfu {mfu} | {memory} | "
+                       f"{args.global_batch_size * args.seq_len / step_time:,.0f} tok/s | step "
+                       f"{step_time:.2f}s | mfu {describe_mfu(steps, self.layout.device)} | {memory} | "
                        f"{clock(elapsed)} elapsed, eta {clock(eta)}", flush=True)
         if self.metrics:
             self.write(record)
@@ -1182,10 +1189,9 @@ def summary(run, records, seconds):
     args = run.args
     evaluated = [r for r in records if "val_loss" in r]
     best = min(evaluated, key=lambda r: r["val_loss"])
-    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
     speed = f"{run.tokens_per_step * len(records) / sum(r['step_time'] for r in records):,.0f} tok/s"
     if records[0]["mfu"] is not None:
-        speed += f", mfu {mean('mfu'):.1%}" + ("" if run.layout.device.type == "cuda" else " of cpu matmul")
+        speed += f", mfu {describe_mfu(records, run.layout.device)}"
     files = [f"checkpoints in {args.save}" if args.save else "no checkpoint (no --save)"]
     files += [f"metrics in {args.metrics}"] if args.metrics else []
     return (f"done: {len(records)} steps in {clock(seconds)} | loss {records[0]['loss']:.4f} -> "
@@ -1257,9 +1263,8 @@ def peer_failure_message(args, run, layout, reason):
     doing = run.doing if run else "setting up"
     last = ""
     if args.save:
-        steps = checkpoint.complete_steps(args.save)
-        last = (f"; last checkpoint: {os.path.join(args.save, checkpoint.step_dir_name(steps[-1]))}"
-                if steps else "; no checkpoint saved yet")
+        step_dir = checkpoint.newest(args.save)
+        last = f"; last checkpoint: {step_dir}" if step_dir else "; no checkpoint saved yet"
     return (f"rank {layout.rank}, {doing}: {reason} (--distributed-timeout-minutes "
             f"{args.distributed_timeout_minutes:g}); "
             f"a rank died, hangs or was stopped: see its own output{last}")
