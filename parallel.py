@@ -1526,16 +1526,21 @@ def _attributes_restored(unit):
 # into a few kernels around the matmuls. It is applied per layer, as torchtitan does,
 # not to the whole model: every layer of a family has the same code and shapes, so one
 # graph (and one compile) serves them all; the pipeline schedule, the data-parallel
-# hooks and the output layer stay plain Python; and what the compiler cannot trace
-# (a collective, an expert dispatch with data-dependent sizes) breaks the graph there
-# and runs eagerly, so every layout works as before. In place (Module.compile), so
-# parameter names, and with them checkpoints, do not change. Under full recomputation
-# the compiled code runs inside the checkpoint (torch.compile cannot trace a checkpoint
-# given a context_fn, which _checkpointed_unit needs): call apply_recompute first.
+# hooks and the output layer stay plain Python (the final norm before the output layer
+# is compiled alone: its dozen elementwise passes over the residual stream become two);
+# and what the compiler cannot trace (a collective, an expert dispatch with
+# data-dependent sizes) breaks the graph there and runs eagerly, so every layout works
+# as before. In place (Module.compile), so parameter names, and with them checkpoints,
+# do not change. Under full recomputation the compiled code runs inside the checkpoint
+# (torch.compile cannot trace a checkpoint given a context_fn, which _checkpointed_unit
+# needs): call apply_recompute first.
 
 def apply_compile(modules):
-    """Compile each layer of these model chunks with torch.compile (see above)."""
+    """Compile each layer of these model chunks, and the final norm of the last, with
+    torch.compile (see above)."""
     for model in modules:
+        if getattr(model, "norm", None) is not None:
+            model.norm.compile()
         for layer in model.layers.values():
             if "forward" in vars(layer):  # in a unit of apply_recompute: see _plain_forward
                 layer.compiled_forward = torch.compile(type(layer).forward)

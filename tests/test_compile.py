@@ -82,3 +82,19 @@ def test_each_family_compiles_to_the_eager_run(model):
     argv = ["--model", model, *LAYOUT, "--steps", "2"]
     records, _ = train_job(argv + ["--compile"])
     assert_same_run(records, one_process(argv))
+
+
+def test_compile_covers_the_layers_and_the_final_norm_only_where_held():
+    """What apply_compile compiles: every layer of each chunk, and the final norm of the
+    chunk that holds it (pipeline chunks before the last have none)."""
+    import models
+    import parallel
+    cfg = models.make_config("llama", "test", [])
+    whole = models.build("llama", cfg, torch.device("cpu"), 0)
+    parallel.apply_compile([whole])
+    assert all(layer._compiled_call_impl is not None for layer in whole.layers.values())
+    assert whole.norm._compiled_call_impl is not None
+    assert whole.embed._compiled_call_impl is None  # the model around the layers stays eager
+    first = models.build("llama", cfg, torch.device("cpu"), 0, chunk=parallel.Chunk(0, [0], True, False))
+    parallel.apply_compile([first])
+    assert first.norm is None and first.layers["0"]._compiled_call_impl is not None
