@@ -11,10 +11,10 @@ What a rank holds (bytes):
       parallel.AdamW over them (their flat buffers are meta tensors too): fp32 weights
       in flat buffers padded to a multiple of the replicas, fp32 gradient buffers of the
       same size, and per bucket on the rank's ZeRO-1 slice (all of it without ZeRO-1):
-      Adam's two moments, the weight-decay mask, the gradient-norm mask, and with ZeRO-1
-      the reduce-scattered gradient slice. Experts are split over ep, tp shards and
-      vocabulary padding are what the layers build, a tied embedding has its copy on
-      the last stage.
+      Adam's two moments, and with ZeRO-1 the reduce-scattered gradient slice (which
+      elements decay and which count in the gradient norm are ranges: no memory).
+      Experts are split over ep, tp shards and vocabulary padding are what the layers
+      build, a tied embedding has its copy on the last stage.
   activations: the bytes saved for backward by one micro-batch (formulas below), times
       the micro-batches the schedule keeps in flight on the stage.
   autocast weight copies (bf16/fp16): autocast caches one low-precision copy of every
@@ -520,8 +520,7 @@ def state_bytes(model, cfg, layout, layers_per_chunk=None, zero1=True):
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     weights = nbytes(b.data for b in ddp.buckets)
     grads = nbytes(b.grads for b in ddp.buckets)
-    optimizer = nbytes([*opt.exp_avg, *opt.exp_avg_sq, *opt.decay, *(b.norm_weight for b in ddp.buckets),
-                        *(b.grad_shard for b in ddp.buckets if b.sharded)])
+    optimizer = nbytes([*opt.exp_avg, *opt.exp_avg_sq, *(b.grad_shard for b in ddp.buckets if b.sharded)])
     n_params = sum(p.numel() for m in modules for p in m.parameters())
     vocab = -(-cfg.vocab_size // layout.tp) * layout.tp
     return weights, grads, optimizer, n_params, vocab, chunks

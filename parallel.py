@@ -1570,7 +1570,8 @@ class Bucket:
     sharded: bool             # ZeRO-1: each replica reduces to, and updates, its own slice
     shard: slice              # the part of `data` this rank updates (all of it without ZeRO-1)
     grad_shard: torch.Tensor  # its reduced gradient (`grads` itself without ZeRO-1)
-    norm_weight: torch.Tensor  # 1 where an element of the shard counts in the gradient norm
+    norm_ranges: list         # (start, stop) in the shard of the elements that count in the
+                              # gradient norm (see counts_once)
     expert: bool = False      # experts' parameters (reduced over their own group)
     deferred: str = None      # reduced in finish(): "embedding" (tied across the first and
                               # last stage) or "pipeline" (parameters every chunk holds)
@@ -1658,7 +1659,6 @@ class DataParallel:
         device = named[0][1].device
         grads = torch.zeros(padded, device=device)
         data = torch.zeros(padded, device=device)
-        counted = torch.zeros(padded, device=device)
         offset = 0
         for _, p in named:
             n = p.numel()
@@ -1667,14 +1667,13 @@ class DataParallel:
             # and autograd accumulates into an existing .grad in place, so views stay views.
             p.data = data[offset:offset + n].view_as(p)
             p.grad = grads[offset:offset + n].view_as(p)
-            counted[offset:offset + n] = float(counts_once(p, layout))
             offset += n
         shard = slice(rank * (padded // replicas), (rank + 1) * (padded // replicas)) if sharded \
             else slice(0, padded)
         return Bucket(params=named, grads=grads, data=data, group=group, sharded=sharded,
                       shard=shard, grad_shard=torch.zeros(padded // replicas, device=device)
-                      if sharded else grads, norm_weight=counted[shard].clone(), expert=expert,
-                      deferred=deferred)
+                      if sharded else grads, expert=expert, deferred=deferred,
+                      norm_ranges=shard_ranges(named, shard, lambda _, p: counts_once(p, layout)))
 
     def _make_hook(self, bucket):
         def hook(param):
@@ -1742,6 +1741,23 @@ class DataParallel:
                 dist.all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
 
 
+def shard_ranges(named, shard, keep):
+    """Where in a bucket's `shard` (a slice of its flat buffer) the parameters that
+    `keep(name, param)` selects lie, as merged (start, stop) pairs of shard positions:
+    a rule per parameter (decay it, count it in the norm) that costs no memory per element."""
+    ranges, offset = [], 0
+    for name, p in named:
+        start, stop = max(offset, shard.start) - shard.start, min(offset + p.numel(), shard.stop) - shard.start
+        offset += p.numel()
+        if start >= stop or not keep(name, p):
+            continue
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
+
+
 class AdamW:
     """AdamW on the flat buffers of a DataParallel: each rank updates its own slice of
     every bucket (the whole bucket without ZeRO-1). fp32 state and master weights.
@@ -1751,28 +1767,22 @@ class AdamW:
     """
 
     def __init__(self, ddp, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
-        self.ddp, self.lr, self.betas, self.eps = ddp, lr, betas, eps
+        self.ddp, self.lr, self.weight_decay, self.betas, self.eps = ddp, lr, weight_decay, betas, eps
         self.steps = 0
         self.exp_avg = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
         self.exp_avg_sq = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
-        self.decay = []  # per bucket: weight_decay where it applies, else 0, on the slice
-        for b in ddp.buckets:
-            full = torch.zeros_like(b.grads)
-            offset = 0
-            for name, p in b.params:
-                if p.dim() >= 2 and "embed" not in name:
-                    full[offset:offset + p.numel()] = weight_decay
-                offset += p.numel()
-            self.decay.append(full[b.shard].clone())
+        self.decayed = [shard_ranges(b.params, b.shard, lambda name, p: p.dim() >= 2 and "embed" not in name)
+                        for b in ddp.buckets]  # per bucket: where in its slice weight decay applies
 
     @torch.no_grad()
     def step(self):
         self.steps += 1
         beta1, beta2 = self.betas
         bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for b, m, v, decay in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decay):
+        for b, m, v, decayed in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decayed):
             param, grad = b.data[b.shard], b.grad_shard
-            param.mul_(1 - self.lr * decay)
+            for start, stop in decayed:
+                param[start:stop].mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
@@ -1824,12 +1834,12 @@ def clip_grad_norm(ddp, max_norm):
     Each element is counted exactly once: ZeRO slices are summed over their bucket's
     group, experts over ep (each ep rank holds others), tp shards over tp, pipeline
     stages over pp; what counts_once excludes (copies replicated over tp, the last
-    stage's copy of tied embeddings) is weighted 0.
+    stage's copy of tied embeddings) is left out.
     """
     layout = ddp.layout
     dense, experts = torch.zeros((), device=layout.device), torch.zeros((), device=layout.device)
     for b in ddp.buckets:
-        square = (b.grad_shard.float().pow(2) * b.norm_weight).sum()
+        square = sum(b.grad_shard[start:stop].float().pow(2).sum() for start, stop in b.norm_ranges)
         if b.expert:
             experts += square
         else:

@@ -70,9 +70,7 @@ def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
         ddp.close()
         nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)
         state = (nb(b_.data for b_ in ddp.buckets), nb(b_.grads for b_ in ddp.buckets),
-                 nb([*opt.exp_avg, *opt.exp_avg_sq, *opt.decay,
-                     *(b_.norm_weight for b_ in ddp.buckets),
-                     *(b_.grad_shard for b_ in ddp.buckets if b_.sharded)]))
+                 nb([*opt.exp_avg, *opt.exp_avg_sq, *(b_.grad_shard for b_ in ddp.buckets if b_.sharded)]))
         params = {p.untyped_storage().data_ptr() for p in module.parameters()}
         seen = {}
 
