@@ -26,10 +26,11 @@ What a rank holds (bytes):
 
 The measured quantity that `activation_bytes` predicts (tests/test_memory.py measures
 it): the distinct storages of the tensors autograd saves during one micro-batch's
-forward, each storage counted once at its full size, excluding the parameters and the
-tensors that are only views or casts of parameters (autocast's weight copies, counted
-separately above). bench.ActivationMeter counts more: every saved tensor, parameters
-and repeated views of one storage included.
+forward and still holds at its end (a branch the forward drops, such as the final state
+of Mamba's scan, frees what it saved), each storage counted once at its full size,
+excluding the parameters and the tensors that are only views or casts of parameters
+(autocast's weight copies, counted separately above). bench.ActivationMeter counts
+more: every saved tensor, parameters and repeated views of one storage included.
 """
 import copy
 import dataclasses
@@ -322,8 +323,10 @@ def mamba2_mixer(sh, cfg):
 #   repeated to the heads (4 n' H N, read by the chunk-state product) and einsum's copies
 #   of C, B, B * decay and C again (4 e n' H N); dt x as two einsum operands and C.state
 #   (3 e n' H P); the decays to the chunk's end and from its start (2 x 4 n' H), the chunk
-#   decays (4 b H c), the states passed (c x 4 b H P N, fp32) and their stack as einsum's
-#   operand (e b c H P N). Under autocast the float() copy of x too (4 n' D).
+#   decays (4 b H c), the states passed ((c - 1) x 4 b H P N, fp32: the last chunk's
+#   update saves one more, but it only computes the final state, which training drops with
+#   its part of the graph) and their stack as einsum's operand (e b c H P N). Under
+#   autocast the float() copy of x too (4 n' D).
 def ssd(sh, cfg):
     H, N, P, L, e = cfg.n_heads // sh.tp, cfg.d_state, cfg.head_dim, cfg.chunk_size, sh.e
     # under cp the scan sees every token of 1/cp of the heads: as b*cp sequences of H/cp... the
@@ -337,7 +340,7 @@ def ssd(sh, cfg):
     cast = 0 if e == 4 else 4 * n_pad * H * P
     return (L * L + 4 * n_pad * H * L + 2 * e * n_pad * H * L + 4 * n_pad * H * N
             + 4 * e * n_pad * H * N + 3 * e * n_pad * H * P + 2 * 4 * n_pad * H + 4 * b * H * c
-            + c * 4 * b * H * P * N + e * b * c * H * P * N + pad + cast)
+            + (c - 1) * 4 * b * H * P * N + e * b * c * H * P * N + pad + cast)
 
 
 #   Hybrids: '*' is llama.py's attention (norm, q/k/v inputs, attention), '-' its SwiGLU MLP

@@ -2,9 +2,10 @@
 
 Parameters and optimizer state: the planner's exact byte counts against the real model
 and optimizer built on the CPU. Activations: the planner's bytes for one micro-batch
-against what autograd saves during that micro-batch's forward, measured as memory.py
-defines it: each saved storage once, at its full size, parameters and views/casts of
-parameters left out (bench.ActivationMeter counts every saved tensor, those included).
+against what autograd saves during that micro-batch's forward and still holds at its
+end, measured as memory.py defines it: each saved storage once, at its full size,
+parameters and views/casts of parameters left out (bench.ActivationMeter counts every
+saved tensor, those included).
 Each within 1% (the contract is 10%).
 """
 import pytest
@@ -19,7 +20,8 @@ from conftest import one_line_error
 # parameter through these alone is that parameter (or autocast's copy of it).
 _VIEWS = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
           "PermuteBackward0", "ExpandBackward0", "UnsafeViewBackward0", "SliceBackward0",
-          "AliasBackward0"}  # AliasBackward0: a full slice, weight[:, 0:n]
+          "AliasBackward0",  # a full slice, weight[:, 0:n]
+          "UnsqueezeBackward0"}  # Mamba-2's D[heads, None]
 
 
 def _is_parameter(t, param_storages):
@@ -55,6 +57,58 @@ def batch(model_name, cfg, b, s):
     return dict(input_ids=ids, labels=ids)
 
 
+class _Token:
+    """A saved tensor's stand-in (see LiveSaved)."""
+
+    def __init__(self, tracker, t):
+        self.tracker, self.tensor, self.key = tracker, t, t.untyped_storage().data_ptr()
+        n = tracker.refs.get(self.key, 0)
+        if n == 0:
+            tracker.live += t.untyped_storage().nbytes()
+            tracker.peak = max(tracker.peak, tracker.live)
+        tracker.refs[self.key] = n + 1
+
+    def __del__(self):
+        self.tracker.refs[self.key] -= 1
+        if self.tracker.refs[self.key] == 0:
+            self.tracker.live -= self.tensor.untyped_storage().nbytes()
+
+
+class LiveSaved:
+    """The live bytes of what autograd holds for backward, as memory.py defines them: each
+    storage once at its full size, parameters and their views/casts left out; `live` is
+    what is alive now, `peak` the most alive at once. Each saved tensor is wrapped in a
+    token; a storage counts while any token of it lives (autograd drops the tokens as
+    backward frees the graph, and as a forward drops a branch it does not use, such as
+    the final state of Mamba's scan). A parameter: a tensor in `param_storages`, or a
+    view/cast of a leaf that requires grad; without `param_storages` also such a leaf
+    itself (stage 0 receives no such activation)."""
+
+    def __init__(self, param_storages=None):
+        self.param_storages = param_storages
+        self.refs, self.live, self.peak = {}, 0, 0
+
+    def hold(self, t):
+        """A token keeping `t`'s storage counted while the token lives."""
+        return _Token(self, t)
+
+    def pack(self, t):
+        if self.param_storages is None and t.grad_fn is None and t.requires_grad:
+            return t
+        if _is_parameter(t, self.param_storages or ()):
+            return t
+        return self.hold(t)
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(
+            self.pack, lambda p: p.tensor if isinstance(p, _Token) else p)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
 def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
             sets=(), recompute="none", recompute_n=1, method="uniform"):
     """On this rank (one of LocalRanks, or the test process): (saved activation bytes of one
@@ -71,13 +125,7 @@ def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
         nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)
         state = (nb(b_.data for b_ in ddp.buckets), nb(b_.grads for b_ in ddp.buckets),
                  nb([*opt.exp_avg, *opt.exp_avg_sq, *(b_.grad_shard for b_ in ddp.buckets if b_.sharded)]))
-        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        seen = {}
-
-        def pack(t):
-            if not _is_parameter(t, params):
-                seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            return t
+        tracker = LiveSaved({p.untyped_storage().data_ptr() for p in module.parameters()})
         inputs = batch(model_name, cfg, b, s)
         if not chunks[0].first:
             inputs["hidden"] = torch.randn(b, s // cp // (tp if sp and tp > 1 else 1), cfg.dim,
@@ -86,19 +134,21 @@ def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
         # Under recomputation a checkpoint keeps its tensor arguments for the recompute
         # (outside autograd's saved tensors, which it replaces): count them as saved.
         plain = torch.utils.checkpoint.checkpoint
+        held = []
 
         def checkpoint(fn, *args, **kwargs):
-            for t in [*args, *kwargs.values()]:
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    pack(t)
+            held.extend(tracker.pack(t) for t in [*args, *kwargs.values()]
+                        if isinstance(t, torch.Tensor) and t.is_floating_point())
             return plain(fn, *args, **kwargs)
         torch.utils.checkpoint.checkpoint = checkpoint
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-                module(**inputs)
+            with tracker, autocast:
+                output = module(**inputs)
+            live = tracker.live  # while `output` holds the graph, and with it what was saved
+            del output
+            return live, state
         finally:
             torch.utils.checkpoint.checkpoint = plain
-        return sum(seen.values()), state
     finally:
         parallel.destroy_distributed(layout)
 
@@ -194,47 +244,6 @@ def test_plan_prints(capsys):
 # The peak of a real training step
 # ----------------------------------------------------------------------------
 
-class LiveSaved:
-    """The live bytes of what autograd holds for backward, as memory.py defines them: each
-    storage once at its full size, parameters and their views/casts left out; `peak` is
-    the most alive at once. Each saved tensor is wrapped in a token; a storage counts
-    while any token of it lives (autograd drops the tokens as backward frees the graph).
-    A parameter here: a leaf that requires grad (stage 0 receives no such activation), or
-    a view/cast of one."""
-
-    def __init__(self):
-        self.refs, self.live, self.peak = {}, 0, 0
-
-    def __enter__(self):
-        tracker = self
-
-        class Token:
-            def __init__(self, t):
-                self.t, self.key = t, t.untyped_storage().data_ptr()
-                n = tracker.refs.get(self.key, 0)
-                if n == 0:
-                    tracker.live += t.untyped_storage().nbytes()
-                    tracker.peak = max(tracker.peak, tracker.live)
-                tracker.refs[self.key] = n + 1
-
-            def __del__(self):
-                tracker.refs[self.key] -= 1
-                if tracker.refs[self.key] == 0:
-                    tracker.live -= self.t.untyped_storage().nbytes()
-
-        def pack(t):
-            if (t.grad_fn is None and t.requires_grad) or _is_parameter(t, ()):
-                return t
-            return Token(t)
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(
-            pack, lambda p: p.t if isinstance(p, Token) else p)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
 def traced_step(argv):
     """One training step of train.py on this rank: the live peak of saved bytes."""
     from conftest import train_job
@@ -250,9 +259,11 @@ PEAK_CASES = [
      dict(model="llama", micro_batch=2, n_micro=2)),
     (["--model", "llama", "--pp", "2", "--global-batch-size", "8", "--micro-batch-size", "2"],
      dict(model="llama", pp=2, micro_batch=2, n_micro=4)),
+    (["--model", "mamba", "--global-batch-size", "4", "--micro-batch-size", "2"],
+     dict(model="mamba", micro_batch=2, n_micro=2)),
+    (["--model", "mamba", "--config", "test-hybrid", "--global-batch-size", "4", "--micro-batch-size", "2"],
+     dict(model="mamba", preset="test-hybrid", micro_batch=2, n_micro=2)),
 ]
-# Not yet: Mamba-2 ("--model mamba"): the live peak at the end of a micro-batch's forward is
-# 1.87 MB against 1.60 MB that test_one_process measures and the planner predicts: unexplained.
 PEAKS = []  # (case, predicted, measured) for the report
 
 
@@ -269,7 +280,7 @@ def test_peak_of_a_training_step(ranks, flags, kw):
     live = ranks(pp).run(traced_step, argv=argv)[0] if pp > 1 else traced_step(argv)
     kw = dict(kw)
     model = kw.pop("model")
-    cfg = models.make_config(model, "test", ())
+    cfg = models.make_config(model, kw.pop("preset", "test"), ())
     st = memory.plan(model, cfg, world=pp, seq_len=32, torch_attention=True, **kw)[0]
     static = st.weights + st.gradients + st.optimizer
     predicted, measured = st.peak - st.logits_chunk, static + live
