@@ -141,7 +141,7 @@ class Attention(nn.Module):
         self.o_proj = parallel.RowParallelLinear(cfg.dim, cfg.dim, layout, bias=True)
 
     def forward(self, x, positions, key_padding_mask):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))

@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.proj = parallel.RowParallelLinear(cfg.dim, cfg.dim, layout, bias=True)
 
     def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))
@@ -121,7 +121,7 @@ class MLP(nn.Module):
         self.proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout, bias=True)
 
     def forward(self, x):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         return self.proj(F.gelu(self.fc(x), approximate=self.gelu))
 
 

@@ -134,7 +134,7 @@ class Attention(nn.Module):
             parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
 
     def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)
@@ -165,7 +165,7 @@ class MLP(nn.Module):
         self.down_proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout)
 
     def forward(self, x):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -295,7 +295,7 @@ class Mamba1Mixer(nn.Module):
         """`real` (B, T): False on a left-padded batch's pads (decoding), which then leave
         the states as at the sequence start (`skip_pads`)."""
         cfg, layout = self.cfg, self.layout
-        u = parallel.enter_tp_region(u, layout)
+        u = parallel.linear_input(u, layout)
         x, z = self.in_proj(u).chunk(2, dim=-1)                    # this rank's channels
         # Under cp: every token of this rank's 1/cp of the channels.
         x = parallel.context_to_heads(x, layout)
@@ -391,7 +391,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u, cache=None, real=None):
         """`real`: as Mamba1Mixer.forward's."""
         cfg, layout = self.cfg, self.layout
-        u = parallel.enter_tp_region(u, layout)
+        u = parallel.linear_input(u, layout)
         batch, T, _ = u.shape
         P, N = cfg.head_dim, cfg.d_state
         d_group = cfg.d_inner // cfg.n_groups
@@ -439,7 +439,7 @@ class SquaredReLUMLP(nn.Module):
         self.down_proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout)
 
     def forward(self, x):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         return self.down_proj(F.relu(self.up_proj(x)).square())
 
 # ----------------------------------------------------------------------------

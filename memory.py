@@ -61,9 +61,9 @@ import train
 #       x (4 n_sp h; x32 is x itself in fp32, the residual is fp32 under autocast too),
 #       rsqrt (4 n_sp), normed (4 n_sp h)                        -> 4 n_sp (2h + 1)
 #   LayerNorm (torch): x (4 n_sp h), mean and rstd (8 n_sp)      -> 4 n_sp (h + 2)
-#   a norm's output y as the input of the column-parallel linears after it: in fp32 one
-#       tensor (all n tokens after sp's all-gather) shared by them: 4 n h; under
-#       autocast each linear casts its own copy: 2 n h per linear (LLaMA's q, k, v: 3).
+#   a norm's output y as the input of the column-parallel linears after it: one tensor
+#       (all n tokens after sp's all-gather) shared by them, cast once under autocast
+#       (parallel.linear_input): e n h.
 #       (LayerNorm's y is also the linear input, not saved by the norm itself.)
 #   LLaMA attention: K and V after RoPE/transposition e n kv each, Q e n q, the
 #       attention output e n q (also o_proj's input: the same storage), the softmax
@@ -124,9 +124,10 @@ def layernorm(sh, h, e=4):
     return e * sh.n_sp * h + 8 * sh.n_sp
 
 
-def linear_inputs(sh, h, n_linears):
-    """A norm's output as read by `n_linears` column-parallel linears."""
-    return 4 * sh.n * h if sh.e == 4 else sh.e * sh.n * h * n_linears
+def linear_inputs(sh, h):
+    """A norm's output as read by the column-parallel linears after it (one tensor, all n
+    tokens after sp's gather, cast once under autocast: parallel.linear_input)."""
+    return sh.e * sh.n * h
 
 
 def llama_attention(sh, cfg):
@@ -183,17 +184,17 @@ def llama_layer(sh, cfg, i=0):
     """One LLaMA/Mistral/Qwen block (Mixtral: experts in place of the MLP), by component."""
     h = cfg.dim
     ffn = moe(sh, cfg) if hasattr(cfg, "n_experts") else swiglu_mlp(sh, cfg.ffn_dim // sh.tp)
-    return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+    return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h),
             "attention": llama_attention(sh, cfg), "mlp_norm": rmsnorm(sh, h),
-            "mlp_inputs": linear_inputs(sh, h, 1 if hasattr(cfg, "n_experts") else 2),
+            "mlp_inputs": linear_inputs(sh, h),
             "mlp": ffn}
 
 
 def gpt_layer(sh, cfg, i=0):
     h = cfg.dim
-    return {"attn_norm": layernorm(sh, h), "qkv_input": linear_inputs(sh, h, 1),
+    return {"attn_norm": layernorm(sh, h), "qkv_input": linear_inputs(sh, h),
             "attention": gpt_attention(sh, cfg), "mlp_norm": layernorm(sh, h),
-            "mlp_input": linear_inputs(sh, h, 1), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
+            "mlp_input": linear_inputs(sh, h), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
 
 
 # BERT (bert.py). Post-LN and pre-LN layers save the same pieces, in another order: the
@@ -207,10 +208,10 @@ def padding_mask(sh, q_len, k_len, e):
 
 def bert_layer(sh, cfg, i=0):
     h = cfg.dim
-    return {"attn_norm": layernorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+    return {"attn_norm": layernorm(sh, h), "qkv_inputs": linear_inputs(sh, h),
             "padding_mask": padding_mask(sh, sh.s // sh.cp, sh.s // sh.cp, sh.e),
             "attention": gpt_attention(sh, cfg), "mlp_norm": layernorm(sh, h),
-            "mlp_input": linear_inputs(sh, h, 1), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
+            "mlp_input": linear_inputs(sh, h), "mlp": gelu_mlp(sh, cfg.ffn_dim // sh.tp)}
 
 
 # T5 (t5.py): RMSNorm as LLaMA's; bias-free projections; an FFN of ReLU (its output,
@@ -224,7 +225,7 @@ def bert_layer(sh, cfg, i=0):
 #       and o_proj's input (its own copy, e n q).
 # Cross-attention (decoder): q from the decoder tokens, k and v from the encoder output
 #   (`memory`, all n_enc tokens after sp's all-gather): that output as k/v's inputs in
-#   every decoder layer (4 n_enc h in fp32; 2 casts of e n_enc h under autocast), then
+#   every decoder layer (4 n_enc h in fp32; under autocast each layer's cast e n_enc h), then
 #   flash attention over the n_enc keys: q, output e n_dec q, k, v e n_enc q, lse, and
 #   on the torch path the padding mask as a float (b, 1, s_dec, s_enc).
 def t5_self_attention(sh, cfg, q_len, mask):
@@ -239,7 +240,7 @@ def t5_self_attention(sh, cfg, q_len, mask):
 
 def t5_ffn(sh, cfg):
     f = cfg.ffn_dim // sh.tp
-    return {"mlp_inputs": linear_inputs(sh, cfg.dim, 2 if cfg.gated_gelu else 1),
+    return {"mlp_inputs": linear_inputs(sh, cfg.dim),
             "mlp": (4 if cfg.gated_gelu else 1) * sh.e * sh.n * f}
 
 
@@ -247,19 +248,19 @@ def t5_layer(sh, cfg, i):
     h, a = cfg.dim, cfg.n_heads // sh.tp
     q = a * cfg.head_dim
     if i < cfg.n_encoder_layers:
-        return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+        return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h),
                 "self_attention": t5_self_attention(sh, cfg, sh.s, sh.b * sh.s * sh.s),
                 "mlp_norm": rmsnorm(sh, h), **t5_ffn(sh, cfg)}
     d = sh.at(sh.s_dec)
     n_enc, n_dec = sh.b * sh.s, d.n
     # fp32: every decoder layer reads the one encoder output (counted once per chunk, in
-    # chunk_extras); under autocast each layer's k and v cast their own copies
-    memory = 0 if sh.e == 4 else 2 * sh.e * n_enc * h
+    # chunk_extras); under autocast each layer casts its own copy for its k and v
+    memory = 0 if sh.e == 4 else sh.e * n_enc * h
     cross = (sh.e * n_dec * 2 * q + sh.e * n_enc * 2 * q + 4 * n_dec * a
              + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e))
-    return {"attn_norm": rmsnorm(d, h), "qkv_inputs": linear_inputs(d, h, 3),
+    return {"attn_norm": rmsnorm(d, h), "qkv_inputs": linear_inputs(d, h),
             "self_attention_dec": t5_self_attention(d, cfg, sh.s_dec, sh.s_dec * sh.s_dec),
-            "cross_norm": rmsnorm(d, h), "cross_q_input": linear_inputs(d, h, 1),
+            "cross_norm": rmsnorm(d, h), "cross_q_input": linear_inputs(d, h),
             "cross_memory_inputs": memory, "cross_attention": cross,
             "mlp_norm": rmsnorm(d, h), **t5_ffn(d, cfg)}
 
@@ -350,15 +351,15 @@ def mamba_layer(sh, cfg, i):
     h, kind = cfg.dim, cfg.pattern[i]
     if kind == "M":
         mixer = mamba1_mixer(sh, cfg) if cfg.version == 1 else mamba2_mixer(sh, cfg)
-        return {"norm": rmsnorm(sh, h), "in_proj_input": linear_inputs(sh, h, 1), **mixer}
+        return {"norm": rmsnorm(sh, h), "in_proj_input": linear_inputs(sh, h), **mixer}
     a = cfg.attention_config()
     if kind == "*":
-        return {"norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h, 3),
+        return {"norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h),
                 "attention": llama_attention(sh, a)}
     f = a.ffn_dim // sh.tp
     if cfg.mlp == "swiglu":
-        return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h, 2), "mlp": swiglu_mlp(sh, f)}
-    return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h, 1), "mlp": 2 * sh.e * sh.n * f}
+        return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h), "mlp": swiglu_mlp(sh, f)}
+    return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h), "mlp": 2 * sh.e * sh.n * f}
 
 
 LAYERS = {"llama": llama_layer, "mixtral": llama_layer, "gpt": gpt_layer, "bert": bert_layer,
@@ -398,7 +399,7 @@ def chunk_extras(model, sh, cfg, chunk, padded_vocab, recompute="none"):
             # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
             # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
             predicted = int(sh.n * 0.15)
-            out["mlm_head"] = (linear_inputs(sh, h, 1) // (sh.tp if sh.sp and sh.tp > 1 else 1)
+            out["mlm_head"] = (linear_inputs(sh, h) // (sh.tp if sh.sp and sh.tp > 1 else 1)
                                + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n)
             out["loss_dx"] = sh.e * predicted * h
             out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)

@@ -690,6 +690,19 @@ def enter_tp_region(x, layout):
     return (_GatherSequence if layout.sp else _CopyToTP).apply(x, layout.tp_group)
 
 
+def linear_input(x, layout):
+    """x as the column-parallel linears after it read it: under autocast cast once to the
+    low precision, then whole on every tp rank (enter_tp_region). Left to autocast, each
+    linear would cast, and save for its weight's gradient, a copy of its own (LLaMA's q,
+    k and v: three copies of one activation); one cast serves them all. Cast before the
+    gather, sp's all-gather moves half the bytes, and the gradients of the linears'
+    inputs are summed (and reduced over tp) in that precision, as Megatron's are."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device))
+    return enter_tp_region(x, layout)
+
+
 def leave_tp_region(x, layout):
     """After a row-parallel layer: sum the partial outputs (into sequence shards under sp)."""
     if layout.tp == 1:

@@ -166,7 +166,7 @@ class Attention(nn.Module):
 
     def forward(self, x, key_padding_mask, causal, position_bias, kv_cache=None):
         """Self-attention over x; `kv_cache` (a kernels.KVCache) when decoding."""
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         k, v = self.heads(self.k_proj, x), self.heads(self.v_proj, x)
         if kv_cache is not None:
             k, v, _ = kv_cache.update(k, v)  # (T5 decodes without padding)
@@ -176,11 +176,11 @@ class Attention(nn.Module):
         """Cross-attention from x to `memory`, the encoder output as this rank holds it
         (a sequence shard under sp: every tp rank needs all of it). With a CrossCache the
         keys and values are computed at the first call only."""
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         if cache is not None and cache.k is not None:
             k, v = cache.k, cache.v
         else:
-            memory = parallel.enter_tp_region(memory, self.layout)
+            memory = parallel.linear_input(memory, self.layout)
             k, v = self.heads(self.k_proj, memory), self.heads(self.v_proj, memory)
             if cache is not None:
                 cache.k, cache.v = k, v
@@ -215,7 +215,7 @@ class FFN(nn.Module):
         self.proj = parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, layout, name="ffn_dim")
 
     def forward(self, x):
-        x = parallel.enter_tp_region(x, self.layout)
+        x = parallel.linear_input(x, self.layout)
         if hasattr(self, "gate"):  # T5 v1.1's "gelu_new" is GELU's tanh approximation
             return self.proj(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
         return self.proj(F.relu(self.fc(x)))

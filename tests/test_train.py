@@ -158,6 +158,18 @@ def test_bf16_trains_like_fp32_and_the_same_under_dp(ranks):
     assert_same_run(got, one_process(argv + ["--micro-batch-size", "4"]))
 
 
+def test_bf16_under_tp_stays_within_bf16_rounding_of_one_process(ranks):
+    """Under autocast the linears' inputs are cast to bf16 once, before sp's all-gather
+    (parallel.linear_input): the gather moves bf16, and the gradients of q, k and v's
+    input are summed, then reduce-scattered (sp) or all-reduced (tp alone), in bf16. The
+    run stays within bf16 rounding of one process, in the loss and the gradient norm."""
+    argv = ["--model", "llama", *FAST, "--precision", "bf16", "--clip-grad", "0"]
+    reference = one_process(argv)
+    for flags in (["--tp", "2"], ["--tp", "2", "--no-sp"]):
+        got, _ = train_on(ranks, 2, argv + flags)
+        assert_same_run(got, reference, rel=2e-2, keys=("loss", "grad_norm", "val_loss"))
+
+
 FP16 = ["--model", "llama", *FAST, "--steps", "12", "--precision", "fp16",
         "--initial-loss-scale", "1e6", "--loss-scale-window", "3"]
 
