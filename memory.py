@@ -76,10 +76,12 @@ import train
 #   GELU MLP: fc output and gelu output: 2 e n f.
 #   MoE (Mixtral): router probabilities 4 n E, top-k indices 8 n k, their sum 4 n,
 #       top-k weights 4 n k; the router losses' logits 4 n E, logsumexp 4 n and counts 4 E;
-#       the gather index 8 n k; the n k routed token copies (as linear inputs: 4 n k h, or 2 casts e n k h); per expert its SwiGLU
-#       on the tokens routed to it: 4 e (n k) f in all (dropless; a capacity factor c caps
-#       it at c times the even share: an upper bound, the drops depend on the routing); the combine saves two indices 2 x 8 n k, the weights
-#       4 n k, the experts' outputs e n k h and their weighted product 4 n k h (fp32).
+#       the gather index 8 n k; the n k routed token copies as the experts' input (cast
+#       once under autocast: e n k h); per expert its SwiGLU on the tokens routed to it:
+#       4 e (n k) f in all (dropless; a capacity factor c caps it at c times the even
+#       share: an upper bound, the drops depend on the routing); the combine saves two
+#       indices 2 x 8 n k, the weights 4 n k, the experts' outputs e n k h and their
+#       weighted product 4 n k h (fp32).
 #   Embedding: token ids 8 b s/cp (int64), GPT's positions 8 s/cp too.
 #   The last stage: final norm (x, rsqrt, normed; its y is not saved: the chunked loss
 #       keeps dx instead), dx e... (x's dtype: fp32, the norm's output) 4 n h,
@@ -171,8 +173,8 @@ def moe(sh, cfg):
     router = 4 * sh.n * E + 8 * sh.n * k + 4 * sh.n + 4 * sh.n * k
     losses = 4 * sh.n * E + 4 * sh.n + 4 * E
     # dispatch (parallel.moe_dispatch_combine): the gather index and the routed token copies
-    # (fp32: one tensor the experts' gate and up read; autocast: each casts its own copy)
-    dispatch = 8 * routed + (4 * routed * cfg.dim if sh.e == 4 else 2 * sh.e * routed * cfg.dim)
+    # (one tensor the experts' gate and up read, cast once under autocast: mixtral.Experts)
+    dispatch = 8 * routed + sh.e * routed * cfg.dim
     # combine: the sort order indexing the weights and the index_add's index (token[assignment],
     # computed again: its own storage), the routing weights, the experts' outputs and their
     # weighted fp32 product (index_add saves its source)

@@ -160,10 +160,8 @@ class _GroupedLinear(torch.autograd.Function):
 
 def grouped_linear(x, offsets, weights):
     """_GroupedLinear in the autocast dtype where autocast is on (as F.linear would run)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
-    with torch.autocast(device, enabled=False):
+    x = parallel.autocast_input(x)
+    with torch.autocast(x.device.type, enabled=False):
         return _GroupedLinear.apply(x, offsets, *weights)
 
 
@@ -181,6 +179,7 @@ class Experts(nn.ModuleDict):
         if any(e.gate_proj.fp8 is not None for e in experts):  # FP8 scales are per expert
             return self.loop(x, counts)
         offsets = counts.cumsum(0).to(torch.int32)
+        x = parallel.autocast_input(x)  # once, for gate and up to share (and save once)
         gate = grouped_linear(x, offsets, [e.gate_proj.weight for e in experts])
         up = grouped_linear(x, offsets, [e.up_proj.weight for e in experts])
         # down_proj's partial sum only, as Expert.forward's
@@ -190,7 +189,7 @@ class Experts(nn.ModuleDict):
         """The reference (and the FP8 path): each expert on its own slice of rows. An
         expert with no rows still runs (on an empty slice), so that every expert parameter
         gets a gradient and its DataParallel hook fires; the grouped matmuls give zeros."""
-        parts = x.split(counts.tolist())
+        parts = parallel.autocast_input(x).split(counts.tolist())  # one cast, as forward's
         return torch.cat([expert(part) for expert, part in zip(self.values(), parts)])
 
 

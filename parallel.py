@@ -697,10 +697,16 @@ def linear_input(x, layout):
     k and v: three copies of one activation); one cast serves them all. Cast before the
     gather, sp's all-gather moves half the bytes, and the gradients of the linears'
     inputs are summed (and reduced over tp) in that precision, as Megatron's are."""
+    return enter_tp_region(autocast_input(x), layout)
+
+
+def autocast_input(x):
+    """x in autocast's low precision where autocast is on (one copy, for several matmuls
+    to share), else x itself."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(device))
-    return enter_tp_region(x, layout)
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def leave_tp_region(x, layout):
