@@ -6,6 +6,7 @@ Layout tests pin what they need (CPU, fp32, gloo), so the suite runs the same on
 machine with a GPU: several ranks sharing one GPU over NCCL is not a layout we test.
 """
 import contextlib
+import importlib.metadata
 import io
 import os
 import signal
@@ -22,6 +23,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    """Refuse to start beside Hugging Face's `kernels` package: our kernels.py has its module
+    name and shadows it, so transformers (the test oracle) would import ours and fail deep
+    inside its own import."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    pytest.exit("error: Hugging Face's `kernels` package is installed, and this project's kernels.py "
+                "shadows it: run `pip uninstall -y kernels` (or install requirements-test.txt, whose "
+                "pins leave it out, in a new venv)", returncode=2)
 
 # Small and quick, on the CPU even where a GPU is (the ranks of LocalRanks talk over gloo);
 # --peak-tflops skips the start-up matmul that measures the CPU.
