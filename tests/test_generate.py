@@ -6,6 +6,7 @@ rolling cache against the full cache and the full forward, a padded batch agains
 prompt alone, tp = 2 against one process."""
 import contextlib
 import io
+import math
 import os
 import subprocess
 import sys
@@ -137,6 +138,25 @@ class ScriptModel(nn.Module):
 
 
 EOT = [256]
+
+
+def test_sampling_draws_from_the_tempered_top_k_distribution():
+    """100,000 seeded draws from one row of logits: each token's share is its probability
+    under exp(logit / temperature), renormalized over the top_k largest logits (written out
+    here, not taken from generate.py), within 5 standard deviations; a token outside the
+    top k is never drawn; temperature 0 is the argmax."""
+    row = [2.0, 1.0, 0.5, 0.0, -1.0, 3.0]
+    n = 100_000
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, 0), (0.5, 3), (2.0, 2), (0.7, 5), (1.0, 1)):
+        draws = generate.next_token(torch.tensor([row]).expand(n, -1), temperature, top_k, generator)
+        counts = torch.bincount(draws.view(-1), minlength=len(row)).double()
+        kept = sorted(range(len(row)), key=lambda i: -row[i])[:top_k or len(row)]
+        weights = torch.tensor([math.exp(v / temperature) if i in kept else 0.0 for i, v in enumerate(row)],
+                               dtype=torch.float64)
+        p = weights / weights.sum()
+        assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all(), (temperature, top_k, counts)
+    assert generate.next_token(torch.tensor([row, row[::-1]]), 0, 2).view(-1).tolist() == [5, 0]
 
 
 def test_stop_strings_and_end_of_text_end_each_row_and_leave_the_batch():

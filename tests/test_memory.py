@@ -8,6 +8,8 @@ parameters and views/casts of parameters left out (bench.ActivationMeter counts 
 saved tensor, those included).
 Each within 1% (the contract is 10%).
 """
+import re
+
 import pytest
 import torch
 
@@ -238,6 +240,19 @@ def test_plan_prints(capsys):
                 "--device-memory-gb", "80", "--global-batch-size", "64", "--micro-batch-size", "1"])
     out = capsys.readouterr().out
     assert "peak" in out and "does not fit" in out and "would fit with --recompute full" in out
+
+
+def test_plan_optimizer_state_with_and_without_zero1(capsys):
+    """llama3-8b (8,030,261,248 parameters: its published count) on 8 data-parallel ranks.
+    Without ZeRO-1 every rank holds AdamW's two fp32 moments of every parameter, 8 bytes
+    each; with it, 1/8 of them and the fp32 gradient shard they update, 12 bytes / 8."""
+    import train
+    n = 8_030_261_248
+    for flag, expected in (("--no-zero1", 8 * n), ("--zero1", 12 * n / 8)):
+        train.main(["--model", "llama", "--config", "llama3-8b", "--world-size", "8", "--plan", flag])
+        out = capsys.readouterr().out
+        got = float(re.search(r"optimizer state +([\d.]+) GiB", out).group(1))
+        assert got == pytest.approx(expected / 2**30, abs=0.006), (flag, out)
 
 
 # ----------------------------------------------------------------------------

@@ -172,6 +172,36 @@ def test_router_losses_of_a_uniform_router():
     assert model.pop_router_stats() == {}
 
 
+def test_load_balancing_loss_of_a_skewed_router_by_hand():
+    """A router that prefers experts 0 and 1: one MoE layer's balancing loss, computed here
+    as Switch Transformer / Megatron define it (f_e: the share of the N * top_k choices that
+    went to expert e, a count without gradient; P_e: expert e's mean probability), its value
+    and its router gradient, and the z-loss."""
+    cfg = config(aux_loss_coef=0.1, z_loss_coef=0.01)
+    moe = models.build("mixtral", cfg, "cpu", seed=0).layers["0"].mlp
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(cfg.dim, generator=g), dim=0)
+    x = torch.randn(3, 10, cfg.dim, generator=g) + 3 * u  # inputs sharing a direction ...
+    with torch.no_grad():  # ... that the router's rows for experts 0 and 1 follow
+        moe.router.weight.mul_(0.1).add_(torch.tensor([[2.0], [1.5], [0.0], [-1.0]]) * u)
+    moe(x)
+    grad, = torch.autograd.grad(moe.aux_loss, moe.router.weight)
+    n, k, e = x.shape[0] * x.shape[1], cfg.top_k, cfg.n_experts
+    w = moe.router.weight.detach().clone().requires_grad_()
+    logits = x.reshape(n, cfg.dim) @ w.t()
+    probs = torch.exp(logits - logits.max(1, keepdim=True).values)
+    probs = probs / probs.sum(1, keepdim=True)
+    chosen = probs.detach().argsort(1, descending=True)[:, :k]
+    f = torch.stack([(chosen == expert).sum() for expert in range(e)]) / (n * k)
+    balance = e * (f * probs.mean(0)).sum()
+    assert balance > 1.5  # far from a uniform router's 1: the counts matter
+    (0.1 * n * balance).backward()
+    torch.testing.assert_close(moe.aux_loss, 0.1 * n * balance.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, w.grad, rtol=1e-4, atol=1e-6 * w.grad.abs().max().item())
+    z = 0.01 * (logits.exp().sum(1).log() ** 2).sum()
+    torch.testing.assert_close(moe.z_loss, z.detach(), rtol=1e-5, atol=0)
+
+
 def test_capacity_keeps_the_first_choices_in_token_order():
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
     kept = mixtral.capacity_mask(ids, n_experts=3, capacity=2)

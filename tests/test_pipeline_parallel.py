@@ -2,6 +2,7 @@
 messages between every pair of ranks), then training against the one-process run."""
 import pytest
 
+import memory
 import parallel
 from conftest import LAYOUT, assert_same_run, check_layouts, one_line_error, one_process, train_on
 
@@ -63,12 +64,18 @@ def test_1f1b_and_gpipe_run_and_1f1b_bounds_memory(pp, n_micro):
     peak_1f1b = simulate("1f1b", pp, 1, n_micro)
     peak_gpipe = simulate("gpipe", pp, 1, n_micro)
     assert peak_gpipe == [n_micro] * pp  # GPipe holds every micro-batch
-    assert all(peak_1f1b[r] <= min(pp - r, n_micro) for r in range(pp))
+    assert peak_1f1b == [min(pp - r, n_micro) for r in range(pp)]
+    # The memory planner's count of micro-batches in flight is the simulated peak.
+    for schedule, peak in (("1f1b", peak_1f1b), ("gpipe", peak_gpipe)):
+        assert [memory.in_flight(schedule, pp, 1, r, n_micro) for r in range(pp)] == peak
 
 
-@pytest.mark.parametrize("pp,vpp,n_micro", [(2, 2, 2), (2, 2, 6), (4, 2, 8), (2, 3, 4), (4, 3, 4)])
-def test_interleaved_schedule_runs(pp, vpp, n_micro):
-    simulate("interleaved", pp, vpp, n_micro)
+@pytest.mark.parametrize("pp,vpp,n_micro", [(2, 2, 2), (2, 2, 6), (4, 2, 8), (2, 3, 4), (4, 3, 4),
+                                            (4, 2, 4), (3, 2, 9)])
+def test_interleaved_schedule_runs_and_the_planner_counts_its_peak(pp, vpp, n_micro):
+    """Chunk forwards alive at once on each rank = the planner's micro-batches in flight."""
+    peak = simulate("interleaved", pp, vpp, n_micro)
+    assert [memory.in_flight("interleaved", pp, vpp, r, n_micro) for r in range(pp)] == peak
 
 
 def test_simulation_sees_messages_out_of_order(monkeypatch):

@@ -127,6 +127,24 @@ def test_hf_special_tokens(tmp_path):
     assert data.t5_special_tokens(_write_tokenizer(tmp_path / "plain", specials)).eos == 1
 
 
+def test_prompts_encode_each_sentinel_as_the_tokenizers_own_token(tmp_path):
+    """generate.py's T5 prompts: "<extra_id_N>" becomes the id the tokenizer itself gives
+    that name (the byte tokenizer: 357 - N; a tokenizer.json: its added token's id, read
+    with the tokenizers library), the text around it is encoded as usual, EOS ends it."""
+    import generate
+    from tokenizers import Tokenizer
+    assert generate.encode_with_sentinels("hi<extra_id_0> x<extra_id_3>", "byte") == \
+        [104, 105, 357, 32, 120, 354, 256]
+    name = _write_tokenizer(tmp_path / "t5", ["<pad>", "</s>", "<unk>"],
+                            {"eos_token": "</s>", "pad_token": "<pad>"})
+    own = Tokenizer.from_file(str(tmp_path / "t5" / "tokenizer.json"))
+    ids = generate.encode_with_sentinels("the cat<extra_id_1> on<extra_id_0><extra_id_4>", name)
+    assert ids == [own.token_to_id(t) for t in
+                   ("the", "cat", "<extra_id_1>", "on", "<extra_id_0>", "<extra_id_4>", "</s>")]
+    with pytest.raises(UsageError, match="<extra_id_5>: the tokenizer has 5 sentinels"):
+        generate.encode_with_sentinels("the<extra_id_5>", name)
+
+
 def test_tokenizers_without_t5_tokens(tmp_path):
     def one_line_error(name, match):
         with pytest.raises(UsageError, match=match) as e:

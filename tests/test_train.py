@@ -80,6 +80,24 @@ def test_resume_equals_uninterrupted_run(ranks, tmp_path):
     assert_same_run(resumed, full[8:])
 
 
+def test_resume_with_more_steps_keeps_the_saved_schedule(tmp_path):
+    """A run of 10 steps (--lr 3e-3, warmup 2, cosine over its 10 steps to min_lr_ratio 0.1)
+    resumed with --steps 14 trains on at the schedule's final rate, 0.1 x 3e-3, instead of
+    stretching the cosine over 14 steps (which would raise the rate again); a flag given
+    on resume changes the schedule from there."""
+    argv = ["--model", "llama", *FAST, "--min-lr-ratio", "0.1"]  # FAST: 10 steps, warmup 2, lr 3e-3
+    train_job(argv + ["--save", str(tmp_path / "ckpt")])
+    resumed, out = train_job(argv + ["--steps", "14", "--load", str(tmp_path / "ckpt")])
+    assert [r["step"] for r in resumed] == [11, 12, 13, 14]
+    assert [r["lr"] for r in resumed] == pytest.approx([3e-4] * 4, rel=1e-12)
+    assert "learning-rate schedule kept from the checkpoint: --lr-decay-steps 10" in out
+    # Given, --lr-decay-steps 20 continues the cosine of a 20-step decay from step 10 on.
+    changed, out = train_job(argv + ["--steps", "14", "--lr-decay-steps", "20", "--load", str(tmp_path / "ckpt")])
+    cosine = [3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18)) for s in range(10, 14)]
+    assert [r["lr"] for r in changed] == pytest.approx(cosine, rel=1e-12)
+    assert "learning-rate schedule changed: --lr-decay-steps 20 (was 10)" in out
+
+
 # ----------------------------------------------------------------------------
 # Independent oracles for what every layout test shares on both sides
 # ----------------------------------------------------------------------------
@@ -224,3 +242,15 @@ def test_checkpoints_are_never_overwritten_or_silently_loaded_when_damaged(tmp_p
     shard.write_bytes(saved[: len(saved) // 2])  # truncated, as by a full disk
     assert "damaged" in one_line_error(capsys, ["--model", "gpt", *FAST, "--load", str(ckpt),
                                                 "--steps", "3"])
+
+
+def test_validation_loss_is_measured_on_the_validation_split_alone(tmp_path):
+    """A file whose training part is one letter repeated and whose validation part (its
+    last 5%) another: after learning to continue the first, the model's loss on the
+    validation text is far above its training loss. (Drawn from the training split, the
+    validation loss would equal it.)"""
+    text = tmp_path / "two-letters.txt"
+    text.write_text("a" * 19000 + "b" * 1000)
+    records, _ = train_job(["--model", "llama", *FAST, "--steps", "20", "--lr", "1e-2", "--data", str(text)])
+    assert records[-1]["loss"] < 0.5
+    assert records[-1]["val_loss"] > records[-1]["loss"] + 3
