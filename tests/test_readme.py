@@ -76,6 +76,7 @@ ELSEWHERE = {
         "tests/test_triton.py::test_every_kernel_configuration_compiles_for_ampere_and_hopper",
     "python -m pytest -m gpu tests": "a GPU",
     "bash scripts/gpu_check.sh": "a GPU",
+    "bash scripts/tolerances.sh": "this test suite, five times",
     **{f"bash scripts/gpu_check.sh {mode}": "a GPU" for mode in ("mamba", "bert", "t5", "fp8", "memory")},
 }
 

@@ -12,7 +12,8 @@ import torch
 import models
 import parallel
 import train
-from conftest import FAST, LAYOUT, assert_same_run, one_line_error, one_process, run, train_job, train_on
+from conftest import (FAST, LAYOUT, assert_same_run, assert_within_bf16, one_line_error, one_process, run,
+                      train_job, train_on)
 
 
 def test_loss_falls_on_builtin_corpus(tmp_path):
@@ -165,15 +166,17 @@ def test_clipping_matches_torch(max_norm):
 # ----------------------------------------------------------------------------
 
 def test_bf16_trains_like_fp32_and_the_same_under_dp(ranks):
-    """bf16 autocast: the curve stays within bf16 rounding of fp32's and still learns; dp=2
-    equals one process running the same micro-batches (4 rows: bf16 rounding depends on
-    the shapes a matmul sees, so the comparison keeps them)."""
+    """bf16 autocast: the curve stays within bf16 rounding of fp32's (conftest.BF16_LOSS)
+    and still learns; dp=2 equals one process running the same micro-batches (4 rows: bf16
+    rounding depends on the shapes a matmul sees, so the comparison keeps them) up to bf16
+    rounding: mostly bit-equal, but a CPU's kernels may split a matmul's sum by its thread
+    count (measured: 1.3e-4 in the gradient norm at OMP_NUM_THREADS=1 with oneDNN's AVX2)."""
     argv = ["--model", "llama", *FAST, "--precision", "bf16"]
     bf16, fp32 = one_process(argv), one_process(["--model", "llama", *FAST])
-    assert_same_run(bf16, fp32, rel=2e-2, keys=("loss", "val_loss"))
+    assert_within_bf16(bf16, fp32, keys=("loss", "val_loss"))
     assert bf16[-1]["loss"] < 0.8 * bf16[0]["loss"]
     got, _ = train_on(ranks, 2, argv)
-    assert_same_run(got, one_process(argv + ["--micro-batch-size", "4"]))
+    assert_within_bf16(got, one_process(argv + ["--micro-batch-size", "4"]))
 
 
 def test_bf16_under_tp_stays_within_bf16_rounding_of_one_process(ranks):
@@ -185,7 +188,7 @@ def test_bf16_under_tp_stays_within_bf16_rounding_of_one_process(ranks):
     reference = one_process(argv)
     for flags in (["--tp", "2"], ["--tp", "2", "--no-sp"]):
         got, _ = train_on(ranks, 2, argv + flags)
-        assert_same_run(got, reference, rel=2e-2, keys=("loss", "grad_norm", "val_loss"))
+        assert_within_bf16(got, reference)
 
 
 FP16 = ["--model", "llama", *FAST, "--steps", "12", "--precision", "fp16",

@@ -166,6 +166,18 @@ def _train_losses(overrides=(), steps=3):
     return losses
 
 
+# Two fp32 trainings through the same math in another order (attention block by block,
+# online softmax): the project's fp32 bound for that, 1e-5 relative per step (measured up to
+# 1.6e-6 under the interpreter over five CPU settings, scripts/tolerances.sh). On a GPU the
+# compiled kernels against cuBLAS are not yet measured: 1e-4 there.
+SAME_LOSSES = dict(rtol=1e-4 if CUDA else 1e-5, atol=0)
+
+
+def assert_same_losses(got, want):
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               **SAME_LOSSES)
+
+
 @pytest.mark.parametrize("overrides", [(), ("sliding_window=8", "qk_norm=true")],
                          ids=["llama", "window+qk_norm"])
 def test_llama_trains_the_same_on_triton_kernels(monkeypatch, overrides):
@@ -174,8 +186,7 @@ def test_llama_trains_the_same_on_triton_kernels(monkeypatch, overrides):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     want = _train_losses(overrides)
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    got = _train_losses(overrides)
-    assert got == pytest.approx(want, rel=1e-4)
+    assert_same_losses(_train_losses(overrides), want)
 
 
 def test_backend_dispatch(monkeypatch):
@@ -291,8 +302,7 @@ def test_bert_trains_the_same_on_triton_kernels(monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     want = _bert_train_losses()
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    got = _bert_train_losses()
-    assert got == pytest.approx(want, rel=1e-4)
+    assert_same_losses(_bert_train_losses(), want)
 
 
 # ----------------------------------------------------------------------------
