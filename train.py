@@ -993,6 +993,7 @@ class Logger:
             start = header["start_step"]
             try:
                 removed = trim_metrics(args.metrics, start) if start and os.path.exists(args.metrics) else 0
+                os.makedirs(os.path.dirname(args.metrics) or ".", exist_ok=True)  # as --save makes its folder
                 self.metrics = open(args.metrics, "a")
             except OSError as e:
                 raise UsageError(f"--metrics {args.metrics}: cannot open it ({e.strerror}); "

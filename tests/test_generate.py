@@ -229,6 +229,23 @@ def cli_job(argv):
     return out.getvalue()
 
 
+def greedy_by_full_forward(load, prompts, n):
+    """What the CLI must print for these prompts at temperature 0, from the obviously right
+    decoder: the whole sequence through the model at every step (no cache, no batch, none
+    of generate.py's sampling), its last position's argmax appended, up to end-of-text."""
+    model, name = generate.load_model(load)
+    tokenizer = data.get_tokenizer(name)
+    texts = []
+    for prompt in prompts:
+        ids, new = tokenizer.encode_ordinary(prompt), []
+        with torch.no_grad():
+            while len(new) < n and (token := int(model(torch.tensor([ids + new]))[0, -1].argmax())) != \
+                    tokenizer.eot_token:
+                new.append(token)
+        texts.append(prompt + tokenizer.decode([t for t in new if t < tokenizer.n_vocab]))
+    return "\n----------------\n".join(texts) + "\n"
+
+
 @pytest.mark.parametrize("source", ["ckpt", "hf"])
 def test_tensor_parallel_text_equals_one_process(ranks, saved, source):
     for flags in (["--temperature", "0"], ["--temperature", "1", "--seed", "5"]):
@@ -237,14 +254,19 @@ def test_tensor_parallel_text_equals_one_process(ranks, saved, source):
         expected = cli_job(argv)
         got = ranks(2).run(cli_job, argv=argv + ["--tp", "2"])
         assert got == {0: expected, 1: ""}  # the same text, printed by rank 0 only
+        if flags[1] == "0":
+            assert expected == greedy_by_full_forward(saved[source], ["Hello", "a"], 10)
 
 
 def test_expert_parallel_text_equals_one_process(ranks, tmp_path):
     ckpt = str(tmp_path / "mixtral")
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--model", "mixtral", *FAST, "--steps", "1", "--save", ckpt])
-    argv = ["--load", ckpt, "--prompt", "Hi", "--max-new-tokens", "6", "--device", "cpu", "--seed", "2"]
-    assert ranks(2).run(cli_job, argv=argv + ["--ep", "2"]) == {0: cli_job(argv), 1: ""}
+    for flags in (["--seed", "2"], ["--temperature", "0"]):
+        argv = ["--load", ckpt, "--prompt", "Hi", "--max-new-tokens", "6", "--device", "cpu", *flags]
+        expected = cli_job(argv)
+        assert ranks(2).run(cli_job, argv=argv + ["--ep", "2"]) == {0: expected, 1: ""}
+    assert expected == greedy_by_full_forward(ckpt, ["Hi"], 6)
 
 
 def test_torchrun_tp2_launch(saved):

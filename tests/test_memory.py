@@ -121,12 +121,7 @@ def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
         chunks = parallel.rank_chunks(layout, cfg.n_layers)
         module = models.build(model_name, cfg, layout.device, 0, layout, chunks[0])
         parallel.apply_recompute([module], recompute, recompute_n, method)
-        ddp = parallel.DataParallel([module], layout, zero1=True)
-        opt = parallel.AdamW(ddp, 1e-3, 0.1)
-        ddp.close()
-        nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-        state = (nb(b_.data for b_ in ddp.buckets), nb(b_.grads for b_ in ddp.buckets),
-                 nb([*opt.exp_avg, *opt.exp_avg_sq, *(b_.grad_shard for b_ in ddp.buckets if b_.sharded)]))
+        state = static_bytes_by_hand(module, layout)
         tracker = LiveSaved({p.untyped_storage().data_ptr() for p in module.parameters()})
         inputs = batch(model_name, cfg, b, s)
         if not chunks[0].first:
@@ -153,6 +148,21 @@ def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
             torch.utils.checkpoint.checkpoint = plain
     finally:
         parallel.destroy_distributed(layout)
+
+
+def static_bytes_by_hand(module, layout, zero1=True):
+    """(weights, gradients, optimizer) bytes of a rank holding `module`, written out: fp32
+    weights and gradients, 4 bytes a parameter each; AdamW's two fp32 moments, 8 bytes, of
+    the parameters the rank updates: all of them, or under ZeRO-1 with r > 1 replicas 1/r
+    of them and their reduced fp32 gradient, 12 / r bytes (r = dp * cp, or dp * cp / ep for
+    an expert). The planner's count also holds the padding of each ZeRO bucket to a
+    multiple of r elements."""
+    weights = optimizer = 0
+    for p in module.parameters():
+        replicas = layout.dp * layout.cp // (layout.ep if parallel.tags(p).expert else 1)
+        weights += 4 * p.numel()
+        optimizer += 12 * p.numel() / replicas if zero1 and replicas > 1 else 8 * p.numel()
+    return weights, weights, optimizer
 
 
 def predict(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
@@ -197,10 +207,11 @@ RESULTS = []  # (combination, predicted, measured) for the report
 def _check(name, predicted, measured):
     (p_act, p_state), (m_act, m_state) = predicted, measured
     RESULTS.append((name, p_act, m_act))
-    assert p_state == m_state, (name, p_state, m_state)
-    # 10% is the contract; the formulas match to 1% (Mixtral too: dropless routing saves
-    # n k routed rows whatever the experts' shares), so a missing term of a few percent shows.
-    # Under ep the all-to-all's re-sorting indices depend on how many rows each rank gets.
+    assert all(0 <= p - m <= 64 for p, m in zip(p_state, m_state)), (name, p_state, m_state)  # padding
+    # 10% is the contract; the formulas match to 1% (measured: most cases exact, cp = 2 off
+    # by 0.51%, full recomputation by <= 0.19%; Mixtral too: dropless routing saves n k routed
+    # rows whatever the experts' shares), so a missing term of a few percent shows. Under ep
+    # the all-to-all's re-sorting indices depend on how many rows each rank gets (measured 1.03%).
     tolerance = 0.02 if "'ep'" in name else 0.01
     assert abs(p_act - m_act) <= tolerance * m_act, (name, p_act, m_act, f"{(p_act - m_act) / m_act:+.1%}")
 
@@ -284,11 +295,11 @@ PEAKS = []  # (case, predicted, measured) for the report
 
 @pytest.mark.parametrize("flags,kw", PEAK_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_peak_of_a_training_step(ranks, flags, kw):
-    """The planner's peak (stage 0) against a real step's: the static state counted from
-    the model, DataParallel and AdamW (as memory.py does: test_one_process checks those
-    counts against the real objects), plus the live peak of saved bytes while the step's
-    micro-batches run forward and backward. The loss's logits chunk is a transient, not a
-    saved tensor: left out of both. Within 10%."""
+    """The planner's peak (stage 0) against a real step's: the static state written out
+    from stage 0's parameters (static_bytes_by_hand), plus the live peak of saved bytes
+    while the step's micro-batches run forward and backward. The loss's logits chunk is a
+    transient, not a saved tensor: left out of both. Within 1%, as one micro-batch's
+    activations are (measured: exact)."""
     import conftest
     pp = kw.get("pp", 1)
     argv = [*conftest.FAST, "--precision", "fp32", "--steps", "1", "--warmup-steps", "0", *flags]
@@ -297,14 +308,17 @@ def test_peak_of_a_training_step(ranks, flags, kw):
     model = kw.pop("model")
     cfg = models.make_config(model, kw.pop("preset", "test"), ())
     st = memory.plan(model, cfg, world=pp, seq_len=32, torch_attention=True, **kw)[0]
-    static = st.weights + st.gradients + st.optimizer
+    layout = parallel.Layout(pp=pp)
+    with torch.device("meta"):
+        stage0 = models.MODELS[model][2](cfg, layout, parallel.rank_chunks(layout, cfg.n_layers)[0])
+    static = sum(static_bytes_by_hand(stage0, layout))
     predicted, measured = st.peak - st.logits_chunk, static + live
     PEAKS.append((" ".join(flags), predicted, measured))
-    assert abs(predicted - measured) <= 0.1 * measured, (flags, predicted, measured,
-                                                         f"{(predicted - measured) / measured:+.1%}")
+    assert abs(predicted - measured) <= 0.01 * measured, (flags, predicted, measured,
+                                                          f"{(predicted - measured) / measured:+.1%}")
     # the activations alone, so that the static part cannot hide a missing micro-batch
     act = st.activations + st.recompute_transient
-    assert abs(act - live) <= 0.1 * live, (flags, act, live, f"{(act - live) / live:+.1%}")
+    assert abs(act - live) <= 0.01 * live, (flags, act, live, f"{(act - live) / live:+.1%}")
 
 
 @pytest.mark.gpu

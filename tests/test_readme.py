@@ -1,25 +1,31 @@
-"""Every command of the README runs, so that no example rots.
+"""Every command of the README runs and produces what it should, so that no example rots.
 
 Each command of the README's ```bash blocks is run here as written, with flags appended
 that make it small (`REDUCE`: two steps, the `test` preset unless the command names
-another, tiny batches; a few more per command in `EXTRA`), in README order, in one working
-directory, so that what one command saves the next can load. torchrun commands run on the
-session's local ranks (`--nproc-per-node`, at most 4). A command that cannot run here says
-why in `ELSEWHERE`: the test suite itself, GPU-only checks, a multi-node job; a benchmark
-checked by another test names that test, which must exist; a benchmark that starts
-processes of its own has its command line parsed only. A table entry no longer in the
-README fails the test; a README command in no table runs as a train/generate/data/convert
-command, or fails (bench.py needs its entry).
+another, tiny batches; a few more per command in `EXTRA`), each in a working directory of
+its own: what it reads that another README command makes (`--load runs/a`, `--data
+data/stdlib-byte`, ...) is made once per session by running that command, reduced, and
+copied in, so every case stands alone and in any order. Each then checks its output: the
+steps trained, the checkpoint and metrics saved, the text generated, the files written.
+torchrun commands run on the session's local ranks (`--nproc-per-node`, at most 4). A
+command that cannot run here says why in `ELSEWHERE`: the test suite itself, GPU-only
+checks, a multi-node job; a benchmark checked by another test names that test, which must
+exist; a benchmark that starts processes of its own has its command line parsed only. A
+table entry no longer in the README fails the test; a README command in no table runs as a
+train/generate/data/convert command, or fails (bench.py needs its entry).
 """
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
+import shutil
 
 import pytest
 
 import bench
+import checkpoint
 import convert
 import data
 import generate
@@ -117,11 +123,14 @@ def test_bench_command_lines_parse():
         assert args.mode == command.split()[2]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The README's working directory: a Hugging Face folder at path/to/hf-folder (a test
-    llama's export), books/*.txt, prompts.txt."""
-    root = tmp_path_factory.mktemp("readme")
+# Inputs the README assumes are there: a Hugging Face folder (a test llama's export),
+# books/*.txt, prompts.txt.
+GIVEN = ("path/to/hf-folder", "books", "prompts.txt")
+
+
+@pytest.fixture(scope="session")
+def given(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme-given")
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--model", "llama", *FAST, "--steps", "1", "--save", str(root / "seed")])
         convert.main(["export", str(root / "seed"), str(root / "path" / "to" / "hf-folder")])
@@ -132,6 +141,82 @@ def workdir(tmp_path_factory):
     return root
 
 
+def words_of(command):
+    """(processes, script, its arguments as written)."""
+    words = shlex.split(command)
+    nproc = int(words[words.index("--nproc-per-node") + 1]) if "--nproc-per-node" in words else 1
+    script = next(w for w in words if w.endswith(".py"))
+    return nproc, script, words[words.index(script) + 1:]
+
+
+def flag(args, name):
+    """The last value of a flag (as argparse takes it), or None."""
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == name]
+    return values[-1] if values else None
+
+
+def reads_and_writes(command):
+    """(paths the command reads, paths it writes), relative to its working directory."""
+    script, args = reduced(command)
+    reads, writes = set(), set()
+    if script == "convert.py":
+        (reads if args[0] == "export" else set()).add(args[1])
+        writes.add(args[2])
+    elif script == "data.py":
+        writes.add(args[2])
+    elif script == "bench.py" and args[0] == "plot":
+        reads.update(a for a in args[1:] if a.endswith(".jsonl"))
+        writes.add(flag(args, "-o"))
+    for name in ("--load", "--data", "--prompts-file"):
+        if flag(args, name):
+            reads.add(flag(args, name).removeprefix("hf:"))
+    for name in ("--save", "--metrics"):
+        if flag(args, name):
+            writes.add(flag(args, name))
+    return {r for r in reads if not r.startswith(("stdlib", "books/"))}, writes
+
+
+def maker_of(path):
+    """The README command that makes `path` (from nothing that it would itself make)."""
+    for command in COMMANDS:
+        if command not in ELSEWHERE:
+            reads, writes = reads_and_writes(command)
+            if path in writes and path not in reads:
+                return command
+    raise AssertionError(f"no README command makes {path}")
+
+
+class Made:
+    """What README commands made this session: path -> the working directory holding it."""
+
+    def __init__(self, given, tmp_path_factory):
+        self.given, self.tmp, self.where = given, tmp_path_factory, {}
+
+    def workdir(self, command, ranks):
+        """A fresh working directory with the given inputs and everything `command` reads."""
+        root = self.tmp.mktemp("readme")
+        for path in GIVEN:
+            copy(self.given / path, root / path)
+        for path in reads_and_writes(command)[0] - set(GIVEN):
+            if path not in self.where:
+                maker = maker_of(path)
+                made_in = self.workdir(maker, ranks)
+                run_command(maker, made_in, ranks)
+                self.where.update(dict.fromkeys(reads_and_writes(maker)[1], made_in))
+            copy(self.where[path] / path, root / path)
+        return root
+
+
+def copy(source, target):
+    os.makedirs(target.parent, exist_ok=True)
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+
+
+@pytest.fixture(scope="session")
+def made(given, tmp_path_factory):
+    return Made(given, tmp_path_factory)
+
+
 def in_workdir(root, args):
     """The command's relative paths, made absolute (the local ranks have their own cwd)."""
     relative = re.compile(r"^(hf:)?((runs|data|books|path)/|prompts\.txt|curves\.png)")
@@ -139,37 +224,88 @@ def in_workdir(root, args):
 
 
 def run_tool(tool, argv):
-    """One rank's run of a tool's main(argv), its stdout dropped; SystemExit(0) is success."""
+    """One rank's run of a tool's main(argv): its stdout; SystemExit(0) is success."""
     main = {"train.py": train.main, "generate.py": generate.main, "data.py": data.main,
             "convert.py": convert.main, "bench.py": bench.main}[tool]
-    with contextlib.redirect_stdout(io.StringIO()):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
         try:
             main(argv)
         except SystemExit as e:
             assert not e.code, f"{tool} {argv}: exit status {e.code}"
+    return out.getvalue()
+
+
+def reduced(command):
+    """The command's script and arguments, made small (see the module docstring)."""
+    _, script, args = words_of(command)
+    if script == "train.py":
+        args = args + REDUCE + ([] if "--config" in args else ["--config", "test"]) + EXTRA.get(command, [])
+    elif script == "generate.py":
+        args = args + GENERATE_REDUCE
+    elif script == "bench.py":  # the mode, then its options
+        args = [args[0], "--device", "cpu", *args[1:], *BENCH[command]]
+    return script, args
+
+
+def run_command(command, root, ranks):
+    """Run the reduced command in `root` as the README's user would; rank 0's stdout."""
+    nproc = words_of(command)[0]
+    script, args = reduced(command)
+    args = in_workdir(root, args)
+    with contextlib.chdir(root):
+        if nproc == 1 or "--plan" in args:  # (a plan needs no processes: --world-size says how many)
+            out = run_tool(script, args)
+        else:
+            out = ranks(min(nproc, 4)).run(run_tool, tool=script, argv=args)[0]
+    assert parallel.world_size() == 1  # nothing left behind in this process
+    return out
+
+
+def check_output(command, root, out):
+    """What the command must have produced in `root`, and printed."""
+    script, args = reduced(command)
+    _, writes = reads_and_writes(command)
+    if script == "train.py" and "--plan" in args:
+        assert "peak" in out and "FLOPs per step" in out, out
+    elif script == "train.py":
+        steps = int(flag(args, "--steps"))  # trained to the last step, and said so
+        assert re.search(rf"^step +{steps}/{steps} \| loss \d", out, re.M) and "done: " in out, out[-2000:]
+        if flag(args, "--save"):
+            assert steps in checkpoint.complete_steps(root / flag(args, "--save")), out[-2000:]
+        if flag(args, "--metrics"):
+            recorded = [r["step"] for r in train.read_metrics(root / flag(args, "--metrics"))]
+            assert recorded == list(range(recorded[0], steps + 1)), recorded
+    elif script == "generate.py":
+        prompts = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--prompt"]
+        if flag(args, "--prompts-file"):
+            prompts += (root / flag(args, "--prompts-file")).read_text().splitlines()
+        if "<extra_id_0>" in " ".join(prompts):  # T5 prints the spans it fills in, one line
+            assert out.endswith("\n") and out.count("\n") == 1, out
+        else:
+            assert all(p.encode().decode("unicode_escape") in out for p in prompts), (prompts, out)
+    elif script == "data.py":
+        meta = json.loads((root / args[2] / "meta.json").read_text())
+        assert meta["train"] and meta["val"] and f"prepared {root / args[2]}" in out, out
+    elif script == "convert.py" and args[0] == "import":
+        assert checkpoint.complete_steps(root / args[2]), out
+    elif script == "convert.py":
+        assert {"config.json", "model.safetensors"} <= set(os.listdir(root / args[2])), out
+    elif args[0] == "plot":
+        assert (root / flag(args, "-o")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # the other benchmarks print a table
+        assert len(out.splitlines()) >= 3, out
+    for path in writes:
+        assert (root / path).exists(), path
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ELSEWHERE])
-def test_readme_command(command, workdir, ranks, monkeypatch):
-    words = shlex.split(command)
-    nproc = int(words[words.index("--nproc-per-node") + 1]) if "--nproc-per-node" in words else 1
-    script = next(w for w in words if w.endswith(".py"))
-    args = words[words.index(script) + 1:]
-    if script == "train.py":
-        args += REDUCE + ([] if "--config" in args else ["--config", "test"]) + EXTRA.get(command, [])
-        if "gpt2" in args:  # tiktoken downloads its encodings; without network, say so
-            try:
-                data.get_tokenizer("gpt2")
-            except UsageError as e:
-                pytest.skip(str(e))
-    elif script == "generate.py":
-        args += GENERATE_REDUCE
-    elif script == "bench.py":  # the mode, then its options
-        args = [args[0], "--device", "cpu", *args[1:], *BENCH[command]]
-    args = in_workdir(workdir, args)
-    monkeypatch.chdir(workdir)
-    if nproc == 1 or "--plan" in args:  # (a plan needs no processes: --world-size says how many)
-        run_tool(script, args)
-    else:
-        ranks(min(nproc, 4)).run(run_tool, tool=script, argv=args)
-    assert parallel.world_size() == 1  # nothing left behind in this process
+def test_readme_command(command, made, ranks):
+    _, script, args = words_of(command)
+    if script == "train.py" and "gpt2" in args:  # tiktoken downloads its encodings; without network, say so
+        try:
+            data.get_tokenizer("gpt2")
+        except UsageError as e:
+            pytest.skip(str(e))
+    root = made.workdir(command, ranks)
+    check_output(command, root, run_command(command, root, ranks))
