@@ -95,7 +95,7 @@ def backend(x):
     return choice
 
 
-def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", "BLOCK_N")):
+def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", "BLOCK_N"), accumulates=()):
     """triton.autotune over a short list of launch configurations for this GPU.
 
     Configurations are tuples: the values of the `meta` parameters (by default BLOCK_M,
@@ -113,7 +113,15 @@ def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", 
     configuration for each listed GPU without a GPU and reports ptxas's register spills
     and the shared memory used: each list has configurations that spill nothing at head
     dims 64 and 128 (the FP8 matmul's: none spills). The decorated kernel keeps them as
-    `configs_by_arch` ({90: [...], 89: [...], 80: [...]}, the lists given).
+    `configs_by_arch` ({90: [...], 89: [...], 80: [...]}, the lists given), and
+    `with_configs(configs, do_bench=None)` makes the same kernel tuned over other
+    configurations (timed by `do_bench(kernel_call, quantiles)`, triton's, if given).
+
+    `accumulates` names the outputs the kernel adds into (atomics) instead of writing once.
+    While it times the configurations the autotuner launches the kernel several times, each
+    launch adding again: these are zeroed before each timed launch and after the last
+    (triton's reset_to_zero). So each launch passes a buffer of its own there, never another
+    argument as a placeholder (it would be zeroed too).
     """
     if not HAVE_TRITON:
         return lambda fn: fn
@@ -131,13 +139,17 @@ def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", 
         return by_arch[max(reached) if reached else min(by_arch)]
 
     def decorate(fn):
+        def tuned_over(configs, prune=None, do_bench=None):
+            tuner = triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=do_bench,
+                                    reset_to_zero=list(accumulates) or None)(fn)
+            tuner.configs_by_arch = by_arch
+            tuner.with_configs = lambda tuples, do_bench=None: tuned_over([config(c) for c in tuples],
+                                                                          do_bench=do_bench)
+            return tuner
         if _INTERPRET:  # one config: nothing is timed
-            tuner = triton.autotune([config(interpreter)], key=key)(fn)
-        else:
-            tuner = triton.autotune([c for configs in by_arch.values() for c in configs], key=key,
-                                    prune_configs_by={"early_config_prune": this_gpu})(fn)
-        tuner.configs_by_arch = by_arch
-        return tuner
+            return tuned_over([config(interpreter)])
+        return tuned_over([c for configs in by_arch.values() for c in configs],
+                          {"early_config_prune": this_gpu})
     return decorate
 
 
@@ -555,7 +567,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TA
 @_autotune(_ATTN_KEY,
            hopper=[(128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
            ampere=[(128, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
-           interpreter=(16, 32, 4, 1))
+           interpreter=(16, 32, 4, 1), accumulates=("DTABLE",))
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, DTABLE,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -722,7 +734,8 @@ class FlashAttention(torch.autograd.Function):
         def dq_grid(meta):
             return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
         _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, do, lse, delta, dq, kpm_ptr, *bias_ptrs, dtable if dtable is not None else q,
+            q, k, v, do, lse, delta, dq, kpm_ptr, *bias_ptrs,
+            dtable if dtable is not None else q.new_zeros(1, dtype=torch.float32),  # (zeroed while tuning)
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             *kpm_strides, *ctx.sizes, *scales, ctx.max_distance, **ctx.flags)
         dtable = dtable.to(ctx.table_dtype) if dtable is not None else None

@@ -8,6 +8,8 @@ before triton is imported), with BLOCK_M=16 and BLOCK_N=32 (see kernels._autotun
 or 80 positions and max_distance 20, blocks far from the diagonal take the dQ kernel's
 one-atomic-per-block path for the table's gradient, the others one atomic per element.
 """
+import time
+
 import pytest
 import torch
 
@@ -128,6 +130,38 @@ def test_triton_position_bias_matches_reference_fp32(monkeypatch, case):
     got = _on_triton(monkeypatch, lambda: _run(_kernel, q, k, v, do, wide, H, bidirectional, md, **kw))
     want = _run(_reference, q, k, v, do, wide, H, bidirectional, md, **kw)
     _compare(got, want, dict(atol=2e-5, rtol=1e-4))
+
+
+def test_autotuning_adds_the_table_gradient_once(monkeypatch):
+    """To pick a configuration, the autotuner launches a kernel once per configuration (and
+    several times while timing each), and the dQ kernel adds the table's gradient into its
+    output with atomics: that output must be zeroed before each launch and after the last
+    (kernels._autotune's `accumulates`). The interpreter lists one configuration, where
+    nothing is timed; here each attention kernel is tuned over two, and every output, the
+    table's gradient included, must be the reference's (it was 2 configurations x several
+    launches times too large). Without a position bias no input may be zeroed in its place."""
+    def three_launches(kernel_call, quantiles):  # a timer for the CPU (triton's needs a GPU)
+        start = time.perf_counter()
+        for _ in range(3):
+            kernel_call()
+        return [time.perf_counter() - start] * len(quantiles)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        tuned = getattr(kernels, name).with_configs([(16, 32, 4, 1), (32, 16, 4, 1)], do_bench=three_launches)
+        monkeypatch.setattr(kernels, name, tuned)
+    B, H, Hkv, Tq, Tk, D, causal, bidirectional, nb, md, padded = CASES["decoder-far"]
+    q, k, v, mask, do, wide = _case(B, H, Hkv, Tq, Tk, D, nb, torch.float32, padded)
+    kw = dict(causal=causal, key_padding_mask=mask)
+    got = _on_triton(monkeypatch, lambda: _run(_kernel, q, k, v, do, wide, H, bidirectional, md, **kw))
+    want = _run(_reference, q, k, v, do, wide, H, bidirectional, md, **kw)
+    _compare(got, want, dict(atol=2e-5, rtol=1e-4))
+    inputs = [t.detach().clone() for t in (q, k, v)]
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    out = kernels.attention(q, k, v, causal=True)
+    got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    out = kernels.attention_reference(q, k, v, causal=True)
+    _compare(got, (out, *torch.autograd.grad(out, (q, k, v), do)), dict(atol=2e-5, rtol=1e-4))
+    assert all(torch.equal(t, before) for t, before in zip((q, k, v), inputs))
 
 
 @pytest.mark.parametrize("case", ["decoder-far"])  # (fp32 covers every case; fp16 its rounding)
