@@ -69,7 +69,6 @@ both in `MODES` at the bottom. Common options (--device, --seed, --json) come fo
 import argparse
 import contextlib
 import datetime
-import io
 import json
 import os
 import platform
@@ -82,6 +81,7 @@ import torch.nn.functional as F
 
 import data
 import kernels
+import metrics
 import mixtral
 import models
 import parallel
@@ -136,7 +136,7 @@ def check_train_vs_hf(cfg, device):
         raise UsageError(f"train-vs-hf compares against HF LLaMA, which lacks {', '.join(unsupported)}; "
                          f"pick a preset without them (tiny, test)")
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in models.MODELS["llama"][2](cfg).parameters())
+        n_params = sum(p.numel() for p in models.FAMILIES["llama"].model(cfg).parameters())
     need = 2 * n_params * 4 * 4  # two models x fp32 (weights, grads, AdamW m and v)
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -1304,7 +1304,6 @@ def fp8_curve(args, device):
     default recipe (delayed scaling, the rest in bf16, first and last layer bf16) and each
     recipe alone (every layer FP8, the rest fp32: FP8's own effect), plus bf16 for scale.
     On a CPU the FP8 matmuls are the emulation, so the times say what it costs, not FP8's speed."""
-    import train  # (bench.py's other modes do not need the trainer)
     base = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
             "--seq-len", str(args.seq_len), "--global-batch-size", str(args.batch_size),
             "--warmup-steps", str(args.warmup), "--sample-tokens", "0", "--eval-every", "0",
@@ -1320,8 +1319,7 @@ def fp8_curve(args, device):
     rows, curves = [], {}
     for name, flags in runs:
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # train.py's progress lines
-            records = train.train(train.parse_args(base + flags))
+        records = train_records(["python", "train.py"], base + flags)
         curves[name] = [r["loss"] for r in records]
         rows.append({"run": name, "seconds": time.perf_counter() - start, "final": records[-1]["loss"],
                      "val": records[-1].get("val_loss")})
@@ -1462,7 +1460,6 @@ def mfu(args, device):
     """Tokens/s and MFU of one device training a ~1B LLaMA: eager vs --compile, with
     kernels.py's torch and Triton paths (KERNELS_BACKEND). On a CPU a tiny shape, and MFU
     against a measured fp32 matmul, not a datasheet."""
-    import train
     on_gpu = device.type == "cuda"
     preset = args.config or ("llama3-8b" if on_gpu else "test")
     cfg = models.make_config("llama", preset, (MFU_SHAPE if on_gpu and not args.config else []) + args.set)
@@ -1470,7 +1467,7 @@ def mfu(args, device):
     if seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds max_seq_len={cfg.max_seq_len}")
     args.seq_len, args.batch_size = seq_len, args.batch_size or 2
-    peak = train.peak_flops(device, argparse.Namespace(peak_tflops=args.peak_tflops))
+    peak = metrics.peak_flops(device, argparse.Namespace(peak_tflops=args.peak_tflops))
     if peak is None:
         raise UsageError(f"no datasheet peak for {torch.cuda.get_device_name(device)}: pass --peak-tflops")
     backends = args.backends or (["torch", "triton"] if on_gpu and kernels.HAVE_TRITON else ["torch"])
@@ -1571,7 +1568,7 @@ def recompute(args, device):
 
 
 def plot(args, device):
-    """Draw the curves of each --metrics file (train.read_metrics: its step records) into
+    """Draw the curves of each --metrics file (metrics.read_metrics: its step records) into
     one PNG: loss, validation loss, learning rate, tokens/s; x = step or tokens seen."""
     try:
         import matplotlib
@@ -1579,11 +1576,10 @@ def plot(args, device):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("bench.py plot needs matplotlib: pip install matplotlib") from None
-    import train
     runs = {}
     for path in args.files:
         try:
-            runs[path] = train.read_metrics(path)
+            runs[path] = metrics.read_metrics(path)
         except (OSError, ValueError) as e:
             raise UsageError(f"{path}: not a --metrics file ({e})") from None
         if not runs[path]:
@@ -1623,34 +1619,39 @@ def add_plot(p):
 TIMING_FIELDS = ("tokens_per_s", "step_time", "mfu", "mem_gb")
 
 
+def train_records(launcher, argv):
+    """The --metrics records of `train.py argv`, run in processes of its own (`launcher`:
+    python train.py, or torchrun ... train.py), its output dropped."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_file = os.path.join(tmp, "metrics.jsonl")
+        subprocess.run([sys.executable if launcher[0] == "python" else launcher[0], *launcher[1:], *argv,
+                        "--metrics", metrics_file], check=True, stdout=subprocess.DEVNULL,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+        return metrics.read_metrics(metrics_file)
+
+
 def determinism(args, device):
     """Run the same training command twice, each in its own processes (torchrun with
     --nproc > 1), and compare their --metrics records field by field, exactly."""
-    import subprocess
-    import tempfile
-    import train
     command = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
                "--sample-tokens", "0", "--device", device.type, "--seed", str(args.seed),
                *[f for f in args.train_flags if f != "--"]]
-    launcher = [sys.executable, "train.py"] if args.nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "train.py"]
+    launcher = ["python", "train.py"] if args.nproc == 1 else [
+        "python", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "train.py"]
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(2):
-            metrics = os.path.join(tmp, f"run{i}.jsonl")
-            start = time.perf_counter()
-            subprocess.run(launcher + command + ["--metrics", metrics], check=True,
-                           stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)))
-            runs.append([{k: v for k, v in r.items() if k not in TIMING_FIELDS}
-                         for r in train.read_metrics(metrics)])
-            print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
-                  file=sys.stderr, flush=True)
+    for i in range(2):
+        start = time.perf_counter()
+        runs.append([{k: v for k, v in r.items() if k not in TIMING_FIELDS}
+                     for r in train_records(launcher, command)])
+        print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
     first, second = runs
     compared = sorted({k for r in first + second for k in r})
     differing = [(a["step"], k) for a, b in zip(first, second) for k in compared if a.get(k) != b.get(k)]
     identical = len(first) == len(second) == args.steps and not differing
-    print(f"determinism: {' '.join(launcher[1:] + command)}")
+    print(f"determinism: {' '.join(launcher + command)}")
     print(f"summary: {len(first)} steps, fields {', '.join(compared)}: " +
           ("bit-identical in both runs" if identical else
            f"DIFFERENT: (step, field) {differing[:10]} (of {len(first)} / {len(second)} records)"))

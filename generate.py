@@ -246,11 +246,11 @@ def decoding_layout(args, name, cfg):
                                       f"split over pipeline stages or sequence chunks")
     errors.require_number("--tp", args.tp, at_least=1)
     errors.require_number("--ep", args.ep, at_least=1)
-    if args.ep > 1 and name != "mixtral":
+    if args.ep > 1 and not hasattr(cfg, "n_experts"):
         raise parallel.UsageError(f"--ep {args.ep}: expert parallelism needs a mixture of experts "
                                   f"(mixtral), not {name}")
     with torch.device("meta"):
-        models.MODELS[name][2](cfg, parallel.Layout(tp=args.tp, dp=args.ep, ep=args.ep))
+        models.family(name).model(cfg, parallel.Layout(tp=args.tp, dp=args.ep, ep=args.ep))
     world = parallel.world_size()
     if world != args.tp * args.ep:
         raise parallel.UsageError(f"--tp {args.tp} --ep {args.ep} needs {args.tp * args.ep} processes "

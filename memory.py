@@ -2,8 +2,8 @@
 `python train.py ... --plan` calls `plan()` and prints `describe()`.
 
 One concept, kept out of train.py: train.py runs a layout, this file predicts what the
-layout holds. train.py only parses the flags, runs the same layout checks as training,
-and calls in here.
+layout holds. `--plan` reads and checks the flags as training does (flags.py) and calls
+in here (plan_report).
 
 What a rank holds (bytes):
   weights, gradients, optimizer state: counted exactly, by building this rank's model
@@ -32,17 +32,13 @@ excluding the parameters and the tensors that are only views or casts of paramet
 (autocast's weight copies, counted separately above). bench.ActivationMeter counts
 more: every saved tensor, parameters and repeated views of one storage included.
 """
-import copy
 import dataclasses
 import math
 
 import torch
 
-import data
 import kernels
-import models
 import parallel
-import train
 
 
 # ----------------------------------------------------------------------------
@@ -364,56 +360,76 @@ def mamba_layer(sh, cfg, i):
     return {"norm": rmsnorm(sh, h), "mlp_inputs": linear_inputs(sh, h), "mlp": 2 * sh.e * sh.n * f}
 
 
-LAYERS = {"llama": llama_layer, "mixtral": llama_layer, "gpt": gpt_layer, "bert": bert_layer,
-          "t5": t5_layer, "mamba": mamba_layer}
+# ----------------------------------------------------------------------------
+# Outside the layers: embeddings, RoPE tables, heads, the loss
+# ----------------------------------------------------------------------------
+
+def lm_loss(sh, cfg, padded_vocab, norm=rmsnorm):
+    """A language model's last chunk: its final norm (x, rsqrt, normed; its output y is
+    not saved: the chunked loss keeps dx instead), dx (4 n h) and dW (4 V/tp h)."""
+    return {"final_norm": norm(sh, cfg.dim), "loss_dx": 4 * sh.n * cfg.dim,
+            "loss_dW": 4 * padded_vocab // sh.tp * cfg.dim}
 
 
-def chunk_extras(model, sh, cfg, chunk, padded_vocab, recompute="none"):
-    """Per-chunk activations outside the layers: ids, RoPE tables, norms, heads, the loss."""
-    first, last = chunk.first, chunk.last
-    out = {}
-    h = cfg.dim
-    if model == "mamba" and cfg.rope and "*" in cfg.pattern:
-        out["rope_cos_sin"] = 2 * 4 * (sh.s // sh.cp) * cfg.attn_head_dim
-    if model in ("llama", "mixtral"):
-        out["rope_cos_sin"] = 2 * 4 * (sh.s // sh.cp) * cfg.head_dim
-    if first:
-        out["token_ids"] = 8 * sh.n
-        if model in ("gpt", "bert"):
-            out["positions"] = 8 * (sh.s // sh.cp)
-        if model == "bert":
-            out["token_types"] = 8 * sh.n
-            if not cfg.pre_ln:
-                out["embed_norm"] = layernorm(sh, h)
-        if model == "t5":
-            out["decoder_ids"] = 8 * sh.b * sh.s_dec
-    if model == "t5" and cfg.n_encoder_layers - 1 in chunk.layers:
-        out["encoder_norm"] = rmsnorm(sh, h)
-    if model == "t5" and any(i >= cfg.n_encoder_layers for i in chunk.layers) and (
-            sh.e == 4 or recompute == "full"):  # the encoder output, read by cross-attention
-        out["encoder_output"] = 4 * sh.n * h
-    if not last:
+def llama_extras(sh, cfg, chunk, padded_vocab, recompute):
+    """RoPE's cos and sin, once per chunk (its layers share them); the token ids (int64)."""
+    out = {"rope_cos_sin": 2 * 4 * (sh.s // sh.cp) * cfg.head_dim}
+    out.update({"token_ids": 8 * sh.n} if chunk.first else {})
+    return {**out, **(lm_loss(sh, cfg, padded_vocab) if chunk.last else {})}
+
+
+def gpt_extras(sh, cfg, chunk, padded_vocab, recompute):
+    """The token ids and the learned positions' ids (int64); LayerNorm before the loss."""
+    out = {"token_ids": 8 * sh.n, "positions": 8 * (sh.s // sh.cp)} if chunk.first else {}
+    return {**out, **(lm_loss(sh, cfg, padded_vocab, layernorm) if chunk.last else {})}
+
+
+def mamba_extras(sh, cfg, chunk, padded_vocab, recompute):
+    """A hybrid's attention layers share RoPE's tables, as LLaMA's do."""
+    out = {"rope_cos_sin": 2 * 4 * (sh.s // sh.cp) * cfg.attn_head_dim} if cfg.rope and "*" in cfg.pattern else {}
+    out.update({"token_ids": 8 * sh.n} if chunk.first else {})
+    return {**out, **(lm_loss(sh, cfg, padded_vocab) if chunk.last else {})}
+
+
+def bert_extras(sh, cfg, chunk, padded_vocab, recompute):
+    """The ids of tokens, positions and token types; post-LN's norm of the embeddings; at
+    the end pre-LN's final norm and the heads."""
+    h, out = cfg.dim, {}
+    if chunk.first:
+        out.update(token_ids=8 * sh.n, positions=8 * (sh.s // sh.cp), token_types=8 * sh.n)
+        if not cfg.pre_ln:
+            out["embed_norm"] = layernorm(sh, h)
+    if not chunk.last:
         return out
-    if model == "bert":
-        if cfg.pre_ln:
-            out["final_norm"] = layernorm(sh, h)
-        if cfg.mlm_head:
-            # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
-            # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
-            predicted = int(sh.n * 0.15)
-            out["mlm_head"] = (linear_inputs(sh, h) // (sh.tp if sh.sp and sh.tp > 1 else 1)
-                               + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n)
-            out["loss_dx"] = sh.e * predicted * h
-            out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)
-        if cfg.pooler:  # the first token (a cast under autocast), tanh's output, the head
-            out["pooler"] = (sh.e if sh.e == 2 else 0) * sh.b * h + sh.e * sh.b * h + 16 * sh.b
-        return out
-    d = sh.at(sh.s_dec) if model == "t5" else sh
-    out["final_norm"] = layernorm(d, h) if model == "gpt" else rmsnorm(d, h)
-    out["loss_dx"] = 4 * d.n * h
-    out["loss_dW"] = 4 * padded_vocab // sh.tp * h
+    if cfg.pre_ln:
+        out["final_norm"] = layernorm(sh, h)
+    if cfg.mlm_head:
+        # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
+        # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
+        predicted = int(sh.n * 0.15)
+        out["mlm_head"] = (linear_inputs(sh, h) // (sh.tp if sh.sp and sh.tp > 1 else 1)
+                           + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n)
+        out["loss_dx"] = sh.e * predicted * h
+        out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)
+    if cfg.pooler:  # the first token (a cast under autocast), tanh's output, the head
+        out["pooler"] = (sh.e if sh.e == 2 else 0) * sh.b * h + sh.e * sh.b * h + 16 * sh.b
     return out
 
+
+def t5_extras(sh, cfg, chunk, padded_vocab, recompute):
+    """The encoder's and the decoder's token ids; the encoder's final norm and its output,
+    which every decoder layer's cross-attention reads; the loss over the decoder tokens."""
+    out = {"token_ids": 8 * sh.n, "decoder_ids": 8 * sh.b * sh.s_dec} if chunk.first else {}
+    if cfg.n_encoder_layers - 1 in chunk.layers:
+        out["encoder_norm"] = rmsnorm(sh, cfg.dim)
+    if any(i >= cfg.n_encoder_layers for i in chunk.layers) and (sh.e == 4 or recompute == "full"):
+        out["encoder_output"] = 4 * sh.n * cfg.dim
+    return {**out, **(lm_loss(sh.at(sh.s_dec), cfg, padded_vocab) if chunk.last else {})}
+
+
+# ----------------------------------------------------------------------------
+# Recomputation
+# ----------------------------------------------------------------------------
 
 def recompute_layers(per_layer, recompute_layers_n, method, inputs, kinds):
     """Activations of a chunk's layers (per_layer: bytes of each) under full recomputation:
@@ -436,60 +452,85 @@ def recompute_layers(per_layer, recompute_layers_n, method, inputs, kinds):
             max(sum(per_layer[i] for i in u) for u in units))
 
 
-def activation_bytes(model, cfg, sh, chunk, padded_vocab, recompute="none",
+def residual_input(sh, cfg, i):
+    """What a checkpointed unit starting at layer i keeps: its input, the fp32 residual."""
+    return 4 * sh.n_sp * cfg.dim
+
+
+def flash_selective(sh, cfg, per):
+    """A layer's pieces under --recompute selective: the attention core runs under a
+    checkpoint that keeps q, k, v (its inputs); what the core itself saved (lse, and on the
+    torch path the float mask) is recomputed. Its output is saved by o_proj anyway (counted
+    as its input). With the Triton kernels: unchanged."""
+    out = dict(per)
+    if sh.torch_attention and "attention" in out:
+        out["attention"] -= 4 * sh.n * (cfg.n_heads // sh.tp) if sh.cp == 1 else 0
+        out.pop("padding_mask", None)
+    return out
+
+
+def t5_selective(sh, cfg, per):
+    """T5's self-attention core keeps only its q, k, v views (torch path); cross-attention
+    recomputes its lse and padding mask."""
+    out = dict(per)
+    a = cfg.n_heads // sh.tp
+    if sh.torch_attention:
+        for key, tokens in (("self_attention", sh.n), ("self_attention_dec", sh.b * sh.s_dec)):
+            if key in out:
+                out[key] = 4 * sh.e * tokens * a * cfg.head_dim
+    if "cross_attention" in out:
+        d = sh.at(sh.s_dec)
+        out["cross_attention"] -= 4 * d.n * a + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e)
+    return out
+
+
+def t5_unit_input(sh, cfg, i):
+    """T5's decoder units keep their input of the decoder's tokens (the encoder output they
+    also keep is one tensor for all of them, counted once in t5_extras)."""
+    return 4 * (sh.at(sh.s_dec).n_sp if i >= cfg.n_encoder_layers else sh.n_sp) * cfg.dim
+
+
+# ----------------------------------------------------------------------------
+# A family's terms, and one micro-batch of a chunk
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """What the planner computes for a model family (its record, models.Family, holds one)."""
+    layer: object      # (Shape, cfg, layer index) -> {component: bytes} of one layer
+    extras: object     # (Shape, cfg, chunk, padded vocab, recompute) -> the chunk's other pieces
+    selective: object = flash_selective  # (Shape, cfg, a layer's pieces) under --recompute selective
+    unit_input: object = residual_input  # (Shape, cfg, i): what a checkpointed unit from layer i keeps
+    kind: object = lambda cfg, i: 0      # layers of different kinds never share a recomputed unit
+
+
+LLAMA = Terms(llama_layer, llama_extras)  # (and Mixtral: llama_layer has the experts)
+GPT = Terms(gpt_layer, gpt_extras)
+BERT = Terms(bert_layer, bert_extras)
+T5 = Terms(t5_layer, t5_extras, t5_selective, t5_unit_input, kind=lambda cfg, i: i >= cfg.n_encoder_layers)
+MAMBA = Terms(mamba_layer, mamba_extras)
+
+
+def activation_bytes(terms, cfg, sh, chunk, padded_vocab, recompute="none",
                      recompute_n=1, method="uniform"):
     """{component: bytes} saved for backward by one micro-batch of a chunk (and the peak
     extra of recomputing one unit, under "recompute_transient")."""
-    if model not in LAYERS:
-        raise parallel.UsageError(f"--plan: activations of --model {model} are not modelled yet "
-                                  f"(llama, mixtral, gpt, bert, t5, mamba are)")
-    per = [LAYERS[model](sh, cfg, i) for i in chunk.layers]
+    per = [terms.layer(sh, cfg, i) for i in chunk.layers]
     if recompute == "selective":
-        per = [selective(model, sh, cfg, p) for p in per]
+        per = [terms.selective(sh, cfg, p) for p in per]
     out = {}
     if recompute == "full":
-        kinds = [model == "t5" and i >= cfg.n_encoder_layers for i in chunk.layers]
         stored, transient = recompute_layers(
             [sum(p.values()) for p in per], recompute_n, method,
-            [unit_inputs(model, sh, cfg, i) for i in chunk.layers], kinds)
+            [terms.unit_input(sh, cfg, i) for i in chunk.layers], [terms.kind(cfg, i) for i in chunk.layers])
         out["layers (recomputed units: inputs only)"] = stored
     else:
         transient = 0
         for p in per:
             for name, v in p.items():
                 out[f"layer.{name}"] = out.get(f"layer.{name}", 0) + v
-    out.update(chunk_extras(model, sh, cfg, chunk, padded_vocab, recompute))
+    out.update(terms.extras(sh, cfg, chunk, padded_vocab, recompute))
     return out, transient, per[0] if per else {}
-
-
-def unit_inputs(model, sh, cfg, i):
-    """What a checkpointed unit starting at layer i keeps: its input, the fp32 residual
-    stream (T5's decoder units: of the decoder's tokens; the encoder output they also keep
-    is one tensor for all of them, counted once in chunk_extras)."""
-    if model == "t5" and i >= cfg.n_encoder_layers:
-        return 4 * sh.at(sh.s_dec).n_sp * cfg.dim
-    return 4 * sh.n_sp * cfg.dim
-
-
-def selective(model, sh, cfg, per):
-    """A layer's pieces under --recompute selective: the attention core runs under a
-    checkpoint that keeps q, k, v (its inputs); what the core itself saved (lse, and on the
-    torch path the float mask, the bias indices, the probabilities) is recomputed. Its
-    output is saved by o_proj anyway (counted as its input)."""
-    out = dict(per)
-    a = (cfg.n_heads // sh.tp)
-    if model in ("llama", "mixtral", "gpt", "bert", "mamba") and sh.torch_attention and (
-            "attention" in out):  # Triton: unchanged
-        out["attention"] -= 4 * sh.n * a if sh.cp == 1 else 0
-        out.pop("padding_mask", None)
-    if model == "t5" and sh.torch_attention:  # the self-attention core: q, k, v views kept
-        for key, tokens in (("self_attention", sh.n), ("self_attention_dec", sh.b * sh.s_dec)):
-            if key in out:
-                out[key] = 4 * sh.e * tokens * a * cfg.head_dim
-    if model == "t5" and "cross_attention" in out:
-        d = sh.at(sh.s_dec)
-        out["cross_attention"] -= 4 * d.n * a + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -514,12 +555,12 @@ def in_flight(schedule, pp, vpp, stage, n_micro):
 # Weights, gradients, optimizer: the real classes on the meta device
 # ----------------------------------------------------------------------------
 
-def state_bytes(model, cfg, layout, layers_per_chunk=None, zero1=True):
+def state_bytes(family, cfg, layout, layers_per_chunk=None, zero1=True):
     """(weights, gradients, optimizer, parameters held, padded vocabulary) of the rank
     `layout.rank`, from DataParallel and AdamW built over meta tensors."""
     chunks = parallel.rank_chunks(layout, cfg.n_layers, layers_per_chunk)
     with torch.device("meta"):
-        modules = [models.MODELS[model][2](cfg, layout, c) for c in chunks]
+        modules = [family.model(cfg, layout, c) for c in chunks]
     ddp = parallel.DataParallel(modules, layout, zero1=zero1)
     opt = parallel.AdamW(ddp, 1e-3, 0.1)
     ddp.close()
@@ -559,12 +600,13 @@ class StagePlan:
                 self.activations + self.recompute_transient + self.logits_chunk)
 
 
-def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=True,
+def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=True,
          layers_per_chunk=None, schedule="1f1b", micro_batch=1, n_micro=1, seq_len=256,
          precision="fp32", recompute="none", recompute_n=1, recompute_method="uniform",
          torch_attention=False):
-    """One StagePlan per pipeline stage (tp rank 0, dp rank 0 of each). torch_attention:
-    attention as the torch path runs it (the CPU), not the Triton kernels (a GPU)."""
+    """One StagePlan per pipeline stage (tp rank 0, dp rank 0 of each) of a model of this
+    family (models.Family) and config. torch_attention: attention as the torch path runs it
+    (the CPU), not the Triton kernels (a GPU)."""
     dp = world // (tp * cp * pp)
     sp = sp and tp > 1
     e = 4 if precision == "fp32" else 2
@@ -572,15 +614,15 @@ def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tru
     for stage in range(pp):
         layout = parallel.Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp, vpp=vpp,
                                  rank=stage * tp * cp * dp)
-        weights, grads, optim, n_params, vocab, chunks = state_bytes(model, cfg, layout,
+        weights, grads, optim, n_params, vocab, chunks = state_bytes(family, cfg, layout,
                                                                       layers_per_chunk, zero1)
         sh = Shape(b=micro_batch, s=seq_len, tp=tp, cp=cp, sp=sp, e=e, torch_attention=torch_attention,
-                   s_dec=data.span_corruption_lengths(seq_len)[1] if model == "t5" else 0)
+                   s_dec=family.decoder_len(seq_len) if family.decoder_len else 0)
         # With vpp chunks per rank the in-flight count is in chunk-forwards: use the
         # mean chunk (chunks of one rank hold the same number of layers unless --pp-layers).
         acts, transients = {}, []
         for c in chunks:
-            a, t, per_layer = activation_bytes(model, cfg, sh, c, vocab,
+            a, t, per_layer = activation_bytes(family.planner, cfg, sh, c, vocab,
                                                recompute, recompute_n, recompute_method)
             for k, v in a.items():
                 acts[k] = acts.get(k, 0) + v / len(chunks)
@@ -597,13 +639,11 @@ def plan(model, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tru
     return stages
 
 
-def flops_per_step(model, cfg, seq_len, global_batch):
+def flops_per_step(family, cfg, seq_len, global_batch):
     """Training FLOPs of one step, from the model's own flops_per_token."""
     with torch.device("meta"):
-        m = models.MODELS[model][2](cfg, parallel.Layout(), parallel.Chunk(0, [0], True, True))
-    m.cfg = cfg
-    extra = {"decoder_len": data.span_corruption_lengths(seq_len)[1]} if model == "t5" else {}
-    return m.flops_per_token(seq_len, **extra) * seq_len * global_batch
+        m = family.model(cfg, parallel.Layout(), parallel.Chunk(0, [0], True, True))
+    return family.flops_per_token(m, seq_len) * seq_len * global_batch
 
 
 GB = 2**30
@@ -647,63 +687,3 @@ def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak
 
 def peak_bytes(stages):
     return max(st.peak for st in stages)
-
-
-def _plan_args(args, cfg):
-    world = args.world_size or parallel.world_size()
-    dp = parallel.check_layout(world, args.tp, args.cp, args.pp, args.ep)
-    mbs = train.micro_batch_size(args, dp)
-    precision = args.precision if args.precision != "auto" else "bf16"
-    return plan(args.model, cfg, world=world, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep,
-                vpp=args.vpp, sp=args.sp, zero1=args.zero1, layers_per_chunk=train.pp_layers(args),
-                schedule=args.pp_schedule, micro_batch=mbs, n_micro=train.micro_steps(args, dp),
-                seq_len=args.seq_len, precision="fp32" if precision == "fp32" else "bf16",
-                recompute=args.recompute, recompute_n=args.recompute_layers or 1,
-                recompute_method=args.recompute_method or "uniform"), world
-
-
-def plan_report(args):
-    """`train.py --plan`: the flags checked as training checks them, then the plan."""
-    if args.world_size is not None and args.world_size < 1:
-        raise parallel.UsageError(f"--world-size must be >= 1, got {args.world_size}")
-    if not 0 < args.plan_mfu <= 1:
-        raise parallel.UsageError(f"--plan-mfu must be in (0, 1], got {args.plan_mfu}")
-    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
-        raise parallel.UsageError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}")
-    cfg, tokenizer, _, _ = train.model_config(args)
-    train.check_args(args, cfg, tokenizer)
-    stages, world = _plan_args(args, cfg)
-    # train.peak_flops's order: --peak-tflops, else a GPU's datasheet (--plan-gpu: the
-    # device is not here to be asked its name)
-    gpu = getattr(args, "plan_gpu", None) or "H100"
-    if args.peak_tflops:
-        peak, source = args.peak_tflops * 1e12, "--peak-tflops"
-    elif gpu in train.GPU_PEAK_FLOPS:
-        peak, source = train.GPU_PEAK_FLOPS[gpu], f"{gpu} bf16 datasheet (--plan-gpu)"
-    else:
-        raise parallel.UsageError(f"--plan-gpu {gpu}: unknown; choose from "
-                                  f"{', '.join(train.GPU_PEAK_FLOPS)} or give --peak-tflops")
-    text = describe(stages, step_flops=flops_per_step(args.model, cfg, args.seq_len,
-                                                      args.global_batch_size),
-                    world=world, peak_flops=peak, mfu=args.plan_mfu, peak_source=source)
-    if args.device_memory_gb:
-        limit = args.device_memory_gb * 1e9
-        need = peak_bytes(stages)
-        if need <= limit:
-            text += f"\nfits: peak {need / 1e9:.1f} GB <= {args.device_memory_gb:g} GB"
-        else:
-            text += f"\ndoes not fit: peak {need / 1e9:.1f} GB > {args.device_memory_gb:g} GB"
-            for knob, change in (("--tp x2", {"tp": args.tp * 2}), ("--pp x2", {"pp": args.pp * 2}),
-                                 ("--recompute selective", {"recompute": "selective"}),
-                                 ("--recompute full", {"recompute": "full"}),
-                                 ("--micro-batch-size 1", {"micro_batch_size": 1})):
-                other = copy.copy(args)
-                vars(other).update(change)
-                try:
-                    train.check_args(other, cfg, tokenizer)
-                    other_peak = peak_bytes(_plan_args(other, cfg)[0])
-                except parallel.UsageError:
-                    continue
-                if other_peak <= limit:
-                    text += f"\n  would fit with {knob}: peak {other_peak / 1e9:.1f} GB"
-    return text

@@ -1,30 +1,117 @@
-"""The model registry: names -> model files, and building a model from a preset.
+"""The model registry: one record per model family (Family), looked up by name, and
+building a model from a preset.
 
-train.py, generate.py and bench.py build models through here, so that a model file
-stays free of anything but its own architecture.
+Everything the machinery must know of a family is in its record: train.py, flags.py,
+memory.py, generate.py and convert.py read FAMILIES[name] and never branch on the name. A
+new family is its model file and one record here (and, for `--plan`, its activation terms
+in memory.py). A model file stays free of anything but its own architecture.
 """
 import dataclasses
 import os
+import types
 
 import torch
 
 import bert
+import data
 import gpt
 import llama
 import mamba
+import memory
 import mixtral
 import t5
 from errors import UsageError
 
-# name -> (Config class, presets, model class)
-MODELS = {
-    "llama": (llama.Config, llama.PRESETS, llama.Llama),
-    "gpt": (gpt.Config, gpt.PRESETS, gpt.GPT),
-    "mixtral": (mixtral.Config, mixtral.PRESETS, mixtral.Mixtral),
-    "mamba": (mamba.Config, mamba.PRESETS, mamba.Mamba),
-    "bert": (bert.Config, bert.PRESETS, bert.Bert),
-    "t5": (t5.Config, t5.PRESETS, t5.T5),
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the machinery must know of a model family."""
+    file: types.ModuleType  # the model file: Config, PRESETS, and the Hugging Face names of its tensors
+    model: type             # its nn.Module: the whole model, or one pipeline chunk of it
+    planner: memory.Terms   # the activations one micro-batch saves, for --plan
+    default_lr: float = 2e-3
+    # tokenizer name -> the ids of the family's special tokens (BERT's [MASK], T5's
+    # sentinels: data.bert_special_tokens ...), whose n_vocab the model must embed; None:
+    # the tokenizer's own vocabulary
+    special_tokens: object = None
+    # (token windows, tokenizer, flags) -> the family's training examples (BERT's masked
+    # sentence pairs, T5's corrupted spans); None: the windows, next-token prediction
+    examples: object = None
+    decoder_len: object = None  # an encoder-decoder: seq_len -> its decoder's tokens
+    check: object = None        # (flags, Config, tokenizer): a UsageError for flags it cannot take
+    # --task: (Config, number of classes) -> the Config of a sequence classifier, and the
+    # fields that change (a pre-trained checkpoint differs from its classifier only there)
+    classifier: object = None
+    classifier_fields: tuple = ()
+
+    @property
+    def config(self):
+        return self.file.Config
+
+    @property
+    def presets(self):
+        return self.file.PRESETS
+
+    def flops_per_token(self, module, seq_len):
+        """Training FLOPs of `module` per (encoder) token at this sequence length."""
+        return module.flops_per_token(seq_len, **({"decoder_len": self.decoder_len(seq_len)}
+                                                  if self.decoder_len else {}))
+
+
+def _masked_pairs(windows, tokenizer, args):
+    return data.MaskedLMData(windows, tokenizer, args.mask_prob, args.whole_word_masking)
+
+
+def _check_bert(args, cfg, tokenizer):
+    if not 0 < args.mask_prob <= 1:
+        raise UsageError(f"--mask-prob must be in (0, 1], got {args.mask_prob}: a batch "
+                         f"without a masked token has nothing to learn from")
+
+
+def _classifier(cfg, n_classes):
+    return dataclasses.replace(cfg, mlm_head=False, binary_head=False, n_classes=n_classes)
+
+
+def _decoder_len(seq_len):
+    return data.span_corruption_lengths(seq_len)[1]
+
+
+def _check_t5(args, cfg, tokenizer):
+    tokens = data.t5_special_tokens(tokenizer)
+    if cfg.decoder_start_token_id != tokens.pad:
+        raise UsageError(f"the decoder starts with token {cfg.decoder_start_token_id} but the "
+                         f"tokenizer's pad token is {tokens.pad}; pass --set "
+                         f"decoder_start_token_id={tokens.pad}")
+    if args.cp > 1:
+        raise UsageError("--cp: T5 does not support context parallelism (its cross-attention "
+                         "would need a ring over keys of another length); use --tp, --pp or "
+                         "data parallelism")
+    if args.sp and args.tp > 1 and _decoder_len(args.seq_len) % args.tp:
+        raise UsageError(f"the decoder's {_decoder_len(args.seq_len)} tokens are not divisible by "
+                         f"tp={args.tp}, as sequence parallelism needs; pass --no-sp")
+
+
+FAMILIES = {
+    "llama": Family(llama, llama.Llama, memory.LLAMA),
+    "gpt": Family(gpt, gpt.GPT, memory.GPT),
+    "mixtral": Family(mixtral, mixtral.Mixtral, memory.LLAMA),
+    "mamba": Family(mamba, mamba.Mamba, memory.MAMBA),
+    # BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
+    # at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
+    "bert": Family(bert, bert.Bert, memory.BERT, default_lr=5e-4, special_tokens=data.bert_special_tokens,
+                   examples=_masked_pairs, check=_check_bert, classifier=_classifier,
+                   classifier_fields=("mlm_head", "binary_head", "n_classes")),
+    "t5": Family(t5, t5.T5, memory.T5, special_tokens=data.t5_special_tokens,
+                 examples=lambda windows, tokenizer, args: data.SpanCorruptionData(windows, tokenizer),
+                 decoder_len=_decoder_len, check=_check_t5),
 }
+
+
+def family(name):
+    """The record of the family called `name`, or a UsageError listing them."""
+    if name not in FAMILIES:
+        raise UsageError(f"unknown --model {name!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def parse_overrides(config_cls, pairs):
@@ -52,12 +139,10 @@ def parse_overrides(config_cls, pairs):
 
 def make_config(model, preset, overrides=()):
     """The Config of `model` for `preset`, with `--set key=value` overrides."""
-    if model not in MODELS:
-        raise UsageError(f"unknown --model {model!r}; choose from {', '.join(MODELS)}")
-    config_cls, presets, _ = MODELS[model]
-    if preset not in presets:
-        raise UsageError(f"unknown --config {preset!r} for {model}; choose from {', '.join(presets)}")
-    return config_cls(**{**presets[preset], **parse_overrides(config_cls, overrides)})
+    f = family(model)
+    if preset not in f.presets:
+        raise UsageError(f"unknown --config {preset!r} for {model}; choose from {', '.join(f.presets)}")
+    return f.config(**{**f.presets[preset], **parse_overrides(f.config, overrides)})
 
 
 def build(model, cfg, device, seed, layout=None, chunk=None):
@@ -65,7 +150,7 @@ def build(model, cfg, device, seed, layout=None, chunk=None):
     pipeline `chunk`, only those layers) on the meta device (no memory, no wasted random
     init), then allocate on `device` and fill with the layout-independent initialization."""
     with torch.device("meta"):
-        module = MODELS[model][2](cfg, layout, chunk)
+        module = family(model).model(cfg, layout, chunk)
     check_fits(module, cfg, device)
     # Allocating makes new Parameter objects: carry over what the parallel layers recorded
     # on them (where each shard sits in its global tensor, which gradients are partial).
@@ -109,17 +194,18 @@ def check_fits(module, cfg, device):
 
 def name_of(model):
     """The registry name of a model built here ("llama", "mixtral", ...)."""
-    return next(name for name, (_, _, cls) in MODELS.items() if type(model) is cls)
+    return next(name for name, f in FAMILIES.items() if type(model) is f.model)
 
 
 def config_from_dict(model, values):
     """Rebuild a Config saved as a dict (checkpoint meta.json). A field it lacks takes its
     default (a checkpoint written before the field existed); an unknown one is refused."""
-    if model not in MODELS:
-        raise UsageError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    if model not in FAMILIES:
+        raise UsageError(f"unknown model {model!r}; known: {', '.join(FAMILIES)}")
     if not isinstance(values, dict):
         raise UsageError(f"the config must be a JSON object of fields, got {values!r}")
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(MODELS[model][0])})
+    config = FAMILIES[model].config
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config)})
     if unknown:
         raise UsageError(f"the {model} config has unknown field(s): {', '.join(unknown)}")
-    return MODELS[model][0](**values)
+    return config(**values)

@@ -112,11 +112,12 @@ if TOLERANCE_LOG:
 def train_job(argv):
     """train.py with these flags in this process (a rank of LocalRanks, or the test
     process itself); returns (records, stdout) on rank 0 and None elsewhere."""
+    import flags
     import parallel
     import train
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        records = train.train(train.parse_args(argv))
+        records = train.train(flags.parse_args(argv))
     return (records, out.getvalue()) if parallel.world_size() == 1 or torch.distributed.get_rank() == 0 \
         else None
 

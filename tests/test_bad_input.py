@@ -17,6 +17,7 @@ import torch
 import checkpoint
 import convert
 import data
+import flags
 import generate
 import train
 from conftest import FAST, ROOT
@@ -230,7 +231,7 @@ def test_bad_input_is_one_line(capsys, tmp_path, saved, tool, argv, message, dam
 def test_odd_seq_len_trains_without_context_parallelism():
     """Only context parallelism (its zigzag halves) needs --seq-len divisible by 2 * cp: one
     step of 8 sequences of 33 tokens, a finite loss."""
-    records = train.train(train.parse_args(["--model", "llama", *FAST, "--steps", "1", "--seq-len", "33"]))
+    records = train.train(flags.parse_args(["--model", "llama", *FAST, "--steps", "1", "--seq-len", "33"]))
     assert [r["step"] for r in records] == [1] and records[0]["tokens_seen"] == 8 * 33
     assert 0 < records[0]["loss"] < 10
 

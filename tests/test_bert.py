@@ -208,7 +208,7 @@ def test_bad_input_is_one_line(capsys, flags, message):
 
 def test_model_refuses_a_layout_that_does_not_divide():
     with pytest.raises(parallel.UsageError, match="n_heads=4 is not divisible by tp=3"):
-        models.MODELS["bert"][2](models.make_config("bert", "test"), parallel.Layout(tp=3))
+        models.FAMILIES["bert"].model(models.make_config("bert", "test"), parallel.Layout(tp=3))
 
 
 def test_bad_task_is_one_line(capsys, tmp_path, task_dir):

@@ -24,6 +24,7 @@ import data
 import generate
 import gpt
 import llama
+import metrics
 import models
 import parallel
 import train
@@ -357,7 +358,7 @@ def test_import_then_train_resumes_from_hf_weights(tmp_path):
                         "--seq-len", "16", "--global-batch-size", "2", "--warmup-steps", "1",
                         "--seed", "5", "--sample-tokens", "0", "--peak-tflops", "1",
                         "--eval-every", "0", "--eval-batches", "1", "--metrics", str(tmp_path / "m.jsonl")])
-    first = train.read_metrics(tmp_path / "m.jsonl")[0]
+    first = metrics.read_metrics(tmp_path / "m.jsonl")[0]
     train_data, _ = data.load_dataset(str(text), "byte", 16)
     x, y = train_data.batch(0, 5, 2, 16)
     expected = F.cross_entropy(hf_logits(hf, x).flatten(0, 1), y.flatten()).item()

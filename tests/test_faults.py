@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import checkpoint
+import flags
+import metrics
 import parallel
 import train
 from conftest import FAST, LAYOUT, ROOT, main_job, one_line_error, train_job
@@ -109,7 +111,7 @@ def test_skip_leaves_the_weights_and_recovers(monkeypatch):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records[5:])
     assert records[-1]["loss"] < records[0]["loss"]
     assert "step 5: non-finite" in out and "(2 in a row)" in out
-    assert [r["lr"] for r in records] == [train.lr_at(s, train.parse_args(ARGV)) for s in range(10)]
+    assert [r["lr"] for r in records] == [train.lr_at(s, flags.parse_args(ARGV)) for s in range(10)]
 
 
 def test_max_skipped_steps_in_a_row_stop(monkeypatch, tmp_path):
@@ -187,8 +189,8 @@ def wait_for(condition, timeout=60, what="a condition"):
         time.sleep(0.05)
 
 
-def steps_written(metrics):
-    return len(train.read_metrics(metrics)) if os.path.exists(metrics) else 0
+def steps_written(metrics_file):
+    return len(metrics.read_metrics(metrics_file)) if os.path.exists(metrics_file) else 0
 
 
 def worker(torchrun, rank):
@@ -208,10 +210,10 @@ def worker(torchrun, rank):
 
 def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(start, tmp_path):
     argv = ["--model", "llama", *FAST, "--precision", "fp32", "--steps", "60", "--log-every", "100"]
-    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    job = [*argv, "--save", str(save), "--metrics", str(metrics)]
+    save, metrics_file = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    job = [*argv, "--save", str(save), "--metrics", str(metrics_file)]
     proc, out, err = start(job)
-    wait_for(lambda: steps_written(metrics) >= 1, what="the first step")
+    wait_for(lambda: steps_written(metrics_file) >= 1, what="the first step")
     proc.send_signal(signal.SIGTERM)
     assert finish(proc) == 0, err.read_text()
     stopped = re.search(r"stopped by SIGTERM after step (\d+)/60: saved (\S+); to resume, run the "
@@ -225,10 +227,10 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(start, t
     proc, out, err = start([*job, "--load", str(save)])  # the same command, resumed
     assert finish(proc) == 0, err.read_text()
     assert checkpoint.complete_steps(str(save)) == [step, 60]
-    resumed = train.read_metrics(metrics)
+    resumed = metrics.read_metrics(metrics_file)
     proc, _, err = start([*argv, "--metrics", str(tmp_path / "whole.jsonl")])
     assert finish(proc) == 0, err.read_text()
-    whole = train.read_metrics(tmp_path / "whole.jsonl")
+    whole = metrics.read_metrics(tmp_path / "whole.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 61))  # each step once
     for a, b in zip(resumed, whole):  # step for step, exactly
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
@@ -236,10 +238,10 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(start, t
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(start, tmp_path):
     argv = ["--model", "llama", *LAYOUT, "--steps", "400", "--log-every", "1000"]
-    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    job = [*argv, "--tp", "2", "--save", str(save), "--metrics", str(metrics)]
+    save, metrics_file = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    job = [*argv, "--tp", "2", "--save", str(save), "--metrics", str(metrics_file)]
     proc, out, err = start(job, nproc=2)
-    wait_for(lambda: steps_written(metrics) >= 1, what="the first step")
+    wait_for(lambda: steps_written(metrics_file) >= 1, what="the first step")
     os.kill(worker(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it from the agreement
     assert finish(proc) == 0, err.read_text()
     step = int(re.search(r"stopped by SIGTERM after step (\d+)/400: saved", out.read_text())[1])
@@ -247,7 +249,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(start, tmp_pat
     records, _ = train_job([*argv, "--steps", str(step + 2), "--load", str(save),
                             "--save", str(tmp_path / "again")])
     assert [r["step"] for r in records] == [step + 1, step + 2]
-    assert [r["step"] for r in train.read_metrics(metrics)] == list(range(1, step + 1))
+    assert [r["step"] for r in metrics.read_metrics(metrics_file)] == list(range(1, step + 1))
 
 
 KILL_DURING_SAVE = """
@@ -264,31 +266,31 @@ train.main(sys.argv[1:])
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(start, tmp_path, capsys):
-    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    save, metrics_file = tmp_path / "ckpt", tmp_path / "m.jsonl"
     job = ["--model", "llama", *FAST, "--precision", "fp32", "--steps", "6", "--save", str(save),
-           "--save-every", "2", "--metrics", str(metrics)]
+           "--save-every", "2", "--metrics", str(metrics_file)]
     proc, _, err = start(job, python=("-c", KILL_DURING_SAVE))
     assert finish(proc) == -signal.SIGKILL, err.read_text()
     assert checkpoint.complete_steps(str(save)) == [2]
     assert os.path.isdir(save / ".tmp-step_00000004")  # what the killed save left
-    assert [r["step"] for r in train.read_metrics(metrics)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics.read_metrics(metrics_file)] == [1, 2, 3, 4]
     code, _ = main_job([*job, "--load", str(save)])  # the same command resumes at step 2
     assert code == 0
     assert "removed 2 record(s) after step 2" in capsys.readouterr().out
     assert checkpoint.complete_steps(str(save)) == [2, 4, 6]
     assert not os.path.exists(save / ".tmp-step_00000004")
-    assert [r["step"] for r in train.read_metrics(metrics)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics.read_metrics(metrics_file)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_stopped_or_killed_rank_ends_the_job_within_the_timeout(start, tmp_path, fault):
     timeout_s = 3
-    metrics = tmp_path / "m.jsonl"
-    job = ["--model", "llama", *LAYOUT, "--steps", "100000", "--tp", "2", "--metrics", str(metrics),
+    metrics_file = tmp_path / "m.jsonl"
+    job = ["--model", "llama", *LAYOUT, "--steps", "100000", "--tp", "2", "--metrics", str(metrics_file),
            "--distributed-timeout-minutes", str(timeout_s / 60), "--save", str(tmp_path / "ckpt"),
            "--save-every", "1"]
     proc, out, err = start(job, nproc=2)
-    wait_for(lambda: steps_written(metrics) >= 2, what="two steps")
+    wait_for(lambda: steps_written(metrics_file) >= 2, what="two steps")
     rank1 = worker(proc, 1)
     os.kill(rank1, getattr(signal, fault))
     t0 = time.monotonic()
@@ -325,10 +327,10 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
              {"run": {"start_step": 0}}, *({"step": s} for s in (1, 2)),     # this run's start
              {"run": {"start_step": 2}}, *({"step": s} for s in (3, 4, 5))]  # resumed at 2
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')  # cut short
-    assert train.trim_metrics(path, 3) == 3  # 4, 5 and the cut line
+    assert metrics.trim_metrics(path, 3) == 3  # 4, 5 and the cut line
     assert path.read_text().splitlines() == [json.dumps(r) for r in lines[:-2]]
-    assert [r["step"] for r in train.read_metrics(path)] == [1, 2, 3, 1, 2, 3]
-    assert train.trim_metrics(path, 3) == 0
+    assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2, 3, 1, 2, 3]
+    assert metrics.trim_metrics(path, 3) == 0
 
 
 @pytest.mark.parametrize("message,reason", [

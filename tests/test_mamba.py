@@ -140,7 +140,7 @@ def test_model_refuses_a_layout_that_does_not_divide(preset, layout, message):
     cfg = models.make_config("mamba", preset)
     with pytest.raises(parallel.UsageError, match=message.replace("*", r"\*").replace("(", r"\(")
                        .replace(")", r"\)")):
-        models.MODELS["mamba"][2](cfg, parallel.Layout(**layout))
+        models.FAMILIES["mamba"].model(cfg, parallel.Layout(**layout))
 
 
 def test_padding_mask_is_refused():

@@ -169,7 +169,7 @@ def predict(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, prec
             sets=(), world=None, recompute="none", recompute_n=1, method="uniform"):
     cfg = models.make_config(model_name, preset, sets)
     world = world or tp * cp * pp * max(1, ep // cp)
-    st = memory.plan(model_name, cfg, world=world, tp=tp, cp=cp, pp=pp, ep=ep, sp=sp,
+    st = memory.plan(models.FAMILIES[model_name], cfg, world=world, tp=tp, cp=cp, pp=pp, ep=ep, sp=sp,
                      micro_batch=b, seq_len=s, precision=precision, recompute=recompute,
                      recompute_n=recompute_n, recompute_method=method, torch_attention=True)[0]
     return sum(st.activations_per_micro.values()), (st.weights, st.gradients, st.optimizer)
@@ -307,10 +307,10 @@ def test_peak_of_a_training_step(ranks, flags, kw):
     kw = dict(kw)
     model = kw.pop("model")
     cfg = models.make_config(model, kw.pop("preset", "test"), ())
-    st = memory.plan(model, cfg, world=pp, seq_len=32, torch_attention=True, **kw)[0]
+    st = memory.plan(models.FAMILIES[model], cfg, world=pp, seq_len=32, torch_attention=True, **kw)[0]
     layout = parallel.Layout(pp=pp)
     with torch.device("meta"):
-        stage0 = models.MODELS[model][2](cfg, layout, parallel.rank_chunks(layout, cfg.n_layers)[0])
+        stage0 = models.FAMILIES[model].model(cfg, layout, parallel.rank_chunks(layout, cfg.n_layers)[0])
     static = sum(static_bytes_by_hand(stage0, layout))
     predicted, measured = st.peak - st.logits_chunk, static + live
     PEAKS.append((" ".join(flags), predicted, measured))
@@ -336,7 +336,7 @@ def test_plan_matches_cuda_max_memory_allocated():
                "--sample-tokens", "0", "--device", "cuda", "--peak-tflops", "1"])
     measured = torch.cuda.max_memory_allocated()
     cfg = models.make_config("llama", "llama3-8b", ("n_layers=2",))
-    predicted = memory.peak_bytes(memory.plan("llama", cfg, world=1, micro_batch=1, n_micro=2,
+    predicted = memory.peak_bytes(memory.plan(models.FAMILIES["llama"], cfg, world=1, micro_batch=1, n_micro=2,
                                               seq_len=4096, precision="bf16"))
     print(f"llama3-8b x 2 layers, bf16, 2 x 4096 tokens: planned {predicted / 2**30:.2f} GiB, "
           f"max_memory_allocated {measured / 2**30:.2f} GiB ({(predicted - measured) / measured:+.1%})")

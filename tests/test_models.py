@@ -14,7 +14,7 @@ def count_params(model_name, preset):
     """Parameters of a preset, built on the meta device: no memory is allocated."""
     cfg = models.make_config(model_name, preset)
     with torch.device("meta"):
-        module = models.MODELS[model_name][2](cfg)
+        module = models.FAMILIES[model_name].model(cfg)
     return sum(p.numel() for p in module.parameters())
 
 

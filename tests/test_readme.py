@@ -29,6 +29,7 @@ import checkpoint
 import convert
 import data
 import generate
+import metrics
 import parallel
 import train
 from conftest import FAST, ROOT
@@ -274,7 +275,7 @@ def check_output(command, root, out):
         if flag(args, "--save"):
             assert steps in checkpoint.complete_steps(root / flag(args, "--save")), out[-2000:]
         if flag(args, "--metrics"):
-            recorded = [r["step"] for r in train.read_metrics(root / flag(args, "--metrics"))]
+            recorded = [r["step"] for r in metrics.read_metrics(root / flag(args, "--metrics"))]
             assert recorded == list(range(recorded[0], steps + 1)), recorded
     elif script == "generate.py":
         prompts = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--prompt"]

@@ -195,7 +195,7 @@ def test_bad_input_is_one_line(capsys, flags, message):
 
 def test_model_refuses_a_layout_that_does_not_divide():
     with pytest.raises(parallel.UsageError, match="n_heads=4 is not divisible by tp=3"):
-        models.MODELS["t5"][2](models.make_config("t5", "test"), parallel.Layout(tp=3))
+        models.FAMILIES["t5"].model(models.make_config("t5", "test"), parallel.Layout(tp=3))
 
 
 @pytest.mark.parametrize("preset,hf_fields", [
@@ -213,7 +213,7 @@ def test_presets_have_the_published_sizes(preset, hf_fields):
     247.6M; built on the meta device), an untied output layer counted separately."""
     from transformers import T5Config, T5ForConditionalGeneration
     with torch.device("meta"):
-        ours = models.MODELS["t5"][2](models.make_config("t5", preset))
+        ours = models.FAMILIES["t5"].model(models.make_config("t5", preset))
         hf = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_kv=64, **hf_fields))
     expected = sum(p.numel() for p in hf.parameters())  # tied: shared once
     if not hf_fields.get("tie_word_embeddings", True):  # transformers 5 ties a model built

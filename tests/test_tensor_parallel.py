@@ -77,7 +77,7 @@ def test_layout_that_does_not_divide_is_one_line():
 def test_model_refuses_a_layout_that_does_not_divide(model, overrides, message):
     cfg = models.make_config(model, "test", [f"{k}={v}" for k, v in overrides.items()])
     with pytest.raises(parallel.UsageError, match=message):
-        models.MODELS[model][2](cfg, parallel.Layout(tp=4))
+        models.FAMILIES[model].model(cfg, parallel.Layout(tp=4))
 
 
 def test_tp_larger_than_the_world_is_one_line(capsys):

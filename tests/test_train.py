@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+import flags
+import metrics
 import models
 import parallel
 import train
@@ -17,10 +19,10 @@ from conftest import (FAST, LAYOUT, assert_same_run, assert_within_bf16, one_lin
 
 
 def test_loss_falls_on_builtin_corpus(tmp_path):
-    metrics = tmp_path / "m.jsonl"
-    proc = run(["--model", "llama", *FAST, "--steps", "40", "--metrics", str(metrics),
+    metrics_file = tmp_path / "m.jsonl"
+    proc = run(["--model", "llama", *FAST, "--steps", "40", "--metrics", str(metrics_file),
                 "--sample-tokens", "20"])
-    records = train.read_metrics(metrics)
+    records = metrics.read_metrics(metrics_file)
     assert records[-1]["loss"] < 0.75 * records[0]["loss"]
     assert "---- sample ----" in proc.stdout
     record = records[-1]
@@ -33,7 +35,7 @@ def test_torchrun_equals_one_process(tmp_path):
     argv = ["--model", "llama", *LAYOUT, "--tp", "2", "--metrics", str(tmp_path / "m.jsonl")]
     proc = run(argv, nproc=2)
     assert "done: 10 steps in" in proc.stdout
-    records = train.read_metrics(tmp_path / "m.jsonl")
+    records = metrics.read_metrics(tmp_path / "m.jsonl")
     assert_same_run(records, one_process(["--model", "llama", *LAYOUT]))
 
 
@@ -45,7 +47,7 @@ def test_training_lets_go_of_the_model():
         gc.collect()
         return sum(isinstance(o, (parallel.DataParallel, torch.nn.Parameter)) for o in gc.get_objects())
     before = alive()
-    train.train(train.parse_args(["--model", "llama", *FAST, "--steps", "2"]))
+    train.train(flags.parse_args(["--model", "llama", *FAST, "--steps", "2"]))
     assert alive() == before
 
 
@@ -63,9 +65,9 @@ def test_training_lets_go_of_the_model_after_an_exception(monkeypatch, tmp_path)
         return real_step(run, step)
     monkeypatch.setattr(train, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="boom"):
-        train.train(train.parse_args(["--model", "llama", *FAST, "--metrics", str(tmp_path / "m.jsonl")]))
+        train.train(flags.parse_args(["--model", "llama", *FAST, "--metrics", str(tmp_path / "m.jsonl")]))
     assert alive() == before
-    assert [r["step"] for r in train.read_metrics(tmp_path / "m.jsonl")] == [1]
+    assert [r["step"] for r in metrics.read_metrics(tmp_path / "m.jsonl")] == [1]
 
 
 def test_resume_equals_uninterrupted_run(ranks, tmp_path):
@@ -105,7 +107,7 @@ def test_resume_with_more_steps_keeps_the_saved_schedule(tmp_path):
 
 def test_learning_rate_schedule_closed_form():
     """Linear warmup to the peak, then a half cosine down to min_lr_ratio x peak, then flat."""
-    args = train.parse_args(["--model", "llama", "--lr", "2.0", "--warmup-steps", "10",
+    args = flags.parse_args(["--model", "llama", "--lr", "2.0", "--warmup-steps", "10",
                              "--steps", "200", "--lr-decay-steps", "110", "--min-lr-ratio", "0.1"])
     expected = {0: 0.2, 4: 1.0, 9: 2.0, 10: 2.0, 60: 0.2 + 1.8 * 0.5, 35: 0.2 + 1.8 * (2 + 2 ** 0.5) / 4,
                 85: 0.2 + 1.8 * (2 - 2 ** 0.5) / 4, 110: 0.2, 199: 0.2}
@@ -186,8 +188,8 @@ def test_bf16_under_tp_stays_within_bf16_rounding_of_one_process(ranks):
     run stays within bf16 rounding of one process, in the loss and the gradient norm."""
     argv = ["--model", "llama", *FAST, "--precision", "bf16", "--clip-grad", "0"]
     reference = one_process(argv)
-    for flags in (["--tp", "2"], ["--tp", "2", "--no-sp"]):
-        got, _ = train_on(ranks, 2, argv + flags)
+    for layout in (["--tp", "2"], ["--tp", "2", "--no-sp"]):
+        got, _ = train_on(ranks, 2, argv + layout)
         assert_within_bf16(got, reference)
 
 
