@@ -306,3 +306,86 @@ class Bert(nn.Module):
         attention = c.n_layers * 2 * 2 * seq_len * c.dim
         return 3 * (2 * matmul_weights + attention)
 
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+# The BertFor* classes converted -> the heads each holds: (mlm_head, binary_head, a
+# classifier). MegatronBertFor* hold the same ones.
+HF_HEADS = {"ForPreTraining": (True, True, False), "ForMaskedLM": (True, False, False),
+              "ForSequenceClassification": (False, False, True)}
+
+
+def config_from_hf(hf, model_type):
+    """BERT (post-LN) and Megatron-BERT (pre-LN) -> bert.Config; the heads from
+    `architectures`, the classes from id2label (config.json holds num_labels that way)."""
+    prefix = "MegatronBert" if model_type == "megatron-bert" else "Bert"
+    classes = [prefix + suffix for suffix in HF_HEADS]
+    architecture = next((a for a in hf.get("architectures") or () if a in classes), None)
+    if architecture is None:
+        errors.unsupported_hf(model_type, f"architectures {hf.get('architectures')} (ours: {', '.join(classes)})")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        errors.unsupported_hf(model_type, f"hidden_act={hf['hidden_act']!r} (ours: the exact, erf GELU)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        errors.unsupported_hf(model_type, f"position_embedding_type={hf['position_embedding_type']!r}")
+    for key in ("is_decoder", "add_cross_attention"):
+        if hf.get(key):
+            errors.unsupported_hf(model_type, f"{key}=true")
+    mlm_head, binary_head, classifier = HF_HEADS[architecture[len(prefix):]]
+    if mlm_head and not hf.get("tie_word_embeddings", True):
+        errors.unsupported_hf(model_type, "tie_word_embeddings=false (an MLM output layer of its own)")
+    n_classes = (len(hf.get("id2label") or {}) or hf.get("num_labels", 2)) if classifier else 0
+    problem = hf.get("problem_type")
+    if classifier and (n_classes == 1 or problem not in (None, "single_label_classification")):
+        errors.unsupported_hf(model_type, f"{architecture} with problem_type={problem!r}, {n_classes} label(s) "
+                            f"(ours: single-label classification)")
+    return Config(vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 512),
+                       type_vocab_size=hf.get("type_vocab_size", 2), dim=hf["hidden_size"],
+                       n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                       ffn_dim=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
+                       pre_ln=model_type == "megatron-bert", mlm_head=mlm_head, binary_head=binary_head,
+                       n_classes=n_classes, init_std=hf.get("initializer_range", 0.02))
+
+
+def config_to_hf(cfg):
+    """bert.Config -> (model_type, config.json fields): Megatron-BERT's when pre_ln."""
+    model_type = "megatron-bert" if cfg.pre_ln else "bert"
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",
+                  max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+                  layer_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+                  position_embedding_type="absolute", is_decoder=False, add_cross_attention=False,
+                  tie_word_embeddings=True)
+    if cfg.n_classes:
+        labels = [f"LABEL_{i}" for i in range(cfg.n_classes)]
+        fields.update(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                      problem_type="single_label_classification")
+    return model_type, fields
+
+
+def hf_architecture(cfg):
+    """The BertFor* (MegatronBertFor* when pre_ln) class that holds exactly our heads."""
+    heads = (cfg.mlm_head, cfg.binary_head, cfg.n_classes > 0)
+    suffix = next((s for s, h in HF_HEADS.items() if h == heads), None)
+    if suffix is None:
+        raise errors.UsageError(f"no Hugging Face BERT class has the heads mlm_head={cfg.mlm_head}, "
+                         f"binary_head={cfg.binary_head}, n_classes={cfg.n_classes}; cannot export "
+                         f"(supported: MLM, MLM + binary head, or a classifier alone)")
+    return ("MegatronBert" if cfg.pre_ln else "Bert") + suffix
+
+
+def hf_copies(cfg):
+    """HF ties the MLM decoder to the word embedding and to the MLM bias."""
+    return ({"cls.predictions.decoder.weight": "embed.weight", "cls.predictions.decoder.bias": "mlm_bias"}
+            if cfg.mlm_head else {})
+
+
+def hf_absent_heads(cfg):
+    """Published checkpoints hold every pre-training head whatever their class
+    (bert-base-uncased is a BertForMaskedLM with a pooler and a next-sentence head):
+    transformers skips those its class lacks, and so do we."""
+    heads = {"cls.predictions.": cfg.mlm_head, "bert.pooler.": cfg.pooler,
+             "cls.seq_relationship.": cfg.binary_head, "classifier.": cfg.n_classes > 0}
+    return tuple(prefix for prefix, present in heads.items() if not present)

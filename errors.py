@@ -22,6 +22,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def unsupported_hf(model_type, what):
+    """A Hugging Face config.json setting our model cannot reproduce: refused, never ignored."""
+    raise UsageError(f"{model_type} config: {what} is not supported by our model; refusing to "
+                     f"convert rather than compute something else")
+
+
 def require_number(what, value, at_least=None, above=None):
     """`what` (a flag or a config field, named as the user writes it) must be a finite number,
     >= at_least and > above where given: NaN or inf would train nothing useful, silently."""

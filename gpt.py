@@ -203,3 +203,30 @@ class GPT(nn.Module):
         matmul_weights = c.n_layers * (4 * c.dim * c.dim + 2 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
         attention = c.n_layers * 2 * 2 * seq_len * c.dim
         return 3 * (2 * matmul_weights + attention)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+def config_from_hf(hf, model_type):
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        errors.unsupported_hf(model_type, f"activation_function={hf['activation_function']!r} (ours: tanh GELU)")
+    for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if hf.get(key, ours) != ours:
+            errors.unsupported_hf(model_type, f"{key}={hf[key]}")
+    return Config(vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"],
+                      n_heads=hf["n_head"], ffn_dim=hf.get("n_inner") or 0,
+                      max_seq_len=hf.get("n_positions", 1024),
+                      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
+def config_to_hf(cfg):
+    return "gpt2", dict(vocab_size=cfg.vocab_size, n_embd=cfg.dim, n_layer=cfg.n_layers,
+                        n_head=cfg.n_heads, n_inner=cfg.ffn_dim, n_positions=cfg.max_seq_len,
+                        n_ctx=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                        activation_function="gelu_new", tie_word_embeddings=cfg.tie_embeddings,
+                        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)

@@ -272,3 +272,102 @@ class Llama(nn.Module):
         matmul_weights = c.n_layers * per_layer + c.dim * c.vocab_size
         attention = c.n_layers * c.n_heads * 2 * 2 * seq_len * c.head_dim
         return 3 * (2 * matmul_weights + attention)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+def rope_from_hf(hf, model_type):
+    """RoPE fields. transformers 5 writes `rope_parameters`; 4.x `rope_theta` + `rope_scaling`."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        errors.unsupported_hf(model_type, "RoPE parameters that differ per layer type")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        errors.unsupported_hf(model_type, "partial_rotary_factor != 1")
+    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        out.update(rope_scaling_factor=float(rope["factor"]),
+                   rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_seq_len=int(rope.get("original_max_position_embeddings",
+                                                          hf["max_position_embeddings"])))
+    elif kind != "default":
+        errors.unsupported_hf(model_type, f"rope_scaling of type {kind!r} (only llama3 is)")
+    return out
+
+
+def _qwen_window(hf, model_type):
+    """Qwen configs carry sliding_window even when it is off: it applies only with
+    use_sliding_window, and then to the layers that layer_types (or, in older configs,
+    i >= max_window_layers) mark as sliding. Ours is all layers or none."""
+    if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+        return 0
+    n = hf["num_hidden_layers"]
+    kinds = set(hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(n)])
+    if kinds == {"full_attention"}:
+        return 0
+    if kinds != {"sliding_attention"}:
+        errors.unsupported_hf(model_type, "sliding-window attention on some layers only")
+    return int(hf["sliding_window"])
+
+
+def config_from_hf(hf, model_type):
+    """LLaMA 2/3/3.1, Mistral, Qwen 2/2.5, Qwen 3 -> llama.Config."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        errors.unsupported_hf(model_type, f"hidden_act={hf['hidden_act']!r}")
+    if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
+        errors.unsupported_hf(model_type, "attention_bias (a bias on o_proj as well as Q, K, V)")
+    if model_type == "llama" and hf.get("mlp_bias"):
+        errors.unsupported_hf(model_type, "mlp_bias")
+    window = 0
+    if model_type == "mistral":
+        window = hf.get("sliding_window") or 0
+    elif model_type in ("qwen2", "qwen3"):
+        window = _qwen_window(hf, model_type)
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    return Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or dim // heads, ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
+        sliding_window=int(window), qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope_from_hf(hf, model_type))
+
+
+def config_to_hf(cfg):
+    """llama.Config -> (model_type, config.json fields): the plainest HF family that has
+    every feature used (QK-norm: Qwen 3; Q/K/V bias: Qwen 2; sliding window: Mistral)."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise errors.UsageError("no Hugging Face family has QK-norm with a bias on Q, K, V only; "
+                         "cannot export")
+    model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else
+                  "mistral" if cfg.sliding_window else "llama")
+    scaling = None
+    if cfg.rope_scaling_factor:
+        scaling = dict(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                       low_freq_factor=cfg.rope_low_freq_factor,
+                       high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+              num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+              rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
+              tie_word_embeddings=cfg.tie_embeddings,
+              # transformers 5 reads rope_parameters; 4.x rope_theta and rope_scaling.
+              rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
+              rope_theta=cfg.rope_theta, rope_scaling=scaling)
+    if model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if model_type == "llama":
+        hf["mlp_bias"] = False
+    if model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if model_type in ("qwen2", "qwen3"):
+        window = cfg.sliding_window
+        hf.update(use_sliding_window=bool(window), sliding_window=window or None, max_window_layers=0,
+                  layer_types=[("sliding" if window else "full") + "_attention"] * cfg.n_layers)
+    return model_type, hf

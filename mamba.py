@@ -579,3 +579,48 @@ class Mamba(nn.Module):
         mlp = (3 if c.mlp == "swiglu" else 2) * c.dim * c.ffn_dim
         per_kind = {"M": mamba + scan, "*": attention + a.n_heads * 2 * seq_len * a.head_dim, "-": mlp}
         return 3 * 2 * (sum(per_kind[k] for k in c.pattern) + c.dim * c.vocab_size)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+def config_from_hf(hf, model_type):
+    """Mamba (MambaForCausalLM) and Mamba-2 (Mamba2ForCausalLM) -> mamba.Config."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        errors.unsupported_hf(model_type, f"hidden_act={hf['hidden_act']!r}")
+    rank = hf.get("time_step_rank", "auto")
+    fields = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                  d_state=hf["state_size"], d_conv=hf.get("conv_kernel", 4), expand=hf.get("expand", 2),
+                  conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False)),
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                  residual_in_fp32=bool(hf.get("residual_in_fp32", True)),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "mamba")),
+                  dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
+                  dt_init_floor=hf.get("time_step_floor", 1e-4))
+    if model_type == "mamba":
+        return Config(version=1, dt_rank=0 if rank == "auto" else int(rank), **fields)
+    # transformers 5 writes infinity as {"__float__": "Infinity"}; json writes Infinity.
+    low, high = (float(v["__float__"] if isinstance(v, dict) else v)
+                 for v in hf.get("time_step_limit", (0.0, math.inf)))
+    return Config(version=2, n_heads=hf["num_heads"], head_dim=hf["head_dim"],
+                        n_groups=hf.get("n_groups", 1), chunk_size=hf.get("chunk_size", 256),
+                        dt_limit_min=low, dt_limit_max=high, **fields)
+
+
+def config_to_hf(cfg):
+    if cfg.pattern != "M" * cfg.n_layers:
+        raise errors.UsageError(f"pattern {cfg.pattern!r}: Hugging Face's Mamba classes hold Mamba layers "
+                         f"only; a hybrid cannot be exported")
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  state_size=cfg.d_state, conv_kernel=cfg.d_conv, expand=cfg.expand,
+                  use_conv_bias=cfg.conv_bias, use_bias=cfg.proj_bias, hidden_act="silu",
+                  layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32,
+                  tie_word_embeddings=cfg.tie_embeddings, time_step_min=cfg.dt_min,
+                  time_step_max=cfg.dt_max, time_step_floor=cfg.dt_init_floor)
+    if cfg.version == 1:
+        return "mamba", dict(fields, time_step_rank=cfg.dt_rank)
+    return "mamba2", dict(fields, num_heads=cfg.n_heads, head_dim=cfg.head_dim, n_groups=cfg.n_groups,
+                          chunk_size=cfg.chunk_size,
+                          time_step_limit=[cfg.dt_limit_min, cfg.dt_limit_max])

@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import kernels
 import llama
 import parallel
@@ -306,3 +307,45 @@ class Mixtral(llama.Llama):
         """Matrix weights one token multiplies in a block's MoE: the router's, and top_k
         experts' (only the active parameters count, see llama.Llama.flops_per_token)."""
         return cfg.dim * cfg.n_experts + cfg.top_k * 3 * cfg.dim * cfg.ffn_dim
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+def config_from_hf(hf, model_type):
+    """Mixtral -> mixtral.Config. The router's training settings (router_aux_loss_coef,
+    whose loss is normalized differently from ours) are not architecture and are not read."""
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        errors.unsupported_hf(model_type, f"hidden_act={hf['hidden_act']!r}")
+    if hf.get("router_jitter_noise"):
+        errors.unsupported_hf(model_type, f"router_jitter_noise={hf['router_jitter_noise']}")
+    rope = llama.rope_from_hf(hf, model_type)
+    if set(rope) != {"rope_theta"}:
+        errors.unsupported_hf(model_type, "RoPE scaling")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    return Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or dim // heads, ffn_dim=hf["intermediate_size"],
+        n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 4096),
+        sliding_window=int(hf.get("sliding_window") or 0),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=rope["rope_theta"])
+
+
+def config_to_hf(cfg):
+    for field, what in (("qkv_bias", "a bias on Q, K, V"), ("qk_norm", "QK-norm"),
+                        ("rope_scaling_factor", "RoPE scaling")):
+        if getattr(cfg, field):
+            raise errors.UsageError(f"Hugging Face's Mixtral has no {what} ({field}); cannot export")
+    return "mixtral", dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len, sliding_window=cfg.sliding_window or None,
+        tie_word_embeddings=cfg.tie_embeddings, router_jitter_noise=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta)

@@ -23,10 +23,17 @@ import t5
 from errors import UsageError
 
 
+def tied_lm_head(cfg):
+    """A tied decoder's Hugging Face file may still hold its output layer (older ones do)."""
+    return {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What the machinery must know of a model family."""
-    file: types.ModuleType  # the model file: Config, PRESETS, and the Hugging Face names of its tensors
+    name: str               # --model
+    file: types.ModuleType  # the model file: Config, PRESETS; Hugging Face's names (hf_name, from_hf,
+                            # to_hf: each tensor) and config.json (config_from_hf, config_to_hf)
     model: type             # its nn.Module: the whole model, or one pipeline chunk of it
     planner: memory.Terms   # the activations one micro-batch saves, for --plan
     default_lr: float = 2e-3
@@ -43,6 +50,19 @@ class Family:
     # fields that change (a pre-trained checkpoint differs from its classifier only there)
     classifier: object = None
     classifier_fields: tuple = ()
+    # Hugging Face (convert.py): model_type -> the transformers class export writes (or a
+    # function of our Config choosing it; BERT's class depends on its heads)
+    hf_classes: dict = dataclasses.field(default_factory=dict)
+    hf_preset: str = ""            # `convert.py import` writes a config as overrides of this preset
+    hf_reads_slices: bool = True   # from_hf is the identity: a rank reads only its region from disk
+    hf_copies: object = tied_lm_head  # Config -> {HF tensor a file may hold as a copy: ours it equals}
+    hf_absent_heads: object = lambda cfg: ()  # Config -> prefixes of HF heads it lacks (skipped)
+    hf_stand_ins: object = lambda cfg: {}     # Config -> {HF tensor a file may lack: its stand-in}
+
+    def hf_class(self, model_type, cfg):
+        """The transformers class that export writes into config.json."""
+        chosen = self.hf_classes[model_type]
+        return chosen if isinstance(chosen, str) else chosen(cfg)
 
     @property
     def config(self):
@@ -91,20 +111,30 @@ def _check_t5(args, cfg, tokenizer):
                          f"tp={args.tp}, as sequence parallelism needs; pass --no-sp")
 
 
-FAMILIES = {
-    "llama": Family(llama, llama.Llama, memory.LLAMA),
-    "gpt": Family(gpt, gpt.GPT, memory.GPT),
-    "mixtral": Family(mixtral, mixtral.Mixtral, memory.LLAMA),
-    "mamba": Family(mamba, mamba.Mamba, memory.MAMBA),
+FAMILIES = {f.name: f for f in (
+    Family("llama", llama, llama.Llama, memory.LLAMA, hf_preset="llama2-7b",
+           hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}),
+    Family("gpt", gpt, gpt.GPT, memory.GPT, hf_classes={"gpt2": "GPT2LMHeadModel"}, hf_preset="gpt2",
+           hf_reads_slices=False),  # GPT-2's Conv1D weights are transposed
+    Family("mixtral", mixtral, mixtral.Mixtral, memory.LLAMA, hf_classes={"mixtral": "MixtralForCausalLM"},
+           hf_preset="mixtral-8x7b"),
+    Family("mamba", mamba, mamba.Mamba, memory.MAMBA, hf_preset="mamba2-130m",
+           hf_classes={"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},
+           hf_reads_slices=False),  # in_proj and conv1d are reordered
     # BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
     # at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
-    "bert": Family(bert, bert.Bert, memory.BERT, default_lr=5e-4, special_tokens=data.bert_special_tokens,
-                   examples=_masked_pairs, check=_check_bert, classifier=_classifier,
-                   classifier_fields=("mlm_head", "binary_head", "n_classes")),
-    "t5": Family(t5, t5.T5, memory.T5, special_tokens=data.t5_special_tokens,
-                 examples=lambda windows, tokenizer, args: data.SpanCorruptionData(windows, tokenizer),
-                 decoder_len=_decoder_len, check=_check_t5),
-}
+    Family("bert", bert, bert.Bert, memory.BERT, default_lr=5e-4, special_tokens=data.bert_special_tokens,
+           examples=_masked_pairs, check=_check_bert, classifier=_classifier,
+           classifier_fields=("mlm_head", "binary_head", "n_classes"),
+           hf_classes={"bert": bert.hf_architecture, "megatron-bert": bert.hf_architecture},
+           hf_preset="bert-base", hf_copies=bert.hf_copies, hf_absent_heads=bert.hf_absent_heads),
+    Family("t5", t5, t5.T5, memory.T5, special_tokens=data.t5_special_tokens,
+           examples=lambda windows, tokenizer, args: data.SpanCorruptionData(windows, tokenizer),
+           decoder_len=_decoder_len, check=_check_t5, hf_classes={"t5": "T5ForConditionalGeneration"},
+           hf_preset="t5-base", hf_copies=t5.hf_copies, hf_absent_heads=t5.hf_absent_heads,
+           hf_stand_ins=t5.hf_stand_ins),
+)}
 
 
 def family(name):

@@ -369,3 +369,91 @@ class T5(nn.Module):
         decoder = (c.n_decoder_layers * (2 * (8 * c.dim * inner + ffn) + 2 * 2 * (decoder_len + seq_len) * inner)
                    + 2 * c.dim * c.vocab_size)
         return 3 * (encoder * seq_len + decoder * decoder_len) / seq_len
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face: config.json <-> Config (convert.py reads and writes the files; a setting
+# this model cannot reproduce is refused, never ignored)
+# ----------------------------------------------------------------------------
+
+# T5ForConditionalGeneration under its older name (the original t5-small/base/large configs).
+HF_CLASSES = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
+
+
+# (gated, activation) of T5's FFN -> t5.Config.gated_gelu: ReLU, or GELU's tanh approximation, gated
+HF_FFN = {(False, "relu"): False, (True, "gelu_new"): True, (True, "gelu_pytorch_tanh"): True}
+
+
+def _hf_scaled(hf):
+    """Whether T5's decoder output is scaled by d_model^-0.5 before the output layer, as
+    transformers decides it: `scale_decoder_outputs` where config.json has it (transformers
+    5 writes it, with tie_word_embeddings always true), else tie_word_embeddings not false."""
+    return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings") is not False))
+
+
+def config_from_hf(hf, model_type):
+    """T5 v1.0 (ReLU, output layer = the shared embedding, decoder output scaled) and v1.1 /
+    FLAN-T5 (gated GELU, an output layer of its own, unscaled) -> t5.Config.
+
+    Ours ties the output layer exactly when it scales (tie_embeddings does both). transformers
+    5 keeps the two apart: it ties lm_head to `shared` unless the file holds both tensors,
+    different, and scales as _hf_scaled says. So tie_embeddings is the scaling; a scaled
+    model whose file holds an lm_head of its own is refused at load (config.json ties it),
+    and an unscaled model whose file lacks lm_head.weight (transformers 5 saves a v1.1 model
+    built from a config that way) gets a copy of `shared` (hf_stand_ins)."""
+    if not set(hf.get("architectures") or ()) & set(HF_CLASSES):
+        errors.unsupported_hf(model_type, f"architectures {hf.get('architectures')} (ours: {HF_CLASSES[0]})")
+    # The FFN as T5Config derives it from feed_forward_proj ("relu", "gated-gelu" -> gelu_new,
+    # "gated-ACT"); dense_act_fn and is_gated_act in config.json take precedence, as there.
+    ffn = hf.get("feed_forward_proj", "relu")
+    gated = hf.get("is_gated_act", ffn.startswith("gated-"))
+    act = hf.get("dense_act_fn", "gelu_new" if ffn == "gated-gelu" else ffn.split("-")[-1])
+    if (gated, act) not in HF_FFN:
+        errors.unsupported_hf(model_type, f"feed_forward_proj={ffn!r} ({'gated ' if gated else ''}{act}; ours: "
+                            f"'relu' or 'gated-gelu', the tanh approximation)")
+    if hf.get("is_encoder_decoder") is False or hf.get("is_decoder"):
+        errors.unsupported_hf(model_type, "a decoder-only T5 (is_decoder / is_encoder_decoder=false)")
+    start = hf.get("decoder_start_token_id")
+    if start is None:  # T5's decoder starts with the pad token
+        start = hf.get("pad_token_id")
+    return Config(vocab_size=hf["vocab_size"], dim=hf["d_model"], n_heads=hf["num_heads"],
+                     head_dim=hf["d_kv"], ffn_dim=hf["d_ff"], n_encoder_layers=hf["num_layers"],
+                     n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+                     num_buckets=hf.get("relative_attention_num_buckets", 32),
+                     max_distance=hf.get("relative_attention_max_distance", 128),
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-6), gated_gelu=HF_FFN[gated, act],
+                     tie_embeddings=_hf_scaled(hf), decoder_start_token_id=0 if start is None else start)
+
+
+def config_to_hf(cfg):
+    """t5.Config -> T5Config fields. Both tie_word_embeddings (which transformers 4.x reads)
+    and scale_decoder_outputs (transformers 5) are ours; an untied model's file holds both
+    `shared` and `lm_head`, which transformers 5 then keeps apart. The pad token is the
+    decoder's start token, as in T5: transformers' labels-only path (and ours) turns ignored
+    labels (-100) into it."""
+    return "t5", dict(vocab_size=cfg.vocab_size, d_model=cfg.dim, num_heads=cfg.n_heads, d_kv=cfg.head_dim,
+                      d_ff=cfg.ffn_dim, num_layers=cfg.n_encoder_layers,
+                      num_decoder_layers=cfg.n_decoder_layers,
+                      relative_attention_num_buckets=cfg.num_buckets,
+                      relative_attention_max_distance=cfg.max_distance, layer_norm_epsilon=cfg.norm_eps,
+                      feed_forward_proj="gated-gelu" if cfg.gated_gelu else "relu",
+                      tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.tie_embeddings,
+                      is_encoder_decoder=True, decoder_start_token_id=cfg.decoder_start_token_id,
+                      pad_token_id=cfg.decoder_start_token_id)
+
+
+def hf_copies(cfg):
+    """The shared embedding's copies that files hold (both stacks', and a tied lm_head)."""
+    return {"encoder.embed_tokens.weight": "embed.weight", "decoder.embed_tokens.weight": "embed.weight",
+            **({"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {})}
+
+
+def hf_absent_heads(cfg):
+    """Older checkpoints hold a relative-attention bias for the first cross-attention,
+    which T5 never uses (transformers skips it too)."""
+    return ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.",)
+
+
+def hf_stand_ins(cfg):
+    """An untied (unscaled) T5 file without lm_head.weight: transformers ties it to shared."""
+    return {} if cfg.tie_embeddings else {"lm_head.weight": "shared.weight"}

@@ -202,7 +202,7 @@ def test_names_without_the_base_model_prefix(hf_dirs, tmp_path):
 def test_to_hf_inverts_from_hf(model_name, variant, hf_dirs):
     """to_hf(from_hf(t)) == t for every tensor, and to_hf gives HF's shapes."""
     hf_dir, hf = hf_dirs(variant)
-    module = convert.FAMILIES[model_name].module
+    module = models.FAMILIES[model_name].file
     hf_state = hf.state_dict()
     model = convert.from_hf(hf_dir)
     for name, p in model.named_parameters():
@@ -299,8 +299,8 @@ class SpyFile:
 def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypatch):
     hf_dir, hf = hf_dirs(variant)
     name, cfg = convert.read_hf_config(hf_dir)
-    family, hf_state = convert.FAMILIES[name], hf.state_dict()
-    module = family.module
+    family, hf_state = models.FAMILIES[name], hf.state_dict()
+    module = family.file
     real_open = convert.safe_open
     for rank in (0, 1):
         reads = {}
@@ -317,7 +317,7 @@ def test_tensor_parallel_import_reads_only_its_slice(variant, hf_dirs, monkeypat
             padding[tuple(slice(0, n) for n in extent)] = 0
             assert not padding.any()  # vocabulary padding past the global tensor is zero
             (numel,) = reads[module.hf_name(ours, cfg)]
-            if family.reads_slices:  # LLaMA: exactly this rank's region came off disk
+            if family.hf_reads_slices:  # LLaMA: exactly this rank's region came off disk
                 assert numel == math.prod(extent)
             else:  # GPT-2 and Mamba reorder on the way in: each tensor is read whole
                 assert numel == full.numel()
@@ -457,15 +457,15 @@ def test_config_details(tmp_path):
                        max_window_layers=0)
     assert cfg.sliding_window == 8 and cfg.qk_norm
     with pytest.raises(UsageError, match="QK-norm with a bias"):
-        convert.llama_config_to_hf(llama.Config(**llama.PRESETS["test"], qk_norm=True, qkv_bias=True))
-    assert convert.gpt2_config_from_hf(convert.gpt2_config_to_hf(gpt.Config())[1], "gpt2") == gpt.Config()
+        llama.config_to_hf(llama.Config(**llama.PRESETS["test"], qk_norm=True, qkv_bias=True))
+    assert gpt.config_from_hf(gpt.config_to_hf(gpt.Config())[1], "gpt2") == gpt.Config()
     # BERT: the heads from architectures, the number of classes from id2label.
     _, cfg = config_of(tmp_path, model_type="megatron-bert",
                        architectures=["MegatronBertForSequenceClassification"],
                        id2label={"0": "negative", "1": "neutral", "2": "positive"})
     assert cfg.pre_ln and cfg.n_classes == 3 and not cfg.mlm_head and not cfg.binary_head
     with pytest.raises(UsageError, match="no Hugging Face BERT class has the heads"):
-        convert.bert_architecture(bert.Config(**bert.PRESETS["test"], mlm_head=False))  # binary head only
+        bert.hf_architecture(bert.Config(**bert.PRESETS["test"], mlm_head=False))  # binary head only
 
 
 BERT_JSON = dict(model_type="bert", architectures=["BertForMaskedLM"])
@@ -473,7 +473,7 @@ CLASSIFIER_JSON = dict(model_type="bert", architectures=["BertForSequenceClassif
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
+    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported; supported: bert, gpt2, llama, mamba, mamba2, megatron-bert"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling of type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(model_type="qwen3", attention_bias=True), "attention_bias"),

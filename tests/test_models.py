@@ -176,3 +176,45 @@ def test_bad_config_is_a_usage_error():
         models.make_config("llama", "nope")
     with pytest.raises(models.UsageError, match="not a config field"):
         models.make_config("gpt", "test", ["heads=3"])
+
+
+# ----------------------------------------------------------------------------
+# A new family: its model file and one record
+# ----------------------------------------------------------------------------
+
+def test_a_new_family_is_its_model_file_and_one_record(monkeypatch, tmp_path, capsys):
+    """A family that no file of the machinery knows by name: a LLaMA whose feed-forward
+    network is GPT's GELU MLP (its "model file" written here), registered by one record.
+    It trains, saves, resumes, plans and generates."""
+    import dataclasses
+    import types
+
+    import flags
+    import memory
+    import train
+    from conftest import FAST
+
+    toy = types.ModuleType("toy")  # the model file
+
+    @dataclasses.dataclass
+    class Config(llama.Config):
+        pass
+
+    class Toy(llama.Llama):
+        @staticmethod
+        def feed_forward(cfg, layout):
+            return gpt.MLP(cfg, layout)
+    toy.Config, toy.PRESETS, toy.Toy = Config, {"test": llama.PRESETS["test"]}, Toy
+    monkeypatch.setitem(models.FAMILIES, "toy", models.Family("toy", toy, Toy, memory.LLAMA))
+
+    argv = ["--model", "toy", *FAST, "--save", str(tmp_path / "ckpt"), "--save-every", "5"]
+    records = train.train(flags.parse_args(argv))
+    assert records[-1]["loss"] < 0.9 * records[0]["loss"]
+    assert any("fc" in name for name, _ in models.build("toy", Config(**toy.PRESETS["test"]), "cpu", 0)
+               .named_parameters())
+    resumed = train.train(flags.parse_args([*argv[:-4], "--load", str(tmp_path / "ckpt" / "step_00000005")]))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in records[5:]], rel=1e-6)
+    train.main(["--model", "toy", "--config", "test", "--plan"])
+    assert "peak" in capsys.readouterr().out
+    model, tokenizer = generate.load_model(str(tmp_path / "ckpt"))
+    assert isinstance(model, Toy) and tokenizer == "byte"

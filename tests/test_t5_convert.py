@@ -267,7 +267,7 @@ def test_config_details(tmp_path):
     assert (cfg.norm_eps, cfg.head_dim, cfg.dim, cfg.ffn_dim, cfg.vocab_size) == (1e-5, 16, 32, 48, 99)
     for preset in t5.PRESETS:  # every preset survives config.json
         cfg = models.make_config("t5", preset)
-        assert convert.t5_config_from_hf({**convert.t5_config_to_hf(cfg)[1],
+        assert t5.config_from_hf({**t5.config_to_hf(cfg)[1],
                                           "architectures": ["T5ForConditionalGeneration"]}, "t5") == cfg
 
 
