@@ -191,7 +191,7 @@ class Experts(nn.ModuleDict):
         expert with no rows still runs (on an empty slice), so that every expert parameter
         gets a gradient and its DataParallel hook fires; the grouped matmuls give zeros."""
         parts = parallel.autocast_input(x).split(counts.tolist())  # one cast, as forward's
-        return torch.cat([expert(part) for expert, part in zip(self.values(), parts)])
+        return torch.cat([expert(parallel.in_tp_region(part)) for expert, part in zip(self.values(), parts)])
 
 
 def capacity_mask(expert_ids, n_experts, capacity):

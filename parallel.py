@@ -684,19 +684,29 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
 
 def enter_tp_region(x, layout):
-    """Before column-parallel layers: every tp rank needs the whole input."""
+    """Before column-parallel layers: every tp rank needs the whole input (the result is
+    marked so: see in_tp_region)."""
     if layout.tp == 1:
         return x
-    return (_GatherSequence if layout.sp else _CopyToTP).apply(x, layout.tp_group)
+    return in_tp_region((_GatherSequence if layout.sp else _CopyToTP).apply(x, layout.tp_group))
+
+
+def in_tp_region(x):
+    """Mark x as whole on every tp rank, its gradient summed over tp on the way back: what
+    enter_tp_region returns, or a tensor cut from it (the rows a mixture of experts hands
+    each expert). Column-parallel linears refuse an input not so marked."""
+    x.in_tp_region = True
+    return x
 
 
 def linear_input(x, layout):
     """x as the column-parallel linears after it read it: under autocast cast once to the
-    low precision, then whole on every tp rank (enter_tp_region). Left to autocast, each
-    linear would cast, and save for its weight's gradient, a copy of its own (LLaMA's q,
-    k and v: three copies of one activation); one cast serves them all. Cast before the
-    gather, sp's all-gather moves half the bytes, and the gradients of the linears'
-    inputs are summed (and reduced over tp) in that precision, as Megatron's are."""
+    low precision, then whole on every tp rank (enter_tp_region): under tp a column-parallel
+    linear refuses any other input. Left to autocast, each linear would cast, and save for
+    its weight's gradient, a copy of its own (LLaMA's q, k and v: three copies of one
+    activation); one cast serves them all. Cast before the gather, sp's all-gather moves
+    half the bytes, and the gradients of the linears' inputs are summed (and reduced over
+    tp) in that precision, as Megatron's are."""
     return enter_tp_region(autocast_input(x), layout)
 
 
@@ -776,16 +786,17 @@ def _split(size, parts, what):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with the *output* features split over tp (no communication here:
-    call `enter_tp_region` on x first). `groups` > 1 fuses several projections of equal
-    width (GPT's Q, K, V): the weight is (groups, out/groups, in) and each group is split
-    separately, so a rank's slice is whole heads of each of Q, K and V."""
+    """y = x W^T + b with the *output* features split over tp. Every tp rank needs the
+    whole input, and its gradient summed over tp: under tp, x must come through
+    `linear_input` (or `enter_tp_region`), or this raises. `groups` > 1 fuses several projections of equal width (GPT's Q, K, V): the weight is
+    (groups, out/groups, in) and each group is split separately, so a rank's slice is
+    whole heads of each of Q, K and V."""
 
     fp8_capable = True  # False where a model uses the weight itself (see enable_fp8)
 
     def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features"):
         super().__init__()
-        self.fp8 = None  # an FP8Site under --precision fp8 (enable_fp8)
+        self.layout, self.fp8 = layout, None  # fp8: an FP8Site under --precision fp8 (enable_fp8)
         per_group = out_features // groups
         local = _split(per_group, layout.tp, name)
         shape = (groups, local, in_features) if groups > 1 else (local, in_features)
@@ -797,6 +808,10 @@ class ColumnParallelLinear(nn.Module):
             _shard(self.bias, self.bias.dim() - 1, layout, per_group)
 
     def forward(self, x):
+        if self.layout.tp > 1 and not getattr(x, "in_tp_region", False):
+            raise RuntimeError("tensor parallelism: a column-parallel linear's input must come through "
+                               "parallel.linear_input (every tp rank needs the whole input, and its "
+                               "gradient summed over tp)")
         bias = None if self.bias is None else self.bias.reshape(-1)
         return linear(x, self.weight.reshape(-1, self.weight.shape[-1]), bias, self.fp8)
 
@@ -1748,6 +1763,29 @@ class DataParallel:
             for p in same:
                 p.grad.copy_(total)
         all_reduce(bucket.grads, self.layout.pp_group)
+
+    def check_tp_replicas(self):
+        """A model file's two obligations under tp, checked after a step's backward (train.py:
+        the first): every parameter replicated over tp must end with the same gradient on
+        every tp rank. One that differs read an input that skipped linear_input (whose
+        backward sums the input's gradient over tp), or is computed from this rank's part
+        only without being marked so (mark_partial_grad). Collective over tp; raises a
+        RuntimeError naming the parameters (the same on every rank)."""
+        named = [(name, p) for b in self.buckets for name, p in b.params if not tags(p).tp_sharded]
+        if self.layout.tp == 1 or not named:
+            return
+        prints = torch.stack([torch.stack([p.grad.double().sum(), p.grad.double().square().sum()])
+                              for _, p in named])
+        high = all_reduce(prints.clone(), self.layout.tp_group, dist.ReduceOp.MAX)
+        low = -all_reduce(-prints, self.layout.tp_group, dist.ReduceOp.MAX)
+        differ = ((high - low).abs() > 1e-3 * torch.maximum(high.abs(), low.abs()) + 1e-30).any(dim=1)
+        if differ.any():
+            names = [name for (name, _), d in zip(named, differ.tolist()) if d]
+            raise RuntimeError(f"tensor parallelism: the gradient of {', '.join(names)} differs "
+                               f"between tp ranks, though the parameter is the same on each: an "
+                               f"input of the column-parallel linears skipped parallel.linear_input, "
+                               f"or a parameter that sees only this rank's heads is not marked "
+                               f"(parallel.mark_partial_grad)")
 
     def zero_grad(self):
         for b in self.buckets:

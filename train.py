@@ -398,6 +398,8 @@ def train_step(run, step):
     if run.fp8 is not None:
         run.fp8.end_step()
     run.ddp.finish()
+    if step == run.start_step:  # a model file that broke tensor parallelism says so now
+        run.ddp.check_tp_replicas()
     finite = run.scaler.unscale_and_check(run.ddp)
     grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad).item()
     # The loss (reduced in forward_backward) and the gradient norm (global) are the same

@@ -9,7 +9,7 @@ import torch
 import checkpoint
 import models
 import parallel
-from conftest import LAYOUT, assert_same_run, one_line_error, run, train_job, train_on
+from conftest import LAYOUT, assert_same_run, one_line_error, one_process, run, train_job, train_on
 
 
 def parameters_after_step_1(ckpt, model):
@@ -82,3 +82,50 @@ def test_model_refuses_a_layout_that_does_not_divide(model, overrides, message):
 
 def test_tp_larger_than_the_world_is_one_line(capsys):
     assert "not divisible by tp*cp*pp" in one_line_error(capsys, ["--model", "llama", *LAYOUT, "--tp", "2"])
+
+
+def _train_with_an_obligation_undone(obligation, argv):
+    """On a rank: train as a model file that forgot `obligation` would (parallel.linear_input
+    before the column-parallel linears, or mark_partial_grad on a parameter that sees only
+    this rank's heads); its records on rank 0, or the error it stops with."""
+    real = getattr(parallel, obligation)
+    undone = {"linear_input": lambda x, layout: parallel.autocast_input(x),
+              "mark_partial_grad": lambda *params: None}[obligation]
+    setattr(parallel, obligation, undone)
+    try:
+        result = train_job(argv)  # (records, stdout) on rank 0
+        return result and result[0]
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        setattr(parallel, obligation, real)
+
+
+def test_a_model_file_that_forgets_linear_input_fails_loudly(ranks):
+    """Under tp a column-parallel linear whose input did not come through
+    parallel.linear_input stops the run at the first forward, saying so (without sp it
+    would train on gradients not summed over tp; with sp on a shard of the sequence)."""
+    argv = ["--model", "llama", *LAYOUT, "--steps", "2"]
+    for flags in (["--tp", "2"], ["--tp", "2", "--no-sp"]):
+        error = ranks(2).run(_train_with_an_obligation_undone, obligation="linear_input", argv=argv + flags)[0]
+        assert error == ("tensor parallelism: a column-parallel linear's input must come through "
+                         "parallel.linear_input (every tp rank needs the whole input, and its gradient "
+                         "summed over tp)"), error
+    assert_same_run(ranks(2).run(_train_with_an_obligation_undone, obligation="linear_input", argv=argv)[0],
+                    one_process(argv))  # dp = 2: nothing to enter
+
+
+@pytest.mark.parametrize("flags,loud", [(["--no-sp"], True),
+                                        ([], False)])  # under sp, every parameter not split over tp is summed anyway
+def test_a_model_file_that_forgets_mark_partial_grad_fails_loudly(ranks, flags, loud):
+    """A parameter replicated over tp that sees only this rank's heads (Qwen 3's QK-norm)
+    and is not marked: its gradient differs between the tp ranks. The first step checks
+    (DataParallel.check_tp_replicas) and stops, naming it, instead of training on it."""
+    argv = ["--model", "llama", *LAYOUT, "--steps", "2", "--set", "qk_norm=true", "--tp", "2", *flags]
+    got = ranks(2).run(_train_with_an_obligation_undone, obligation="mark_partial_grad", argv=argv)[0]
+    if loud:
+        assert isinstance(got, str) and got.startswith("tensor parallelism: the gradient of "), got
+        named = got.split("the gradient of ")[1].split(" differs")[0].split(", ")
+        assert sorted(named) == [f"layers.{i}.attn.{n}_norm.weight" for i in (0, 1) for n in "kq"], got
+    else:
+        assert_same_run(got, one_process(argv[:-4 - len(flags)] + ["--set", "qk_norm=true"]))
