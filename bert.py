@@ -62,12 +62,12 @@ class Config:
     def __post_init__(self):
         errors.check_config_fields(self)
         if self.dim % self.n_heads:
-            raise parallel.UsageError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise errors.UsageError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_classes == 1 or self.n_classes < 0:
-            raise parallel.UsageError(f"n_classes={self.n_classes}: a classifier needs at least "
+            raise errors.UsageError(f"n_classes={self.n_classes}: a classifier needs at least "
                                       f"2 classes (0: no classifier)")
         if not (self.mlm_head or self.binary_head or self.n_classes):
-            raise parallel.UsageError("a BERT needs a head: set mlm_head, binary_head or n_classes")
+            raise errors.UsageError("a BERT needs a head: set mlm_head, binary_head or n_classes")
 
     @property
     def pooler(self):
@@ -191,6 +191,7 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
         self.binary_head = nn.Linear(cfg.dim, 2) if cfg.binary_head else None
         self.classifier = nn.Linear(cfg.dim, cfg.n_classes) if cfg.n_classes else None
+        # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).
         parallel.keep_chunk(self, chunk, first=["embed", "pos_embed", "type_embed", "embed_norm"],
                             last=["norm", "mlm_dense", "mlm_norm", "mlm_bias", "pooler",
                                   "binary_head", "classifier"],
@@ -215,7 +216,7 @@ class Bert(nn.Module):
         A pipeline chunk after the first takes the previous chunk's output as `hidden`."""
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
-            raise parallel.UsageError(f"sequence of {T} tokens exceeds max_seq_len="
+            raise errors.UsageError(f"sequence of {T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
         layout = self.layout
         positions = parallel.zigzag_positions(T, layout, input_ids.device)

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 import models
 import parallel
+from errors import UsageError
 
 FORMAT = 1
 STEP_PREFIX = "step_"
@@ -76,12 +77,12 @@ def newest(root):
 def resolve(path):
     """`--load PATH`: a step directory, or a save root (its newest complete step)."""
     if not os.path.exists(path):
-        raise parallel.UsageError(f"--load {path}: no such directory")
+        raise UsageError(f"--load {path}: no such directory")
     if os.path.isfile(os.path.join(path, "index.json")):
         return path
     step_dir = newest(path)
     if step_dir is None:
-        raise parallel.UsageError(f"--load {path} is not a checkpoint: no index.json and no "
+        raise UsageError(f"--load {path} is not a checkpoint: no index.json and no "
                                   f"complete {STEP_PREFIX}* directory inside")
     return step_dir
 
@@ -130,7 +131,7 @@ def _check_file_name(step_dir, name):
     """A file named in the index must lie inside the step directory."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
             or "\\" in name or os.sep in name or ".." in name or os.path.isabs(name)):
-        raise parallel.UsageError(f"{step_dir}/index.json names the file {name!r} outside the "
+        raise UsageError(f"{step_dir}/index.json names the file {name!r} outside the "
                                   f"checkpoint directory; the index is damaged or not ours")
 
 
@@ -146,10 +147,10 @@ def verify_file(step_dir, name, files):
         ok = (os.path.getsize(path) == expected["bytes"]
               and _checksum(path) == expected["crc32"])
     except OSError as e:
-        raise parallel.UsageError(f"cannot read {path} ({e.strerror}); the checkpoint is damaged "
+        raise UsageError(f"cannot read {path} ({e.strerror}); the checkpoint is damaged "
                                   f"or incomplete; load an earlier step") from None
     if not ok:
-        raise parallel.UsageError(f"{path} is damaged: checksum mismatch; the checkpoint cannot "
+        raise UsageError(f"{path} is damaged: checksum mismatch; the checkpoint cannot "
                                   f"be used; load an earlier step (--load ITS_ROOT/{STEP_PREFIX}N)")
 
 
@@ -159,7 +160,7 @@ def _index_files(step_dir):
         with open(os.path.join(step_dir, "index.json")) as f:
             return json.load(f).get(FILES)
     except (OSError, json.JSONDecodeError) as e:
-        raise parallel.UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+        raise UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
 
 
 def _all_named_parameters(modules):
@@ -212,7 +213,7 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
     if layout.is_main and os.path.exists(final):
-        raise parallel.UsageError(f"refusing to overwrite the existing checkpoint {final}")
+        raise UsageError(f"refusing to overwrite the existing checkpoint {final}")
     with _every_rank_writes(root, step, tmp, layout):
         if layout.is_main:
             clean_leftovers(root)  # of a crashed save, this step's included
@@ -283,7 +284,7 @@ def _every_rank_writes(root, step, tmp, layout):
     if parallel.all_reduce_world(failed, layout).item():
         if layout.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise parallel.UsageError(_save_failure(root, step, error)) from None
+        raise UsageError(_save_failure(root, step, error)) from None
 
 
 def _save_failure(root, step, error):
@@ -308,7 +309,7 @@ def read_replicated(step_dir):
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as e:
-        raise parallel.UsageError(f"cannot read {path} ({e}); the checkpoint is damaged or incomplete")
+        raise UsageError(f"cannot read {path} ({e}); the checkpoint is damaged or incomplete")
 
 
 # What every reader of meta.json takes from it (train.py's resume, generate.py, convert.py),
@@ -323,22 +324,22 @@ def read_meta(step_dir):
         with open(os.path.join(step_dir, "meta.json")) as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise parallel.UsageError(f"cannot read {step_dir}/meta.json ({e}); the checkpoint is damaged")
+        raise UsageError(f"cannot read {step_dir}/meta.json ({e}); the checkpoint is damaged")
     if not isinstance(meta, dict):
-        raise parallel.UsageError(f"{step_dir}/meta.json is not a JSON object; the checkpoint is damaged")
+        raise UsageError(f"{step_dir}/meta.json is not a JSON object; the checkpoint is damaged")
     if meta.get("format") != FORMAT:
-        raise parallel.UsageError(f"{step_dir} has checkpoint format {meta.get('format')}, "
+        raise UsageError(f"{step_dir} has checkpoint format {meta.get('format')}, "
                                   f"this code reads format {FORMAT}")
     for key, kinds in META_KEYS.items():
         if key not in meta or not isinstance(meta[key], kinds) or isinstance(meta[key], bool):
             problem = "lacks" if key not in meta else f"has a {type(meta[key]).__name__} for"
-            raise parallel.UsageError(f"{step_dir}/meta.json {problem} {key!r} (expected "
+            raise UsageError(f"{step_dir}/meta.json {problem} {key!r} (expected "
                                       f"{' or '.join(k.__name__ for k in kinds)}); the checkpoint "
                                       f"is damaged; load another step")
     try:
         models.config_from_dict(meta["model"], meta["config"])
-    except parallel.UsageError as e:
-        raise parallel.UsageError(f"{step_dir}/meta.json: {e}; the checkpoint is damaged or was "
+    except UsageError as e:
+        raise UsageError(f"{step_dir}/meta.json: {e}; the checkpoint is damaged or was "
                                   f"written by other code") from None
     return meta
 
@@ -352,7 +353,7 @@ class _Reader:
             with open(os.path.join(step_dir, "index.json")) as f:
                 self.index = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise parallel.UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+            raise UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
         self.sums = self.index.pop(FILES, None)  # None: written before checksums
         self.files = {}
 
@@ -363,7 +364,7 @@ class _Reader:
             try:
                 self.files[name] = safe_open(path, framework="pt")
             except (OSError, SafetensorError) as e:
-                raise parallel.UsageError(f"cannot read {path} ({e}); the checkpoint is damaged "
+                raise UsageError(f"cannot read {path} ({e}); the checkpoint is damaged "
                                           f"or incomplete")
         return self.files[name]
 
@@ -372,10 +373,10 @@ class _Reader:
         `param` holds on this rank, from whichever pieces overlap it."""
         entry = self.index.get(key)
         if entry is None:
-            raise parallel.UsageError(f"checkpoint {self.step_dir} has no tensor {key}")
+            raise UsageError(f"checkpoint {self.step_dir} has no tensor {key}")
         shape, offset, extent = parallel.global_region(param)
         if entry["shape"] != shape:
-            raise parallel.UsageError(f"{key}: checkpoint shape {entry['shape']} differs from "
+            raise UsageError(f"{key}: checkpoint shape {entry['shape']} differs from "
                                       f"the model's {shape}; the config does not match")
         covered = 0
         for piece in entry["pieces"]:
@@ -391,7 +392,7 @@ class _Reader:
             target[dst_index] = src[src_index].to(target.dtype)
             covered += _numel(lo, hi)
         if covered != _numel([0] * len(extent), extent):
-            raise parallel.UsageError(f"checkpoint {self.step_dir} is missing part of {key}")
+            raise UsageError(f"checkpoint {self.step_dir} is missing part of {key}")
 
 
 def _numel(lo, hi):

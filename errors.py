@@ -1,7 +1,7 @@
 """The one error type meant for the user, and the checks every tool shares that raise it.
 
-Its own file so that anything can raise it (data.py, checkpoint.py, the model files through
-parallel.UsageError) without importing the parallel machinery or the Triton kernels.
+Its own file so that anything can raise it (data.py, checkpoint.py, the model files) without
+importing the parallel machinery or the Triton kernels.
 """
 import argparse
 import dataclasses

@@ -80,8 +80,8 @@ def parse_args(argv=None):
     a("--lr-decay-steps", type=int, default=None, help="cosine decay length (default: --steps)")
     a("--lr", type=float, default=argparse.SUPPRESS,  # (a default that depends on --model)
       help=f"peak learning rate (default: {models.Family.default_lr:g}; " + ", ".join(
-          f"{name} {f.default_lr:g}" for name, f in models.FAMILIES.items() if f.default_lr != models.Family.default_lr)
-      + ")")
+          f"{name} {f.default_lr:g}" for name, f in models.FAMILIES.items()
+          if f.default_lr != models.Family.default_lr) + ")")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
     a("--weight-decay", type=float, default=0.1,
       help="AdamW's decoupled weight decay (weight matrices only: not norms, biases, embeddings)")

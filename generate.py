@@ -191,7 +191,7 @@ def encode_with_sentinels(text, tokenizer_name):
         elif int(piece) < len(tokens.sentinels):
             ids.append(tokens.sentinels[int(piece)])
         else:
-            raise parallel.UsageError(f"<extra_id_{piece}>: the tokenizer has "
+            raise errors.UsageError(f"<extra_id_{piece}>: the tokenizer has "
                                       f"{len(tokens.sentinels)} sentinels (0 to {len(tokens.sentinels) - 1})")
     return ids + [tokens.eos]
 
@@ -241,19 +241,19 @@ def decoding_layout(args, name, cfg):
     decoding step's single token cannot be split over ranks."""
     for flag in ("pp", "cp"):
         if getattr(args, flag) != 1:
-            raise parallel.UsageError(f"--{flag} {getattr(args, flag)}: generate.py shards a model with --tp "
+            raise errors.UsageError(f"--{flag} {getattr(args, flag)}: generate.py shards a model with --tp "
                                       f"(and --ep) only; decoding one token at a time leaves nothing to "
                                       f"split over pipeline stages or sequence chunks")
     errors.require_number("--tp", args.tp, at_least=1)
     errors.require_number("--ep", args.ep, at_least=1)
     if args.ep > 1 and not hasattr(cfg, "n_experts"):
-        raise parallel.UsageError(f"--ep {args.ep}: expert parallelism needs a mixture of experts "
+        raise errors.UsageError(f"--ep {args.ep}: expert parallelism needs a mixture of experts "
                                   f"(mixtral), not {name}")
     with torch.device("meta"):
         models.family(name).model(cfg, parallel.Layout(tp=args.tp, dp=args.ep, ep=args.ep))
     world = parallel.world_size()
     if world != args.tp * args.ep:
-        raise parallel.UsageError(f"--tp {args.tp} --ep {args.ep} needs {args.tp * args.ep} processes "
+        raise errors.UsageError(f"--tp {args.tp} --ep {args.ep} needs {args.tp * args.ep} processes "
                                   f"(one per shard) but this job has {world}: launch torchrun "
                                   f"--nproc-per-node {args.tp * args.ep} generate.py ...")
     return parallel.init_distributed(tp=args.tp, ep=args.ep, sp=False, device=args.device)
@@ -268,11 +268,11 @@ def read_prompts(args):
             with open(args.prompts_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
         except OSError as e:
-            raise parallel.UsageError(f"--prompts-file {args.prompts_file}: cannot read it "
+            raise errors.UsageError(f"--prompts-file {args.prompts_file}: cannot read it "
                                       f"({e.strerror})") from None
         lines = [line for line in lines if line.strip()]
         if not lines:
-            raise parallel.UsageError(f"--prompts-file {args.prompts_file} has no prompts: write one "
+            raise errors.UsageError(f"--prompts-file {args.prompts_file} has no prompts: write one "
                                       f"prompt per line")
         prompts += lines
     return prompts or [""]
@@ -283,14 +283,14 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise parallel.UsageError(f"--device {name}: not a device; use cpu or cuda") from None
+        raise errors.UsageError(f"--device {name}: not a device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise parallel.UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
+        raise errors.UsageError(f"--device {name}: no CUDA device is visible; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise parallel.UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+        raise errors.UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
                                   f"device(s) are visible")
     if device.type not in ("cpu", "cuda"):
-        raise parallel.UsageError(f"--device {name}: generate.py runs on cpu or cuda")
+        raise errors.UsageError(f"--device {name}: generate.py runs on cpu or cuda")
 
 
 def check_prompt_fits(model, tokenizer, prompt):
@@ -301,7 +301,7 @@ def check_prompt_fits(model, tokenizer, prompt):
         return
     n = len(tokenizer.encode_ordinary(prompt)) if prompt else 1  # (or the end-of-text token)
     if n >= max_len:
-        raise parallel.UsageError(f"--prompt is {n:,} tokens but the model's context is "
+        raise errors.UsageError(f"--prompt is {n:,} tokens but the model's context is "
                                   f"max_seq_len={max_len:,} tokens; shorten the prompt to at most "
                                   f"{max_len - 1:,} tokens to leave room for new ones")
 
@@ -331,20 +331,20 @@ def main(argv=None):
         for flag in ("max_new_tokens", "temperature", "top_k"):
             errors.require_number(f"--{flag.replace('_', '-')}", getattr(args, flag), at_least=0)
         if "" in args.stop:
-            raise parallel.UsageError("--stop '': a stop string needs at least one character")
+            raise errors.UsageError("--stop '': a stop string needs at least one character")
         check_device(args.device)
         prompts = read_prompts(args)
         name, cfg, _, _ = model_source(args.load)
         layout = decoding_layout(args, name, cfg)
         model, tokenizer_name = load_model(args.load, layout=layout)
         if not hasattr(model, "new_kv_caches") and not hasattr(model, "encode"):
-            raise parallel.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
+            raise errors.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
                                       f"predicts masked tokens and classes, it does not generate "
                                       f"text; generate.py samples causal models (gpt, llama, "
                                       f"mixtral, mamba)")
         if hasattr(model, "encode"):  # an encoder-decoder (T5): fill the marked spans
             if not args.prompt or len(prompts) > 1 or layout.world > 1:
-                raise parallel.UsageError("T5 completes one text with missing spans, in one process: "
+                raise errors.UsageError("T5 completes one text with missing spans, in one process: "
                                           "pass one --prompt with <extra_id_0>, <extra_id_1>, ... "
                                           "where spans are missing (and no --tp)")
             print(fill_spans_text(model, tokenizer_name, prompts[0], args.max_new_tokens,
@@ -368,7 +368,7 @@ def main(argv=None):
             print(f"{stats['new_tokens']} new tokens in {seconds:.2f} s: "
                   f"{stats['new_tokens'] / seconds:.1f} tokens/s ({len(prompts)} prompt(s), "
                   f"{layout.world} process(es))", file=sys.stderr)
-    except parallel.UsageError as e:
+    except errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

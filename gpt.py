@@ -40,7 +40,7 @@ class Config:
         if not self.ffn_dim:
             self.ffn_dim = 4 * self.dim
         if self.dim % self.n_heads:
-            raise parallel.UsageError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise errors.UsageError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
 
 
 # Presets are keyword arguments of Config (train.py: Config(**PRESETS[name], **overrides)).
@@ -152,8 +152,9 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, layout)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        parallel.VocabParallelOutput(cfg.vocab_size, cfg.dim, layout))
+        # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).
         parallel.keep_chunk(self, chunk, first=["embed", "pos_embed"], last=["norm", "lm_head"],
                             tied_embedding="embed" if cfg.tie_embeddings else None)
 
@@ -176,7 +177,7 @@ class GPT(nn.Module):
         start = kv_caches[0].length if kv_caches else 0
         T = input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
-            raise parallel.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
+            raise errors.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
         if positions is None:
             # Global positions of this rank's tokens (under cp, its zigzag share of them).
@@ -190,10 +191,7 @@ class GPT(nn.Module):
             x = hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, positions, attention_mask, kv_caches[i] if kv_caches else None)
-        if not self.chunk.last:
-            return x
-        head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(self.norm(x), head.weight, labels, self.layout, self.cfg.vocab_size)
+        return parallel.language_model_output(self, x, labels)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token of the whole model: 3 x forward, where the forward is

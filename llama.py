@@ -54,19 +54,19 @@ class Config:
     def __post_init__(self):
         errors.check_config_fields(self)
         if self.n_heads % self.n_kv_heads:
-            raise parallel.UsageError(f"n_heads={self.n_heads} is not a multiple of "
+            raise errors.UsageError(f"n_heads={self.n_heads} is not a multiple of "
                                       f"n_kv_heads={self.n_kv_heads}")
         if not self.head_dim:
             if self.dim % self.n_heads:
-                raise parallel.UsageError(f"dim={self.dim} is not divisible by n_heads="
+                raise errors.UsageError(f"dim={self.dim} is not divisible by n_heads="
                                           f"{self.n_heads}; change one, or set head_dim")
             self.head_dim = self.dim // self.n_heads
         if self.head_dim % 2:
-            raise parallel.UsageError(f"head_dim={self.head_dim} is odd: RoPE rotates pairs of "
+            raise errors.UsageError(f"head_dim={self.head_dim} is odd: RoPE rotates pairs of "
                                       f"channels; choose dim and n_heads (or head_dim) for an "
                                       f"even head dimension")
         if self.rope_theta <= 0:
-            raise parallel.UsageError(f"rope_theta must be > 0, got {self.rope_theta}")
+            raise errors.UsageError(f"rope_theta must be > 0, got {self.rope_theta}")
 
 
 # Presets are keyword arguments of Config (train.py: Config(**PRESETS[name], **overrides)).
@@ -201,9 +201,10 @@ class Llama(nn.Module):
                                      for i in range(cfg.n_layers)})
         self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: the output layer multiplies by the embedding matrix (vocabulary-sharded too).
-        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, layout)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        parallel.VocabParallelOutput(cfg.vocab_size, cfg.dim, layout))
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).
         parallel.keep_chunk(self, chunk, first=["embed"], last=["norm", "lm_head"],
                             tied_embedding="embed" if cfg.tie_embeddings else None)
 
@@ -250,10 +251,7 @@ class Llama(nn.Module):
         x = self.embed(parallel.context_shard(input_ids, self.layout)) if hidden is None else hidden
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
-        if not self.chunk.last:
-            return x
-        head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(self.norm(x), head.weight, labels, self.layout, self.cfg.vocab_size)
+        return parallel.language_model_output(self, x, labels)
 
     @staticmethod
     def ffn_matmul_weights(cfg):

@@ -99,7 +99,7 @@ class Config:
         self.n_heads = self.n_heads or self.d_inner // self.head_dim
         self.dt_rank = self.dt_rank or math.ceil(self.dim / 16)
         self.ffn_dim = self.ffn_dim or 4 * self.dim
-        error = parallel.UsageError
+        error = errors.UsageError
         if len(self.pattern) != self.n_layers:
             raise error(f"pattern {self.pattern!r} has {len(self.pattern)} symbols but n_layers="
                         f"{self.n_layers}; give one symbol per layer")
@@ -247,12 +247,6 @@ def skip_pads(t, real):
     return t * real.view(*real.shape, *[1] * (t.dim() - 2)).to(t.dtype)
 
 
-def _cp_part(n, layout):
-    """This cp rank's share of n heads (or channels) for the scan (see context_to_heads)."""
-    size = n // layout.cp
-    return slice(layout.cp_rank * size, (layout.cp_rank + 1) * size)
-
-
 class SSMCache:
     """One Mamba layer's decoding state: the convolution's last inputs and the SSM state.
     Its size does not grow with the sequence."""
@@ -281,12 +275,14 @@ class Mamba1Mixer(nn.Module):
         self.conv1d.weight = parallel.tp_sharded_parameter((D, 1, cfg.d_conv), 0, layout, "expand * dim")
         self.conv1d.bias = parallel.tp_sharded_parameter((D,), 0, layout, "expand * dim") \
             if cfg.conv_bias else None
-        # Input features split over tp; the partial outputs are summed in forward.
-        self.x_proj = parallel.RowParallelLinear(D, R + 2 * N, layout, name="expand * dim")
-        self.dt_proj = parallel.ColumnParallelLinear(R, D, layout, bias=True, name="expand * dim")
-        # Both are used through slices of their weights (forward below), never called: they
-        # stay in higher precision under --precision fp8.
-        self.x_proj.fp8_capable = self.dt_proj.fp8_capable = False
+        # Used through slices of their weights (forward below): parameters, not linears (so
+        # they also stay in higher precision under --precision fp8). x_proj's input channels
+        # are split over tp (the partial outputs are summed in forward), dt_proj's outputs.
+        self.x_proj = nn.Module()
+        self.x_proj.weight = parallel.tp_sharded_parameter((R + 2 * N, D), 1, layout, "expand * dim")
+        self.dt_proj = nn.Module()
+        self.dt_proj.weight = parallel.tp_sharded_parameter((D, R), 0, layout, "expand * dim")
+        self.dt_proj.bias = parallel.tp_sharded_parameter((D,), 0, layout, "expand * dim")
         self.A_log = parallel.tp_sharded_parameter((D, N), 0, layout, "expand * dim")
         self.D = parallel.tp_sharded_parameter((D,), 0, layout, "expand * dim")
         self.out_proj = parallel.RowParallelLinear(D, cfg.dim, layout, cfg.proj_bias)
@@ -299,7 +295,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)                    # this rank's channels
         # Under cp: every token of this rank's 1/cp of the channels.
         x = parallel.context_to_heads(x, layout)
-        part = _cp_part(self.D.shape[0], layout)
+        part = parallel.context_heads(self.D.shape[0], layout)
         x, conv_state = causal_conv(skip_pads(x, real), self.conv1d.weight[part],
                                     None if self.conv1d.bias is None else self.conv1d.bias[part],
                                     cache and cache.conv)
@@ -333,19 +329,7 @@ class Mamba2Mixer(nn.Module):
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_groups=cfg.n_groups)
         H, G, N = cfg.n_heads, cfg.n_groups, cfg.d_state
         self.heads, self.groups = H // layout.tp, G // layout.tp
-        if self.heads % layout.cp:
-            raise parallel.UsageError(f"Mamba-2 heads per tp rank ({self.heads}) are not divisible "
-                                      f"by cp={layout.cp}; choose a --cp that divides them")
-        # The groups of each cp rank's heads (a group serving heads of several cp ranks
-        # goes to each): row r for cp rank r. Heads per group are consecutive.
-        per_group, per_rank = self.heads // self.groups, self.heads // layout.cp
-        rows = [list(range(r * per_rank // per_group, ((r + 1) * per_rank - 1) // per_group + 1))
-                for r in range(layout.cp)]
-        if len({len(row) for row in rows}) > 1:
-            raise parallel.UsageError(f"cp={layout.cp} splits the {per_group} heads of a Mamba-2 "
-                                      f"group unevenly; choose a --cp that divides or is divided "
-                                      f"by heads per group")
-        self.cp_groups = rows
+        self.cp_groups = parallel.context_head_groups(self.heads, self.groups, layout)  # per cp rank
         conv_channels = cfg.d_inner + 2 * G * N
         self.in_proj = parallel.ColumnParallelLinear(cfg.dim, sum(_mamba2_components(cfg)) * G, layout,
                                                      cfg.proj_bias, name="n_groups")
@@ -367,13 +351,9 @@ class Mamba2Mixer(nn.Module):
         and the slices of the convolution and the per-head parameters that go with them.
         Without cp, everything."""
         layout = self.layout
-        heads = _cp_part(self.heads, layout)
-        x = parallel.context_to_heads(x, layout)
-        dt = parallel.context_to_heads(dt, layout)
-        if layout.cp > 1:
-            groups = torch.tensor(self.cp_groups, device=x.device).flatten()
-            B = parallel.context_to_heads(B.index_select(2, groups), layout)
-            C = parallel.context_to_heads(C.index_select(2, groups), layout)
+        heads = parallel.context_heads(self.heads, layout)
+        x, dt = parallel.context_to_heads(x, layout), parallel.context_to_heads(dt, layout)
+        B, C = (parallel.groups_to_heads(t, self.cp_groups, layout) for t in (B, C))
         groups = slice(self.cp_groups[layout.cp_rank][0], self.cp_groups[layout.cp_rank][-1] + 1)
         conv = [None if t is None else self._conv_channels(t, heads, groups)
                 for t in (self.conv1d.weight, self.conv1d.bias)]
@@ -490,9 +470,10 @@ class Mamba(nn.Module):
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.layers = nn.ModuleDict({str(i): Layer(kind, cfg, layout) for i, kind in enumerate(cfg.pattern)})
         self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, layout)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        parallel.VocabParallelOutput(cfg.vocab_size, cfg.dim, layout))
         self.register_buffer("inv_freq", torch.empty(cfg.attn_head_dim // 2), persistent=False)
+        # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).
         parallel.keep_chunk(self, chunk, first=["embed"], last=["norm", "lm_head"],
                             tied_embedding="embed" if cfg.tie_embeddings else None)
 
@@ -540,7 +521,7 @@ class Mamba(nn.Module):
         pads leave every state as at the start (skip_pads). A training batch cannot
         have it: the convolution of a token after a pad would see the pad."""
         if kv_caches is None and attention_mask is not None and not bool(attention_mask.all()):
-            raise parallel.UsageError("Mamba models take no padding mask: batch sequences of "
+            raise errors.UsageError("Mamba models take no padding mask: batch sequences of "
                                       "equal length")
         real = attention_mask if kv_caches else None
         caches = kv_caches or [None] * len(self.layers)
@@ -558,10 +539,7 @@ class Mamba(nn.Module):
         for c in caches:
             if isinstance(c, SSMCache):
                 c.length = start + T
-        if not self.chunk.last:
-            return x
-        head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(self.norm(x), head.weight, labels, self.layout, self.cfg.vocab_size)
+        return parallel.language_model_output(self, x, labels)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (3 x forward; 2 per weight of each matrix multiply). The

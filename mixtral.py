@@ -87,7 +87,7 @@ class Config(llama.Config):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.top_k <= self.n_experts:
-            raise parallel.UsageError(f"top_k={self.top_k} must be between 1 and "
+            raise errors.UsageError(f"top_k={self.top_k} must be between 1 and "
                                       f"n_experts={self.n_experts}")
 
 

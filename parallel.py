@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import kernels
-from errors import UsageError  # model files raise it as parallel.UsageError
+from errors import UsageError
 
 
 # ----------------------------------------------------------------------------
@@ -788,11 +788,10 @@ def _split(size, parts, what):
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with the *output* features split over tp. Every tp rank needs the
     whole input, and its gradient summed over tp: under tp, x must come through
-    `linear_input` (or `enter_tp_region`), or this raises. `groups` > 1 fuses several projections of equal width (GPT's Q, K, V): the weight is
-    (groups, out/groups, in) and each group is split separately, so a rank's slice is
-    whole heads of each of Q, K and V."""
-
-    fp8_capable = True  # False where a model uses the weight itself (see enable_fp8)
+    `linear_input` (or `enter_tp_region`), or this raises. `groups` > 1 fuses several
+    projections of equal width (GPT's Q, K, V): the weight is (groups, out/groups, in)
+    and each group is split separately, so a rank's slice is whole heads of each of Q, K
+    and V."""
 
     def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features"):
         super().__init__()
@@ -821,8 +820,6 @@ class RowParallelLinear(nn.Module):
     slice of x (the output of a column-parallel layer) and the partial results are
     summed by `leave_tp_region`; the bias is added once, after the sum."""
 
-    fp8_capable = True
-
     def __init__(self, in_features, out_features, layout, bias=False, name="in_features"):
         super().__init__()
         self.layout, self.fp8 = layout, None
@@ -841,8 +838,7 @@ class RowParallelLinear(nn.Module):
 
 def enable_fp8(modules, recipe, layout, n_layers, high_precision_layers=1):
     """Run the column- and row-parallel linears of these model chunks' transformer layers
-    in FP8, but for the first and last `high_precision_layers` of the model's `n_layers`
-    and linears marked `fp8_capable = False` (used through their weights, not called).
+    in FP8, but for the first and last `high_precision_layers` of the model's `n_layers`.
     Returns their shared FP8Scaling. Collective: every rank learns the whole model's
     FP8 linears (the rows of the amax history)."""
     sites = {}
@@ -850,7 +846,7 @@ def enable_fp8(modules, recipe, layout, n_layers, high_precision_layers=1):
         for index, layer in model.layers.items():
             if high_precision_layers <= int(index) < n_layers - high_precision_layers:
                 for name, m in layer.named_modules():
-                    if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.fp8_capable:
+                    if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
                         sites[f"layers.{index}.{name}"] = m
     if not sites and n_layers <= 2 * high_precision_layers:
         raise UsageError(f"--fp8-bf16-layers {high_precision_layers} keeps all {n_layers} layers in "
@@ -881,11 +877,11 @@ def enable_fp8(modules, recipe, layout, n_layers, high_precision_layers=1):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary split over tp (an untied output layer uses
-    this class for its weight too: the same vocabulary-sharded matrix). The vocabulary is padded to a
-    multiple of tp (the padding rows are zero, never looked up, and excluded from the
-    loss and from sampling). Each rank looks up the tokens in its range, zeros for the
-    others, and `leave_tp_region` sums: every token's row comes from exactly one rank."""
+    """Token embedding with the vocabulary split over tp (an untied output layer's matrix,
+    VocabParallelOutput, is split the same way). The vocabulary is padded to a multiple of
+    tp (the padding rows are zero, never looked up, and excluded from the loss and from
+    sampling). Each rank looks up the tokens in its range, zeros for the others, and
+    `leave_tp_region` sums: every token's row comes from exactly one rank."""
 
     def __init__(self, vocab_size, dim, layout):
         super().__init__()
@@ -1018,6 +1014,38 @@ def context_to_heads(x, layout):
 def heads_to_context(x, layout):
     """The inverse of context_to_heads: (B, T, k, ...) -> (B, T/cp, cp * k, ...)."""
     return x if layout.cp == 1 else _HeadsToSequence.apply(x, layout)
+
+
+def context_heads(n, layout):
+    """This cp rank's share of n heads (or channels), as context_to_heads hands them out:
+    the slice of a per-head parameter that goes with them."""
+    size = n // layout.cp
+    return slice(layout.cp_rank * size, (layout.cp_rank + 1) * size)
+
+
+def context_head_groups(heads, groups, layout):
+    """Heads that read shared per-group inputs (Mamba-2's B and C: `heads` consecutive
+    heads in `groups` groups), split over cp by context_to_heads: the groups each cp rank's
+    heads read, one row per rank (a group serving heads of several ranks is in each row).
+    A UsageError where cp does not split the heads, or splits a group's unevenly."""
+    if heads % layout.cp:
+        raise UsageError(f"heads per tp rank ({heads}) are not divisible by cp={layout.cp}; "
+                         f"choose a --cp that divides them")
+    per_group, per_rank = heads // groups, heads // layout.cp
+    rows = [list(range(r * per_rank // per_group, ((r + 1) * per_rank - 1) // per_group + 1))
+            for r in range(layout.cp)]
+    if len({len(row) for row in rows}) > 1:
+        raise UsageError(f"cp={layout.cp} splits the {per_group} heads of a group unevenly; choose "
+                         f"a --cp that divides or is divided by heads per group")
+    return rows
+
+
+def groups_to_heads(x, rows, layout):
+    """(B, T/cp, groups, ...) -> (B, T, rows[cp_rank], ...): every token of the groups this
+    cp rank's heads read (rows: context_head_groups), as context_to_heads does for heads."""
+    if layout.cp == 1:
+        return x
+    return context_to_heads(x.index_select(2, torch.tensor(rows, device=x.device).flatten()), layout)
 
 
 def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale, key_real=None):
@@ -1350,6 +1378,33 @@ def keep_chunk(model, chunk, first, last, tied_embedding=None, shared=()):
             t.pp_shared, t.pp_tied_copy = True, not chunk.first
     model.chunk = chunk
     return model
+
+
+class VocabParallelOutput(nn.Module):
+    """An untied output layer: a (vocabulary, dim) matrix of its own, split over tp as the
+    embedding's is (VocabParallelEmbedding); called, output_layer over it."""
+
+    def __init__(self, vocab_size, dim, layout):
+        super().__init__()
+        self.layout, self.vocab_size = layout, vocab_size
+        self.weight = nn.Parameter(torch.empty(-(-vocab_size // layout.tp), dim))
+        _shard(self.weight, 0, layout, vocab_size)
+
+    def forward(self, x, labels=None):
+        return output_layer(x, self.weight, labels, self.layout, self.vocab_size)
+
+
+def language_model_output(model, x, labels, scale=None):
+    """The end of a language model's forward, the same in each model file: a pipeline chunk
+    before the last (`model.chunk`, from keep_chunk) returns its hidden states; the last
+    applies the final norm (`model.norm`; times `scale` if given: T5 v1.0's tied output)
+    and the output layer, `model.lm_head` or, tied (lm_head None), the embedding's matrix."""
+    if not model.chunk.last:
+        return x
+    x = model.norm(x) if scale is None else model.norm(x) * scale
+    if model.lm_head is not None:
+        return model.lm_head(x, labels)
+    return output_layer(x, model.embed.weight, labels, model.layout, model.cfg.vocab_size)
 
 
 def output_layer(x, weight, labels, layout, vocab_size, bias=None):

@@ -65,10 +65,10 @@ class Config:
 
     def __post_init__(self):
         if self.n_encoder_layers == 0 or self.n_decoder_layers == 0:  # said plainly, before the field checks
-            raise parallel.UsageError("T5 needs at least one encoder and one decoder layer")
+            raise errors.UsageError("T5 needs at least one encoder and one decoder layer")
         errors.check_config_fields(self)
         if self.num_buckets < 4 or self.max_distance < self.num_buckets // 2:
-            raise parallel.UsageError(f"num_buckets={self.num_buckets}, max_distance="
+            raise errors.UsageError(f"num_buckets={self.num_buckets}, max_distance="
                                       f"{self.max_distance}: need num_buckets >= 4 and "
                                       f"max_distance >= num_buckets / 2")
 
@@ -272,8 +272,9 @@ class T5(nn.Module):
                                      DecoderLayer(cfg, layout) for i in range(cfg.n_layers)})
         self.enc_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else parallel.VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, layout)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        parallel.VocabParallelOutput(cfg.vocab_size, cfg.dim, layout))
+        # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).
         parallel.keep_chunk(self, chunk, first=["embed"], last=["norm", "lm_head"],
                             tied_embedding="embed" if cfg.tie_embeddings else None,
                             shared=["enc_position_bias", "dec_position_bias"])
@@ -300,12 +301,12 @@ class T5(nn.Module):
         cfg, layout = self.cfg, self.layout
         if decoder_input_ids is None:
             if labels is None:
-                raise parallel.UsageError("T5's decoder needs decoder_input_ids or labels")
+                raise errors.UsageError("T5's decoder needs decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, cfg.decoder_start_token_id)
         shard = layout.tp if layout.sp else 1
         lengths = input_ids.shape[1], decoder_input_ids.shape[1]
         if any(n % shard for n in lengths):
-            raise parallel.UsageError(f"encoder and decoder lengths {lengths} must be divisible by "
+            raise errors.UsageError(f"encoder and decoder lengths {lengths} must be divisible by "
                                       f"tp={layout.tp} under sequence parallelism; pass --no-sp")
         memory_mask = None if attention_mask is None else attention_mask.bool()
         if hidden is None:
@@ -325,11 +326,9 @@ class T5(nn.Module):
         return self._output(dec, labels)
 
     def _output(self, x, labels):
-        x = self.norm(x)
-        if self.cfg.tie_embeddings:  # v1.0 rescales before reusing the embedding matrix
-            x = x * self.cfg.dim ** -0.5
-        head = self.embed if self.cfg.tie_embeddings else self.lm_head
-        return parallel.output_layer(x, head.weight, labels, self.layout, self.cfg.vocab_size)
+        # v1.0 rescales before reusing the embedding matrix
+        return parallel.language_model_output(self, x, labels, self.cfg.dim ** -0.5 if self.cfg.tie_embeddings
+                                              else None)
 
     # Decoding (generate.py): the encoder runs once; then each step runs the decoder over
     # the new token only, with its self-attention keys and values cached and the

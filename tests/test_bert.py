@@ -15,6 +15,7 @@ import models
 import parallel
 from conftest import (LAYOUT, assert_gradient_part, assert_same_run, assert_within_bf16, local_gradients,
                       one_line_error, one_process, train_job, train_on)
+from errors import UsageError
 
 BERT = ["--model", "bert", *LAYOUT, "--eval-every", "5"]
 ACCURACIES = ("mlm_accuracy", "sentence_order_accuracy", "val_mlm_accuracy",
@@ -207,7 +208,7 @@ def test_bad_input_is_one_line(capsys, flags, message):
 
 
 def test_model_refuses_a_layout_that_does_not_divide():
-    with pytest.raises(parallel.UsageError, match="n_heads=4 is not divisible by tp=3"):
+    with pytest.raises(UsageError, match="n_heads=4 is not divisible by tp=3"):
         models.FAMILIES["bert"].model(models.make_config("bert", "test"), parallel.Layout(tp=3))
 
 

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import kernels
 import parallel
 from conftest import LAYOUT, check_layouts
+from errors import UsageError
 
 
 CASES = [(comm, causal, window, n_kv_heads) for comm in ("ring", "allgather")
@@ -60,7 +61,7 @@ def test_zigzag_split_balances_and_checks_length():
     assert sorted(sum(shares, [])) == list(range(16))
     # Balanced causal work: every rank's queries see the same number of keys in total.
     assert len({sum(p + 1 for p in share) for share in shares}) == 1
-    with pytest.raises(parallel.UsageError, match="not divisible by 2\\*cp = 8"):
+    with pytest.raises(UsageError, match="not divisible by 2\\*cp = 8"):
         parallel.zigzag_positions(20, parallel.Layout(cp=4, rank=0))
 
 

@@ -10,6 +10,7 @@ import mixtral
 import models
 import parallel
 from conftest import LAYOUT, assert_same_run, main_job, one_line_error, one_process, train_on
+from errors import UsageError
 
 
 def config(**overrides):
@@ -33,7 +34,7 @@ def test_ep_groups_are_consecutive_data_parallel_ranks():
     (parallel.Layout(dp=2, ep=4), r"--ep 4 must divide dp\*cp = 2\*1 = 2"),
 ])
 def test_ep_that_does_not_divide_is_a_usage_error(layout, message):
-    with pytest.raises(parallel.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         mixtral.Mixtral(config(), layout)
 
 

@@ -11,6 +11,7 @@ import mamba
 import models
 import parallel
 from conftest import LAYOUT, assert_gradient_part, check_layouts, local_gradients, one_line_error
+from errors import UsageError
 
 PRESETS = ["test", "test-mamba1", "test-hybrid"]
 
@@ -138,7 +139,7 @@ def test_bad_config_is_one_line(capsys, overrides, message):
 ])
 def test_model_refuses_a_layout_that_does_not_divide(preset, layout, message):
     cfg = models.make_config("mamba", preset)
-    with pytest.raises(parallel.UsageError, match=message.replace("*", r"\*").replace("(", r"\(")
+    with pytest.raises(UsageError, match=message.replace("*", r"\*").replace("(", r"\(")
                        .replace(")", r"\)")):
         models.FAMILIES["mamba"].model(cfg, parallel.Layout(**layout))
 
@@ -147,5 +148,5 @@ def test_padding_mask_is_refused():
     model = models.build("mamba", models.make_config("mamba", "test"), "cpu", seed=0)
     mask = torch.ones(1, 8, dtype=torch.long)
     mask[0, :2] = 0
-    with pytest.raises(parallel.UsageError, match="no padding mask"):
+    with pytest.raises(UsageError, match="no padding mask"):
         model(torch.zeros(1, 8, dtype=torch.long), attention_mask=mask)

@@ -5,6 +5,7 @@ import pytest
 import memory
 import parallel
 from conftest import LAYOUT, assert_same_run, check_layouts, one_line_error, one_process, train_on
+from errors import UsageError
 
 FOUR_LAYERS = [*LAYOUT, "--set", "n_layers=4", "--micro-batch-size", "1", "--steps", "5"]
 
@@ -96,15 +97,15 @@ def test_simulation_sees_messages_out_of_order(monkeypatch):
 
 
 def test_interleaved_needs_micro_batches_in_multiples_of_pp():
-    with pytest.raises(parallel.UsageError, match="multiple of pp=4"):
+    with pytest.raises(UsageError, match="multiple of pp=4"):
         parallel.schedule_interleaved_1f1b(6, parallel.Layout(pp=4, vpp=2))
 
 
 def test_stage_split_messages_and_uneven_split():
-    with pytest.raises(parallel.UsageError, match="not divisible by pp\\*vpp = 4"):
+    with pytest.raises(UsageError, match="not divisible by pp\\*vpp = 4"):
         parallel.pipeline_chunks(6, pp=2, vpp=2)
     assert parallel.pipeline_chunks(6, pp=2, layers_per_chunk=[2, 4]) == [[0, 1], [2, 3, 4, 5]]
-    with pytest.raises(parallel.UsageError, match="add up to n_layers=6"):
+    with pytest.raises(UsageError, match="add up to n_layers=6"):
         parallel.pipeline_chunks(6, pp=2, layers_per_chunk=[2, 3])
 
 

@@ -14,6 +14,7 @@ import parallel
 import t5
 from conftest import (LAYOUT, assert_gradient_part, assert_same_run, local_gradients, one_line_error,
                       one_process, train_job, train_on)
+from errors import UsageError
 
 T5 = ["--model", "t5", *LAYOUT, "--eval-every", "5"]
 
@@ -194,7 +195,7 @@ def test_bad_input_is_one_line(capsys, flags, message):
 
 
 def test_model_refuses_a_layout_that_does_not_divide():
-    with pytest.raises(parallel.UsageError, match="n_heads=4 is not divisible by tp=3"):
+    with pytest.raises(UsageError, match="n_heads=4 is not divisible by tp=3"):
         models.FAMILIES["t5"].model(models.make_config("t5", "test"), parallel.Layout(tp=3))
 
 

@@ -10,6 +10,7 @@ import checkpoint
 import models
 import parallel
 from conftest import LAYOUT, assert_same_run, one_line_error, one_process, run, train_job, train_on
+from errors import UsageError
 
 
 def parameters_after_step_1(ckpt, model):
@@ -76,7 +77,7 @@ def test_layout_that_does_not_divide_is_one_line():
 ])
 def test_model_refuses_a_layout_that_does_not_divide(model, overrides, message):
     cfg = models.make_config(model, "test", [f"{k}={v}" for k, v in overrides.items()])
-    with pytest.raises(parallel.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         models.FAMILIES[model].model(cfg, parallel.Layout(tp=4))
 
 
