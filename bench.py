@@ -4,7 +4,7 @@ Speed and memory targets are checked here, never in timed tests. Each mode print
 small table and a one-line summary; `--json FILE` also writes its numbers, so a figure
 quoted in a note comes from a command anyone can rerun.
 
-Modes:
+Modes (in the order of their sections below):
   train-vs-hf   training tokens/s of our `llama` against transformers' LlamaForCausalLM
                 of the identical shape and weights, in one process (target: ours >= 1.0x).
                 python bench.py train-vs-hf [--config tiny] [--batch-size 16] [--seq-len 256]
@@ -12,8 +12,13 @@ Modes:
   zero1-memory  optimizer-state bytes per rank at dp=4 with and without ZeRO-1 (expect ~1/4)
   sp-memory     activations saved for backward per rank at tp=2, seq 1024, with and without
                 sequence parallelism (expect the norm/residual part ~1/2)
+  pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
+                and measured step time against the theoretical bubble
   cp-memory     activation memory per rank of the tiny llama at seq 8192 with cp = 1, 2, 4
                 (expect ~1/cp), and bytes sent per rank, ring vs all-gather
+  moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
+                same process counts) with the same global batch, and all-to-all bytes per step;
+                each with the experts as grouped matmuls and as their reference loop
   kernels       attention forward/backward TFLOP/s vs SDPA (flash), head dim 128, seq 1k-16k;
                 T5's attention (relative position bias inside the kernel) vs SDPA with the
                 bias materialized, head dim 64, seq 1k-4k;
@@ -21,6 +26,9 @@ Modes:
                 attention fwd >= 1.0x, bwd >= 0.9x SDPA; RMSNorm >= 80%, SwiGLU >= 85% of peak);
                 chunked linear + cross-entropy (llama3's vocabulary) vs logits at once: time, memory;
                 on a GPU also Mamba-2's SSD scan (Triton) vs ssd_chunked and mamba_ssm, fwd and fwd+bwd
+  kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
+                sm_80 and sm_90 (the FP8 matmul for sm_89 and sm_90), no GPU needed: registers
+                and spilled bytes (ptxas), shared memory against the card's limit
   fp8-gemm      FP8 GEMM TFLOP/s of kernels.fp8_matmul (tensorwise and row-wise scales) against
                 torch._scaled_mm (cuBLASLt) and bf16 torch.matmul at 8192^3 and an 8B model's
                 projections on 8192 tokens (target: ours >= 0.95x _scaled_mm); on a CPU, what
@@ -28,43 +36,34 @@ Modes:
   fp8-curve     FP8 training's per-step loss against fp32's on the same batches: the default
                 recipe (delayed, bf16 rest) and each recipe alone (every layer FP8, fp32 rest)
                 python bench.py fp8-curve [--config tiny] [--steps 120] [--skip-bf16]
-  kernels-compile  every Triton kernel and autotune configuration compiled ahead of time for
-                sm_80 and sm_90 (the FP8 matmul for sm_89 and sm_90), no GPU needed: registers
-                and spilled bytes (ptxas), shared memory against the card's limit
-  recompute     activation recomputation none / selective / full: the activations of one
-                micro-batch and the forward + backward time of the tiny llama (CPU) or, on a
-                GPU, e.g. --config llama3-8b --set n_layers=2 --seq-len 4096
-  pp-schedules  first-stage activation memory of GPipe vs 1F1B at pp=2,4 with 8 micro-batches,
-                and measured step time against the theoretical bubble
-  moe-ep        training tokens/s of the tiny Mixtral at ep = 1, 2, 4 (and plain dp at the
-                same process counts) with the same global batch, and all-to-all bytes per step;
-                each with the experts as grouped matmuls and as their reference loop
   long-context  forward + backward time and activation memory per token against sequence
                 length, a Mamba-2 model and a LLaMA of similar size in one run (expect Mamba's
                 time per token to stay flat and LLaMA's to grow with the length; memory per
                 token stays flat for both, attention being a fused kernel on CPU and GPU)
-
-  generate      decoding tokens/s and KV-cache bytes of a sliding-window llama (test dims,
-                window 256) at context 1k-8k, rolling cache vs full cache (expect the rolling
-                bytes flat, the full ones growing with the context); 8 prompts batched vs one by one
   mfu           one device training a ~1B LLaMA (LLaMA 3.2 1B's shape) in bf16 at seq 4096:
                 tokens/s and MFU against the card's datasheet peak, eager vs --compile, with
                 kernels.py's torch and Triton paths; on a CPU the test preset at seq 64, fp32
                 (a CPU figure, against a measured matmul)
                 python bench.py mfu [--seq-len 4096] [--batch-size 2] [--backends torch triton]
+  recompute     activation recomputation none / selective / full: the activations of one
+                micro-batch and the forward + backward time of the tiny llama (CPU) or, on a
+                GPU, e.g. --config llama3-8b --set n_layers=2 --seq-len 4096
+  generate      decoding tokens/s and KV-cache bytes of a sliding-window llama (test dims,
+                window 256) at context 1k-8k, rolling cache vs full cache (expect the rolling
+                bytes flat, the full ones growing with the context); 8 prompts batched vs one by one
   determinism   two identical training runs (separate processes, the README's tiny llama by
                 default: 200 steps) give bit-identical metrics: every loss, gradient norm,
                 learning rate and validation loss equal, not merely close
                 python bench.py determinism [--steps 200] [--nproc 1] [-- extra train.py flags]
-
   plot          training curves of one or more --metrics files, side by side: loss, validation
                 loss, learning rate and tokens/s against step (or tokens), one line per file
                 python bench.py plot A.jsonl [B.jsonl ...] -o curves.png [--x tokens]
                 (needs matplotlib: pip install matplotlib)
 
 Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table and
-summary line and returns its results, plus a function adding its options, and register
-both in `MODES` at the bottom. Common options (--device, --seed, --json) come for free.
+summary line and returns its results, plus a function adding its options, in a section whose
+header names the mode, and register both in `MODES` at the bottom (and the mode in this
+list, in the same order). Common options (--device, --seed, --json) come for free.
 """
 import argparse
 import contextlib
@@ -125,8 +124,91 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def time_ms(fn, device, reps):
+    """Median milliseconds of fn() over `reps` runs, after warm-up runs (which include
+    Triton's compilation and autotuning, and torch.compile's)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return median(times)
+
+
+class ActivationMeter:
+    """Counts the bytes autograd saves for backward (the activation memory), live:
+    each saved tensor is wrapped in a token whose deletion (when backward has used it
+    and the graph is freed) subtracts its bytes. Bytes are attributed to the innermost
+    module class running when they were saved.
+
+    A checkpoint (torch.utils.checkpoint, non-reentrant: activation recomputation, ring
+    attention's blocks) keeps its inputs itself, out of the saved-tensor hooks' sight, and
+    saves nothing inside. With `checkpoint_inputs`, the meter also counts those inputs (as
+    "(checkpoint inputs)"), by wrapping torch.utils.checkpoint.checkpoint while it is
+    active, until it exits: right for the peak of a forward measured alone."""
+
+    def __init__(self, modules=(), checkpoint_inputs=False):
+        self.checkpoint_inputs, self.held = checkpoint_inputs, []
+        self.live = self.peak = 0
+        self.by_module = {}
+        self.stack = ["(top level)"]
+        def enter(module, _):
+            self.stack.append(type(module).__name__)
+
+        def leave(*_):  # a forward hook that returned something would replace the output
+            self.stack.pop()
+        for m in modules:
+            for sub in m.modules():
+                sub.register_forward_pre_hook(enter)
+                sub.register_forward_hook(leave)
+
+    def __enter__(self):
+        meter = self
+
+        class Token:
+            def __init__(self, tensor):
+                self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
+                meter.live += self.size
+                meter.peak = max(meter.peak, meter.live)
+                key = meter.stack[-1]
+                meter.by_module[key] = meter.by_module.get(key, 0) + self.size
+
+            def __del__(self):
+                meter.live -= self.size
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(Token, lambda token: token.tensor)
+        self.hooks.__enter__()
+        if self.checkpoint_inputs:
+            self.checkpoint = checkpoint = torch.utils.checkpoint.checkpoint
+
+            def counted(fn, *args, **kwargs):
+                if torch.is_grad_enabled():
+                    meter.stack.append("(checkpoint inputs)")
+                    self.held += [Token(a) for a in args if isinstance(a, torch.Tensor)]
+                    meter.stack.pop()
+                return checkpoint(fn, *args, **kwargs)
+            torch.utils.checkpoint.checkpoint = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        if self.checkpoint_inputs:
+            torch.utils.checkpoint.checkpoint = self.checkpoint
+            self.held.clear()
+
+
 # ----------------------------------------------------------------------------
-# train-vs-hf
+# train-vs-hf: our llama against transformers' LlamaForCausalLM
 # ----------------------------------------------------------------------------
 
 def check_train_vs_hf(cfg, device):
@@ -309,10 +391,6 @@ def train_vs_hf(args, device):
             "ratio_median": ratio_median, "target_met": ratio >= 1.0}
 
 
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
 def add_train_vs_hf(p):
     p.add_argument("--config", default="tiny", help="llama preset (tiny, test, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -327,72 +405,10 @@ def add_train_vs_hf(p):
 
 
 # ----------------------------------------------------------------------------
-# Parallelism: memory of ZeRO-1, sequence parallelism and pipeline schedules
+# zero1-memory, sp-memory, pp-schedules, cp-memory, moe-ep: parallelism's memory and traffic
 # ----------------------------------------------------------------------------
 # These modes run N gloo processes of their own (torch.multiprocessing) on the CPU:
 # the quantities are bytes and schedules, which a CPU measures as well as a GPU.
-
-class ActivationMeter:
-    """Counts the bytes autograd saves for backward (the activation memory), live:
-    each saved tensor is wrapped in a token whose deletion (when backward has used it
-    and the graph is freed) subtracts its bytes. Bytes are attributed to the innermost
-    module class running when they were saved.
-
-    A checkpoint (torch.utils.checkpoint, non-reentrant: activation recomputation, ring
-    attention's blocks) keeps its inputs itself, out of the saved-tensor hooks' sight, and
-    saves nothing inside. With `checkpoint_inputs`, the meter also counts those inputs (as
-    "(checkpoint inputs)"), by wrapping torch.utils.checkpoint.checkpoint while it is
-    active, until it exits: right for the peak of a forward measured alone."""
-
-    def __init__(self, modules=(), checkpoint_inputs=False):
-        self.checkpoint_inputs, self.held = checkpoint_inputs, []
-        self.live = self.peak = 0
-        self.by_module = {}
-        self.stack = ["(top level)"]
-        def enter(module, _):
-            self.stack.append(type(module).__name__)
-
-        def leave(*_):  # a forward hook that returned something would replace the output
-            self.stack.pop()
-        for m in modules:
-            for sub in m.modules():
-                sub.register_forward_pre_hook(enter)
-                sub.register_forward_hook(leave)
-
-    def __enter__(self):
-        meter = self
-
-        class Token:
-            def __init__(self, tensor):
-                self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
-                meter.live += self.size
-                meter.peak = max(meter.peak, meter.live)
-                key = meter.stack[-1]
-                meter.by_module[key] = meter.by_module.get(key, 0) + self.size
-
-            def __del__(self):
-                meter.live -= self.size
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Token, lambda token: token.tensor)
-        self.hooks.__enter__()
-        if self.checkpoint_inputs:
-            self.checkpoint = checkpoint = torch.utils.checkpoint.checkpoint
-
-            def counted(fn, *args, **kwargs):
-                if torch.is_grad_enabled():
-                    meter.stack.append("(checkpoint inputs)")
-                    self.held += [Token(a) for a in args if isinstance(a, torch.Tensor)]
-                    meter.stack.pop()
-                return checkpoint(fn, *args, **kwargs)
-            torch.utils.checkpoint.checkpoint = counted
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        if self.checkpoint_inputs:
-            torch.utils.checkpoint.checkpoint = self.checkpoint
-            self.held.clear()
-
 
 def _optimizer_bytes(preset, zero1):
     layout = parallel.init_distributed(device="cpu")
@@ -662,10 +678,10 @@ def add_moe_ep(p):
 
 
 # ----------------------------------------------------------------------------
-# Kernels: kernels.py against PyTorch (on a GPU the Triton path; on a CPU the
-# reference path at small shapes, so the command runs everywhere but says nothing
-# about Triton there)
+# kernels: kernels.py against PyTorch
 # ----------------------------------------------------------------------------
+# On a GPU the Triton path; on a CPU the reference path at small shapes, so the command
+# runs everywhere but says nothing about Triton there.
 
 # Datasheet HBM bandwidth (GB/s) of cards we know; others print "n/a".
 HBM_PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000,
@@ -682,27 +698,6 @@ def hbm_peak_gbps(device):
         if key in name:
             return gbps
     return None
-
-
-def time_ms(fn, device, reps):
-    """Median milliseconds of fn() over `reps` runs, after warm-up runs (which include
-    Triton's compilation and autotuning, and torch.compile's)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return median(times)
 
 
 def sdpa_flash(q, k, v, causal):
@@ -904,15 +899,6 @@ def bench_ssd(device, reps, batch=4, T=2048, heads=48, head_dim=64, state_dim=12
     return rows
 
 
-def add_kernels_options(p):
-    p.add_argument("--seq-lens", default=None,
-                   help="comma-separated attention sequence lengths (default: 1024..16384 on a GPU, 128 on a CPU)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-
-
 def benchmark_kernels(args, device):
     """Run the kernel benchmarks, print two tables, return the rows (list of dicts)."""
     gpu = device.type == "cuda"
@@ -966,15 +952,24 @@ def benchmark_kernels(args, device):
     return rows
 
 
+def add_kernels_options(p):
+    p.add_argument("--seq-lens", default=None,
+                   help="comma-separated attention sequence lengths (default: 1024..16384 on a GPU, 128 on a CPU)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+
+
 # ----------------------------------------------------------------------------
-# Kernels compiled for real GPUs, without one. triton.compile builds a kernel for a
-# named target (sm_80, sm_90) ahead of time, exactly as the first launch on that card
-# would, down to ptxas's machine code: so on any machine with Triton we can check that
-# every kernel and autotune configuration compiles, read ptxas's register and spill
-# counts, and compare the shared memory each needs with the card's limit. Spilled
-# registers go to local memory (slow); a configuration over the shared-memory limit
-# cannot launch (the autotuner skips it). Neither needs a GPU to see.
+# kernels-compile: every Triton kernel configuration compiled for real GPUs, without one
 # ----------------------------------------------------------------------------
+# triton.compile builds a kernel for a named target (sm_80, sm_90) ahead of time, exactly
+# as the first launch on that card would, down to ptxas's machine code: so on any machine
+# with Triton we can check that every kernel and autotune configuration compiles, read
+# ptxas's register and spill counts, and compare the shared memory each needs with the
+# card's limit. Spilled registers go to local memory (slow); a configuration over the
+# shared-memory limit cannot launch (the autotuner skips it). Neither needs a GPU to see.
 
 # Shared memory one block may use (bytes, with the opt-in): A100 163 KiB, H100/H200 227 KiB,
 # Ada (sm_89: L40S, RTX 4090) 99 KiB. The kernels are compiled for sm_80 and sm_90 (an sm_86/89
@@ -1123,15 +1118,6 @@ def _compile_one(job):
             "fits": shared <= SHARED_MEMORY_LIMIT[arch], "seconds": time.perf_counter() - start}
 
 
-def add_kernels_compile_options(p):
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--masks", nargs="+", default=["causal"], choices=list(ATTENTION_MASKS),
-                   help="attention variants: causal; masked (causal + window + key padding + T5's "
-                        "position bias); none; t5 (T5's encoder: key padding + position bias)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="compiles run in parallel")
-
-
 def kernels_compile(args, device):
     """Compile every kernel configuration for sm_80 and sm_90 (the FP8 matmul for sm_89 and
     sm_90); print and return the rows."""
@@ -1165,8 +1151,17 @@ def kernels_compile(args, device):
     return rows
 
 
+def add_kernels_compile_options(p):
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--masks", nargs="+", default=["causal"], choices=list(ATTENTION_MASKS),
+                   help="attention variants: causal; masked (causal + window + key padding + T5's "
+                        "position bias); none; t5 (T5's encoder: key padding + position bias)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="compiles run in parallel")
+
+
 # ----------------------------------------------------------------------------
-# fp8-gemm: kernels.fp8_matmul against cuBLAS's FP8 GEMM (torch._scaled_mm) and bf16
+# fp8-gemm, fp8-curve: the FP8 GEMM against cuBLAS's (torch._scaled_mm) and bf16; FP8 training against fp32
 # ----------------------------------------------------------------------------
 
 # (label, M, N, K) of C = A B^T: a square GEMM and the projections of an 8B model (LLaMA 3
@@ -1299,6 +1294,19 @@ def add_fp8_gemm(p):
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
 
 
+def train_records(launcher, argv):
+    """The --metrics records of `train.py argv`, run in processes of its own (`launcher`:
+    python train.py, or torchrun ... train.py), its output dropped."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_file = os.path.join(tmp, "metrics.jsonl")
+        subprocess.run([sys.executable if launcher[0] == "python" else launcher[0], *launcher[1:], *argv,
+                        "--metrics", metrics_file], check=True, stdout=subprocess.DEVNULL,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+        return metrics.read_metrics(metrics_file)
+
+
 def fp8_curve(args, device):
     """FP8 training's loss curve against fp32's, step by step on the same batches: the
     default recipe (delayed scaling, the rest in bf16, first and last layer bf16) and each
@@ -1349,6 +1357,10 @@ def add_fp8_curve(p):
     p.add_argument("--skip-bf16", action="store_true",
                    help="leave out the runs with bf16 (slow on CPUs without bf16 matmul units)")
 
+
+# ----------------------------------------------------------------------------
+# long-context: Mamba-2 against LLaMA as the sequence grows
+# ----------------------------------------------------------------------------
 
 def _long_context_step(model, seq_len, device, reps):
     """Median seconds of one forward + backward of a batch of one sequence, and the bytes
@@ -1511,6 +1523,10 @@ def add_mfu(p):
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
 
 
+# ----------------------------------------------------------------------------
+# recompute: activations against step time, recompute none / selective / full
+# ----------------------------------------------------------------------------
+
 def recompute(args, device):
     """Activation recomputation (train.py --recompute): for none, selective and full, the
     activation bytes of one micro-batch (ActivationMeter's peak, checkpoint inputs counted)
@@ -1567,6 +1583,108 @@ def recompute(args, device):
     return {"rows": rows}
 
 
+def add_recompute(p):
+    p.add_argument("--config", default="tiny", help="llama preset (tiny; on a GPU e.g. llama3-8b)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (e.g. n_layers=2)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--padding-mask", action="store_true",
+                   help="pass an attention mask (materialized by the torch path)")
+    p.add_argument("--reps", type=int, default=3, help="rounds of timed steps (median per mode)")
+
+
+# ----------------------------------------------------------------------------
+# generate: decoding speed and KV-cache bytes
+# ----------------------------------------------------------------------------
+
+def generate_speed(args, device):
+    """Decoding at growing context: the rolling cache (kernels.KVCache with a window) against
+    the full cache, then several prompts as one batch against one by one (generate.py)."""
+    import generate
+    cfg = models.make_config("llama", "test", [f"sliding_window={args.window}", "max_seq_len=65536"])
+    model = models.build("llama", cfg, device, seed=args.seed).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, max(args.lengths) + args.new_tokens), device=device)
+    rows = []
+    with torch.no_grad():
+        for length in args.lengths:
+            for name in ("rolling", "full"):
+                size = length + args.new_tokens
+                caches = model.new_kv_caches(size) if name == "rolling" else [
+                    kernels.KVCache(size) for _ in model.layers]
+                model(ids[:, :length], kv_caches=caches)  # prefill, not timed
+                start = time.perf_counter()
+                for t in range(length, size):
+                    model(ids[:, t:t + 1], kv_caches=caches)
+                seconds = time.perf_counter() - start
+                rows.append({"context": length, "cache": name, "tokens_per_s": args.new_tokens / seconds,
+                             "cache_mb": sum(c.nbytes() for c in caches) / 2**20})
+    print_table(rows, [("context", "context", "d"), ("cache", "cache", "s"),
+                       ("tokens_per_s", "decode tokens/s", ".0f"), ("cache_mb", "KV cache MiB", ".2f")])
+    prompts = [ids[0, :16 * (i + 1)].tolist() for i in range(args.batch)]
+    timing = {}
+    for name, batches in (("batched", [prompts]), ("one by one", [[p] for p in prompts])):
+        start = time.perf_counter()
+        new = sum(len(n) for b in batches for n in generate.sample_batch(model, b, args.new_tokens, 0))
+        timing[name] = new / (time.perf_counter() - start)
+    print(f"{args.batch} prompts of 16-{16 * args.batch} tokens, {args.new_tokens} new each: batched "
+          f"{timing['batched']:.0f} tokens/s, one by one {timing['one by one']:.0f} tokens/s "
+          f"({timing['batched'] / timing['one by one']:.1f}x)")
+    return {"context": rows, "batched_tokens_per_s": timing["batched"],
+            "one_by_one_tokens_per_s": timing["one by one"]}
+
+
+def add_generate(p):
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+
+
+# ----------------------------------------------------------------------------
+# determinism, plot: runs compared field by field, and drawn
+# ----------------------------------------------------------------------------
+
+# What a metrics record holds that depends on the machine's speed, not on the computation.
+TIMING_FIELDS = ("tokens_per_s", "step_time", "mfu", "mem_gb")
+
+
+def determinism(args, device):
+    """Run the same training command twice, each in its own processes (torchrun with
+    --nproc > 1), and compare their --metrics records field by field, exactly."""
+    command = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
+               "--sample-tokens", "0", "--device", device.type, "--seed", str(args.seed),
+               *[f for f in args.train_flags if f != "--"]]
+    launcher = ["python", "train.py"] if args.nproc == 1 else [
+        "python", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "train.py"]
+    runs = []
+    for i in range(2):
+        start = time.perf_counter()
+        runs.append([{k: v for k, v in r.items() if k not in TIMING_FIELDS}
+                     for r in train_records(launcher, command)])
+        print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+    first, second = runs
+    compared = sorted({k for r in first + second for k in r})
+    differing = [(a["step"], k) for a, b in zip(first, second) for k in compared if a.get(k) != b.get(k)]
+    identical = len(first) == len(second) == args.steps and not differing
+    print(f"determinism: {' '.join(launcher + command)}")
+    print(f"summary: {len(first)} steps, fields {', '.join(compared)}: " +
+          ("bit-identical in both runs" if identical else
+           f"DIFFERENT: (step, field) {differing[:10]} (of {len(first)} / {len(second)} records)"))
+    return {"identical": identical, "steps": len(first), "fields": compared, "differing_steps": differing,
+            "final_loss": first[-1]["loss"] if first else None}
+
+
+def add_determinism(p):
+    p.add_argument("--model", default="llama")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER,
+                   help="more train.py flags, after `--` (e.g. -- --tp 2)")
+
+
 def plot(args, device):
     """Draw the curves of each --metrics file (metrics.read_metrics: its step records) into
     one PNG: loss, validation loss, learning rate, tokens/s; x = step or tokens seen."""
@@ -1615,112 +1733,9 @@ def add_plot(p):
     p.add_argument("--dpi", type=int, default=110)
 
 
-# What a metrics record holds that depends on the machine's speed, not on the computation.
-TIMING_FIELDS = ("tokens_per_s", "step_time", "mfu", "mem_gb")
-
-
-def train_records(launcher, argv):
-    """The --metrics records of `train.py argv`, run in processes of its own (`launcher`:
-    python train.py, or torchrun ... train.py), its output dropped."""
-    import subprocess
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics_file = os.path.join(tmp, "metrics.jsonl")
-        subprocess.run([sys.executable if launcher[0] == "python" else launcher[0], *launcher[1:], *argv,
-                        "--metrics", metrics_file], check=True, stdout=subprocess.DEVNULL,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
-        return metrics.read_metrics(metrics_file)
-
-
-def determinism(args, device):
-    """Run the same training command twice, each in its own processes (torchrun with
-    --nproc > 1), and compare their --metrics records field by field, exactly."""
-    command = ["--model", args.model, "--config", args.config, "--steps", str(args.steps),
-               "--sample-tokens", "0", "--device", device.type, "--seed", str(args.seed),
-               *[f for f in args.train_flags if f != "--"]]
-    launcher = ["python", "train.py"] if args.nproc == 1 else [
-        "python", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "train.py"]
-    runs = []
-    for i in range(2):
-        start = time.perf_counter()
-        runs.append([{k: v for k, v in r.items() if k not in TIMING_FIELDS}
-                     for r in train_records(launcher, command)])
-        print(f"run {i + 1}: {len(runs[-1])} steps in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr, flush=True)
-    first, second = runs
-    compared = sorted({k for r in first + second for k in r})
-    differing = [(a["step"], k) for a, b in zip(first, second) for k in compared if a.get(k) != b.get(k)]
-    identical = len(first) == len(second) == args.steps and not differing
-    print(f"determinism: {' '.join(launcher + command)}")
-    print(f"summary: {len(first)} steps, fields {', '.join(compared)}: " +
-          ("bit-identical in both runs" if identical else
-           f"DIFFERENT: (step, field) {differing[:10]} (of {len(first)} / {len(second)} records)"))
-    return {"identical": identical, "steps": len(first), "fields": compared, "differing_steps": differing,
-            "final_loss": first[-1]["loss"] if first else None}
-
-
-def add_determinism(p):
-    p.add_argument("--model", default="llama")
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
-    p.add_argument("train_flags", nargs=argparse.REMAINDER,
-                   help="more train.py flags, after `--` (e.g. -- --tp 2)")
-
-
-def add_recompute(p):
-    p.add_argument("--config", default="tiny", help="llama preset (tiny; on a GPU e.g. llama3-8b)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (e.g. n_layers=2)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--padding-mask", action="store_true",
-                   help="pass an attention mask (materialized by the torch path)")
-    p.add_argument("--reps", type=int, default=3, help="rounds of timed steps (median per mode)")
-
-
-def generate_speed(args, device):
-    """Decoding at growing context: the rolling cache (kernels.KVCache with a window) against
-    the full cache, then several prompts as one batch against one by one (generate.py)."""
-    import generate
-    cfg = models.make_config("llama", "test", [f"sliding_window={args.window}", "max_seq_len=65536"])
-    model = models.build("llama", cfg, device, seed=args.seed).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, max(args.lengths) + args.new_tokens), device=device)
-    rows = []
-    with torch.no_grad():
-        for length in args.lengths:
-            for name in ("rolling", "full"):
-                size = length + args.new_tokens
-                caches = model.new_kv_caches(size) if name == "rolling" else [
-                    kernels.KVCache(size) for _ in model.layers]
-                model(ids[:, :length], kv_caches=caches)  # prefill, not timed
-                start = time.perf_counter()
-                for t in range(length, size):
-                    model(ids[:, t:t + 1], kv_caches=caches)
-                seconds = time.perf_counter() - start
-                rows.append({"context": length, "cache": name, "tokens_per_s": args.new_tokens / seconds,
-                             "cache_mb": sum(c.nbytes() for c in caches) / 2**20})
-    print_table(rows, [("context", "context", "d"), ("cache", "cache", "s"),
-                       ("tokens_per_s", "decode tokens/s", ".0f"), ("cache_mb", "KV cache MiB", ".2f")])
-    prompts = [ids[0, :16 * (i + 1)].tolist() for i in range(args.batch)]
-    timing = {}
-    for name, batches in (("batched", [prompts]), ("one by one", [[p] for p in prompts])):
-        start = time.perf_counter()
-        new = sum(len(n) for b in batches for n in generate.sample_batch(model, b, args.new_tokens, 0))
-        timing[name] = new / (time.perf_counter() - start)
-    print(f"{args.batch} prompts of 16-{16 * args.batch} tokens, {args.new_tokens} new each: batched "
-          f"{timing['batched']:.0f} tokens/s, one by one {timing['one by one']:.0f} tokens/s "
-          f"({timing['batched'] / timing['one by one']:.1f}x)")
-    return {"context": rows, "batched_tokens_per_s": timing["batched"],
-            "one_by_one_tokens_per_s": timing["one by one"]}
-
-
-def add_generate(p):
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
 
 # mode -> (function, help, options). One entry per mode.
 MODES = {
@@ -1728,28 +1743,28 @@ MODES = {
     "zero1-memory": (zero1_memory, "optimizer state bytes per rank with/without ZeRO-1", add_zero1_memory),
     "sp-memory": (sp_memory, "activation bytes per rank at tp with/without sequence parallelism",
                   add_sp_memory),
+    "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
+                     add_pp_schedules),
     "cp-memory": (cp_memory, "context parallelism: activations per rank, bytes sent, ring vs all-gather",
                   add_cp_memory),
+    "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),
     "kernels": (benchmark_kernels, "attention TFLOP/s vs SDPA-flash; RMSNorm/SwiGLU GB/s vs HBM peak",
                 add_kernels_options),
+    "kernels-compile": (kernels_compile, "every Triton kernel config compiled for sm_80/89/90 (no GPU): "
+                        "registers, spills, shared memory", add_kernels_compile_options),
     "fp8-gemm": (fp8_gemm, "FP8 GEMM TFLOP/s: ours vs torch._scaled_mm and bf16 (GPU); emulation cost (CPU)",
                  add_fp8_gemm),
     "fp8-curve": (fp8_curve, "FP8 training's loss curve vs fp32 (each recipe; the CPU runs the emulation)",
                   add_fp8_curve),
-    "kernels-compile": (kernels_compile, "every Triton kernel config compiled for sm_80/89/90 (no GPU): "
-                        "registers, spills, shared memory", add_kernels_compile_options),
-    "pp-schedules": (pp_schedules, "pipeline: stage-0 activations GPipe vs 1F1B, step time vs bubble",
-                     add_pp_schedules),
-    "moe-ep": (moe_ep, "Mixtral: tokens/s at ep = 1, 2, 4 and all-to-all bytes per step", add_moe_ep),
     "long-context": (long_context, "Mamba-2 vs LLaMA: fwd+bwd time and activations per token vs seq len",
                      add_long_context),
+    "mfu": (mfu, "one device: tokens/s and MFU of a ~1B llama, eager vs compiled, torch vs Triton kernels",
+            add_mfu),
     "recompute": (recompute, "activation recomputation none/selective/full: activations vs step time",
                   add_recompute),
     "generate": (generate_speed, "decoding: rolling vs full KV cache at 1k-8k, batched vs one by one",
                  add_generate),
     "determinism": (determinism, "two identical training runs: bit-identical metrics?", add_determinism),
-    "mfu": (mfu, "one device: tokens/s and MFU of a ~1B llama, eager vs compiled, torch vs Triton kernels",
-            add_mfu),
     "plot": (plot, "training curves of --metrics files: loss, val loss, lr, tokens/s", add_plot),
 }
 

@@ -1,5 +1,5 @@
-"""The compute kernels the models call: attention, RMSNorm, SwiGLU, the loss (linear +
-cross-entropy), and RoPE and the KV cache.
+"""The compute kernels the models call: attention, RMSNorm, SwiGLU, the FP8 matmul, the loss
+(linear + cross-entropy), RoPE and the KV cache, and the state-space scans.
 
 Each kernel sits beside its plain PyTorch reference (the `*_reference` functions):
 short, obviously correct, and the oracle every faster implementation is tested
@@ -26,11 +26,17 @@ before the process first imports triton (or this file, which imports it).
 Triton is optional: without it this file imports, `BACKENDS` is ("torch",) and every
 function runs its reference.
 
-Sections: backend dispatch; attention (FlashAttention-2 forward and backward, with T5's
-relative position bias computed in the kernels from its bucket table); RMSNorm;
-SwiGLU; linear + cross-entropy (chunked, never all the logits at once); RoPE; state-space
-scans (Mamba-1's selective scan; Mamba-2's SSD, chunked, with Triton kernels forward and
-backward).
+  Backend dispatch         Triton or torch (backend()), and the autotuning lists per GPU
+  Attention                the masking rule (positions_mask), attention over blocks of keys
+                           (attention_with_lse), FlashAttention-2 forward and backward with
+                           T5's relative position bias computed from its bucket table
+  RMSNorm
+  SwiGLU
+  FP8 matmul               quantization and the scaled GEMM (per-tensor or per-row scales)
+  Linear + cross-entropy   the loss, chunked: never all the logits at once
+  RoPE and the KV cache    rotary position tables; decoding's cache (rolling under a window)
+  State-space scans        Mamba-1's selective scan; Mamba-2's SSD, chunked, with Triton
+                           kernels forward and backward
 """
 import functools
 import math
@@ -60,6 +66,10 @@ except ImportError:
 
     triton = tl = _NoTriton
 
+
+# ----------------------------------------------------------------------------
+# Backend dispatch: Triton or torch, and the autotuning lists
+# ----------------------------------------------------------------------------
 
 def _interpret_requested():
     """TRITON_INTERPRET as Triton itself reads it."""
@@ -162,26 +172,44 @@ def _launch_ready(t):
 # Attention
 # ----------------------------------------------------------------------------
 
-def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_mask=None):
-    """Boolean mask (True = may attend), shape (B or 1, 1, q_len, k_len), or None.
-
-    Queries are the *last* q_len positions of the k_len keys (decoding with a KV
-    cache appends queries at the end). `window` w keeps keys j with i - w < j <= i
-    (Mistral's sliding window). `key_padding_mask` (B, k_len) is True on real tokens.
-    """
-    if not causal and window is None and key_padding_mask is None:
-        return None
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+def positions_mask(q_pos, k_pos, causal=True, window=None, key_padding_mask=None):
+    """The masking rule of every attention here (the Triton kernels' is tested against it):
+    query at position i may attend key at position j when j <= i (causal) and i - w < j
+    (`window` w, Mistral's sliding window) and key j is real (`key_padding_mask` (B, keys),
+    True on real tokens). Boolean (B or 1, 1, queries, keys), True = may attend."""
+    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
     if causal:
-        mask &= k_pos <= q_pos
+        mask &= k_pos[None, :] <= q_pos[:, None]
     if window is not None:
-        mask &= k_pos > q_pos - window
+        mask &= k_pos[None, :] > q_pos[:, None] - window
     mask = mask[None, None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].bool()
     return mask
+
+
+def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_mask=None):
+    """positions_mask for queries that are the *last* q_len positions of the k_len keys
+    (decoding with a KV cache appends queries at the end), or None when nothing is masked."""
+    if not causal and window is None and key_padding_mask is None:
+        return None
+    return positions_mask(torch.arange(k_len - q_len, k_len, device=device), torch.arange(k_len, device=device),
+                          causal, window, key_padding_mask)
+
+
+def attention_with_lse(q, k, v, q_pos, k_pos, causal=True, window=None, scale=None, key_padding_mask=None):
+    """(out, lse): attention of q on keys at arbitrary positions (positions_mask's rule),
+    in fp32, and each query's log-sum-exp of its scores, so that attention over disjoint
+    blocks of keys merges exactly (online softmax: context parallelism's ring). A query
+    with every key masked gets lse = -inf and output 0. Shapes as attention_reference's."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~positions_mask(q_pos, k_pos, causal, window, key_padding_mask), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - safe[..., None]) @ v.float(), lse
 
 
 @dataclass
@@ -810,84 +838,6 @@ def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, for one attention layer, and which of
-    them are real tokens (a left-padded batch, see generate.py).
-
-    Without a window: preallocated to `max_len` on the first update, appended in place.
-
-    With a sliding window w (Mistral): a query at position i sees the keys i - w < j <= i
-    (kernels.attention_mask), so a forward call needs only the w - 1 keys before its first
-    token: a rolling buffer of 2w slots, appended in place; when full, its last w - 1 keys
-    move to the front (one copy every ~w tokens: amortized O(1) per token). Memory stays
-    bounded by the window (plus a long call's own tokens), whatever the number of tokens
-    generated. `update` returns the kept keys in position order, which is all attention
-    needs: it aligns the queries to the end of the keys, and the window mask cuts the
-    extra kept ones. `length` counts every position seen (RoPE's next position).
-    """
-
-    def __init__(self, max_len, window=None):
-        self.window = window
-        self.capacity = 2 * window if window else max_len
-        self.length = 0  # positions seen
-        self.filled = 0  # slots of the buffer in use
-        # k, v (B, Hkv, slots, D) and valid (B, 1, slots, 1): one slot axis (2) for all three.
-        self.k = self.v = self.valid = None
-
-    def buffers(self):
-        return [b for b in (self.k, self.v, self.valid) if b is not None]
-
-    def update(self, k, v, valid=None):
-        """Append k, v (B, Hkv, T, D) and `valid` (B, T, True on real tokens; None: all
-        real). Returns the keys, values and key padding mask (B, keys) the new queries
-        attend to (the mask None while every key is real)."""
-        B, T = k.shape[0], k.shape[2]
-        if self.k is None:
-            shape = (B, k.shape[1], self.capacity, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        if valid is not None and self.valid is None:  # every key before was a real token
-            self.valid = torch.ones(B, 1, self.capacity, 1, dtype=torch.bool, device=k.device)
-        if self.valid is not None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid
-            valid = valid.bool()[:, None, :, None]
-        new = [k, v] + ([valid] if self.valid is not None else [])
-        self.length += T
-        if self.filled + T > self.capacity:
-            if not self.window:
-                raise ValueError(f"KV cache holds {self.capacity} positions; asked for {self.filled + T}")
-            keep = min(self.window - 1, self.filled)  # the last window - 1 keys move to the front
-            for b in self.buffers():
-                b[:, :, :keep] = b[:, :, self.filled - keep:self.filled].clone()
-            self.filled = keep
-        if self.filled + T > self.capacity:  # a call longer than the buffer (a long prompt)
-            out = [torch.cat([b[:, :, :self.filled], n], dim=2) for b, n in zip(self.buffers(), new)]
-            keep = self.window - 1
-            for b, o in zip(self.buffers(), out):
-                b[:, :, :keep] = o[:, :, o.shape[2] - keep:]
-            self.filled = keep
-        else:
-            for b, n in zip(self.buffers(), new):
-                b[:, :, self.filled:self.filled + T] = n
-            self.filled += T
-            out = [b[:, :, :self.filled] for b in self.buffers()]
-        key_padding_mask = out[2][:, 0, :, 0] if self.valid is not None else None
-        return out[0], out[1], key_padding_mask
-
-    def keep_rows(self, rows):
-        """Only these rows of the batch from now on (generate.py drops finished ones)."""
-        self.k, self.v, self.valid = (None if b is None else b[rows] for b in (self.k, self.v, self.valid))
-
-    def nbytes(self):
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def rope_cos_sin_rows(positions, inv_freq):
-    """rope_cos_sin for per-row positions (B, T) (a left-padded batch decoding):
-    cos and sin (B, 1, T, head_dim), the same for every head."""
-    cos, sin = rope_cos_sin(positions.flatten(), inv_freq)
-    return tuple(t.view(*positions.shape, -1)[:, None] for t in (cos, sin))
-
-
 # ----------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------
@@ -1297,7 +1247,7 @@ def fp8_matmul(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------
-# Linear + cross-entropy, chunked
+# Linear + cross-entropy: chunked, never all the logits at once
 # ----------------------------------------------------------------------------
 
 def linear_cross_entropy_reference(x, weight, labels, bias=None):
@@ -1417,7 +1367,7 @@ def linear_cross_entropy(x, weight, labels, vocab_start=0, vocab_size=None, all_
 
 
 # ----------------------------------------------------------------------------
-# Rotary position embedding (RoPE)
+# RoPE and the KV cache: rotary position embedding, and decoding's cache of keys and values
 # ----------------------------------------------------------------------------
 
 def rope_inv_freq(head_dim, theta, scaling_factor=0.0, low_freq_factor=1.0,
@@ -1449,6 +1399,14 @@ def rope_cos_sin(positions, inv_freq):
     return angles.cos(), angles.sin()
 
 
+
+def rope_cos_sin_rows(positions, inv_freq):
+    """rope_cos_sin for per-row positions (B, T) (a left-padded batch decoding):
+    cos and sin (B, 1, T, head_dim), the same for every head."""
+    cos, sin = rope_cos_sin(positions.flatten(), inv_freq)
+    return tuple(t.view(*positions.shape, -1)[:, None] for t in (cos, sin))
+
+
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + d/2) of x (B, H, T, D) by the position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -1456,8 +1414,80 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer, and which of
+    them are real tokens (a left-padded batch, see generate.py).
+
+    Without a window: preallocated to `max_len` on the first update, appended in place.
+
+    With a sliding window w (Mistral): a query at position i sees the keys i - w < j <= i
+    (kernels.attention_mask), so a forward call needs only the w - 1 keys before its first
+    token: a rolling buffer of 2w slots, appended in place; when full, its last w - 1 keys
+    move to the front (one copy every ~w tokens: amortized O(1) per token). Memory stays
+    bounded by the window (plus a long call's own tokens), whatever the number of tokens
+    generated. `update` returns the kept keys in position order, which is all attention
+    needs: it aligns the queries to the end of the keys, and the window mask cuts the
+    extra kept ones. `length` counts every position seen (RoPE's next position).
+    """
+
+    def __init__(self, max_len, window=None):
+        self.window = window
+        self.capacity = 2 * window if window else max_len
+        self.length = 0  # positions seen
+        self.filled = 0  # slots of the buffer in use
+        # k, v (B, Hkv, slots, D) and valid (B, 1, slots, 1): one slot axis (2) for all three.
+        self.k = self.v = self.valid = None
+
+    def buffers(self):
+        return [b for b in (self.k, self.v, self.valid) if b is not None]
+
+    def update(self, k, v, valid=None):
+        """Append k, v (B, Hkv, T, D) and `valid` (B, T, True on real tokens; None: all
+        real). Returns the keys, values and key padding mask (B, keys) the new queries
+        attend to (the mask None while every key is real)."""
+        B, T = k.shape[0], k.shape[2]
+        if self.k is None:
+            shape = (B, k.shape[1], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if valid is not None and self.valid is None:  # every key before was a real token
+            self.valid = torch.ones(B, 1, self.capacity, 1, dtype=torch.bool, device=k.device)
+        if self.valid is not None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid
+            valid = valid.bool()[:, None, :, None]
+        new = [k, v] + ([valid] if self.valid is not None else [])
+        self.length += T
+        if self.filled + T > self.capacity:
+            if not self.window:
+                raise ValueError(f"KV cache holds {self.capacity} positions; asked for {self.filled + T}")
+            keep = min(self.window - 1, self.filled)  # the last window - 1 keys move to the front
+            for b in self.buffers():
+                b[:, :, :keep] = b[:, :, self.filled - keep:self.filled].clone()
+            self.filled = keep
+        if self.filled + T > self.capacity:  # a call longer than the buffer (a long prompt)
+            out = [torch.cat([b[:, :, :self.filled], n], dim=2) for b, n in zip(self.buffers(), new)]
+            keep = self.window - 1
+            for b, o in zip(self.buffers(), out):
+                b[:, :, :keep] = o[:, :, o.shape[2] - keep:]
+            self.filled = keep
+        else:
+            for b, n in zip(self.buffers(), new):
+                b[:, :, self.filled:self.filled + T] = n
+            self.filled += T
+            out = [b[:, :, :self.filled] for b in self.buffers()]
+        key_padding_mask = out[2][:, 0, :, 0] if self.valid is not None else None
+        return out[0], out[1], key_padding_mask
+
+    def keep_rows(self, rows):
+        """Only these rows of the batch from now on (generate.py drops finished ones)."""
+        self.k, self.v, self.valid = (None if b is None else b[rows] for b in (self.k, self.v, self.valid))
+
+    def nbytes(self):
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
 # ----------------------------------------------------------------------------
-# State-space scans (Mamba): the selective scan (Mamba-1) and SSD (Mamba-2)
+# State-space scans: the selective scan (Mamba-1) and SSD (Mamba-2)
 # ----------------------------------------------------------------------------
 # Both compute, for every channel, the linear recurrence of a hidden state h:
 #
@@ -1665,7 +1695,6 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     y_from_state = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(a_cum))
     y = (y_within + y_from_state).reshape(batch, n_chunks * chunk_size, heads, head_dim)
     return y[:, :T], state
-
 
 
 # SSD in Triton: the four stages of `ssd_chunked` as kernels, forward and backward.

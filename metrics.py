@@ -2,9 +2,10 @@
 progress line every --log-every steps, the --metrics file (JSON lines: each run's header
 record, then one record per step) and wandb.
 
-  Measuring              GPU_PEAK_FLOPS, peak_flops, memory_gb
-  The --metrics file     read_metrics, trim_metrics (a resumed run's steps recorded once)
-  Logger                 the progress line, the metrics file and wandb, on the main rank
+  Measuring                                  GPU_PEAK_FLOPS, peak_flops, memory_gb
+  The progress line and the --metrics file   read_metrics, trim_metrics (a resumed run's steps
+                                             recorded once); Logger: the line, the file and
+                                             wandb, on the main rank
 """
 import contextlib
 import errno

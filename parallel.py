@@ -6,11 +6,12 @@ that can each be read (and copied) alone. Each section uses only the sections ab
   The layout             how `world = tp * cp * dp * pp` ranks are arranged, and their groups
   Parameter tags         what the machinery must know of each parameter (sharded, partial, ...)
   Initialization         the same global weights whatever the layout
+  FP8 matmuls            scaling recipes and the three matmuls of a linear layer
   Tensor parallelism     Megatron's column/row-parallel layers, and sequence parallelism
   Context parallelism    zigzag sequence split, ring attention, all-to-all to heads
   Expert parallelism     experts sharded over data-parallel ranks, all-to-all dispatch
   Model chunks           a model cut into pipeline chunks; the output layer and loss
-  Recomputation          activations recomputed in backward: attention cores or whole layers
+  Recomputation          attention cores or whole layers recomputed in backward
   Compilation            torch.compile applied layer by layer
   Data parallelism       bucketed gradient reduction overlapped with backward, ZeRO-1, AdamW
   Gradient norm          clipping and fp16 loss scaling, agreed across ranks
@@ -612,7 +613,7 @@ def linear(x, weight, bias=None, fp8=None):
 
 
 # ----------------------------------------------------------------------------
-# Tensor parallelism (Megatron) and sequence parallelism
+# Tensor parallelism: Megatron's column/row-parallel layers, and sequence parallelism
 # ----------------------------------------------------------------------------
 # A transformer layer under tp: the input is made available to every tp rank
 # (`enter_tp_region`), column-parallel layers compute a slice of the output features
@@ -1048,26 +1049,6 @@ def groups_to_heads(x, rows, layout):
     return context_to_heads(x.index_select(2, torch.tensor(rows, device=x.device).flatten()), layout)
 
 
-def _masked_attention_lse(q, k, v, q_pos, k_pos, causal, window, scale, key_real=None):
-    """Attention of q on one block of keys, and the log-sum-exp of each query's scores,
-    so that blocks can be merged exactly (online softmax). `key_real` (B, keys) is False
-    on padding. Rows whose keys are all masked get lse = -inf and output 0."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q.device)
-    if causal:
-        mask &= k_pos[None, :] <= q_pos[:, None]
-    if window:
-        mask &= k_pos[None, :] > q_pos[:, None] - window
-    if key_real is not None:
-        mask = mask & key_real[:, None, None, :]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(scores - safe[..., None]) @ v.float(), lse
-
-
 def _merge(out, lse, block_out, block_lse):
     """Combine two partial softmax results over disjoint key sets."""
     if out is None:
@@ -1082,7 +1063,7 @@ def _block_could_attend(q_pos, k_pos, causal, window):
     """False when the mask hides the whole block: then it is skipped, not computed."""
     if causal and k_pos.min() > q_pos.max():
         return False
-    if window and k_pos.max() <= q_pos.min() - window:
+    if window is not None and k_pos.max() <= q_pos.min() - window:
         return False
     return True
 
@@ -1120,8 +1101,8 @@ def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale, key_paddin
     # Recomputed in backward instead of stored: memory per block is its inputs, not the
     # (queries x keys) score matrix (the FlashAttention trade, at block granularity).
     # The padding mask covers the whole sequence: the block's keys are its columns k_pos.
-    key_real = None if key_padding_mask is None else key_padding_mask[:, k_pos].bool()
-    return torch.utils.checkpoint.checkpoint(_masked_attention_lse, q, k, v, q_pos, k_pos, causal,
+    key_real = None if key_padding_mask is None else key_padding_mask[:, k_pos]
+    return torch.utils.checkpoint.checkpoint(kernels.attention_with_lse, q, k, v, q_pos, k_pos, causal,
                                              window, scale, key_real, use_reentrant=False)
 
 
@@ -1490,7 +1471,7 @@ def share_first_token_sums(t, layout):
 
 
 # ----------------------------------------------------------------------------
-# Activation recomputation: attention cores or whole layers recomputed in backward
+# Recomputation: attention cores or whole layers recomputed in backward
 # ----------------------------------------------------------------------------
 # Backward needs what the forward's ops saved; stored for every layer of every
 # micro-batch in flight, that is most of a large model's memory. Recomputation
@@ -1937,7 +1918,7 @@ class AdamW:
 
 
 # ----------------------------------------------------------------------------
-# Gradient norm and loss scaling, agreed across ranks
+# Gradient norm: clipping and fp16 loss scaling, agreed across ranks
 # ----------------------------------------------------------------------------
 
 def clip_grad_norm(ddp, max_norm):

@@ -186,3 +186,29 @@ def test_linear_cross_entropy_bf16_gpu_memory():
     for got, want in zip(grads, ref_grads):
         assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
     assert peak < ref_peak / 3, (peak, ref_peak)
+
+
+def test_attention_with_lse_is_attention_by_blocks():
+    """kernels.attention_with_lse (what context parallelism's ring runs on each block of
+    keys): at the default positions its output is attention_reference's (the same masking
+    rule, positions_mask); its lse is the log-sum-exp of the scores; and two blocks of keys
+    at arbitrary positions, merged by their lse, give the whole."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    padding = torch.rand(2, 10) > 0.2
+    padding[:, 0] = True
+    q_pos, k_pos = torch.arange(4, 10), torch.arange(10)
+    for causal, window in ((True, None), (True, 3), (False, None)):
+        out, lse = kernels.attention_with_lse(q, k, v, q_pos, k_pos, causal, window, key_padding_mask=padding)
+        torch.testing.assert_close(out, kernels.attention_reference(q, k, v, causal, window, padding),
+                                   rtol=1e-5, atol=1e-6)
+        mask = kernels.attention_mask(6, 10, "cpu", causal, window, padding)
+        scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+        torch.testing.assert_close(lse, scores.masked_fill(~mask, float("-inf")).logsumexp(-1))
+        halves = [kernels.attention_with_lse(q, k[:, :, part], v[:, :, part], q_pos, k_pos[part], causal, window,
+                                             key_padding_mask=padding[:, part])
+                  for part in (torch.tensor([0, 2, 4, 6, 8]), torch.tensor([1, 3, 5, 7, 9]))]
+        (a, lse_a), (b, lse_b) = halves
+        whole = torch.logaddexp(lse_a, lse_b)
+        merged = a * torch.exp(lse_a - whole)[..., None] + b * torch.exp(lse_b - whole)[..., None]
+        torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-6)

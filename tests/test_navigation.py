@@ -1,0 +1,51 @@
+"""Navigation: each file's table of contents names exactly its sections, in order.
+
+A file's sections are its headers, a title between two rules of dashes (`# Title` or
+`# Title: what it holds`); its table of contents is the list in its docstring, one section
+per line (`  Title   what it holds`). bench.py's sections are named after their modes, which
+its docstring lists in the same order as MODES. The README's Architecture table names
+parallel.py's sections."""
+import ast
+import os
+import re
+
+import pytest
+
+import bench
+from conftest import ROOT
+
+RULE = "# " + "-" * 76
+
+
+def section_titles(path):
+    """The titles of a file's section headers, in order."""
+    with open(os.path.join(ROOT, path)) as f:
+        lines = f.read().splitlines()
+    return [lines[i + 1][2:].split(":")[0] for i in range(len(lines) - 2)
+            if lines[i] == RULE and lines[i + 2] == RULE]
+
+
+def table_of_contents(path):
+    """The titles a docstring lists: lines indented two spaces, `  Title` followed by two
+    spaces or more (or by nothing); not a list's `  - item`."""
+    with open(os.path.join(ROOT, path)) as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    return [m[1] for m in (re.match(r"  ([^\s-].*?)(\s{2,}\S.*)?$", line) for line in doc.splitlines()) if m]
+
+
+@pytest.mark.parametrize("path", ["parallel.py", "kernels.py", "flags.py", "metrics.py"])
+def test_each_table_of_contents_names_exactly_the_sections(path):
+    assert table_of_contents(path) == section_titles(path)
+
+
+def test_bench_sections_are_its_modes_in_order():
+    modes = [m for title in section_titles("bench.py") if title not in ("Shared helpers", "Command line")
+             for m in title.split(", ")]
+    assert modes == list(bench.MODES) == [m.split()[0] for m in table_of_contents("bench.py")
+                                           if not m.startswith("python ")]
+
+
+def test_readme_names_parallel_sections():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| `parallel.py` |"))
+    assert re.findall(r"\*([A-Z][^*]*)\*", row) == section_titles("parallel.py")
