@@ -182,14 +182,15 @@ def _named_parameters(modules):
 
 
 def train_state_tensors(modules, optimizer):
-    """{global name: (tensor, its parameter)}: weights, then AdamW's two moments, each
+    """{global name: (tensor, its parameter)}: weights (fp32: under mixed precision the
+    optimizer's main weights, not the 16-bit parameters), then AdamW's two moments, each
     shaped like its parameter (so it sits in the same region of the global tensor).
     Collective under ZeRO-1 (the moments are gathered over dp): call on every rank."""
     params = _named_parameters(modules)
     tensors = {f"model.{name}": (p.detach(), p) for name, p in params.items()}
-    for name, (exp_avg, exp_avg_sq) in optimizer.state_tensors().items():
-        tensors[f"optimizer.exp_avg.{name}"] = (exp_avg, params[name])
-        tensors[f"optimizer.exp_avg_sq.{name}"] = (exp_avg_sq, params[name])
+    for name, state in optimizer.state_tensors().items():
+        for key, tensor in state.items():
+            tensors[f"model.{name}" if key == "model" else f"optimizer.{key}.{name}"] = (tensor, params[name])
     return tensors
 
 
@@ -413,8 +414,8 @@ def load(step_dir, modules, optimizer, layout):
             reader.read_into(f"model.{name}", p.data, p)
         if optimizer is not None:
             optimizer.load_state_tensors(
-                lambda name, key, target: reader.read_into(f"optimizer.{key}.{name}", target,
-                                                           params[name]),
+                lambda name, key, target: reader.read_into(
+                    f"model.{name}" if key == "model" else f"optimizer.{key}.{name}", target, params[name]),
                 meta["optimizer_steps"])
     rng_file = os.path.join(step_dir, f"rng-{layout.rank:05d}.safetensors")
     if os.path.exists(rng_file):  # the same rank existed when saving: restore its stream

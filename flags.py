@@ -136,6 +136,12 @@ def parse_args(argv=None):
     a("--fp8-rest", choices=["bf16", "fp32"], default=FP8_DEFAULTS["fp8_rest"],
       help="fp8: the precision of everything that is not an FP8 matmul (fp32 isolates FP8's "
            "own effect)")
+    a("--grad-dtype", choices=["fp32", "model"], default="fp32",
+      help="bf16/fp16: the dtype gradients accumulate and are reduced in: fp32 (Megatron's "
+           "--accumulate-allreduce-grads-in-fp32), or the model's (half the memory and bytes)")
+    a("--fp32-residual", action="store_true",
+      help="bf16/fp16: keep the residual stream (and what pipeline stages send) in fp32, not "
+           "the model's dtype (Megatron's --fp32-residual-connection)")
     a("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the loss scale to start from")
     a("--loss-scale-window", type=int, default=1000,
       help="fp16: double the loss scale after this many steps without overflow")

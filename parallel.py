@@ -890,14 +890,27 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = -(-vocab_size // layout.tp)
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
         _shard(self.weight, 0, layout, vocab_size)
+        self.out_dtype = None  # the residual stream's, where it is not the weight's (set_residual_dtype)
 
     def forward(self, ids):
         if self.layout.tp == 1:
-            return F.embedding(ids, self.weight)
-        start = self.layout.tp_rank * self.per_rank
-        outside = (ids < start) | (ids >= start + self.per_rank)
-        x = F.embedding((ids - start).masked_fill(outside, 0), self.weight)
-        return leave_tp_region(x.masked_fill(outside[..., None], 0.0), self.layout)
+            x = F.embedding(ids, self.weight)
+        else:
+            start = self.layout.tp_rank * self.per_rank
+            outside = (ids < start) | (ids >= start + self.per_rank)
+            x = F.embedding((ids - start).masked_fill(outside, 0), self.weight)
+            x = leave_tp_region(x.masked_fill(outside[..., None], 0.0), self.layout)
+        return x if self.out_dtype is None else x.to(self.out_dtype)
+
+
+def set_residual_dtype(modules, dtype):
+    """The residual stream starts at the token embedding, in its weight's dtype (16-bit
+    under mixed precision): here in `dtype` instead (fp32: Megatron's
+    --fp32-residual-connection). What is added to it then keeps that dtype."""
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, VocabParallelEmbedding):
+                sub.out_dtype = dtype
 
 
 def gather_logits(logits, layout, vocab_size):
@@ -1634,12 +1647,14 @@ def compile_seconds():
 class Bucket:
     """Parameters whose gradients are reduced together, through one flat buffer."""
     params: list              # (name, parameter) in their order in the flat buffers
-    grads: torch.Tensor       # every parameter's .grad is a view into this
-    data: torch.Tensor        # ... and its storage a view into this (ZeRO-1 gathers into it)
+    grads: torch.Tensor       # every parameter's gradient accumulates into a view of this
+    data: torch.Tensor        # each parameter's storage is a view into this (ZeRO-1 gathers into it)
     group: object             # the ranks holding replicas: dp x cp, or expert-data-parallel
     sharded: bool             # ZeRO-1: each replica reduces to, and updates, its own slice
     shard: slice              # the part of `data` this rank updates (all of it without ZeRO-1)
     grad_shard: torch.Tensor  # its reduced gradient (`grads` itself without ZeRO-1)
+    main: torch.Tensor        # the fp32 weights the optimizer updates: data[shard] itself in
+                              # fp32 training; under mixed precision an fp32 copy of it
     norm_ranges: list         # (start, stop) in the shard of the elements that count in the
                               # gradient norm (see counts_once)
     expert: bool = False      # experts' parameters (reduced over their own group)
@@ -1651,9 +1666,10 @@ class Bucket:
 
 
 class DataParallel:
-    """Hand-written DDP, with ZeRO-1 as an option.
+    """Hand-written DDP, with ZeRO-1 as an option, and Megatron's mixed precision.
 
-    Every parameter's .grad is a view into one flat fp32 buffer per bucket. Buckets are
+    Every parameter's gradient accumulates into a view of one flat fp32 buffer per bucket
+    (its .grad is that view, in fp32 training). Buckets are
     filled in reverse parameter order (roughly the order backward produces gradients);
     a post-accumulate-grad hook records each parameter whose gradient is final, and
     when a bucket is complete its reduction starts asynchronously while backward goes on
@@ -1674,10 +1690,22 @@ class DataParallel:
     Expert parameters (mark_expert_parallel) are replicated only over the
     expert-data-parallel group: they get buckets of their own, reduced (and ZeRO-sharded)
     over that group instead of dp x cp.
+
+    Mixed precision (`param_dtype` bf16 or fp16, as Megatron's): the parameters the model
+    computes with are 16-bit (no autocast copy of a weight is made), and the optimizer
+    keeps fp32 main weights (`Bucket.main`), of its own slice only under ZeRO-1; after its
+    step the updated slice is cast into the 16-bit parameters and all-gathered (half the
+    bytes of fp32). Each backward's 16-bit gradient is added into the fp32 buffer and
+    dropped (Megatron's main_grad), so accumulation and the reduction run in fp32, unless
+    `grad_dtype` is the 16-bit one: then .grad is a view into a 16-bit buffer, as in fp32
+    training, and the reduction moves half the bytes.
     """
 
-    def __init__(self, modules, layout, zero1=False, bucket_mb=25.0):
+    def __init__(self, modules, layout, zero1=False, bucket_mb=25.0, param_dtype=torch.float32,
+                 grad_dtype=torch.float32):
         self.layout, self.zero1 = layout, zero1
+        self.param_dtype, self.grad_dtype = param_dtype, grad_dtype
+        self.grad_views = {}  # id(parameter) -> its gradient's view of its bucket's buffer
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         self.named_params = [(n, p) for m in modules for n, p in m.named_parameters()
                              if p.requires_grad]
@@ -1706,6 +1734,10 @@ class DataParallel:
         self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(b))
                       for b in self.buckets for _, p in b.params]
 
+    def grad(self, p):
+        """Parameter p's gradient as accumulated so far: its view of the bucket's buffer."""
+        return self.grad_views[id(p)]
+
     def close(self):
         """Remove the gradient hooks (call when training ends). The cycle parameter ->
         hook -> self -> parameter is not always visible to Python's garbage collector
@@ -1727,26 +1759,36 @@ class DataParallel:
         numel = sum(p.numel() for _, p in named)
         padded = -(-numel // replicas) * replicas  # ZeRO slices must be equal
         device = named[0][1].device
-        grads = torch.zeros(padded, device=device)
-        data = torch.zeros(padded, device=device)
+        grads = torch.zeros(padded, device=device, dtype=self.grad_dtype)
+        main = torch.zeros(padded, device=device)  # fp32, as the parameters were initialized
         offset = 0
         for _, p in named:
             n = p.numel()
-            data[offset:offset + n] = p.detach().reshape(-1)
-            # The parameter's storage becomes the flat buffer (ZeRO all-gathers into it),
-            # and autograd accumulates into an existing .grad in place, so views stay views.
-            p.data = data[offset:offset + n].view_as(p)
-            p.grad = grads[offset:offset + n].view_as(p)
+            main[offset:offset + n] = p.detach().reshape(-1)
+            self.grad_views[id(p)] = grads[offset:offset + n].view_as(p)
             offset += n
+        data = main if self.param_dtype == torch.float32 else main.to(self.param_dtype)
+        offset = 0
+        for _, p in named:
+            # The parameter's storage becomes the flat buffer (ZeRO all-gathers into it).
+            # Where the gradient has the parameter's dtype, autograd accumulates into an
+            # existing .grad in place, so its view stays a view; otherwise the hook adds it.
+            p.data = data[offset:offset + p.numel()].view_as(p)
+            p.grad = self.grad_views[id(p)] if self.grad_dtype == self.param_dtype else None
+            offset += p.numel()
         shard = slice(rank * (padded // replicas), (rank + 1) * (padded // replicas)) if sharded \
             else slice(0, padded)
         return Bucket(params=named, grads=grads, data=data, group=group, sharded=sharded,
-                      shard=shard, grad_shard=torch.zeros(padded // replicas, device=device)
-                      if sharded else grads, expert=expert, deferred=deferred,
+                      shard=shard, grad_shard=torch.zeros(padded // replicas, device=device, dtype=self.grad_dtype)
+                      if sharded else grads, main=main[shard] if data is main else main[shard].clone(),
+                      expert=expert, deferred=deferred,
                       norm_ranges=shard_ranges(named, shard, lambda _, p: counts_once(p, layout)))
 
     def _make_hook(self, bucket):
         def hook(param):
+            if self.grad_dtype != self.param_dtype:  # mixed precision: into the fp32 buffer
+                self.grad(param).add_(param.grad)
+                param.grad = None
             if not self.sync:
                 return
             self._sum_partial_grad(param)
@@ -1757,7 +1799,7 @@ class DataParallel:
 
     def _sum_partial_grad(self, param):
         if grad_is_partial(param, self.layout):
-            all_reduce(param.grad, self.layout.tp_group)
+            all_reduce(self.grad(param), self.layout.tp_group)
 
     def _reduce(self, bucket, async_op):
         if bucket.group is None:
@@ -1795,9 +1837,9 @@ class DataParallel:
         for name, p in bucket.params:
             copies.setdefault(name, []).append(p)
         for same in copies.values():
-            total = sum(p.grad for p in same)
+            total = sum(self.grad(p) for p in same)
             for p in same:
-                p.grad.copy_(total)
+                self.grad(p).copy_(total)
         all_reduce(bucket.grads, self.layout.pp_group)
 
     def check_tp_replicas(self):
@@ -1810,7 +1852,7 @@ class DataParallel:
         named = [(name, p) for b in self.buckets for name, p in b.params if not tags(p).tp_sharded]
         if self.layout.tp == 1 or not named:
             return
-        prints = torch.stack([torch.stack([p.grad.double().sum(), p.grad.double().square().sum()])
+        prints = torch.stack([torch.stack([self.grad(p).double().sum(), self.grad(p).double().square().sum()])
                               for _, p in named])
         high = all_reduce(prints.clone(), self.layout.tp_group, dist.ReduceOp.MAX)
         low = -all_reduce(-prints, self.layout.tp_group, dist.ReduceOp.MAX)
@@ -1828,8 +1870,11 @@ class DataParallel:
             b.grads.zero_()
 
     def all_gather_params(self):
-        """ZeRO-1: after each rank updated its slice, share the slices."""
+        """After the optimizer updated each bucket's fp32 main slice: into the parameters
+        (a cast under mixed precision), and under ZeRO-1 every rank's slice to every rank."""
         for b in self.buckets:
+            if b.data.dtype != b.main.dtype:  # mixed precision: the 16-bit copy
+                b.data[b.shard].copy_(b.main)
             if b.sharded:
                 dist.all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
 
@@ -1853,7 +1898,8 @@ def shard_ranges(named, shard, keep):
 
 class AdamW:
     """AdamW on the flat buffers of a DataParallel: each rank updates its own slice of
-    every bucket (the whole bucket without ZeRO-1). fp32 state and master weights.
+    every bucket (the whole bucket without ZeRO-1): its fp32 main weights (Bucket.main),
+    with fp32 moments.
 
     No weight decay on norms, biases and embeddings: only on weight matrices (dim >= 2)
     whose name does not contain "embed".
@@ -1862,8 +1908,8 @@ class AdamW:
     def __init__(self, ddp, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
         self.ddp, self.lr, self.weight_decay, self.betas, self.eps = ddp, lr, weight_decay, betas, eps
         self.steps = 0
-        self.exp_avg = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
-        self.exp_avg_sq = [torch.zeros_like(b.grad_shard) for b in ddp.buckets]
+        self.exp_avg = [torch.zeros_like(b.main) for b in ddp.buckets]
+        self.exp_avg_sq = [torch.zeros_like(b.main) for b in ddp.buckets]
         self.decayed = [shard_ranges(b.params, b.shard, lambda name, p: p.dim() >= 2 and "embed" not in name)
                         for b in ddp.buckets]  # per bucket: where in its slice weight decay applies
 
@@ -1873,7 +1919,7 @@ class AdamW:
         beta1, beta2 = self.betas
         bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
         for b, m, v, decayed in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq, self.decayed):
-            param, grad = b.data[b.shard], b.grad_shard
+            param, grad = b.main, b.grad_shard.float()
             for start, stop in decayed:
                 param[start:stop].mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)
@@ -1887,34 +1933,54 @@ class AdamW:
         fulls = []
         for b, state in zip(self.ddp.buckets, flat_states):
             if b.sharded:
-                full = torch.empty_like(b.grads)
+                full = torch.empty(b.grads.shape, dtype=state.dtype, device=state.device)
                 dist.all_gather_single(full, state, group=b.group)
                 state = full
             fulls.append(state)
         return fulls
 
-    def state_tensors(self):
-        """{param name: (exp_avg, exp_avg_sq)} with each tensor shaped like its parameter."""
+    def _per_parameter(self, flat_states):
+        """{param name: its part of each bucket's (gathered) flat state}, shaped like it."""
         out = {}
-        for b, m, v in zip(self.ddp.buckets, self._full(self.exp_avg), self._full(self.exp_avg_sq)):
+        for b, state in zip(self.ddp.buckets, self._full(flat_states)):
             offset = 0
             for name, p in b.params:
-                n = p.numel()
-                out[name] = (m[offset:offset + n].view_as(p), v[offset:offset + n].view_as(p))
-                offset += n
+                out[name] = state[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
         return out
 
+    @property
+    def mixed(self):
+        """Whether the parameters are 16-bit copies of the fp32 main weights."""
+        return any(b.data.dtype != b.main.dtype for b in self.ddp.buckets)
+
+    def state_tensors(self):
+        """{param name: {"exp_avg": ..., "exp_avg_sq": ...}, and under mixed precision "model":
+        the fp32 main weights}, each tensor shaped like its parameter. Collective under
+        ZeRO-1 (the slices are gathered)."""
+        states = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.mixed:
+            states["model"] = [b.main for b in self.ddp.buckets]
+        per = {key: self._per_parameter(flat) for key, flat in states.items()}
+        return {name: {key: per[key][name] for key in states} for name in per["exp_avg"]}
+
     def load_state_tensors(self, read_into, steps):
-        """`read_into(name, key, tensor)` fills a tensor shaped like the parameter."""
+        """`read_into(name, key, tensor)` fills an fp32 tensor shaped like the parameter
+        (key "exp_avg", "exp_avg_sq", and under mixed precision "model": the weights, which
+        then go into the 16-bit parameters too)."""
         self.steps = steps
         for b, m, v in zip(self.ddp.buckets, self.exp_avg, self.exp_avg_sq):
-            for flat, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
-                full = torch.zeros_like(b.grads)
+            flats = [(m, "exp_avg"), (v, "exp_avg_sq")] + ([(b.main, "model")] if b.data.dtype != b.main.dtype
+                                                           else [])
+            for flat, key in flats:
+                full = torch.zeros(b.grads.shape, device=flat.device)
                 offset = 0
                 for name, p in b.params:
                     read_into(name, key, full[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
                 flat.copy_(full[b.shard])
+                if key == "model":
+                    b.data.copy_(full)
 
 
 # ----------------------------------------------------------------------------
@@ -2053,7 +2119,7 @@ def _tag(direction, micro, chunk):
 
 
 def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, ddp=None,
-                 loss_scale=1.0, autocast=None, forward_only=False):
+                 loss_scale=1.0, autocast=None, forward_only=False, hidden_dtype=torch.float32):
     """Execute a pipeline schedule for one step; return the sum of the micro-batches'
     loss sums (non-zero only on the rank holding the last chunk).
 
@@ -2070,13 +2136,16 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
     of the step, so that backward, and only that one, runs with ddp.sync on; its buckets'
     reductions then overlap with the backwards still to come. Earlier backwards only
     accumulate: nothing leaves the rank during gradient accumulation.
+
+    What chunks send each other (activations forward, their gradients back) travels in
+    `hidden_dtype`, the residual stream's (as Megatron's p2p messages do).
     """
     autocast = autocast or contextlib.nullcontext()
     stored, sends, total = {}, [], torch.zeros((), device=layout.device)
     last_backward = {local: i for i, (kind, _, local) in enumerate(actions) if kind == "B"}
 
     def recv(direction, micro, chunk, src):
-        buf = torch.empty(hidden_shape, device=layout.device)
+        buf = torch.empty(hidden_shape, device=layout.device, dtype=hidden_dtype)
         dist.recv(buf, src, tag=_tag(direction, micro, chunk))
         return buf
 
@@ -2097,7 +2166,7 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
             if chunk.last:
                 total += out.detach()
             else:
-                send(out.detach(), 0, micro, chunk.index, layout.pp_next)
+                send(out.detach().to(hidden_dtype), 0, micro, chunk.index, layout.pp_next)
             if not forward_only:
                 stored[(micro, chunk.index)] = (hidden, out, getattr(model, "extra_loss", None))
         else:
@@ -2107,7 +2176,7 @@ def run_schedule(actions, chunks, modules, micro_batches, layout, hidden_shape, 
             if chunk.last:
                 ((out if extra is None else out + extra) * loss_scale).backward()
             else:
-                grad = recv(1, micro, chunk.index + 1, layout.pp_next)
+                grad = recv(1, micro, chunk.index + 1, layout.pp_next).to(out.dtype)
                 if extra is None:
                     torch.autograd.backward(out, grad)
                 else:  # None: the scalar's gradient is 1

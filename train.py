@@ -48,6 +48,11 @@ def lr_at(step, args):
     return args.lr * ratio
 
 
+# The dtype of the parameters the model computes with: under bf16 and fp16 (mixed
+# precision, Megatron's) 16-bit copies of the optimizer's fp32 main weights.
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def precision_context(precision, device, fp8_rest="bf16"):
     """Autocast for the forward pass; master weights and optimizer stay fp32. Under fp8
     the FP8 linears (parallel.enable_fp8) multiply in FP8 and the rest runs in `fp8_rest`."""
@@ -100,6 +105,7 @@ class Run:
     precision: str
     fp8: object              # parallel.FP8Scaling under --precision fp8, else None
     logger: object
+    hidden_dtype: torch.dtype  # of the residual stream, as pipeline stages send it
     start_step: int = 0
     tokens_seen: int = 0
     start_note: str = ""     # a note on how the run started
@@ -188,9 +194,27 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
 
     torch.manual_seed(args.seed + layout.rank)
     modules = [models.build(args.model, cfg, device, args.seed, layout, c) for c in chunks]
+    resume = args.load and not hf_dir and not flags.nothing_to_resume(args)
+    start_note = f"--load {args.load}: no checkpoint there yet; starting at step 0" \
+        if args.load and not hf_dir and not resume else ""
+    # Weights that replace the initialization, and start at step 0 with fresh optimizer state,
+    # load before DataParallel takes the fp32 main weights from the parameters.
+    if hf_dir:
+        for m in modules:
+            convert.load_hf_weights(m, hf_dir)
+    elif resume and starts_from_pretrained(args, cfg):
+        step_dir = checkpoint.resolve(args.load)
+        new = checkpoint.load_weights(step_dir, modules, layout)
+        start_note, resume = (f"fine-tuning from {step_dir}; new parameters: "
+                              f"{', '.join(new) or 'none on this rank'}"), False
     parallel.apply_recompute(modules, args.recompute, args.recompute_layers or 1,
                              args.recompute_method or "uniform")
-    ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb)
+    param_dtype = PARAM_DTYPES[args.fp8_rest if precision == "fp8" else precision]
+    ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb,
+                                param_dtype=param_dtype,
+                                grad_dtype=torch.float32 if args.grad_dtype == "fp32" else param_dtype)
+    if args.fp32_residual:
+        parallel.set_residual_dtype(modules, torch.float32)
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(precision == "fp16", args.initial_loss_scale, args.loss_scale_window)
     fp8 = None
@@ -204,20 +228,10 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
               actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
               autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
-              fp8=fp8, logger=None)
-    resume = args.load and not hf_dir and not flags.nothing_to_resume(args)
-    if args.load and not hf_dir and not resume:
-        run.start_note = f"--load {args.load}: no checkpoint there yet; starting at step 0"
+              fp8=fp8, logger=None, start_note=start_note,
+              hidden_dtype=torch.float32 if args.fp32_residual else param_dtype)
     try:
-        if hf_dir:  # fine-tuning starts at step 0 with fresh optimizer state
-            for m in modules:
-                convert.load_hf_weights(m, hf_dir)
-        elif resume and starts_from_pretrained(args, cfg):
-            step_dir = checkpoint.resolve(args.load)
-            new = checkpoint.load_weights(step_dir, modules, layout)
-            run.start_note = (f"fine-tuning from {step_dir}; new parameters: "
-                              f"{', '.join(new) or 'none on this rank'}")
-        elif resume:
+        if resume:
             step_dir = checkpoint.resolve(args.load)
             meta = checkpoint.load(step_dir, modules, optimizer, layout)
             run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
@@ -370,7 +384,8 @@ def forward_backward(run, batch_rows, forward_only=False):
     loss_sum = parallel.run_schedule(
         run.actions, run.chunks, run.modules, micro_batches, layout, (mbs, seq_per_rank, run.cfg.dim),
         ddp=None if forward_only else run.ddp, autocast=run.autocast, forward_only=forward_only,
-        loss_scale=(run.scaler.scale if run.scaler.enabled else 1.0) / global_targets)
+        loss_scale=(run.scaler.scale if run.scaler.enabled else 1.0) / global_targets,
+        hidden_dtype=run.hidden_dtype)
     for group in (layout.dp_cp_group, layout.pp_group):  # the loss lives on the last stage
         parallel.all_reduce(loss_sum, group)
     return loss_sum.item() / global_targets
