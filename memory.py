@@ -123,9 +123,10 @@ def layernorm(sh, h, e=4):
 
 
 def linear_inputs(sh, h):
-    """A norm's output as read by the column-parallel linears after it (one tensor, all n
-    tokens after sp's gather, cast once under autocast: parallel.linear_input)."""
-    return sh.e * sh.n * h
+    """A norm's output as read by the column-parallel linears after it (one tensor, cast once
+    under autocast: parallel.linear_input): all n tokens, or under sp this rank's n/tp, which
+    the linears save instead of the gathered input (gathering it again in backward)."""
+    return sh.e * sh.n_sp * h
 
 
 def llama_attention(sh, cfg):
@@ -252,8 +253,9 @@ def t5_layer(sh, cfg, i):
     d = sh.at(sh.s_dec)
     n_enc, n_dec = sh.b * sh.s, d.n
     # fp32: every decoder layer reads the one encoder output (counted once per chunk, in
-    # chunk_extras); under autocast each layer casts its own copy for its k and v
-    memory = 0 if sh.e == 4 else sh.e * n_enc * h
+    # t5_extras); under autocast each layer casts its own copy for its k and v (under sp,
+    # of its shard: parallel.linear_input)
+    memory = 0 if sh.e == 4 else sh.e * sh.n_sp * h
     cross = (sh.e * n_dec * 2 * q + sh.e * n_enc * 2 * q + 4 * n_dec * a
              + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e))
     return {"attn_norm": rmsnorm(d, h), "qkv_inputs": linear_inputs(d, h),
@@ -407,8 +409,7 @@ def bert_extras(sh, cfg, chunk, padded_vocab, recompute):
         # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
         # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
         predicted = int(sh.n * 0.15)
-        out["mlm_head"] = (linear_inputs(sh, h) // (sh.tp if sh.sp and sh.tp > 1 else 1)
-                           + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n)
+        out["mlm_head"] = linear_inputs(sh, h) + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n
         out["loss_dx"] = sh.e * predicted * h
         out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)
     if cfg.pooler:  # the first token (a cast under autocast), tanh's output, the head

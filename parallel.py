@@ -700,6 +700,41 @@ def in_tp_region(x):
     return x
 
 
+class _Regather:
+    """An sp-gathered input as the column-parallel linears reading it keep it for their
+    weights' gradients: this rank's shard (each saves it), gathered again in backward once
+    for all of them (the first to need it gathers, the others reuse it)."""
+
+    def __init__(self, group):
+        self.group, self.full = group, None
+
+    def gathered(self, shard):
+        if self.full is None:
+            self.full = _gather_seq(shard, self.group)
+        return self.full
+
+
+class _ColumnLinearSavingShard(torch.autograd.Function):
+    """y = x W^T + b for x gathered over sp from `shard`, saving the shard (1/tp of x's
+    bytes) instead of x, as Megatron does: backward gathers it again for dW = dy^T x. dx
+    flows back through the gather, whose backward reduce-scatters it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shard, regather):
+        ctx.save_for_backward(weight, shard)
+        ctx.regather, ctx.has_bias = regather, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, shard = ctx.saved_tensors
+        x = ctx.regather.gathered(shard)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = (dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)).to(weight.dtype)
+        db = dy2.sum(0) if ctx.has_bias else None
+        return dy @ weight.to(dy.dtype), dw, db, None, None
+
+
 def linear_input(x, layout):
     """x as the column-parallel linears after it read it: under autocast cast once to the
     low precision, then whole on every tp rank (enter_tp_region): under tp a column-parallel
@@ -707,8 +742,13 @@ def linear_input(x, layout):
     its weight's gradient, a copy of its own (LLaMA's q, k and v: three copies of one
     activation); one cast serves them all. Cast before the gather, sp's all-gather moves
     half the bytes, and the gradients of the linears' inputs are summed (and reduced over
-    tp) in that precision, as Megatron's are."""
-    return enter_tp_region(autocast_input(x), layout)
+    tp) in that precision, as Megatron's are. Under sp the linears save this rank's shard
+    of it, not the gathered input (see _ColumnLinearSavingShard)."""
+    shard = autocast_input(x)
+    full = enter_tp_region(shard, layout)
+    if layout.tp > 1 and layout.sp:
+        full.sp_shard, full.regather = shard, _Regather(layout.tp_group)
+    return full
 
 
 def autocast_input(x):
@@ -813,7 +853,10 @@ class ColumnParallelLinear(nn.Module):
                                "parallel.linear_input (every tp rank needs the whole input, and its "
                                "gradient summed over tp)")
         bias = None if self.bias is None else self.bias.reshape(-1)
-        return linear(x, self.weight.reshape(-1, self.weight.shape[-1]), bias, self.fp8)
+        weight = self.weight.reshape(-1, self.weight.shape[-1])
+        if self.fp8 is None and hasattr(x, "sp_shard"):
+            return _ColumnLinearSavingShard.apply(x, weight, bias, x.sp_shard, x.regather)
+        return linear(x, weight, bias, self.fp8)
 
 
 class RowParallelLinear(nn.Module):

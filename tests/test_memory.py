@@ -229,6 +229,9 @@ TWO_RANKS = [
     ("llama", "test", {"pp": 2}),
     ("gpt", "test", {"tp": 2}),
     ("mixtral", "test", {"ep": 2}),
+    ("t5", "test", {"tp": 2, "precision": "bf16"}),
+    ("bert", "test", {"tp": 2}),
+    ("mamba", "test", {"tp": 2, "precision": "bf16"}),
 ]
 
 
