@@ -48,6 +48,10 @@ Modes (in the order of their sections below):
   recompute     activation recomputation none / selective / full: the activations of one
                 micro-batch and the forward + backward time of the tiny llama (CPU) or, on a
                 GPU, e.g. --config llama3-8b --set n_layers=2 --seq-len 4096
+  megatron-memory  the planner's (train.py --plan's) bytes per GPU on pipeline stage 0 beside
+                Megatron's formula (Korthikanti et al. 2022, written out here) for GPT-3 22B and
+                175B (their Table 3 layouts) and llama3-70b/8b, bf16, sp, ZeRO-1 (target: <= 1.1x);
+                no GPU needed
   generate      decoding tokens/s and KV-cache bytes of a sliding-window llama (test dims,
                 window 256) at context 1k-8k, rolling cache vs full cache (expect the rolling
                 bytes flat, the full ones growing with the context); 8 prompts batched vs one by one
@@ -1595,6 +1599,104 @@ def add_recompute(p):
 
 
 # ----------------------------------------------------------------------------
+# megatron-memory: the planner against Megatron's own count
+# ----------------------------------------------------------------------------
+# Megatron's count of a rank's memory (Korthikanti et al. 2022, "Reducing Activation
+# Recomputation in Large Transformer Models", Table 2; written out in Megatron-LM's
+# training/theoretical_memory_usage.py), for the most loaded rank: pipeline stage 0.
+#   weights + gradients + optimizer: its parameters x bytes per parameter, 18 (bf16 weight
+#     2, fp32 gradient 4, fp32 main weight 4, Adam's two moments 8), or 6 + 12/dp when the
+#     optimizer's state is sharded over dp (ZeRO-1, Megatron's distributed optimizer).
+#   activations: each layer saves s*b*h*(18 + 4*ffn/h) bytes (34 at ffn = 4h: no attention
+#     scores, which selective recomputation or a fused attention does not keep), divided by
+#     t under sequence parallelism; stage 0 holds L/pp layers for pp micro-batches in flight
+#     (1F1B), i.e. all L layers' worth, plus the embedding's output per micro-batch; at
+#     pp = 1 the output layer's input and the loss's logits (4 bytes/element, 1 + V/h).
+
+MEGATRON_LAYOUTS = {
+    # Korthikanti et al., Table 3 (sp + selective recomputation, tp 8): GPT-3 22B and 175B.
+    "gpt3-22b": dict(model="gpt", preset="gpt3-175b", set=("dim=6144", "n_layers=48", "n_heads=64"),
+                    world=8, tp=8, pp=1, seq_len=2048, micro_batch=4, global_batch=4),
+    "gpt3-175b": dict(model="gpt", preset="gpt3-175b", set=(), world=64, tp=8, pp=8, seq_len=2048,
+                     micro_batch=1, global_batch=64),
+    # LLaMA 3's layouts: 70B at tp 8 x pp 4 x dp 2, 8B at tp 2 x dp 4, seq 8192.
+    "llama3-70b": dict(model="llama", preset="llama3-70b", set=(), world=64, tp=8, pp=4, seq_len=8192,
+                       micro_batch=1, global_batch=64),
+    "llama3-8b": dict(model="llama", preset="llama3-8b", set=(), world=8, tp=2, pp=1, seq_len=8192,
+                      micro_batch=1, global_batch=32),
+}
+
+
+def megatron_count(cfg, tp, pp, dp, seq_len, micro_batch, n_micro):
+    """(weights + gradients + optimizer, activations) of pipeline stage 0 in bytes, by
+    Megatron's formula (above), from a gpt or llama Config."""
+    h, L, ffn = cfg.dim, cfg.n_layers, cfg.ffn_dim
+    kv_heads = getattr(cfg, "n_kv_heads", cfg.n_heads)
+    head_dim = getattr(cfg, "head_dim", 0) or h // cfg.n_heads
+    gated = 1.5 if hasattr(cfg, "n_kv_heads") else 1.0  # SwiGLU: three ffn matrices, not two
+    per_layer = 2 * h * (cfg.n_heads * head_dim * (1 + kv_heads / cfg.n_heads) + ffn * gated + 2)
+    embedding = h * cfg.vocab_size
+    params = (L * per_layer + h) / pp + embedding  # (+ h: the final norm)
+    if pp == 1 and not cfg.tie_embeddings:
+        params += embedding  # the output layer, on the same (only) stage
+    static = params / tp * (6 + 12 / dp)
+    sbh = seq_len * micro_batch * h
+    in_flight = min(n_micro, pp)
+    acts = L * sbh * (18 + 4 * ffn / h) * in_flight / pp + in_flight * (sbh + 8 * seq_len * micro_batch)
+    if pp == 1:
+        acts += 4 * sbh * (1 + cfg.vocab_size / h)
+    return static, acts / tp
+
+
+def megatron_memory(args, device):
+    """Stage 0 of each layout in MEGATRON_LAYOUTS, bf16 mixed precision with fp32 gradients,
+    sp and ZeRO-1: memory.plan (the --plan of train.py, GPU kernels) against Megatron's
+    count, weights + gradients + optimizer and activations apart. No recomputation: the
+    fused attention keeps no scores, which is what Megatron's count assumes (its Table 3
+    layouts run selective recomputation to get there)."""
+    import memory
+    rows = []
+    for name, lay in MEGATRON_LAYOUTS.items():
+        if args.layouts and name not in args.layouts:
+            continue
+        # Megatron pads the vocabulary to a multiple of 128 x tp; both counts use it.
+        base = models.make_config(lay["model"], lay["preset"], lay["set"])
+        padded = -(-base.vocab_size // (128 * lay["tp"])) * 128 * lay["tp"]
+        cfg = models.make_config(lay["model"], lay["preset"], (*lay["set"], f"vocab_size={padded}",
+                                                              f"max_seq_len={lay['seq_len']}"))
+        dp = lay["world"] // (lay["tp"] * lay["pp"])
+        n_micro = lay["global_batch"] // (lay["micro_batch"] * dp)
+        stage = memory.plan(models.family(lay["model"]), cfg, world=lay["world"], tp=lay["tp"], pp=lay["pp"],
+                            sp=True, zero1=True, micro_batch=lay["micro_batch"], n_micro=n_micro,
+                            seq_len=lay["seq_len"], precision="bf16")[0]
+        static, acts = megatron_count(cfg, lay["tp"], lay["pp"], dp, lay["seq_len"], lay["micro_batch"],
+                                      n_micro)
+        ours_static = stage.weights + stage.gradients + stage.optimizer
+        ours_acts = stage.peak - ours_static
+        rows.append({"layout": name, "tp_pp_dp": f"{lay['tp']}x{lay['pp']}x{dp}",
+                     "ours_static": ours_static / 2**30, "megatron_static": static / 2**30,
+                     "ours_acts": ours_acts / 2**30, "megatron_acts": acts / 2**30,
+                     "ours": stage.peak / 2**30, "megatron": (static + acts) / 2**30,
+                     "ratio": stage.peak / (static + acts)})
+    print("megatron-memory: pipeline stage 0, bf16 with fp32 gradients, sp, ZeRO-1, no recomputation; "
+          "GiB per rank (ours: memory.plan, i.e. train.py --plan)")
+    print_table(rows, [("layout", "layout", "s"), ("tp_pp_dp", "tp x pp x dp", "s"),
+                       ("ours_static", "state ours", ".2f"), ("megatron_static", "Megatron", ".2f"),
+                       ("ours_acts", "activations ours", ".2f"), ("megatron_acts", "Megatron", ".2f"),
+                       ("ours", "peak ours", ".2f"), ("megatron", "Megatron", ".2f"),
+                       ("ratio", "ours / Megatron", ".3f")])
+    worst = max(rows, key=lambda r: r["ratio"])
+    print(f"summary: the planner's stage 0 is {min(r['ratio'] for r in rows):.3f}x-{worst['ratio']:.3f}x "
+          f"Megatron's count (largest: {worst['layout']})")
+    return {"rows": rows}
+
+
+def add_megatron_memory(p):
+    p.add_argument("--layouts", nargs="*", default=[], choices=list(MEGATRON_LAYOUTS),
+                   help="a subset of the layouts (default: all)")
+
+
+# ----------------------------------------------------------------------------
 # generate: decoding speed and KV-cache bytes
 # ----------------------------------------------------------------------------
 
@@ -1762,6 +1864,8 @@ MODES = {
             add_mfu),
     "recompute": (recompute, "activation recomputation none/selective/full: activations vs step time",
                   add_recompute),
+    "megatron-memory": (megatron_memory, "the planner's stage 0 against Megatron's formula on its own layouts",
+                        add_megatron_memory),
     "generate": (generate_speed, "decoding: rolling vs full KV cache at 1k-8k, batched vs one by one",
                  add_generate),
     "determinism": (determinism, "two identical training runs: bit-identical metrics?", add_determinism),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import errors
 import gpt
+import kernels
 import parallel
 
 IGNORE = -100  # a label that is not a target (unmasked tokens, as in Hugging Face)
@@ -155,9 +156,9 @@ class Layer(nn.Module):
         super().__init__()
         self.pre_ln = cfg.pre_ln
         self.attn = Attention(cfg, layout)
-        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = gpt.MLP(cfg, layout, gelu="none")  # GPT-2's MLP with the exact (erf) GELU
-        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
     def forward(self, x, positions, key_padding_mask):
         if self.pre_ln:
@@ -180,12 +181,12 @@ class Bert(nn.Module):
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.dim)
-        self.embed_norm = None if cfg.pre_ln else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.embed_norm = None if cfg.pre_ln else kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.layers = nn.ModuleDict({str(i): Layer(cfg, layout) for i in range(cfg.n_layers)})
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_ln else None
+        self.norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_ln else None
         # Masked-token head: a per-token transform, then logits through the word embedding.
         self.mlm_dense = nn.Linear(cfg.dim, cfg.dim) if cfg.mlm_head else None
-        self.mlm_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mlm_head else None
+        self.mlm_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mlm_head else None
         self.mlm_bias = parallel.vocab_parallel_bias(cfg.vocab_size, layout) if cfg.mlm_head else None
         # Sentence-level heads on the pooled first token.
         self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None

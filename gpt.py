@@ -128,9 +128,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Config, layout):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg, layout)
-        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, layout)
 
     def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
@@ -151,7 +151,7 @@ class GPT(nn.Module):
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, layout) for i in range(cfg.n_layers)})
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = (None if cfg.tie_embeddings else
                         parallel.VocabParallelOutput(cfg.vocab_size, cfg.dim, layout))
         # This pipeline chunk of the whole model; sets self.chunk (its layers, first, last).

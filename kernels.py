@@ -30,7 +30,7 @@ function runs its reference.
   Attention                the masking rule (positions_mask), attention over blocks of keys
                            (attention_with_lse), FlashAttention-2 forward and backward with
                            T5's relative position bias computed from its bucket table
-  RMSNorm
+  RMSNorm and LayerNorm    LayerNorm run in its input's dtype, under autocast too
   SwiGLU
   FP8 matmul               quantization and the scaled GEMM (per-tensor or per-row scales)
   Linear + cross-entropy   the loss, chunked: never all the logits at once
@@ -839,7 +839,7 @@ def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_
 
 
 # ----------------------------------------------------------------------------
-# RMSNorm
+# RMSNorm and LayerNorm
 # ----------------------------------------------------------------------------
 
 def rmsnorm_reference(x, weight, eps):
@@ -973,6 +973,19 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x):
         return rmsnorm(x, self.weight, self.eps)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm run in its input's dtype, autocast or not: torch's kernels keep the
+    statistics in fp32 for a bf16/fp16 input, and backward keeps the 16-bit input, as
+    Megatron's fused LayerNorm does. (CUDA's autocast would run layer_norm in fp32: an fp32
+    copy of a bf16 input saved per norm, twice the bytes; the CPU's leaves it in x's dtype.)
+    The gain and bias are cast to x's dtype (a no-op unless --fp32-residual makes x fp32)."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), bias, self.eps)
 
 
 # ----------------------------------------------------------------------------

@@ -8,19 +8,20 @@ in here (plan_report).
 What a rank holds (bytes):
   weights, gradients, optimizer state: counted exactly, by building this rank's model
       chunks on the meta device (no memory) and the real parallel.DataParallel and
-      parallel.AdamW over them (their flat buffers are meta tensors too): fp32 weights
-      in flat buffers padded to a multiple of the replicas, fp32 gradient buffers of the
-      same size, and per bucket on the rank's ZeRO-1 slice (all of it without ZeRO-1):
-      Adam's two moments, and with ZeRO-1 the reduce-scattered gradient slice (which
-      elements decay and which count in the gradient norm are ranges: no memory).
+      parallel.AdamW over them (their flat buffers are meta tensors too): the weights in
+      flat buffers padded to a multiple of the replicas (fp32, or bf16 under mixed
+      precision), gradient buffers of the same size (fp32, or with --grad-dtype model the
+      weights' dtype), and per bucket on the rank's ZeRO-1 slice (all of it without
+      ZeRO-1): Adam's two fp32 moments and, under mixed precision, the fp32 main weights
+      (the reduced gradient slice lands in the gradient buffer itself; which elements
+      decay and which count in the gradient norm are ranges: no memory).
       Experts are split over ep, tp shards and vocabulary padding are what the layers
       build, a tied embedding has its copy on the last stage.
   activations: the bytes saved for backward by one micro-batch (formulas below), times
       the micro-batches the schedule keeps in flight on the stage.
-  autocast weight copies (bf16/fp16): autocast caches one low-precision copy of every
-      weight per forward region, and the copies that backward needs live as long as the
-      micro-batch's graph: 2 bytes per weight per micro-batch in flight.
-  the loss: kernels.linear_cross_entropy keeps dx (tokens x dim, activation dtype) and
+      (No weight copies: under mixed precision the parameters are 16-bit themselves, so
+      autocast has nothing to cast.)
+  the loss: kernels.linear_cross_entropy keeps dx (tokens x dim, the residual's dtype) and
       dW (the vocabulary shard x dim, fp32) for backward (counted with the activations
       of the last stage) and, transiently, one chunk of fp32 logits (LOGITS_PER_CHUNK).
 
@@ -28,8 +29,8 @@ The measured quantity that `activation_bytes` predicts (tests/test_memory.py mea
 it): the distinct storages of the tensors autograd saves during one micro-batch's
 forward and still holds at its end (a branch the forward drops, such as the final state
 of Mamba's scan, frees what it saved), each storage counted once at its full size,
-excluding the parameters and the tensors that are only views or casts of parameters
-(autocast's weight copies, counted separately above). bench.ActivationMeter counts
+excluding the parameters and the tensors that are only views of them.
+bench.ActivationMeter counts
 more: every saved tensor, parameters and repeated views of one storage included.
 """
 import dataclasses
@@ -47,16 +48,20 @@ import parallel
 # Notation (per rank): n = b * s / cp tokens of the micro-batch on this rank, h = dim;
 # under sequence parallelism the residual stream and the norms hold n / tp tokens
 # ("n_sp"), the linears' gathered inputs all n. a = query heads / tp, q = a * head_dim,
-# kv = kv_heads / tp * head_dim, f = ffn_dim / tp. e = bytes of an autocast tensor
-# (2 under bf16/fp16, 4 in fp32); the residual stream, norms, softmax statistics and
-# RoPE's products are fp32 (4) whatever the precision: the weights are fp32 and
-# autocast only lowers matmuls and attention.
+# kv = kv_heads / tp * head_dim, f = ffn_dim / tp. e = bytes of the model's dtype (2
+# under bf16/fp16, 4 in fp32: the parameters' and what autocast computes in), r = bytes
+# of the residual stream (e; 4 with --fp32-residual or Mamba's residual_in_fp32). The
+# softmax and norm statistics and RoPE's tables are fp32 whatever the precision.
+# "torch path" is kernels.py's torch code (the CPU, where tests measure), "Triton" its
+# kernels (a GPU): where they save different tensors, both are written out.
 #
 # What each piece of code saves (read off the code, checked by the test):
-#   RMSNorm (kernels.rmsnorm_reference, x32 * rsqrt(mean(x32^2)) * weight):
-#       x (4 n_sp h; x32 is x itself in fp32, the residual is fp32 under autocast too),
-#       rsqrt (4 n_sp), normed (4 n_sp h)                        -> 4 n_sp (2h + 1)
-#   LayerNorm (torch): x (4 n_sp h), mean and rstd (8 n_sp)      -> 4 n_sp (h + 2)
+#   RMSNorm, torch path (kernels.rmsnorm_reference, x32 * rsqrt(mean(x32^2)) * weight):
+#       x32 (4 n_sp h: x itself when r = 4, else an fp32 copy), rsqrt (4 n_sp), normed
+#       (r n_sp h)                                          -> 4 n_sp (h + 1) + r n_sp h
+#     Triton: x and rstd                                    -> r n_sp h + 4 n_sp
+#   LayerNorm (kernels.LayerNorm, in x's dtype): x (r n_sp h), mean and rstd (2 n_sp in
+#       x's dtype on the CPU, fp32 on a GPU)                -> r n_sp h + 2 c n_sp
 #   a norm's output y as the input of the column-parallel linears after it: one tensor
 #       (all n tokens after sp's all-gather) shared by them, cast once under autocast
 #       (parallel.linear_input): e n h.
@@ -68,7 +73,8 @@ import parallel
 #       Korthikanti's 5as/h term (scores + dropout mask) is therefore absent.
 #   GPT attention: the fused qkv output 3 e n h (one storage, q k v are views), the
 #       output e n h, lse 4 n a.
-#   SwiGLU MLP: gate, up, silu(gate), the product (down's input): 4 e n f.
+#   SwiGLU MLP: gate, up, silu(gate), the product (down's input): 4 e n f; the Triton
+#       kernel recomputes silu(gate) in backward: 3 e n f.
 #   GELU MLP: fc output and gelu output: 2 e n f.
 #   MoE (Mixtral): router probabilities 4 n E, top-k indices 8 n k, their sum 4 n,
 #       top-k weights 4 n k; the router losses' logits 4 n E, logsumexp 4 n and counts 4 E;
@@ -77,15 +83,14 @@ import parallel
 #       4 e (n k) f in all (dropless; a capacity factor c caps it at c times the even
 #       share: an upper bound, the drops depend on the routing); the combine saves two
 #       indices 2 x 8 n k, the weights 4 n k, the experts' outputs e n k h and their
-#       weighted product 4 n k h (fp32).
+#       weighted product r n k h (the residual stream's dtype).
 #   Embedding: token ids 8 b s/cp (int64), GPT's positions 8 s/cp too.
-#   The last stage: final norm (x, rsqrt, normed; its y is not saved: the chunked loss
-#       keeps dx instead), dx e... (x's dtype: fp32, the norm's output) 4 n h,
-#       dW 4 V/tp h (+ 4 V/tp for a bias).
+#   The last stage: final norm (as above; its y is not saved: the chunked loss keeps dx
+#       instead, in the norm's output dtype: r n h), dW 4 V/tp h (+ 4 V/tp for a bias).
 #
 # Recompute (--recompute): selective keeps no attention scores/probabilities, which
 # this code never stores anyway (flash attention), so it changes nothing here; full
-# keeps only each checkpointed unit's input (4 n_sp h, the fp32 residual) and, during
+# keeps only each checkpointed unit's input (r n_sp h, the residual stream) and, during
 # backward, one unit's full activations while it is recomputed.
 
 
@@ -97,9 +102,10 @@ class Shape:
     tp: int
     cp: int
     sp: bool
-    e: int  # bytes of an autocast tensor
+    e: int  # bytes of an autocast tensor (and of a bf16 parameter)
+    r: int = 4  # bytes of the residual stream's elements: e under mixed precision, 4 with fp32
     s_dec: int = 0  # T5: the decoder's length (data.span_corruption_lengths)
-    torch_attention: bool = False  # attention through torch (CPU), not the Triton kernels
+    torch_kernels: bool = False  # kernels.py's torch path (the CPU), not its Triton kernels (a GPU)
 
     @property
     def n(self):
@@ -115,11 +121,20 @@ class Shape:
 
 
 def rmsnorm(sh, h):
-    return 4 * sh.n_sp * (2 * h + 1)
+    """kernels.rmsnorm on the residual stream (r bytes). The torch path saves x in fp32 (x
+    itself when r = 4, else an fp32 copy), rsqrt (4 n) and the normed x in x's dtype; the
+    Triton kernel saves x and rsqrt only (it recomputes the rest in backward)."""
+    if not sh.torch_kernels:
+        return sh.r * sh.n_sp * h + 4 * sh.n_sp
+    return 4 * sh.n_sp * (h + 1) + sh.r * sh.n_sp * h
 
 
-def layernorm(sh, h, e=4):
-    return e * sh.n_sp * h + 8 * sh.n_sp
+def layernorm(sh, h, x_bytes=None):
+    """kernels.LayerNorm of x (the residual stream, or x_bytes per element): x itself, and
+    its mean and rstd: in x's dtype on the CPU, fp32 on a GPU (CUDA's kernel keeps the
+    statistics in its accumulation type)."""
+    x = sh.r if x_bytes is None else x_bytes
+    return x * sh.n_sp * h + 2 * (x if sh.torch_kernels else 4) * sh.n_sp
 
 
 def linear_inputs(sh, h):
@@ -152,7 +167,9 @@ def gpt_attention(sh, cfg):
 
 
 def swiglu_mlp(sh, f, tokens=None):
-    return 4 * sh.e * (sh.n if tokens is None else tokens) * f
+    """gate, up, silu(gate), the product (down's input) on the torch path; the Triton
+    kernel saves gate and up, its product being down's input: 3 tensors, not 4."""
+    return (4 if sh.torch_kernels else 3) * sh.e * (sh.n if tokens is None else tokens) * f
 
 
 def gelu_mlp(sh, f):
@@ -174,8 +191,8 @@ def moe(sh, cfg):
     dispatch = 8 * routed + sh.e * routed * cfg.dim
     # combine: the sort order indexing the weights and the index_add's index (token[assignment],
     # computed again: its own storage), the routing weights, the experts' outputs and their
-    # weighted fp32 product (index_add saves its source)
-    combine = 2 * 8 * routed + 4 * routed + sh.e * routed * cfg.dim + 4 * routed * cfg.dim
+    # weighted product in the residual stream's dtype (index_add saves its source)
+    combine = 2 * 8 * routed + 4 * routed + sh.e * routed * cfg.dim + sh.r * routed * cfg.dim
     return (router + losses + dispatch + swiglu_mlp(sh, cfg.ffn_dim // sh.tp, routed) + combine)
 
 
@@ -197,12 +214,12 @@ def gpt_layer(sh, cfg, i=0):
 
 
 # BERT (bert.py). Post-LN and pre-LN layers save the same pieces, in another order: the
-# two LayerNorms (input x in fp32: the residual sum; mean, rstd), a norm's output as
+# two LayerNorms (input x: the residual sum; mean, rstd), a norm's output as
 # q/k/v's inputs and as the MLP's input, attention with separate Q, K, V (GPT's sizes),
 # the GELU MLP. The key-padding mask: the torch path hands SDPA a float mask (b, 1, s, s)
 # in the autocast dtype, saved by every layer; the Triton path takes the (b, s) bools.
 def padding_mask(sh, q_len, k_len, e):
-    return e * sh.b * q_len * k_len if sh.torch_attention else sh.b * k_len
+    return e * sh.b * q_len * k_len if sh.torch_kernels else sh.b * k_len
 
 
 def bert_layer(sh, cfg, i=0):
@@ -223,15 +240,15 @@ def bert_layer(sh, cfg, i=0):
 #       s^2 decoder causal), q, k^T and v in fp32 copies, the probabilities 4 b a s^2,
 #       and o_proj's input (its own copy, e n q).
 # Cross-attention (decoder): q from the decoder tokens, k and v from the encoder output
-#   (`memory`, all n_enc tokens after sp's all-gather): that output as k/v's inputs in
-#   every decoder layer (4 n_enc h in fp32; under autocast each layer's cast e n_enc h), then
+#   (`memory`): that output as k/v's inputs, one tensor for every decoder layer (r n_sp h,
+#   this rank's shard under sp; with an fp32 residual each layer's own cast e n_sp h), then
 #   flash attention over the n_enc keys: q, output e n_dec q, k, v e n_enc q, lse, and
 #   on the torch path the padding mask as a float (b, 1, s_dec, s_enc).
 def t5_self_attention(sh, cfg, q_len, mask):
     a = cfg.n_heads // sh.tp
     q = a * cfg.head_dim
     n = sh.b * q_len
-    if not sh.torch_attention:
+    if not sh.torch_kernels:
         return sh.e * n * 4 * q + 4 * n * a
     return (8 * q_len * q_len + mask + 3 * 4 * n * q + 4 * sh.b * a * q_len * q_len
             + sh.e * n * q)
@@ -252,10 +269,10 @@ def t5_layer(sh, cfg, i):
                 "mlp_norm": rmsnorm(sh, h), **t5_ffn(sh, cfg)}
     d = sh.at(sh.s_dec)
     n_enc, n_dec = sh.b * sh.s, d.n
-    # fp32: every decoder layer reads the one encoder output (counted once per chunk, in
-    # t5_extras); under autocast each layer casts its own copy for its k and v (under sp,
-    # of its shard: parallel.linear_input)
-    memory = 0 if sh.e == 4 else sh.e * sh.n_sp * h
+    # Every decoder layer's k and v read the one encoder output (this rank's shard of it
+    # under sp: parallel.linear_input), counted once per chunk in t5_extras; where it is
+    # not in the compute dtype (--fp32-residual) each layer casts a copy of its own.
+    memory = 0 if sh.r == sh.e else sh.e * sh.n_sp * h
     cross = (sh.e * n_dec * 2 * q + sh.e * n_enc * 2 * q + 4 * n_dec * a
              + padding_mask(sh, sh.s_dec, sh.s, 4 if sh.e == 4 else sh.e))
     return {"attn_norm": rmsnorm(d, h), "qkv_inputs": linear_inputs(d, h),
@@ -269,7 +286,7 @@ def t5_layer(sh, cfg, i):
 # of P = head_dim, G = n_groups / tp groups, D = H P), N = d_state, w = d_conv. Under cp
 # the convolution and the scan see every token of 1/cp of the channels: the same count
 # of elements as n tokens of all D. Every layer is x + mixer(RMSNorm(x)), the residual
-# in fp32; the norm as LLaMA's, its output as in_proj's input.
+# in r bytes (fp32 under residual_in_fp32); the norm as LLaMA's, its output as in_proj's input.
 #   The convolution (causal_conv): the padded input, transposed (b (s + w - 1) channels,
 #   conv1d's input), conv1d's output (silu's input) and silu's output (n channels each);
 #   under autocast in e.
@@ -284,8 +301,8 @@ def _conv(sh, channels, w):
 #   n (R + 2N), dt_proj's input and the scan's B, C), dt_proj's output (softplus' input)
 #   and softplus' output dt as the scan reads it (4 n D each; under autocast the first is
 #   e n D and the second the scan's float() copy), A = -exp(A_log) (exp's output and A: 8 D N), the initial state
-#   zeros 4 b D N, then y + D x (4 n D; D x reads silu's output), silu(z) 4 n D, and
-#   out_proj's input (the gated product, cast under autocast) 4 n D.
+#   zeros 4 b D N, then y + D x (in x's dtype, e n D; D x reads silu's output), silu(z)
+#   4 n D, and out_proj's input (the gated product, cast under autocast) e n D.
 def mamba1_mixer(sh, cfg):
     D, N, R, n, e = cfg.d_inner // sh.tp, cfg.d_state, cfg.dt_rank, sh.n, sh.e
     z = 2 * e * n * D if e == 4 else 4 * n * D
@@ -294,7 +311,7 @@ def mamba1_mixer(sh, cfg):
     casts = 0 if e == 4 else 4 * n * D + 2 * 4 * n * N
     return {"in_proj_output": z, "conv": _conv(sh, D, cfg.d_conv),
             "x_proj": e * n * D + e * n * (R + 2 * N), "dt": dt, "A_and_state": 8 * D * N + 4 * sh.b * D * N,
-            "scan_casts": casts, "gate": 3 * 4 * n * D if e == 4 else 2 * 4 * n * D + e * n * D}
+            "scan_casts": casts, "gate": 4 * n * D + 2 * e * n * D}
 
 
 #   Mamba-2 (Mamba2Mixer): in_proj's output (e n W, W = 2D + 2GN + H: silu(z) reads z; under
@@ -336,7 +353,7 @@ def ssd(sh, cfg):
     c = -(-T // L)
     n_pad = b * c * L
     pad = 4 * n_pad * (H * P + H) if c * L != T else 0
-    if not sh.torch_attention:
+    if not sh.torch_kernels:
         return 4 * n_pad * H + 4 * b * (c + 1) * H * P * N + pad
     cast = 0 if e == 4 else 4 * n_pad * H * P
     return (L * L + 4 * n_pad * H * L + 2 * e * n_pad * H * L + 4 * n_pad * H * N
@@ -368,9 +385,10 @@ def mamba_layer(sh, cfg, i):
 
 def lm_loss(sh, cfg, padded_vocab, norm=rmsnorm):
     """A language model's last chunk: its final norm (x, rsqrt, normed; its output y is
-    not saved: the chunked loss keeps dx instead), dx (4 n h) and dW (4 V/tp h)."""
-    return {"final_norm": norm(sh, cfg.dim), "loss_dx": 4 * sh.n * cfg.dim,
-            "loss_dW": 4 * padded_vocab // sh.tp * cfg.dim}
+    not saved: the chunked loss keeps dx instead, in y's dtype: the residual stream's),
+    and dW (4 V/tp h)."""
+    dx = sh.r * sh.n * cfg.dim
+    return {"final_norm": norm(sh, cfg.dim), "loss_dx": dx, "loss_dW": 4 * padded_vocab // sh.tp * cfg.dim}
 
 
 def llama_extras(sh, cfg, chunk, padded_vocab, recompute):
@@ -409,7 +427,7 @@ def bert_extras(sh, cfg, chunk, padded_vocab, recompute):
         # dense's input, GELU's input (e), mlm_norm (its input: GELU's output, e), the
         # predicted-token mask, then the loss over the predicted ~15%: dx (e) and dW, db
         predicted = int(sh.n * 0.15)
-        out["mlm_head"] = linear_inputs(sh, h) + 2 * sh.e * sh.n_sp * h + 8 * sh.n_sp + sh.n
+        out["mlm_head"] = linear_inputs(sh, h) + sh.e * sh.n_sp * h + layernorm(sh, h, sh.e) + sh.n
         out["loss_dx"] = sh.e * predicted * h
         out["loss_dW"] = 4 * padded_vocab // sh.tp * (h + 1)
     if cfg.pooler:  # the first token (a cast under autocast), tanh's output, the head
@@ -423,8 +441,8 @@ def t5_extras(sh, cfg, chunk, padded_vocab, recompute):
     out = {"token_ids": 8 * sh.n, "decoder_ids": 8 * sh.b * sh.s_dec} if chunk.first else {}
     if cfg.n_encoder_layers - 1 in chunk.layers:
         out["encoder_norm"] = rmsnorm(sh, cfg.dim)
-    if any(i >= cfg.n_encoder_layers for i in chunk.layers) and (sh.e == 4 or recompute == "full"):
-        out["encoder_output"] = 4 * sh.n * cfg.dim
+    if any(i >= cfg.n_encoder_layers for i in chunk.layers) and (sh.r == sh.e or recompute == "full"):
+        out["encoder_output"] = sh.r * sh.n_sp * cfg.dim
     return {**out, **(lm_loss(sh.at(sh.s_dec), cfg, padded_vocab) if chunk.last else {})}
 
 
@@ -454,8 +472,8 @@ def recompute_layers(per_layer, recompute_layers_n, method, inputs, kinds):
 
 
 def residual_input(sh, cfg, i):
-    """What a checkpointed unit starting at layer i keeps: its input, the fp32 residual."""
-    return 4 * sh.n_sp * cfg.dim
+    """What a checkpointed unit starting at layer i keeps: its input, the residual stream."""
+    return sh.r * sh.n_sp * cfg.dim
 
 
 def flash_selective(sh, cfg, per):
@@ -464,7 +482,7 @@ def flash_selective(sh, cfg, per):
     torch path the float mask) is recomputed. Its output is saved by o_proj anyway (counted
     as its input). With the Triton kernels: unchanged."""
     out = dict(per)
-    if sh.torch_attention and "attention" in out:
+    if sh.torch_kernels and "attention" in out:
         out["attention"] -= 4 * sh.n * (cfg.n_heads // sh.tp) if sh.cp == 1 else 0
         out.pop("padding_mask", None)
     return out
@@ -475,7 +493,7 @@ def t5_selective(sh, cfg, per):
     recomputes its lse and padding mask."""
     out = dict(per)
     a = cfg.n_heads // sh.tp
-    if sh.torch_attention:
+    if sh.torch_kernels:
         for key, tokens in (("self_attention", sh.n), ("self_attention_dec", sh.b * sh.s_dec)):
             if key in out:
                 out[key] = 4 * sh.e * tokens * a * cfg.head_dim
@@ -556,22 +574,23 @@ def in_flight(schedule, pp, vpp, stage, n_micro):
 # Weights, gradients, optimizer: the real classes on the meta device
 # ----------------------------------------------------------------------------
 
-def state_bytes(family, cfg, layout, layers_per_chunk=None, zero1=True):
-    """(weights, gradients, optimizer, parameters held, padded vocabulary) of the rank
-    `layout.rank`, from DataParallel and AdamW built over meta tensors."""
+def state_bytes(family, cfg, layout, layers_per_chunk=None, zero1=True, param_dtype=torch.float32,
+                grad_dtype=torch.float32):
+    """(weights, gradients, optimizer, padded vocabulary, this rank's chunks) of the rank
+    `layout.rank`, from DataParallel and AdamW built over meta tensors (the optimizer's:
+    its moments, and under mixed precision its fp32 main weights, of its ZeRO-1 slice)."""
     chunks = parallel.rank_chunks(layout, cfg.n_layers, layers_per_chunk)
     with torch.device("meta"):
         modules = [family.model(cfg, layout, c) for c in chunks]
-    ddp = parallel.DataParallel(modules, layout, zero1=zero1)
+    ddp = parallel.DataParallel(modules, layout, zero1=zero1, param_dtype=param_dtype, grad_dtype=grad_dtype)
     opt = parallel.AdamW(ddp, 1e-3, 0.1)
     ddp.close()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     weights = nbytes(b.data for b in ddp.buckets)
     grads = nbytes(b.grads for b in ddp.buckets)
-    optimizer = nbytes([*opt.exp_avg, *opt.exp_avg_sq, *(b.grad_shard for b in ddp.buckets if b.sharded)])
-    n_params = sum(p.numel() for m in modules for p in m.parameters())
+    optimizer = nbytes([*opt.exp_avg, *opt.exp_avg_sq, *(b.main for b in ddp.buckets if b.main.dtype != b.data.dtype)])
     vocab = -(-cfg.vocab_size // layout.tp) * layout.tp
-    return weights, grads, optimizer, n_params, vocab, chunks
+    return weights, grads, optimizer, vocab, chunks
 
 
 # ----------------------------------------------------------------------------
@@ -584,7 +603,6 @@ class StagePlan:
     weights: int
     gradients: int
     optimizer: int
-    weight_copies: int
     activations_per_micro: dict
     in_flight: int
     recompute_transient: int
@@ -597,27 +615,32 @@ class StagePlan:
 
     @property
     def peak(self):
-        return (self.weights + self.gradients + self.optimizer + self.weight_copies +
-                self.activations + self.recompute_transient + self.logits_chunk)
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.recompute_transient + self.logits_chunk)
 
 
 def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=True,
          layers_per_chunk=None, schedule="1f1b", micro_batch=1, n_micro=1, seq_len=256,
          precision="fp32", recompute="none", recompute_n=1, recompute_method="uniform",
-         torch_attention=False):
+         torch_kernels=False, grad_dtype="fp32", fp32_residual=False):
     """One StagePlan per pipeline stage (tp rank 0, dp rank 0 of each) of a model of this
-    family (models.Family) and config. torch_attention: attention as the torch path runs it
-    (the CPU), not the Triton kernels (a GPU)."""
+    family (models.Family) and config. `precision` fp32 or bf16 (mixed precision: bf16
+    parameters, fp32 main weights; `grad_dtype` "fp32" or the model's, `fp32_residual` as
+    train.py's flags). torch_kernels: kernels.py's torch path (the CPU), not its Triton
+    kernels (a GPU)."""
     dp = world // (tp * cp * pp)
     sp = sp and tp > 1
     e = 4 if precision == "fp32" else 2
+    param_dtype = torch.float32 if e == 4 else torch.bfloat16
     stages = []
     for stage in range(pp):
         layout = parallel.Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp, vpp=vpp,
                                  rank=stage * tp * cp * dp)
-        weights, grads, optim, n_params, vocab, chunks = state_bytes(family, cfg, layout,
-                                                                      layers_per_chunk, zero1)
-        sh = Shape(b=micro_batch, s=seq_len, tp=tp, cp=cp, sp=sp, e=e, torch_attention=torch_attention,
+        weights, grads, optim, vocab, chunks = state_bytes(
+            family, cfg, layout, layers_per_chunk, zero1, param_dtype,
+            torch.float32 if grad_dtype == "fp32" else param_dtype)
+        fp32 = fp32_residual or family.fp32_residual(cfg)  # the residual stream's dtype
+        sh = Shape(b=micro_batch, s=seq_len, tp=tp, cp=cp, sp=sp, e=e, r=4 if fp32 else e,
+                   torch_kernels=torch_kernels,
                    s_dec=family.decoder_len(seq_len) if family.decoder_len else 0)
         # With vpp chunks per rank the in-flight count is in chunk-forwards: use the
         # mean chunk (chunks of one rank hold the same number of layers unless --pp-layers).
@@ -631,27 +654,34 @@ def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tr
         sched = "interleaved" if vpp > 1 else schedule
         flight = in_flight(sched, pp, vpp, stage, n_micro)
         last = any(c.last for c in chunks)
-        copies = 2 * n_params * min(flight, n_micro) // len(chunks) if e == 2 else 0
         logits = 4 * min(kernels.LOGITS_PER_CHUNK // (vocab // tp) * (vocab // tp),
                          sh.n * vocab // tp) if last else 0
-        stages.append(StagePlan(stage, weights, grads, optim, copies,
-                                {k: int(v) for k, v in acts.items()}, flight, max(transients),
-                                logits, per_layer))
+        stages.append(StagePlan(stage, weights, grads, optim, {k: int(v) for k, v in acts.items()},
+                                flight, max(transients), logits, per_layer))
     return stages
 
 
-def flops_per_step(family, cfg, seq_len, global_batch):
-    """Training FLOPs of one step, from the model's own flops_per_token."""
+def flops_per_step(family, cfg, seq_len, global_batch, causal_half=False):
+    """Training FLOPs of one step, from the model's own flops_per_token, which counts
+    attention as the full (seq_len x seq_len) square; `causal_half`: a causal model's
+    attention as half of it, as Megatron counts since 2025 (the attention term is what
+    grows with seq_len: flops_per_token(seq_len) - flops_per_token(0))."""
     with torch.device("meta"):
         m = family.model(cfg, parallel.Layout(), parallel.Chunk(0, [0], True, True))
-    return family.flops_per_token(m, seq_len) * seq_len * global_batch
+    per_token = family.flops_per_token(m, seq_len)
+    if causal_half and family.causal:
+        per_token -= (per_token - family.flops_per_token(m, 0)) / 2
+    return per_token * seq_len * global_batch
 
 
 GB = 2**30
 
 
-def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak_source=None):
-    """The plan as text, one block per stage (one block if all stages agree)."""
+def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak_source=None,
+             recompute="none", causal_flops=None):
+    """The plan as text, one block per stage (one block if all stages agree). The step
+    time runs `step_flops` (the model's FLOPs) and, under full recomputation, each layer's
+    forward once more: 4/3 of them, at `mfu` of the peak."""
     lines = []
     distinct = {}
     for st in stages:
@@ -661,11 +691,9 @@ def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak
         st = stages[which[0]]
         label = f"stage {which[0]}" if len(which) == 1 else f"stages {','.join(map(str, which))}"
         lines.append(f"-- per rank, pipeline {label} --")
-        lines.append(f"  weights (fp32)            {st.weights / GB:10.2f} GiB")
-        lines.append(f"  gradients (fp32)          {st.gradients / GB:10.2f} GiB")
+        lines.append(f"  weights                   {st.weights / GB:10.2f} GiB")
+        lines.append(f"  gradients                 {st.gradients / GB:10.2f} GiB")
         lines.append(f"  optimizer state           {st.optimizer / GB:10.2f} GiB")
-        if st.weight_copies:
-            lines.append(f"  autocast weight copies    {st.weight_copies / GB:10.2f} GiB")
         per_micro = sum(st.activations_per_micro.values())
         lines.append(f"  activations / micro-batch {per_micro / GB:10.2f} GiB:")
         for k, v in st.activations_per_micro.items():
@@ -678,11 +706,16 @@ def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak
             lines.append(f"  loss: one chunk of logits {st.logits_chunk / GB:10.2f} GiB")
         lines.append(f"  peak                      {st.peak / GB:10.2f} GiB")
     if step_flops:
-        lines.append(f"FLOPs per step: {step_flops:.3e}")
+        lines.append(f"FLOPs per step: {step_flops:.3e} (attention as the full square)" + (
+            f"; {causal_flops:.3e} with causal attention as half the square (Megatron's count since "
+            f"2025)" if causal_flops and causal_flops != step_flops else ""))
         if peak_flops:
-            seconds = step_flops / (world * peak_flops * mfu)
-            lines.append(f"step time at {mfu:.0%} MFU of {peak_flops / 1e12:.0f} TFLOP/s x {world} "
-                         f"devices: {seconds:.2f} s" + (f" (peak: {peak_source})" if peak_source else ""))
+            run = step_flops * (4 / 3 if recompute == "full" else 1)
+            seconds = run / (world * peak_flops * mfu)
+            lines.append(f"step time at {mfu:.0%} of {peak_flops / 1e12:.0f} TFLOP/s x {world} devices: "
+                         f"{seconds:.2f} s" + (" (with --recompute full's second forward: 4/3 of the FLOPs)"
+                                              if recompute == "full" else "")
+                         + (f" (peak: {peak_source})" if peak_source else ""))
     return "\n".join(lines)
 
 

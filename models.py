@@ -44,7 +44,11 @@ class Family:
     # (token windows, tokenizer, flags) -> the family's training examples (BERT's masked
     # sentence pairs, T5's corrupted spans); None: the windows, next-token prediction
     examples: object = None
+    causal: bool = True         # its attention sees only the past (FLOPs: see memory.flops_per_step)
     decoder_len: object = None  # an encoder-decoder: seq_len -> its decoder's tokens
+    # Config -> whether the residual stream stays fp32 under mixed precision whatever
+    # --fp32-residual says (Mamba's residual_in_fp32, as Hugging Face's models have it)
+    fp32_residual: object = lambda cfg: False
     check: object = None        # (flags, Config, tokenizer): a UsageError for flags it cannot take
     # --task: (Config, number of classes) -> the Config of a sequence classifier, and the
     # fields that change (a pre-trained checkpoint differs from its classifier only there)
@@ -119,17 +123,19 @@ FAMILIES = {f.name: f for f in (
            hf_reads_slices=False),  # GPT-2's Conv1D weights are transposed
     Family("mixtral", mixtral, mixtral.Mixtral, memory.LLAMA, hf_classes={"mixtral": "MixtralForCausalLM"},
            hf_preset="mixtral-8x7b"),
-    Family("mamba", mamba, mamba.Mamba, memory.MAMBA, hf_preset="mamba2-130m",
+    Family("mamba", mamba, mamba.Mamba, memory.MAMBA, fp32_residual=lambda cfg: cfg.residual_in_fp32,
+           hf_preset="mamba2-130m",
            hf_classes={"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},
            hf_reads_slices=False),  # in_proj and conv1d are reordered
     # BERT's post-LN layers sit at the unigram plateau (always guessing the commonest token)
     # at 2e-3 on the tiny preset; at 5e-4 they leave it within 100 steps.
-    Family("bert", bert, bert.Bert, memory.BERT, default_lr=5e-4, special_tokens=data.bert_special_tokens,
+    Family("bert", bert, bert.Bert, memory.BERT, causal=False, default_lr=5e-4,
+           special_tokens=data.bert_special_tokens,
            examples=_masked_pairs, check=_check_bert, classifier=_classifier,
            classifier_fields=("mlm_head", "binary_head", "n_classes"),
            hf_classes={"bert": bert.hf_architecture, "megatron-bert": bert.hf_architecture},
            hf_preset="bert-base", hf_copies=bert.hf_copies, hf_absent_heads=bert.hf_absent_heads),
-    Family("t5", t5, t5.T5, memory.T5, special_tokens=data.t5_special_tokens,
+    Family("t5", t5, t5.T5, memory.T5, causal=False, special_tokens=data.t5_special_tokens,
            examples=lambda windows, tokenizer, args: data.SpanCorruptionData(windows, tokenizer),
            decoder_len=_decoder_len, check=_check_t5, hf_classes={"t5": "T5ForConditionalGeneration"},
            hf_preset="t5-base", hf_copies=t5.hf_copies, hf_absent_heads=t5.hf_absent_heads,

@@ -703,15 +703,29 @@ def in_tp_region(x):
 class _Regather:
     """An sp-gathered input as the column-parallel linears reading it keep it for their
     weights' gradients: this rank's shard (each saves it), gathered again in backward once
-    for all of them (the first to need it gathers, the others reuse it)."""
+    for all of them. The first reader's backward starts the all-gather and computes its
+    input's gradient while it runs (Megatron's overlap); the last reader drops the
+    gathered tensor, which would otherwise live as long as the graph (every layer's, until
+    the whole backward ends)."""
 
     def __init__(self, group):
-        self.group, self.full = group, None
+        self.group, self.readers, self.full, self.pending = group, 0, None, None
 
-    def gathered(self, shard):
-        if self.full is None:
-            self.full = _gather_seq(shard, self.group)
-        return self.full
+    def start(self, shard):
+        if self.full is None and self.pending is None:
+            parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(self.group))]
+            self.pending = parts, dist.all_gather(parts, shard.contiguous(), group=self.group, async_op=True)
+
+    def take(self):
+        """The gathered input, for one reader (after start)."""
+        if self.pending is not None:
+            parts, work = self.pending
+            work.wait()
+            self.full, self.pending = torch.cat(parts, dim=1), None
+        full, self.readers = self.full, self.readers - 1
+        if self.readers == 0:
+            self.full = None
+        return full
 
 
 class _ColumnLinearSavingShard(torch.autograd.Function):
@@ -723,16 +737,19 @@ class _ColumnLinearSavingShard(torch.autograd.Function):
     def forward(ctx, x, weight, bias, shard, regather):
         ctx.save_for_backward(weight, shard)
         ctx.regather, ctx.has_bias = regather, bias is not None
+        regather.readers += 1
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         weight, shard = ctx.saved_tensors
-        x = ctx.regather.gathered(shard)
+        ctx.regather.start(shard)
+        dx = dy @ weight.to(dy.dtype)  # while the all-gather runs
+        x = ctx.regather.take()
         dy2 = dy.reshape(-1, dy.shape[-1])
         dw = (dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)).to(weight.dtype)
         db = dy2.sum(0) if ctx.has_bias else None
-        return dy @ weight.to(dy.dtype), dw, db, None, None
+        return dx, dw, db, None, None
 
 
 def linear_input(x, layout):
@@ -1695,7 +1712,8 @@ class Bucket:
     group: object             # the ranks holding replicas: dp x cp, or expert-data-parallel
     sharded: bool             # ZeRO-1: each replica reduces to, and updates, its own slice
     shard: slice              # the part of `data` this rank updates (all of it without ZeRO-1)
-    grad_shard: torch.Tensor  # its reduced gradient (`grads` itself without ZeRO-1)
+    grad_shard: torch.Tensor  # grads[shard]: where the reduced gradient of the shard lands
+                              # (ZeRO-1 reduce-scatters in place, as Megatron's optimizer does)
     main: torch.Tensor        # the fp32 weights the optimizer updates: data[shard] itself in
                               # fp32 training; under mixed precision an fp32 copy of it
     norm_ranges: list         # (start, stop) in the shard of the elements that count in the
@@ -1821,9 +1839,8 @@ class DataParallel:
             offset += p.numel()
         shard = slice(rank * (padded // replicas), (rank + 1) * (padded // replicas)) if sharded \
             else slice(0, padded)
-        return Bucket(params=named, grads=grads, data=data, group=group, sharded=sharded,
-                      shard=shard, grad_shard=torch.zeros(padded // replicas, device=device, dtype=self.grad_dtype)
-                      if sharded else grads, main=main[shard] if data is main else main[shard].clone(),
+        return Bucket(params=named, grads=grads, data=data, group=group, sharded=sharded, shard=shard,
+                      grad_shard=grads[shard], main=main[shard] if data is main else main[shard].clone(),
                       expert=expert, deferred=deferred,
                       norm_ranges=shard_ranges(named, shard, lambda _, p: counts_once(p, layout)))
 

@@ -12,6 +12,7 @@ Every layout therefore follows the single-process loss curve.
 import argparse
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -213,7 +214,8 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     ddp = parallel.DataParallel(modules, layout, zero1=args.zero1, bucket_mb=args.ddp_bucket_mb,
                                 param_dtype=param_dtype,
                                 grad_dtype=torch.float32 if args.grad_dtype == "fp32" else param_dtype)
-    if args.fp32_residual:
+    fp32_residual = args.fp32_residual or models.family(args.model).fp32_residual(cfg)
+    if fp32_residual:
         parallel.set_residual_dtype(modules, torch.float32)
     optimizer = parallel.AdamW(ddp, args.lr, args.weight_decay, eps=args.adam_eps)
     scaler = parallel.LossScaler(precision == "fp16", args.initial_loss_scale, args.loss_scale_window)
@@ -229,7 +231,7 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
               autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
               fp8=fp8, logger=None, start_note=start_note,
-              hidden_dtype=torch.float32 if args.fp32_residual else param_dtype)
+              hidden_dtype=torch.float32 if fp32_residual else param_dtype)
     try:
         if resume:
             step_dir = checkpoint.resolve(args.load)
@@ -667,11 +669,20 @@ def plan_for(args, cfg):
                        n_micro=flags.micro_steps(args, dp), seq_len=args.seq_len,
                        precision="fp32" if precision == "fp32" else "bf16", recompute=args.recompute,
                        recompute_n=args.recompute_layers or 1,
-                       recompute_method=args.recompute_method or "uniform"), world
+                       recompute_method=args.recompute_method or "uniform", grad_dtype=args.grad_dtype,
+                       fp32_residual=args.fp32_residual), world
+
+
+# Changes --plan tries when a layout does not fit: one at a time, then two or three together.
+PLAN_KNOBS = (("--tp x2", lambda a: {"tp": a.tp * 2}), ("--pp x2", lambda a: {"pp": a.pp * 2}),
+              ("--recompute selective", lambda a: {"recompute": "selective"}),
+              ("--recompute full", lambda a: {"recompute": "full"}),
+              ("--micro-batch-size 1", lambda a: {"micro_batch_size": 1}),
+              ("--zero1", lambda a: {"zero1": True}))
 
 
 def plan_report(args):
-    """`train.py --plan`: the flags checked as training checks them, then the plan."""
+    """`train.py --plan`: the flags checked as training checks them, then the plan, in GiB."""
     if args.world_size is not None and args.world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
     if not 0 < args.plan_mfu <= 1:
@@ -690,31 +701,55 @@ def plan_report(args):
         peak, source = metrics.GPU_PEAK_FLOPS[gpu], f"{gpu} bf16 datasheet (--plan-gpu)"
     else:
         raise UsageError(f"--plan-gpu {gpu}: unknown; choose from "
-                                  f"{', '.join(metrics.GPU_PEAK_FLOPS)} or give --peak-tflops")
-    step_flops = memory.flops_per_step(models.family(args.model), cfg, args.seq_len, args.global_batch_size)
-    text = memory.describe(stages, step_flops=step_flops, world=world, peak_flops=peak, mfu=args.plan_mfu,
-                           peak_source=source)
+                         f"{', '.join(metrics.GPU_PEAK_FLOPS)} or give --peak-tflops")
+    family = models.family(args.model)
+    dp = world // (args.tp * args.cp * args.pp)
+    precision = "fp32" if args.precision == "fp32" else "bf16"
+    text = (f"plan of {args.model} ({args.config or flags.DEFAULT_CONFIG}) on {world} ranks: tp {args.tp}"
+            f"{' (sp)' if args.sp and args.tp > 1 else ''} x cp {args.cp} x pp {args.pp}"
+            f"{f' (vpp {args.vpp})' if args.vpp > 1 else ''} x dp {dp}{f', ep {args.ep}' if args.ep > 1 else ''}"
+            f"{', ZeRO-1' if args.zero1 and dp * args.cp > 1 else ''} | micro-batch "
+            f"{flags.micro_batch_size(args, dp)} x {args.seq_len} tokens, {flags.micro_steps(args, dp)} per step "
+            f"and rank | {precision}{' (fp32 gradients)' if precision == 'bf16' and args.grad_dtype == 'fp32' else ''}"
+            f" | recompute {args.recompute}\n")
+    step_flops = memory.flops_per_step(family, cfg, args.seq_len, args.global_batch_size)
+    text += memory.describe(stages, step_flops=step_flops, world=world, peak_flops=peak, mfu=args.plan_mfu,
+                            peak_source=source, recompute=args.recompute,
+                            causal_flops=memory.flops_per_step(family, cfg, args.seq_len, args.global_batch_size,
+                                                               causal_half=True))
     if args.device_memory_gb:
         limit = args.device_memory_gb * 1e9
         need = memory.peak_bytes(stages)
-        if need <= limit:
-            text += f"\nfits: peak {need / 1e9:.1f} GB <= {args.device_memory_gb:g} GB"
-        else:
-            text += f"\ndoes not fit: peak {need / 1e9:.1f} GB > {args.device_memory_gb:g} GB"
-            for knob, change in (("--tp x2", {"tp": args.tp * 2}), ("--pp x2", {"pp": args.pp * 2}),
-                                 ("--recompute selective", {"recompute": "selective"}),
-                                 ("--recompute full", {"recompute": "full"}),
-                                 ("--micro-batch-size 1", {"micro_batch_size": 1})):
-                other = copy.copy(args)
-                vars(other).update(change)
-                try:
-                    flags.check_args(other, cfg, tokenizer)
-                    other_peak = memory.peak_bytes(plan_for(other, cfg)[0])
-                except UsageError:
-                    continue
-                if other_peak <= limit:
-                    text += f"\n  would fit with {knob}: peak {other_peak / 1e9:.1f} GB"
+        fits = "fits" if need <= limit else "does not fit"
+        text += (f"\n{fits}: peak {need / memory.GB:.2f} GiB {'<=' if need <= limit else '>'} "
+                 f"{limit / memory.GB:.2f} GiB (--device-memory-gb {args.device_memory_gb:g})")
+        if need > limit:
+            text += plan_advice(args, cfg, tokenizer, limit)
     return text
+
+
+def plan_advice(args, cfg, tokenizer, limit):
+    """What would make a layout fit `limit` bytes: each change of PLAN_KNOBS that does alone,
+    or if none does, the fewest changes together that do (the smallest peak of those)."""
+    def peak_with(knobs):
+        other = copy.copy(args)
+        for _, change in knobs:
+            vars(other).update(change(other))
+        try:
+            flags.check_args(other, cfg, tokenizer)
+            return memory.peak_bytes(plan_for(other, cfg)[0])
+        except UsageError:  # (a layout these flags cannot take)
+            return None
+    for size in (1, 2, 3):
+        fitting = []
+        for knobs in itertools.combinations(PLAN_KNOBS, size):
+            need = peak_with(knobs)
+            if need is not None and need <= limit:
+                fitting.append((need, " ".join(name for name, _ in knobs)))
+        if fitting:
+            return "".join(f"\n  would fit with {what}: peak {need / memory.GB:.2f} GiB"
+                           for need, what in (sorted(fitting) if size == 1 else sorted(fitting)[:1]))
+    return "\n  no combination of up to three of " + ", ".join(name for name, _ in PLAN_KNOBS) + " fits"
 
 
 def train(args):

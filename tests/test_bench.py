@@ -135,3 +135,20 @@ def test_train_vs_hf_compile_and_moe_grouped_vs_loop(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["results"]["rows"]
     assert row["loop_step_s"] > 0 and row["grouped_speedup"] > 0
     assert "grouped matmuls (mixtral.Experts) vs their reference loop" in capsys.readouterr().out
+
+
+def test_megatron_memory_reproduces_megatrons_count_and_the_planner_is_within_it(tmp_path, capsys):
+    """The formula as written in bench.py gives Megatron's own numbers for stage 0
+    (weights + gradients + optimizer, activations; GiB, as its theoretical_memory_usage.py
+    prints them for Korthikanti et al.'s layouts and llama3-70b), and the planner's stage
+    0 on each layout is within 1.1x of it."""
+    out = tmp_path / "megatron.json"
+    bench.main(["megatron-memory", "--json", str(out)])
+    rows = {r["layout"]: r for r in json.loads(out.read_text())["results"]["rows"]}
+    published = {"gpt3-22b": (46.2, 9.8), "gpt3-175b": (46.9, 9.6), "llama3-70b": (25.4, 20.0)}
+    for layout, (static, acts) in published.items():
+        assert round(rows[layout]["megatron_static"], 1) == static, rows[layout]
+        assert round(rows[layout]["megatron_acts"], 1) == acts, rows[layout]
+    assert set(rows) == {*published, "llama3-8b"}
+    assert all(r["ratio"] <= 1.1 for r in rows.values()), rows
+    assert "summary: the planner's stage 0 is" in capsys.readouterr().out

@@ -57,6 +57,7 @@ EXTRA = {
 BENCH = {  # bench modes run here, reduced
     "python bench.py recompute": ["--config", "test", "--seq-len", "64", "--reps", "1"],
     "python bench.py generate": ["--lengths", "64", "--window", "16", "--new-tokens", "2", "--batch", "2"],
+    "python bench.py megatron-memory": [],
     "python bench.py plot runs/a.jsonl runs/b.jsonl -o curves.png": [],
 }
 # Bench modes that start processes of their own (5-20 s each here): their command lines are

@@ -130,3 +130,37 @@ def test_a_model_file_that_forgets_mark_partial_grad_fails_loudly(ranks, flags, 
         assert sorted(named) == [f"layers.{i}.attn.{n}_norm.weight" for i in (0, 1) for n in "kq"], got
     else:
         assert_same_run(got, one_process(argv[:-4 - len(flags)] + ["--set", "qk_norm=true"]))
+
+
+def _linears_sharing_an_sp_input():
+    """Three column-parallel linears reading one linear_input under tp = 2 with sp (LLaMA's
+    q, k, v): their weights' gradients, and what the shared re-gather still holds after
+    backward."""
+    layout = parallel.init_distributed(tp=2, sp=True, device="cpu")
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 8, 16, generator=g)
+        weights = [torch.randn(6, 16, generator=g) for _ in range(3)]
+        linears = []
+        for w in weights:
+            linear = parallel.ColumnParallelLinear(16, 6, layout)
+            linear.weight.data.copy_(w.chunk(2)[layout.tp_rank])
+            linears.append(linear)
+        shard = x.chunk(2, dim=1)[layout.tp_rank].clone().requires_grad_()
+        full = parallel.linear_input(shard, layout)
+        sum(linear(full).square().sum() for linear in linears).backward()
+        kept = full.regather.full, full.regather.pending, full.regather.readers
+        return [linear.weight.grad for linear in linears], kept, x, weights
+    finally:
+        parallel.destroy_distributed(layout)
+
+
+def test_linears_sharing_an_sp_input_gather_it_once_and_drop_it(ranks):
+    """Under sp each linear saves the rank's shard; backward gathers the whole input again
+    for the weights' gradients (which equal the one-process ones) and, once the last of
+    the linears has read it, drops it: none of it outlives the backward."""
+    for rank, (grads, kept, x, weights) in ranks(2).run(_linears_sharing_an_sp_input).items():
+        assert kept == (None, None, 0), kept
+        for grad, w in zip(grads, weights):
+            expected = 2 * torch.einsum("bso,bsi->oi", x @ w.t(), x)  # d/dW of sum((x W^T)^2)
+            torch.testing.assert_close(grad, expected.chunk(2)[rank])
