@@ -68,6 +68,12 @@ Adding a mode: write `def MODE_NAME(args, device) -> dict` that prints its table
 summary line and returns its results, plus a function adding its options, in a section whose
 header names the mode, and register both in `MODES` at the bottom (and the mode in this
 list, in the same order). Common options (--device, --seed, --json) come for free.
+
+A run can be cut short (a GPU lent for minutes, a time limit) or fail in one part: the modes
+a GPU check runs (kernels, fp8-gemm, long-context, mfu) add each row to `args.rows` as they
+measure it, which prints it at once and rewrites the --json file ("complete": false until the
+end), and run each part under `args.rows.section(name)`: a part that raises is reported
+(its traceback, a row with its error) and the next part runs; the exit status is then 1.
 """
 import argparse
 import contextlib
@@ -77,6 +83,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from statistics import median
 
 import torch
@@ -147,6 +154,46 @@ def time_ms(fn, device, reps):
             fn()
             times.append(1e3 * (time.perf_counter() - t))
     return median(times)
+
+
+class Rows(list):
+    """The rows a mode has measured so far (see the module docstring): append() prints the
+    row and, with --json, rewrites the file whole (a temporary file renamed over it), so a
+    run killed at any point leaves every row measured before it."""
+
+    def __init__(self, path, head):
+        super().__init__()
+        self.path, self.head, self.failed = path, head, []
+
+    def append(self, row):
+        super().append(row)
+        print("row: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in row.items()), flush=True)
+        self.save()
+
+    def extend(self, rows):
+        for row in rows:
+            self.append(row)
+
+    def save(self, results=None):
+        if not self.path:
+            return
+        record = {**self.head, "failed": self.failed, "complete": results is not None}
+        record.update({"results": results} if results is not None else {"rows": list(self)})
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(self.path + ".tmp", self.path)
+
+    @contextlib.contextmanager
+    def section(self, name):
+        """Run one part of a mode; if it raises, report it and go on with the next part."""
+        try:
+            yield
+        except Exception as e:  # (not KeyboardInterrupt: Ctrl-C still stops the run)
+            traceback.print_exc()
+            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+            self.failed.append(name)
+            self.append({"section": name, "error": f"{type(e).__name__}: {e}"})
 
 
 class ActivationMeter:
@@ -730,8 +777,7 @@ def fwd_bwd_fns(fn, inputs, grad_out_like):
     return forward, backward
 
 
-def bench_attention(device, seq_lens, head_dim, heads, tokens, reps, dtype):
-    rows = []
+def bench_attention(rows, device, seq_lens, head_dim, heads, tokens, reps, dtype):
     for T in seq_lens:
         B = max(1, tokens // T)
         for causal in (False, True):
@@ -739,9 +785,8 @@ def bench_attention(device, seq_lens, head_dim, heads, tokens, reps, dtype):
                        for _ in range(3))
             ours = fwd_bwd_fns(lambda a, b, c: kernels.attention(a, b, c, causal=causal), (q, k, v), None)
             base = fwd_bwd_fns(lambda a, b, c: sdpa_flash(a, b, c, causal), (q, k, v), None)
-            rows += _attention_rows("attention", "sdpa", ours, base, q, causal, device, reps)
+            rows.extend(_attention_rows("attention", "sdpa", ours, base, q, causal, device, reps))
             del q, k, v, ours, base
-    return rows
 
 
 def _attention_rows(kernel, baseline, ours, base, q, causal, device, reps):
@@ -763,13 +808,13 @@ def _attention_rows(kernel, baseline, ours, base, q, causal, device, reps):
     return rows
 
 
-def bench_attention_t5(device, seq_lens, heads, tokens, reps, dtype):
+def bench_attention_t5(rows, device, seq_lens, heads, tokens, reps, dtype):
     """T5's attention (head dim 64, no score scaling, a relative position bias from a
     32 x heads table): ours adds the bias inside the kernel from the table; the baseline is
     SDPA with the (T, T) bias materialized and passed as its float mask, as a model without
     such a kernel does (with a float mask SDPA cannot use its flash backend). Encoder
     (bidirectional buckets) and decoder (causal, past-only buckets)."""
-    rows, head_dim = [], 64
+    head_dim = 64
     for T in seq_lens:
         B = max(1, tokens // T)
         for causal in (False, True):
@@ -790,16 +835,14 @@ def bench_attention_t5(device, seq_lens, heads, tokens, reps, dtype):
                 return F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=1.0)
             ours = fwd_bwd_fns(ours_fn, (q, k, v, bias.table), None)
             base = fwd_bwd_fns(base_fn, (q, k, v, bias.table), None)
-            rows += _attention_rows("attention-t5", "sdpa + materialized bias", ours, base, q, causal,
-                                    device, reps)
+            rows.extend(_attention_rows("attention-t5", "sdpa + materialized bias", ours, base, q, causal,
+                                        device, reps))
             del q, k, v, table, bias, ours, base
-    return rows
 
 
-def bench_memory_bound(device, rows_, dim, ffn_dim, reps, dtype, compile_reference):
+def bench_memory_bound(out, device, rows_, dim, ffn_dim, reps, dtype, compile_reference):
     """RMSNorm and SwiGLU: GB/s = bytes each pass must read and write / its time."""
     peak = hbm_peak_gbps(device)
-    out = []
     x = torch.randn(rows_, dim, device=device, dtype=dtype, requires_grad=True)
     w = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
     gate, up = (torch.randn(rows_, ffn_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -829,17 +872,15 @@ def bench_memory_bound(device, rows_, dim, ffn_dim, reps, dtype, compile_referen
                         "impl": kernels.backend(inputs[0]), "ms": ms["ours"], "gbps": gbps["ours"],
                         "compiled_gbps": gbps.get("compiled"), "eager_gbps": gbps["eager"],
                         "peak_gbps": peak, "pct_of_peak": 100 * gbps["ours"] / peak if peak else None})
-    return out
 
 
-def bench_cross_entropy(device, tokens, dim, vocab, reps, dtype):
+def bench_cross_entropy(rows, device, tokens, dim, vocab, reps, dtype):
     """Chunked linear + cross-entropy against the logits-at-once reference: forward +
     backward time, bytes autograd keeps for backward, and (on a GPU) the peak memory."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, dim, device=device, generator=g).requires_grad_()
     w = (0.02 * torch.randn(vocab, dim, device=device, generator=g)).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device=device, generator=g)
-    rows = []
     for name, fn in (("chunked", kernels.linear_cross_entropy),
                      ("reference", kernels.linear_cross_entropy_reference)):
         def step():
@@ -858,10 +899,9 @@ def bench_cross_entropy(device, tokens, dim, vocab, reps, dtype):
         rows.append({"kernel": "linear_cross_entropy", "impl": name, "shape": f"{tokens}x{dim} vocab {vocab}",
                      "ms": ms, "kept_mib": kept / 2**20, "peak_mib": peak / 2**20 if peak is not None else None})
         del loss
-    return rows
 
 
-def bench_ssd(device, reps, batch=4, T=2048, heads=48, head_dim=64, state_dim=128, chunk=256,
+def bench_ssd(rows, device, reps, batch=4, T=2048, heads=48, head_dim=64, state_dim=128, chunk=256,
               dtype=torch.bfloat16):
     """Mamba-2's SSD scan (mamba2-1.3b's layer shape: 48 heads of 64, N 128, one group,
     chunks of 256): kernels.ssd (the Triton kernels on a GPU) against ssd_chunked (PyTorch)
@@ -893,18 +933,17 @@ def bench_ssd(device, reps, batch=4, T=2048, heads=48, head_dim=64, state_dim=12
             torch.autograd.grad(y, inputs, dy.to(y.dtype))
         return run
 
-    rows = []
     for pas, timed in (("fwd", forward), ("fwd+bwd", forward_backward)):
         ms = {name: time_ms(timed(fn), device, reps) for name, fn in impls.items()}
         rows.append({"kernel": "ssd", "pass": pas, "shape": f"B{batch} T{T} H{heads} P{head_dim} N{state_dim} L{chunk}",
                      "impl": kernels.backend(x), "ms": ms["ours"], "chunked_ms": ms["chunked"],
                      "speedup_vs_chunked": ms["chunked"] / ms["ours"], "mamba_ssm_ms": ms.get("mamba_ssm"),
                      "speedup_vs_mamba_ssm": ms["mamba_ssm"] / ms["ours"] if "mamba_ssm" in ms else None})
-    return rows
 
 
 def benchmark_kernels(args, device):
-    """Run the kernel benchmarks, print two tables, return the rows (list of dicts)."""
+    """Run the kernel benchmarks, each kind a section of its own (see Rows), print their
+    tables, return the rows (list of dicts)."""
     gpu = device.type == "cuda"
     quick = getattr(args, "quick", False)
     if getattr(args, "seq_lens", None):
@@ -916,44 +955,50 @@ def benchmark_kernels(args, device):
     dtype = torch.bfloat16 if gpu else torch.float32
     compile_reference = gpu and not getattr(args, "no_compile", False)  # inductor on CPU takes minutes
 
-    rows = bench_attention(device, seq_lens, head_dim, heads=16 if gpu else 4,
-                           tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
-    rows += bench_attention_t5(device, [s for s in seq_lens if s <= 4096] or seq_lens[:1],
-                               heads=12 if gpu else 4, tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
+    rows = args.rows
+    with rows.section("attention"):
+        bench_attention(rows, device, seq_lens, head_dim, heads=16 if gpu else 4,
+                        tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
+    with rows.section("attention-t5"):
+        bench_attention_t5(rows, device, [s for s in seq_lens if s <= 4096] or seq_lens[:1],
+                           heads=12 if gpu else 4, tokens=16384 if gpu else 256, reps=reps, dtype=dtype)
     if gpu:
         mem_rows, dim, ffn = 16384, 4096, 14336
     else:
         mem_rows, dim, ffn = 512, 256, 704
-    rows += bench_memory_bound(device, mem_rows, dim, ffn, reps, dtype, compile_reference)
+    with rows.section("rmsnorm-swiglu"):
+        bench_memory_bound(rows, device, mem_rows, dim, ffn, reps, dtype, compile_reference)
     ce_tokens, ce_dim = (8192, 4096) if gpu else (256, 64)
-    rows += bench_cross_entropy(device, ce_tokens, ce_dim, 128256, reps, dtype)
+    with rows.section("linear-cross-entropy"):
+        bench_cross_entropy(rows, device, ce_tokens, ce_dim, 128256, reps, dtype)
     if gpu:  # on a CPU the Triton SSD would run in the interpreter (or not at all): nothing to time
-        rows += bench_ssd(device, reps)
+        with rows.section("ssd"):
+            bench_ssd(rows, device, reps)
 
     print(f"kernels on {torch.cuda.get_device_name(device) if gpu else 'cpu'}, {dtype}"
           + ("" if gpu else " (cpu: the reference path; says nothing about the Triton kernels)"))
     for kernel in ("attention", "attention-t5"):  # T5's: the baseline materializes its bias
-        print_table([r for r in rows if r["kernel"] == kernel], [
+        print_table([r for r in rows if r.get("kernel") == kernel], [
             ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("causal", "causal", ""),
             ("impl", "ours", ""), ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".3g"),
             ("baseline_ms", "sdpa ms", ".3f"), ("baseline_tflops", "sdpa TFLOP/s", ".3g"),
             ("speedup", "speedup", ".2f")])
         print()
-    print_table([r for r in rows if r["kernel"] in ("rmsnorm", "swiglu")], [
+    print_table([r for r in rows if r.get("kernel") in ("rmsnorm", "swiglu")], [
         ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
         ("ms", "ms", ".3f"), ("gbps", "GB/s", ".0f"), ("pct_of_peak", "% HBM peak", ".0f"),
         ("compiled_gbps", "compiled GB/s", ".0f"), ("eager_gbps", "eager GB/s", ".0f")])
     print()
-    print_table([r for r in rows if r["kernel"] == "linear_cross_entropy"], [
+    print_table([r for r in rows if r.get("kernel") == "linear_cross_entropy"], [
         ("kernel", "kernel", ""), ("impl", "impl", ""), ("shape", "shape", ""), ("ms", "fwd+bwd ms", ".1f"),
         ("kept_mib", "kept for backward MiB", ".0f"), ("peak_mib", "peak MiB", ".0f")])
     if gpu:
         print()
-        print_table([r for r in rows if r["kernel"] == "ssd"], [
+        print_table([r for r in rows if r.get("kernel") == "ssd"], [
             ("kernel", "kernel", ""), ("pass", "pass", ""), ("shape", "shape", ""), ("impl", "ours", ""),
             ("ms", "ms", ".3f"), ("chunked_ms", "ssd_chunked ms", ".3f"), ("speedup_vs_chunked", "speedup", ".2f"),
             ("mamba_ssm_ms", "mamba_ssm ms", ".3f"), ("speedup_vs_mamba_ssm", "vs mamba_ssm", ".2f")])
-    return rows
+    return list(rows)
 
 
 def add_kernels_options(p):
@@ -1268,7 +1313,10 @@ def fp8_gemm(args, device):
     reps = args.reps or (20 if gpu else 5)
     g = torch.Generator(device).manual_seed(args.seed)
     make_row = _fp8_gemm_gpu_row if gpu else _fp8_gemm_cpu_row
-    rows = [make_row(*shape, device, reps, g) for shape in shapes]
+    for shape in shapes:
+        with args.rows.section(f"{shape[0]} {shape[1]}x{shape[2]}x{shape[3]}"):
+            args.rows.append(make_row(*shape, device, reps, g))
+    rows = [r for r in args.rows if "error" not in r]
     if gpu:
         print_table(rows, [("shape", "shape", ""), ("ours_tflops", "ours TFLOP/s", ".0f"),
                            ("ours_rowwise_tflops", "ours rowwise", ".0f"),
@@ -1285,7 +1333,7 @@ def fp8_gemm(args, device):
         print_table(rows, [("shape", "shape", ""), ("quantize_ms", "quantize ms", ".2f"),
                            ("emulated_matmul_ms", "fp8_matmul_reference ms", ".2f"),
                            ("fp32_ms", "fp32 matmul ms", ".2f"), ("emulation_vs_fp32", "emulation/fp32", ".2f")])
-        ratios = [r["emulation_vs_fp32"] for r in rows]
+        ratios = [r["emulation_vs_fp32"] for r in rows] or [float("nan")]
         print(f"fp8-gemm (cpu: the emulation, no FP8 arithmetic): quantize + fp8_matmul_reference takes "
               f"{min(ratios):.1f}x to {max(ratios):.1f}x the time of the fp32 matmul it stands for")
     return {"rows": rows}
@@ -1395,17 +1443,19 @@ def long_context(args, device):
     a Mamba-2 model and a LLaMA of similar size, measured in one run."""
     contenders = {"mamba": ("mamba", args.mamba_config, args.mamba_set),
                   "llama": ("llama", args.llama_config, args.llama_set)}
-    rows = []
     for label, (name, preset, overrides) in contenders.items():
         cfg = models.make_config(name, preset, [*overrides, f"max_seq_len={max(args.seq_lens)}"])
         model = models.build(name, cfg, device, args.seed)
         n_params = sum(p.numel() for p in model.parameters())
         for seq_len in args.seq_lens:
-            seconds, saved = _long_context_step(model, seq_len, device, args.reps)
-            rows.append({"model": f"{label} ({n_params / 1e6:.1f}M)", "seq_len": seq_len,
-                         "ms": seconds * 1e3, "us_per_token": seconds * 1e6 / seq_len,
-                         "kb_per_token": saved / seq_len / 1024})
+            with args.rows.section(f"{label} seq {seq_len}"):
+                seconds, saved = _long_context_step(model, seq_len, device, args.reps)
+                args.rows.append({"model": f"{label} ({n_params / 1e6:.1f}M)", "seq_len": seq_len,
+                                  "ms": seconds * 1e3, "us_per_token": seconds * 1e6 / seq_len,
+                                  "kb_per_token": saved / seq_len / 1024})
+            model.zero_grad(set_to_none=True)
         del model
+    rows = [r for r in args.rows if "error" not in r]
     print_table(rows, [("model", "model", "s"), ("seq_len", "seq len", "d"),
                        ("ms", "fwd+bwd ms", ".1f"), ("us_per_token", "us/token", ".1f"),
                        ("kb_per_token", "activations KB/token", ".1f")])
@@ -1413,6 +1463,8 @@ def long_context(args, device):
     growth = []
     for label in contenders:
         mine = [r for r in rows if r["model"].startswith(label)]
+        if len(mine) < 2:
+            continue
         growth.append(f"{label} {mine[-1]['us_per_token'] / mine[0]['us_per_token']:.2f}x time/token, "
                       f"{mine[-1]['kb_per_token'] / mine[0]['kb_per_token']:.2f}x memory/token")
     print(f"summary: from seq {first} to {last} ({last // first}x): " + "; ".join(growth))
@@ -1487,17 +1539,16 @@ def mfu(args, device):
     if peak is None:
         raise UsageError(f"no datasheet peak for {torch.cuda.get_device_name(device)}: pass --peak-tflops")
     backends = args.backends or (["torch", "triton"] if on_gpu and kernels.HAVE_TRITON else ["torch"])
-    rows = []
     for backend in backends:
         for compiled in (False, True):
             os.environ["KERNELS_BACKEND"] = backend
-            try:
+            with args.rows.section(f"{backend} kernels{', compiled' if compiled else ''}"):
                 r = _mfu_run(cfg, device, args, compiled, peak)
-            finally:
-                os.environ.pop("KERNELS_BACKEND")
+                args.rows.append({"kernels": backend, "compile": "yes" if compiled else "no", **r})
+            os.environ.pop("KERNELS_BACKEND")
             if on_gpu:  # (the run's model and optimizer are gone: give their memory back)
                 torch.cuda.empty_cache()
-            rows.append({"kernels": backend, "compile": "yes" if compiled else "no", **r})
+    rows = [r for r in args.rows if "error" not in r]
     where = (f"of {torch.cuda.get_device_name(device)}'s datasheet bf16 peak ({peak / 1e12:.0f} TFLOP/s)"
              if on_gpu else f"CPU figure: of a measured fp32 matmul ({peak / 1e9:.0f} GFLOP/s), tiny shape")
     print(f"llama dim {cfg.dim} x {cfg.n_layers} layers, vocab {cfg.vocab_size} | batch {args.batch_size} x "
@@ -1507,6 +1558,8 @@ def mfu(args, device):
     print_table(rows, [("kernels", "kernels", ""), ("compile", "compile", ""), ("step_ms", "step ms", ".1f"),
                        ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
                        ("warmup_s", "warm-up s (compile)", ".1f"), ("loss", "last loss", ".4f")])
+    if not rows:
+        return {"rows": []}
     best = max(rows, key=lambda r: r["mfu"])
     print(f"mfu: best {best['mfu']:.1%} ({best['kernels']} kernels, compile {best['compile']}) {where}")
     return {"config": preset, "dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
@@ -1897,15 +1950,19 @@ def main(argv=None):
     info = header(device)
     print(f"bench {args.mode} | {info['device']} | torch {info['torch']} | "
           f"{info['threads']} threads | load {info['load_avg_1min']:.2f} | {info['date']}")
+    args.rows = Rows(args.json, {"mode": args.mode, **info, "args": dict(vars(args))})
     try:
         results = MODES[args.mode][0](args, device)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    args.rows.save(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"mode": args.mode, **info, "args": vars(args), "results": results}, f, indent=2)
         print(f"wrote {args.json}")
+    if args.rows.failed:
+        print(f"error: {len(args.rows.failed)} part(s) failed: {', '.join(args.rows.failed)} (tracebacks "
+              f"above; the other parts' rows are kept)", file=sys.stderr)
+        sys.exit(1)
     return results
 
 

@@ -117,7 +117,9 @@ def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", 
     Ampere's). The first launch for a new `key` times each configuration and keeps the
     fastest; configurations that do not fit the card's shared memory are skipped by the
     autotuner. Under the interpreter there is one small fixed configuration: timing is
-    meaningless there, and slow.
+    meaningless there, and slow. KERNELS_AUTOTUNE=first keeps the first configuration of
+    this GPU's list and times nothing: one compilation per kernel and shape class, for
+    correctness runs (scripts/gpu_check.sh's tests) where tuning would only cost minutes.
 
     The lists were chosen from `python bench.py kernels-compile`, which compiles every
     configuration for each listed GPU without a GPU and reports ptxas's register spills
@@ -158,9 +160,26 @@ def _autotune(key, hopper, interpreter, ampere=None, ada=None, meta=("BLOCK_M", 
             return tuner
         if _INTERPRET:  # one config: nothing is timed
             return tuned_over([config(interpreter)])
-        return tuned_over([c for configs in by_arch.values() for c in configs],
-                          {"early_config_prune": this_gpu})
+        every_config = [c for configs in by_arch.values() for c in configs]
+        if _autotune_mode() == "first":
+            return tuned_over(every_config, {"early_config_prune": lambda *a, **kw: this_gpu(*a, **kw)[:1]},
+                              do_bench=_not_timed)
+        return tuned_over(every_config, {"early_config_prune": this_gpu})
     return decorate
+
+
+def _autotune_mode():
+    mode = os.environ.get("KERNELS_AUTOTUNE", "all") or "all"
+    if mode not in ("all", "first"):
+        raise ValueError(f"KERNELS_AUTOTUNE={mode!r}: choose all (time every configuration, the "
+                         f"default) or first (the first of this GPU's list, nothing timed)")
+    return mode
+
+
+def _not_timed(kernel_call, quantiles):
+    """The autotuner's timing under KERNELS_AUTOTUNE=first: with one configuration left there
+    is nothing to choose, so the kernel is not launched to be timed."""
+    return [0.0] * len(quantiles)
 
 
 def _launch_ready(t):

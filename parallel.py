@@ -44,6 +44,11 @@ import torch.utils.checkpoint
 import kernels
 from errors import UsageError
 
+# torch 2.13 named these collectives *_single and deprecated the old names; torch 2.11 (the
+# GPU machines' image) has only the old ones. Same arguments, same result.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 # ----------------------------------------------------------------------------
 # The layout: the rank grid and its process groups
@@ -217,6 +222,17 @@ def group_ranks(layout):
     return groups
 
 
+def cuda_device_index(environ, device_count):
+    """The CUDA device a process takes: its LOCAL_RANK (its place among the processes
+    torchrun started on its own node; 0 under plain `python`) modulo the node's
+    `device_count`, never its global RANK. With one torchrun agent per node (`--nnodes 2
+    --nproc-per-node 2`), RANK 2 and 3 run on the second node as LOCAL_RANK 0 and 1 and take
+    its devices 0 and 1; by RANK they would ask for devices 2 and 3, which a two-GPU node
+    does not have (or, on a node with more, leave 0 and 1 idle). The modulo lets more
+    processes than devices share them (tests on one GPU)."""
+    return int(environ.get("LOCAL_RANK", "0")) % device_count
+
+
 def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", device=None,
                      timeout_minutes=10):
     """This process's Layout, with its process groups.
@@ -234,7 +250,7 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", dev
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        device = torch.device("cuda", cuda_device_index(os.environ, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, cp_comm=cp_comm,
                     rank=rank, device=device)
@@ -1865,8 +1881,8 @@ class DataParallel:
         if bucket.group is None:
             return None
         if bucket.sharded:
-            return dist.reduce_scatter_single(bucket.grad_shard, bucket.grads,
-                                              group=bucket.group, async_op=async_op)
+            return reduce_scatter_single(bucket.grad_shard, bucket.grads,
+                                         group=bucket.group, async_op=async_op)
         return dist.all_reduce(bucket.grads, group=bucket.group, async_op=async_op)
 
     def finish(self):
@@ -1936,7 +1952,7 @@ class DataParallel:
             if b.data.dtype != b.main.dtype:  # mixed precision: the 16-bit copy
                 b.data[b.shard].copy_(b.main)
             if b.sharded:
-                dist.all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
+                all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
 
 
 def shard_ranges(named, shard, keep):
@@ -1994,7 +2010,7 @@ class AdamW:
         for b, state in zip(self.ddp.buckets, flat_states):
             if b.sharded:
                 full = torch.empty(b.grads.shape, dtype=state.dtype, device=state.device)
-                dist.all_gather_single(full, state, group=b.group)
+                all_gather_single(full, state, group=b.group)
                 state = full
             fulls.append(state)
         return fulls

@@ -619,9 +619,14 @@ def summary(run, records, seconds):
     args = run.args
     evaluated = [r for r in records if "val_loss" in r]
     best = min(evaluated, key=lambda r: r["val_loss"])
-    speed = f"{run.tokens_per_step * len(records) / sum(r['step_time'] for r in records):,.0f} tok/s"
+    # The first step of a process compiles and autotunes the GPU kernels (and warms caches):
+    # its time is reported apart, not averaged in.
+    timed = records[1:] or records
+    speed = f"{run.tokens_per_step * len(timed) / sum(r['step_time'] for r in timed):,.0f} tok/s"
     if records[0]["mfu"] is not None:
-        speed += f", mfu {metrics.describe_mfu(records, run.layout.device)}"
+        speed += f", mfu {metrics.describe_mfu(timed, run.layout.device)}"
+    if len(records) > 1:
+        speed += f" (after step {records[0]['step']}, which took {records[0]['step_time']:.2f} s)"
     files = [f"checkpoints in {args.save}" if args.save else "no checkpoint (no --save)"]
     files += [f"metrics in {args.metrics}"] if args.metrics else []
     return (f"done: {len(records)} steps in {metrics.clock(seconds)} | loss {records[0]['loss']:.4f} -> "

@@ -47,6 +47,37 @@ def test_kernels_runs_on_cpu(tmp_path, capsys):
     assert "linear_cross_entropy" in capsys.readouterr().out
 
 
+def test_a_failing_part_keeps_the_others_and_a_killed_run_keeps_its_rows(tmp_path, monkeypatch, capsys):
+    """A GPU is lent for minutes: each row is printed and written to --json as it is
+    measured, a part that raises is recorded and the next part runs (exit status 1), and a
+    run stopped mid-way (here Ctrl-C in the loss's part) leaves the rows measured before."""
+    out = tmp_path / "kernels.json"
+    argv = ["kernels", "--device", "cpu", "--seq-lens", "64", "--reps", "1", "--json", str(out)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bench, "bench_attention_t5", broken)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 1
+    record = json.loads(out.read_text())
+    assert record["complete"] and record["failed"] == ["attention-t5"]
+    kinds = [r.get("kernel") or r["section"] for r in record["results"]]
+    assert set(kinds) == {"attention", "attention-t5", "rmsnorm", "swiglu", "linear_cross_entropy"}
+    assert "an illegal memory access" in next(r["error"] for r in record["results"] if "error" in r)
+    printed = capsys.readouterr()
+    assert "row: kernel=attention, pass=fwd" in printed.out and "1 part(s) failed: attention-t5" in printed.err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_cross_entropy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    record = json.loads(out.read_text())
+    assert not record["complete"]
+    assert {r.get("kernel") for r in record["rows"]} == {"attention", None, "rmsnorm", "swiglu"}
+
+
 def test_long_context_measures_both_models(tmp_path, capsys):
     out = tmp_path / "long.json"
     bench.main(["long-context", "--device", "cpu", "--seq-lens", "64", "128", "--reps", "1",

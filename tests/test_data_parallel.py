@@ -51,7 +51,9 @@ def _backward_events(bucket_mb, micro_batches):
     model.register_forward_pre_hook(lambda *_: events.append("forward"))
     for name, p in model.named_parameters():  # after DataParallel's own hooks
         p.register_post_accumulate_grad_hook(lambda p, name=name: events.append("grad"))
-    real = {name: getattr(dist, name) for name in ("all_reduce", "reduce_scatter_single", "all_gather")}
+    # (parallel calls reduce_scatter_single through its own name: torch 2.11 has another)
+    home = {"all_reduce": dist, "reduce_scatter_single": parallel, "all_gather": dist}
+    real = {name: getattr(module, name) for name, module in home.items()}
 
     def logged(name):
         def call(*args, **kwargs):
@@ -64,12 +66,12 @@ def _backward_events(bucket_mb, micro_batches):
     actions = parallel.SCHEDULES["1f1b"](micro_batches, layout)
     try:
         for name in real:
-            setattr(dist, name, logged(name))
+            setattr(home[name], name, logged(name))
         parallel.run_schedule(actions, [model.chunk], [model], batches, layout, (1, 16, 64), ddp)
         ddp.finish()
     finally:
         for name, fn in real.items():
-            setattr(dist, name, fn)
+            setattr(home[name], name, fn)
     ddp.close()
     parallel.destroy_distributed(layout)
     return events, len(ddp.buckets)

@@ -83,9 +83,9 @@ ELSEWHERE = {
     "python bench.py kernels-compile":
         "tests/test_triton.py::test_every_kernel_configuration_compiles_for_ampere_and_hopper",
     "python -m pytest -m gpu tests": "a GPU",
-    "bash scripts/gpu_check.sh": "a GPU",
     "bash scripts/tolerances.sh": "this test suite, five times",
-    **{f"bash scripts/gpu_check.sh {mode}": "a GPU" for mode in ("mamba", "bert", "t5", "fp8", "memory")},
+    **{f"bash scripts/gpu_check.sh{mode}": "tests/test_gpu_check.py::test_dry_run_writes_what_a_gpu_run_writes"  # (dry)
+       for mode in ("", " mamba", " bert", " t5", " fp8", " memory", " mfu")},
 }
 
 

@@ -30,6 +30,14 @@ def test_loss_falls_on_builtin_corpus(tmp_path):
     assert "---- sample ----" in proc.stdout
     record = records[-1]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "val_loss"} <= set(record)
+    # The summary's speed leaves out step 1 (on a GPU: compiling and autotuning), shown apart.
+    done = re.search(r"^done: .*\| ([\d,]+) tok/s, mfu [\d.]+% of cpu matmul \(after step 1, which "
+                     r"took ([\d.]+) s\)", proc.stdout, re.M)
+    assert done, proc.stdout[-1000:]
+    timed = records[1:]
+    tokens_per_s = timed[0]["tokens_per_s"] * timed[0]["step_time"] * len(timed) / sum(r["step_time"] for r in timed)
+    assert int(done[1].replace(",", "")) == round(tokens_per_s)
+    assert float(done[2]) == round(records[0]["step_time"], 2)
 
 
 def test_torchrun_equals_one_process(tmp_path):

@@ -203,6 +203,35 @@ def test_backend_dispatch(monkeypatch):
         kernels.backend(torch.ones(2))
 
 
+def test_autotune_first_launches_this_gpus_first_configuration_untimed(monkeypatch):
+    """KERNELS_AUTOTUNE=first (correctness runs on a GPU): of the configurations listed for
+    this GPU's generation only the first is compiled and run, and nothing is launched to be
+    timed. Shown on the CPU with a kernel that counts its launches (atomically, as the
+    attention kernels add T5's table gradient) and records the BLOCK it ran with; the
+    decoration is a GPU's (no interpreter list), the GPU's generation faked."""
+    import triton
+    import triton.language as tl
+
+    def launch_count_and_block(capability, mode):
+        monkeypatch.setenv("KERNELS_AUTOTUNE", mode)
+        monkeypatch.setattr(kernels, "_INTERPRET", False)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+        @kernels._autotune(["N"], hopper=[(64, 4, 3), (128, 8, 3)], ampere=[(32, 4, 2), (16, 4, 2)],
+                           interpreter=(16, 1, 1), meta=("BLOCK",), accumulates=("OUT",))
+        @triton.jit
+        def count(OUT, N, BLOCK: tl.constexpr):
+            tl.atomic_add(OUT, N)
+            tl.store(OUT + 1, BLOCK)
+        out = torch.zeros(2, dtype=torch.int32)
+        count[(1,)](out, 1)
+        return out.tolist(), len(count.configs_timings)  # (launches, BLOCK), configurations considered
+    assert launch_count_and_block((9, 0), "first") == ([1, 64], 1)
+    assert launch_count_and_block((8, 9), "first") == ([1, 32], 1)  # no Ada list: Ampere's
+    with pytest.raises(ValueError, match="KERNELS_AUTOTUNE='fastest'"):
+        launch_count_and_block((9, 0), "fastest")
+
+
 def test_kernels_import_and_run_without_triton():
     """Triton is optional: with it unimportable, kernels.py imports and runs references."""
     code = ("import sys; sys.modules['triton'] = None\n"
