@@ -1,16 +1,22 @@
 """Tokenizers, text corpora and the batches train.py reads.
 
-Three kinds of data source, all named by one string (`--data`):
+Four kinds of data source, all named by one string (`--data`):
 
   1. "stdlib" (or nothing): real text that needs no download, the Python standard library's
      own top-level source files, tokenized in memory at start-up (~4.7 MB, under a second).
-  2. A text file, a directory (every file under it, hidden ones and files with NUL bytes
-     skipped) or a glob pattern: also tokenized in memory; fine for a few hundred MB.
+  2. A text file, a JSON Lines file (`.jsonl`, `.jsonl.gz`: one document per line, its text
+     under `--json-key`, default "text"), a directory (every such file under it, hidden
+     ones and files with NUL bytes skipped) or a glob pattern: also tokenized in memory;
+     fine for a few hundred MB.
   3. A directory written by `python data.py prepare SRC OUT_DIR`: token shards on disk that
      are memory-mapped, so a corpus far larger than RAM costs no start-up time.
+  4. A Megatron-LM indexed dataset, named by its prefix (PREFIX.bin + PREFIX.idx, as
+     Megatron's tools/preprocess_data.py writes them, or `data.py prepare --format
+     megatron`): memory-mapped too; its last documents are the validation split.
 
-Each file is a document, and each document ends with the tokenizer's end-of-text token (as in
-GPT-2's data), so that windows spanning two documents show the model where one ends.
+Each text file, and each line of a JSON Lines file, is a document, and each document ends
+with the tokenizer's end-of-text token (as in GPT-2's data), so that windows spanning two
+documents show the model where one ends. `python data.py inspect PATH` describes any source.
 
 The batch contract, on which layout-independent training rests: the global batch of step s is
 drawn by a random generator seeded by (seed, s) only; each data-parallel rank then reads its
@@ -30,9 +36,11 @@ import dataclasses
 import errno
 import functools
 import glob
+import gzip
 import json
 import os
 import shutil
+import struct
 import sys
 import sysconfig
 import time
@@ -172,12 +180,109 @@ def _encode(enc, text):
 
 
 class TokenDataset:
-    """Token shards (1-D integer arrays, usually np.memmap) read as random windows."""
+    """Token shards (1-D integer arrays, usually np.memmap) laid end to end: a stream of
+    documents, each ending in end-of-text `eot` (without `eot`, each shard is one document;
+    `doc_starts`, when known, gives their token offsets).
 
-    def __init__(self, shards: list[np.ndarray], name: str):
+    `batch` cuts samples as Megatron's GPTDataset does: each epoch lays the documents end to
+    end in an order shuffled by (seed, epoch) and cuts that stream into samples of seq_len + 1
+    tokens (a sample's last target is the next one's first input), visited in an order
+    shuffled by (seed, epoch). Global sample g is sample g mod n of epoch g div n (n samples
+    per epoch), and row r of step s is global sample s x global_batch_size + r on every
+    layout: each sample is seen once per epoch, and where a run is in its data depends on its
+    step alone (no loader state to save). `window` gives BERT's and T5's example builders
+    random windows inside one shard instead.
+
+    `vocab_size`, when set, is checked on every sample and window read: a file written with
+    another tokenizer (a Megatron .bin records none) is refused, not trained as garbage.
+    `eod_mask_loss` (Megatron's --eod-mask-loss) takes the end-of-text targets out of the
+    loss: their labels are IGNORE_INDEX."""
+
+    def __init__(self, shards: list[np.ndarray], name: str, eot: int | None = None,
+                 doc_starts: np.ndarray | None = None):
         self.shards, self.name = list(shards), name
         self.n_tokens = sum(len(s) for s in self.shards)
         self._bounds = {}  # seq_len -> cumulative count of window starts, shard by shard
+        self._shard_starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(np.int64)
+        if doc_starts is not None:
+            starts = np.asarray(doc_starts, np.int64)
+        elif eot is None:
+            starts = self._shard_starts
+        else:  # a document ends after each end-of-text
+            starts = np.concatenate([[0], *[np.flatnonzero(np.asarray(s) == eot) + 1 + offset
+                                            for s, offset in zip(self.shards, self._shard_starts)]])
+        self.doc_starts = np.unique(np.concatenate([starts, [self.n_tokens]]))
+        self._epochs = {}
+        self.eot, self.vocab_size, self.eod_mask_loss = eot, None, False
+
+    def n_samples(self, seq_len: int) -> int:
+        """Samples per epoch; raises UsageError if there is not one."""
+        if self.n_tokens < seq_len + 1:
+            raise UsageError(f"{self.name} has {self.n_tokens} tokens, fewer than --seq-len + 1 = "
+                             f"{seq_len + 1}; use a smaller --seq-len or more data")
+        return (self.n_tokens - 1) // seq_len
+
+    def _epoch(self, seed, epoch, seq_len):
+        """(document order, where each ordered document starts in the epoch's stream, sample
+        order) of one epoch, the last two kept."""
+        key = (seed, epoch, seq_len)
+        if key not in self._epochs:
+            rng = np.random.default_rng([*np.atleast_1d(seed), epoch])
+            order = rng.permutation(len(self.doc_starts) - 1)
+            lengths = np.diff(self.doc_starts)[order]
+            self._epochs = {k: v for k, v in self._epochs.items() if k[1] >= epoch - 1}
+            self._epochs[key] = (order, np.concatenate([[0], np.cumsum(lengths)]),
+                                 rng.permutation(self.n_samples(seq_len)))
+        return self._epochs[key]
+
+    def _stream(self, start, stop):
+        """Tokens [start, stop) of the shards laid end to end."""
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            offset = start - self._shard_starts[first]
+            piece = self.shards[first][offset:offset + stop - start]
+            pieces.append(np.asarray(piece, np.int64))
+            start += len(piece)
+            first += 1
+        return np.concatenate(pieces)
+
+    def samples(self, indices, seed, seq_len: int) -> np.ndarray:
+        """Global samples `indices` (int64, [len(indices), seq_len + 1])."""
+        n = self.n_samples(seq_len)
+        rows = []
+        for g in np.asarray(indices):
+            order, starts, sample_order = self._epoch(seed, int(g) // n, seq_len)
+            position, need, row = int(sample_order[g % n]) * seq_len, seq_len + 1, []
+            doc = int(np.searchsorted(starts, position, side="right")) - 1
+            while need:  # the sample's tokens, across as many documents as it spans
+                begin = self.doc_starts[order[doc]] + position - starts[doc]
+                end = min(self.doc_starts[order[doc] + 1], begin + need)
+                row.append(self._stream(begin, end))
+                need -= end - begin
+                position, doc = starts[doc + 1], doc + 1
+            rows.append(np.concatenate(row))
+        samples = np.stack(rows) if rows else np.zeros((0, seq_len + 1), np.int64)
+        self._check_ids(samples)
+        return samples
+
+    def describe(self, seq_len: int) -> str:
+        return (f"{self.n_tokens:,} train tokens in {len(self.doc_starts) - 1:,} documents, "
+                f"{self.n_samples(seq_len):,} samples per epoch")
+
+    def progress(self, samples_seen: int, seq_len: int) -> dict:
+        """Where training is in this data: epochs (fractional) after `samples_seen` samples."""
+        return {"epoch": samples_seen / self.n_samples(seq_len)}
+
+    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
+              rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (int64, [rows, seq_len]) for the given rows of step's global batch."""
+        indices = step * global_batch_size + np.arange(global_batch_size)[rows if rows is not None else slice(None)]
+        windows = torch.from_numpy(self.samples(indices, seed, seq_len))
+        labels = windows[:, 1:].contiguous()
+        if self.eod_mask_loss:
+            labels[labels == self.eot] = IGNORE_INDEX
+        return windows[:, :-1].contiguous(), labels
 
     def _window_bounds(self, seq_len):
         if seq_len not in self._bounds:
@@ -197,20 +302,12 @@ class TokenDataset:
         """How many distinct windows there are; raises UsageError if none."""
         return int(self._window_bounds(seq_len)[-1])
 
-    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
-              rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (int64, [rows, seq_len]) for the given rows of step's global batch."""
-        bounds = self._window_bounds(seq_len)
-        # All global_batch_size starts are drawn, from (seed, step) alone and never the rank,
-        # so rows 4:8 on a data-parallel rank are rows 4:8 of the one-process batch. Only the
-        # selected windows are then read from disk.
-        starts = np.random.default_rng([seed, step]).integers(0, bounds[-1], global_batch_size)
-        starts = starts[rows if rows is not None else slice(None)]
-        shard = np.searchsorted(bounds, starts, side="right") - 1  # skips shards with no starts
-        offset = starts - bounds[shard]
-        windows = torch.from_numpy(np.stack([np.asarray(self.shards[i][o:o + seq_len + 1], np.int64)
-                                             for i, o in zip(shard, offset)]))
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    def _check_ids(self, tokens):
+        if self.vocab_size is not None and len(tokens) and not 0 <= tokens.min() <= tokens.max() < self.vocab_size:
+            raise UsageError(f"{self.name} holds token id {int(tokens.max())} (or {int(tokens.min())}) "
+                             f"outside the model's vocabulary of {self.vocab_size}: it was written with "
+                             f"another tokenizer; pass that one as --tokenizer (python data.py inspect "
+                             f"shows its id range)")
 
     def window(self, index: int, seq_len: int) -> tuple[int, np.ndarray]:
         """Window number `index` of the n_windows(seq_len) that batch draws from (seq_len + 1
@@ -218,7 +315,158 @@ class TokenDataset:
         bounds = self._window_bounds(seq_len)
         shard = int(np.searchsorted(bounds, index, side="right")) - 1
         offset = index - bounds[shard]
-        return shard, np.asarray(self.shards[shard][offset:offset + seq_len + 1], np.int64)
+        window = np.asarray(self.shards[shard][offset:offset + seq_len + 1], np.int64)
+        self._check_ids(window)
+        return shard, window
+
+
+class BlendedDataset:
+    """Sources blended by weight, as Megatron's BlendedDataset: global sample i is the next
+    sample of the source whose count so far lags its share of i + 1 samples the most (ties:
+    the first source), so after any number of samples each source's count is within one of
+    its weight's share. The choices are computed in order and kept (about a microsecond per
+    sample per source: a run resumed at step s computes the first s x batch once)."""
+
+    def __init__(self, sources: list[TokenDataset], weights: list[float], name: str):
+        total = sum(weights)
+        self.sources, self.weights, self.name = sources, [w / total for w in weights], name
+        self._source, self._index, self._counts = [], [], [0] * len(sources)
+        self.eot = sources[0].eot
+        self.vocab_size, self.eod_mask_loss = None, False
+
+    def __setattr__(self, name, value):  # vocab_size, eod_mask_loss: every source's
+        if name in ("vocab_size", "eod_mask_loss"):
+            for source in self.sources:
+                setattr(source, name, value)
+        super().__setattr__(name, value)
+
+    def _choose(self, upto):
+        counts, weights = self._counts, self.weights
+        for i in range(len(self._source), upto):
+            k = max(range(len(weights)), key=lambda k: weights[k] * (i + 1) - counts[k])
+            self._source.append(k)
+            self._index.append(counts[k])
+            counts[k] += 1
+
+    def samples(self, indices, seed, seq_len: int) -> np.ndarray:
+        indices = np.asarray(indices)
+        self._choose(int(indices.max()) + 1 if len(indices) else 0)
+        source, index = np.array(self._source)[indices], np.array(self._index)[indices]
+        out = np.zeros((len(indices), seq_len + 1), np.int64)
+        for k, ds in enumerate(self.sources):
+            mine = source == k
+            if mine.any():
+                out[mine] = ds.samples(index[mine], (seed, k), seq_len)
+        return out
+
+    @property
+    def n_tokens(self):
+        return sum(ds.n_tokens for ds in self.sources)
+
+    def describe(self, seq_len: int) -> str:
+        return "blend of " + ", ".join(f"{w:.2f} x {ds.name.removesuffix(' (train)')} ({ds.n_tokens:,} tokens, "
+                                       f"{ds.n_samples(seq_len):,} samples per epoch)"
+                                       for w, ds in zip(self.weights, self.sources))
+
+    def progress(self, samples_seen: int, seq_len: int) -> dict:
+        """Each source's share of the samples so far and its epochs."""
+        self._choose(samples_seen)
+        counts = np.bincount(self._source[:samples_seen], minlength=len(self.sources))
+        return {"epoch": [round(c / ds.n_samples(seq_len), 4) for c, ds in zip(counts, self.sources)],
+                "blend_shares": [round(c / max(samples_seen, 1), 4) for c in counts]}
+
+    batch = TokenDataset.batch  # (the same rule: row r of step s is global sample s x batch + r)
+
+
+class InstructionData:
+    """Prompt/response pairs for fine-tuning a decoder, from JSON Lines records
+    {"prompt": ..., "response": ...}. An example is prompt + response + end-of-text, and its
+    labels are the next tokens of the response and the end-of-text only: the prompt's
+    targets are IGNORE_INDEX, so the loss counts response tokens alone. A row holds one
+    example, cut to seq_len + 1 tokens or padded with end-of-text whose targets are ignored
+    (padding on the right: causal attention never looks at it). Examples are visited once
+    per epoch in an order shuffled by (seed, epoch); row r of step s is example
+    s x global_batch_size + r, on every layout, as TokenDataset's samples are."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], eot: int, name: str):
+        self.examples, self.eot, self.name = examples, eot, name
+        self.n_tokens = sum(len(p) + len(r) for p, r in examples)
+        self.vocab_size, self.eod_mask_loss = None, False
+
+    def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
+              rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = step * global_batch_size + np.arange(global_batch_size)[rows if rows is not None else slice(None)]
+        n = len(self.examples)
+        tokens = np.full((len(indices), seq_len + 1), self.eot, np.int64)
+        labels = np.full((len(indices), seq_len), IGNORE_INDEX, np.int64)
+        for row, g in enumerate(indices):
+            order = np.random.default_rng([seed, int(g) // n]).permutation(n)
+            prompt, response = self.examples[order[g % n]]
+            example = np.concatenate([prompt, response])[:seq_len + 1]
+            tokens[row, :len(example)] = example
+            labels[row, len(prompt) - 1:len(example) - 1] = example[len(prompt):]
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            raise UsageError(f"{self.name} encodes to token id {tokens.max()}, outside the model's "
+                             f"vocabulary of {self.vocab_size}; pass the model's --tokenizer")
+        return torch.from_numpy(tokens[:, :-1]).contiguous(), torch.from_numpy(labels)
+
+    def describe(self, seq_len: int) -> str:
+        longest = max(len(p) + len(r) for p, r in self.examples)
+        cut = sum(len(p) + len(r) > seq_len + 1 for p, r in self.examples)
+        return (f"{len(self.examples):,} prompt/response examples, {self.n_tokens:,} tokens (longest "
+                f"{longest}; {cut} cut at --seq-len + 1)")
+
+    def progress(self, samples_seen: int, seq_len: int) -> dict:
+        return {"epoch": samples_seen / len(self.examples)}
+
+
+def _instruction_file(spec, json_key):
+    """Whether `spec` is one JSON Lines file of prompt/response records (its first record
+    has both keys and no `json_key`)."""
+    if not (isinstance(spec, str) and _is_jsonl(spec) and os.path.isfile(spec)):
+        return False
+    _, _, record = next(_json_records(spec), (0, 0, {}))
+    return isinstance(record, dict) and {"prompt", "response"} <= set(record) and json_key not in record
+
+
+def load_instructions(path, tokenizer_name, val_fraction=0.05):
+    """(train, val) InstructionData of a prompt/response JSON Lines file: the last
+    val_fraction of the examples (at least one) are validation."""
+    enc = get_tokenizer(tokenizer_name)
+    examples = []
+    for _, number, record in _json_records(path):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+            raise UsageError(f"{path}, line {number}: a prompt/response file needs the text keys "
+                             f"\"prompt\" and \"response\" on every line")
+        if not record["prompt"]:
+            raise UsageError(f"{path}, line {number}: an empty prompt (the first response token "
+                             f"needs a token before it)")
+        examples.append((_encode(enc, record["prompt"]).astype(np.int64),
+                         np.append(_encode(enc, record["response"]), enc.eot_token).astype(np.int64)))
+    if len(examples) < 2:
+        raise UsageError(f"{path} has {len(examples)} prompt/response example(s); at least 2 are needed "
+                         f"(one for validation)")
+    n_val = max(1, round(len(examples) * val_fraction))
+    return (InstructionData(examples[:-n_val], enc.eot_token, f"--data {path} (train)"),
+            InstructionData(examples[-n_val:], enc.eot_token, f"--data {path} (val)"))
+
+
+def parse_blend(specs: list[str]) -> list[tuple[float, str]]:
+    """--data W1 SRC1 W2 SRC2 ...: (weight, source) pairs (weights positive numbers)."""
+    if len(specs) % 2:
+        raise UsageError(f"--data {' '.join(specs)}: a blend is WEIGHT SOURCE pairs, e.g. --data 0.7 A "
+                         f"0.3 B; got {len(specs)} words")
+    pairs = []
+    for weight, source in zip(specs[::2], specs[1::2]):
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise UsageError(f"--data: blend weight {weight!r} (before {source}) is not a positive "
+                             f"number; a blend is WEIGHT SOURCE pairs")
+        pairs.append((value, source))
+    return pairs
 
 
 def _source_files(spec: str | None) -> list[str]:
@@ -240,7 +488,7 @@ def _source_files(spec: str | None) -> list[str]:
                             if os.path.isfile(f))
         else:
             files.append(p)
-    files = [f for f in files if _is_text(f)]
+    files = [f for f in files if _is_jsonl(f) or _is_text(f)]
     if not files:
         raise UsageError(f"--data {spec}: found no text files; point it at text")
     return files
@@ -251,14 +499,55 @@ def _is_text(path):
         return b"\0" not in f.read(8192)
 
 
-def _read(paths, val_fraction=0.0, block_bytes=1 << 24):
-    """Yield (text, split) for the files laid end to end, and (None, split) at each file's end.
-    Bytes before the last val_fraction of the total are "train", the rest "val". Files are read
-    in blocks of whole lines (~16 MB), so a huge file never sits in memory whole and no UTF-8
-    character is split between blocks."""
+def _is_jsonl(path):
+    return path.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _json_records(path):
+    """(bytes read so far, line number, record) of each non-empty line of a JSON Lines file
+    (gzip-compressed if its name ends in .gz; then the bytes are the compressed file's)."""
+    with open(path, "rb") as raw, (gzip.open(raw) if path.endswith(".gz") else raw) as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise UsageError(f"{path}, line {number}: not JSON ({e}); one JSON object per "
+                                     f"line is expected") from None
+                yield raw.tell(), number, record
+        except (OSError, EOFError) as e:  # a damaged or truncated .gz
+            raise UsageError(f"{path}: cannot be read to the end ({e}); is it complete?") from None
+
+
+def _jsonl_documents(path, json_key):
+    """(bytes read so far, text) of each record of a JSON Lines file."""
+    for end, number, record in _json_records(path):
+        text = record.get(json_key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(map(repr, record)) if isinstance(record, dict) else "none"
+            raise UsageError(f"{path}, line {number}: no text under the key {json_key!r} "
+                             f"(keys: {keys}); name the text's key with --json-key")
+        yield end, text
+
+
+def _read(paths, val_fraction=0.0, block_bytes=1 << 24, json_key="text"):
+    """Yield (text, split) for the files laid end to end, and (None, split) at each document's
+    end (a text file's, a JSON Lines record's). Bytes before the last val_fraction of the
+    total are "train", the rest "val" (a JSON Lines record goes where its line ends). Text
+    files are read in blocks of whole lines (~16 MB), so a huge file never sits in memory
+    whole and no UTF-8 character is split between blocks."""
     val_start = int(sum(map(os.path.getsize, paths)) * (1 - val_fraction))
     offset, last = 0, "train"
     for path in paths:
+        if _is_jsonl(path):
+            for end, text in _jsonl_documents(path, json_key):
+                last = "train" if offset + end <= val_start else "val"
+                yield text, last
+                yield None, last
+            offset += os.path.getsize(path)
+            continue
         with open(path, "rb") as f:
             while lines := f.readlines(block_bytes):
                 block = b"".join(lines)
@@ -273,9 +562,23 @@ def _read(paths, val_fraction=0.0, block_bytes=1 << 24):
         yield None, last
 
 
-def load_dataset(spec: str | None, tokenizer_name: str, seq_len: int,
-                 val_fraction: float = 0.05) -> tuple[TokenDataset, TokenDataset]:
-    """(train, val) for a source named as in the module docstring."""
+def load_dataset(spec, tokenizer_name: str, seq_len: int, val_fraction: float = 0.05,
+                 json_key: str = "text"):
+    """(train, val) for a source named as in the module docstring (a string), or for a blend
+    of them ([W1, SRC1, W2, SRC2, ...]: BlendedDataset, validation blended alike)."""
+    if isinstance(spec, (list, tuple)) and len(spec) == 1:
+        spec = spec[0]
+    if _instruction_file(spec, json_key):
+        return load_instructions(spec, tokenizer_name, val_fraction)
+    if isinstance(spec, (list, tuple)):
+        pairs = parse_blend(list(spec))
+        splits = [load_dataset(source, tokenizer_name, seq_len, val_fraction, json_key) for _, source in pairs]
+        weights = [w for w, _ in pairs]
+        return tuple(BlendedDataset([s[i] for s in splits], weights, f"--data blend ({name})")
+                     for i, name in enumerate(("train", "val")))
+    prefix = indexed_prefix(spec)
+    if prefix is not None:
+        return IndexedDataset(prefix).split(seq_len, val_fraction)
     if spec is not None and os.path.isfile(os.path.join(spec, "meta.json")):
         with open(os.path.join(spec, "meta.json")) as f:
             meta = json.load(f)
@@ -285,23 +588,156 @@ def load_dataset(spec: str | None, tokenizer_name: str, seq_len: int,
         if meta["tokenizer"] != tokenizer_name:
             raise UsageError(f"--data {spec} was prepared with tokenizer {meta['tokenizer']!r}, "
                              f"not {tokenizer_name!r}: pass --tokenizer {meta['tokenizer']}")
+        eot = get_tokenizer(tokenizer_name).eot_token
         train, val = [TokenDataset([np.memmap(os.path.join(spec, s["file"]), meta["dtype"], "r")
-                                    for s in meta[split]], f"--data {spec} ({split})")
+                                    for s in meta[split]], f"--data {spec} ({split})", eot)
                       for split in ("train", "val")]
         for ds in (train, val):
-            ds.n_windows(seq_len)  # too short for seq_len? fail now, not at the first batch
+            ds.n_samples(seq_len)  # too short for seq_len? fail now, not at the first batch
         return train, val
 
     enc, name = get_tokenizer(tokenizer_name), f"--data {spec or 'stdlib'}"
-    tokens = np.concatenate([_encode(enc, text) for text, _ in _read(_source_files(spec))])
+    tokens = np.concatenate([_encode(enc, text) for text, _ in _read(_source_files(spec), json_key=json_key)])
     # The last val_fraction of the stream is validation, but at least one window's worth.
     n_val = max(int(len(tokens) * val_fraction), seq_len + 1)
     if len(tokens) - n_val < seq_len + 1:
         raise UsageError(f"{name} has {len(tokens)} tokens, fewer than 2 * (--seq-len + 1) = "
                          f"{2 * (seq_len + 1)} for a train and a validation window; use a smaller "
                          f"--seq-len or more data")
-    return (TokenDataset([tokens[:-n_val]], f"{name} (train)"),
-            TokenDataset([tokens[-n_val:]], f"{name} (val)"))
+    return (TokenDataset([tokens[:-n_val]], f"{name} (train)", enc.eot_token),
+            TokenDataset([tokens[-n_val:]], f"{name} (val)", enc.eot_token))
+
+
+# ----------------------------------------------------------------------------
+# Megatron-LM's indexed dataset: PREFIX.bin + PREFIX.idx
+# ----------------------------------------------------------------------------
+# PREFIX.bin is every sequence's token ids back to back, in one dtype. PREFIX.idx, all
+# little-endian: the magic b"MMIDIDX\0\0"; version <Q (1); a dtype code <B; the number of
+# sequences <Q and of document boundaries <Q (documents + 1); each sequence's length (int32)
+# and byte offset in .bin (int64); the document boundaries (int64: 0, then after each
+# document the index of the next sequence). tools/preprocess_data.py writes one sequence per
+# document (per sentence with --split-sentences), ending in end-of-text with --append-eod,
+# in uint16 when the vocabulary has fewer than 65,500 ids, else int32.
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                7: np.float32, 8: np.uint16}
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def indexed_prefix(spec):
+    """The PREFIX of a Megatron dataset that `spec` names (PREFIX, PREFIX.bin or PREFIX.idx),
+    or None when it names something else."""
+    if not spec:
+        return None
+    prefix = spec[:-4] if spec.endswith((".bin", ".idx")) else spec
+    return prefix if os.path.isfile(prefix + ".idx") or os.path.isfile(prefix + ".bin") else None
+
+
+class IndexedDataset:
+    """A Megatron-LM indexed dataset, memory-mapped and checked: every sequence contiguous in
+    .bin, as many bytes as .idx describes, an integer dtype. Damage is one UsageError naming
+    the file and what is wrong (`problems` lists them all, for `data.py inspect`)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        problems = self.problems()
+        if problems:
+            raise UsageError(problems[0])
+
+    def problems(self) -> list[str]:
+        idx, bin_ = self.prefix + ".idx", self.prefix + ".bin"
+        missing = [p for p in (idx, bin_) if not os.path.isfile(p)]
+        if missing:
+            return [f"{p}: no such file (a Megatron dataset is PREFIX.bin + PREFIX.idx)" for p in missing]
+        with open(idx, "rb") as f:
+            head = f.read(_INDEX_HEADER.size)
+        if len(head) < _INDEX_HEADER.size or head[:9] != INDEX_MAGIC:
+            return [f"{idx}: not a Megatron index (it does not start with MMIDIDX)"]
+        _, version, code, n_seq, n_bounds = _INDEX_HEADER.unpack(head)
+        problems = []
+        if version != 1:
+            problems.append(f"{idx}: index version {version}; only version 1 exists")
+        if code not in INDEX_DTYPES or INDEX_DTYPES[code] in (np.float32, np.float64):
+            return problems + [f"{idx}: dtype code {code} is not an integer token type (uint16 = 8, "
+                               f"int32 = 4, ...)"]
+        self.dtype = np.dtype(INDEX_DTYPES[code])
+        size = _INDEX_HEADER.size + 12 * n_seq + 8 * n_bounds
+        if os.path.getsize(idx) < size or n_bounds < 1:
+            return problems + [f"{idx}: {os.path.getsize(idx)} bytes, fewer than the {size} its header "
+                               f"describes ({n_seq} sequences, {n_bounds} document boundaries): truncated"]
+        self.lengths = np.memmap(idx, np.int32, "r", _INDEX_HEADER.size, (n_seq,))
+        pointers = np.memmap(idx, np.int64, "r", _INDEX_HEADER.size + 4 * n_seq, (n_seq,))
+        self.bounds = np.memmap(idx, np.int64, "r", _INDEX_HEADER.size + 12 * n_seq, (n_bounds,))
+        starts = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        if (self.lengths < 0).any() or not np.array_equal(pointers, starts[:-1] * self.dtype.itemsize):
+            fits = [size for size in (1, 2, 4, 8) if np.array_equal(pointers, starts[:-1] * size)]
+            problems.append(f"{idx}: sequence lengths and byte offsets disagree" + (
+                f": the offsets are those of {fits[0]}-byte tokens, not of its dtype {self.dtype.name} "
+                f"(code {code}); is it the index of another file?" if fits else
+                " (not one sequence after another); rewrite it with Megatron's or this tool's writer"))
+        if self.bounds[0] != 0 or self.bounds[-1] != n_seq or (np.diff(self.bounds) < 0).any():
+            problems.append(f"{idx}: document boundaries do not run from 0 to its {n_seq} sequences")
+        expected = int(starts[-1]) * self.dtype.itemsize
+        if os.path.getsize(bin_) != expected:
+            problems.append(f"{bin_}: {os.path.getsize(bin_)} bytes, but {idx} describes {starts[-1]:,} "
+                            f"tokens of {self.dtype.name} = {expected} bytes: truncated, or the index of "
+                            f"another file or dtype")
+        if not problems:
+            self.tokens = np.memmap(bin_, self.dtype, "r") if expected else np.zeros(0, self.dtype)
+            self.doc_starts = starts[np.asarray(self.bounds)]  # token offset of each document
+        return problems
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.doc_starts) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.doc_starts[i]:self.doc_starts[i + 1]]
+
+    def split(self, seq_len: int, val_fraction: float) -> tuple[TokenDataset, TokenDataset]:
+        """(train, val): the last val_fraction of the documents (at least one window's worth of
+        tokens) are validation. Both are views of the memory-mapped tokens."""
+        n_val = max(1, round(self.n_documents * val_fraction))
+        cut_doc = self.n_documents - n_val
+        while cut_doc > 0 and len(self.tokens) - self.doc_starts[cut_doc] < seq_len + 1:
+            cut_doc -= 1
+        cut = int(self.doc_starts[cut_doc])
+        if cut < seq_len + 1 or len(self.tokens) - cut < seq_len + 1:
+            raise UsageError(f"--data {self.prefix} has {len(self.tokens)} tokens in {self.n_documents} "
+                             f"documents, too few for a train and a validation window of --seq-len + 1 "
+                             f"= {seq_len + 1}; use a smaller --seq-len or more data")
+        name = f"--data {self.prefix}"
+        return (TokenDataset([self.tokens[:cut]], f"{name} (train)", doc_starts=self.doc_starts[:cut_doc + 1]),
+                TokenDataset([self.tokens[cut:]], f"{name} (val)", doc_starts=self.doc_starts[cut_doc:] - cut))
+
+
+def write_indexed(prefix: str, documents, dtype) -> tuple[int, int]:
+    """Write `documents` (arrays of token ids) as Megatron-LM's PREFIX.bin + PREFIX.idx, one
+    sequence per document, through temporary files renamed into place at the end. Returns
+    (documents, tokens)."""
+    dtype = np.dtype(dtype)
+    code = next(c for c, t in INDEX_DTYPES.items() if np.dtype(t) == dtype)
+    lengths = []
+    try:
+        with open(prefix + ".bin.tmp", "wb") as f:
+            for tokens in documents:
+                np.asarray(tokens, dtype).tofile(f)
+                lengths.append(len(tokens))
+        lengths = np.array(lengths, np.int32)
+        pointers = (np.cumsum(lengths, dtype=np.int64) - lengths) * dtype.itemsize
+        with open(prefix + ".idx.tmp", "wb") as f:
+            f.write(_INDEX_HEADER.pack(INDEX_MAGIC, 1, code, len(lengths), len(lengths) + 1))
+            f.write(lengths.tobytes())
+            f.write(pointers.astype(np.int64).tobytes())
+            f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+        os.replace(prefix + ".bin.tmp", prefix + ".bin")
+        os.replace(prefix + ".idx.tmp", prefix + ".idx")
+    finally:
+        for tmp in (prefix + ".bin.tmp", prefix + ".idx.tmp"):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return len(lengths), int(lengths.sum())
 
 
 class _ShardWriter:
@@ -331,8 +767,40 @@ class _ShardWriter:
         return self.shards
 
 
+def _documents(enc, paths, json_key):
+    """The token ids of each document of the files, end-of-text included."""
+    pieces = []
+    for text, _ in _read(paths, json_key=json_key):
+        pieces.append(_encode(enc, text))
+        if text is None:
+            yield np.concatenate(pieces)
+            pieces = []
+
+
+def prepare_megatron(src: str, prefix: str, tokenizer_name: str = BYTE_TOKENIZER,
+                     json_key: str = "text") -> tuple[int, int]:
+    """Tokenize a source into Megatron-LM's PREFIX.bin + PREFIX.idx, one sequence per
+    document (each ending in end-of-text, as preprocess_data.py --append-eod writes them),
+    in uint16 when the vocabulary has fewer than 65,500 ids, else int32, as Megatron chooses.
+    The split into train and validation is made when it is read."""
+    t0 = time.time()
+    taken = [p for p in (prefix + ".bin", prefix + ".idx") if os.path.exists(p)]
+    if taken:
+        raise UsageError(f"{taken[0]} already exists: choose another prefix or remove it")
+    enc, paths = get_tokenizer(tokenizer_name), _source_files(src)
+    dtype = np.uint16 if enc.n_vocab < 65_500 else np.int32
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        n_docs, n_tokens = write_indexed(prefix, _documents(enc, paths, json_key), dtype)
+    except OSError as e:
+        raise UsageError(f"cannot write {prefix}.bin/.idx: {e.strerror}; nothing was written") from None
+    print(f"prepared {prefix}.bin + .idx: {n_docs:,} documents, {n_tokens:,} tokens ({tokenizer_name}, "
+          f"{np.dtype(dtype).name}) from {len(paths)} files, {time.time() - t0:.1f}s")
+    return n_docs, n_tokens
+
+
 def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
-            val_fraction: float = 0.005, shard_tokens: int = 100_000_000) -> dict:
+            val_fraction: float = 0.005, shard_tokens: int = 100_000_000, json_key: str = "text") -> dict:
     """Tokenize a source into raw token shards + meta.json in out_dir, for load_dataset."""
     t0 = time.time()
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -354,7 +822,7 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
     try:
         # Validation is the last val_fraction of the bytes, the same "tail of the stream" rule
         # as load_dataset's in-memory split; unlike a split by documents, it works for one file.
-        for text, split in _read(paths, val_fraction):
+        for text, split in _read(paths, val_fraction, json_key=json_key):
             writers[split].write(_encode(enc, text))
         meta = {"format": 1, "tokenizer": tokenizer_name, "dtype": np.dtype(_dtype(enc)).name,
                 **{split: w.close() for split, w in writers.items()}}
@@ -850,19 +1318,80 @@ class SpanCorruptionData:
         return corrupt(is_noise), corrupt(~is_noise)
 
 
+def inspect(path: str, tokenizer_name: str | None = None, json_key: str = "text", show: int = 16) -> list[str]:
+    """What train.py would read from `path` (any --data source), as lines: its kind,
+    documents, tokens, dtype, the range of its token ids, and the first document's first
+    `show` ids (decoded with `tokenizer_name`, if given). Problems of a Megatron dataset are
+    "error: ..." lines, all of them."""
+    prefix = indexed_prefix(path)
+    if prefix is not None:
+        ds = IndexedDataset.__new__(IndexedDataset)
+        ds.prefix = prefix
+        problems = ds.problems()
+        if problems:
+            return [f"error: {p}" for p in problems]
+        lines = [f"{prefix}: Megatron indexed dataset, {ds.n_documents:,} documents, {len(ds.lengths):,} "
+                 f"sequences, {len(ds.tokens):,} tokens of {ds.dtype.name}"]
+        tokens, first = ds.tokens, ds.document(0) if ds.n_documents else ds.tokens[:0]
+    elif _instruction_file(path, json_key):
+        train, val = load_instructions(path, tokenizer_name or BYTE_TOKENIZER, val_fraction=0.05)
+        examples = train.examples + val.examples
+        lines = [f"{path}: prompt/response pairs, {len(examples):,} examples ({len(val.examples)} for "
+                 f"validation), {train.n_tokens + val.n_tokens:,} tokens"]
+        tokens, first = np.concatenate([t for e in examples for t in e]), np.concatenate(examples[0])
+    elif path and os.path.isfile(os.path.join(path, "meta.json")):
+        train, val = load_dataset(path, _read_json(os.path.join(path, "meta.json"))["tokenizer"], 0)
+        meta = _read_json(os.path.join(path, "meta.json"))
+        tokenizer_name = tokenizer_name or meta["tokenizer"]
+        lines = [f"{path}: prepared shards ({meta['tokenizer']}), {train.n_tokens:,} train + {val.n_tokens:,} "
+                 f"val tokens of {meta['dtype']} in {len(train.shards)} + {len(val.shards)} shards"]
+        tokens, first = np.concatenate(train.shards + val.shards), train.shards[0]
+    else:
+        enc = get_tokenizer(tokenizer_name or BYTE_TOKENIZER)
+        paths = _source_files(path)
+        documents = list(_documents(enc, paths, json_key))
+        lines = [f"{path or 'stdlib'}: {len(paths)} text/JSON Lines files, {len(documents):,} documents, "
+                 f"{sum(map(len, documents)):,} tokens ({enc.name}, each document ending in "
+                 f"end-of-text {enc.eot_token})"]
+        tokens, first = np.concatenate(documents), documents[0]
+    if len(tokens):
+        lines.append(f"token ids {int(tokens.min())}..{int(tokens.max())}")
+    lines.append(f"first document: {len(first):,} tokens, beginning {np.asarray(first[:show]).tolist()}")
+    if tokenizer_name and len(first):
+        lines.append(f"  decoded ({tokenizer_name}): {get_tokenizer(tokenizer_name).decode(first[:show].tolist())!r}")
+    return lines
+
+
 def main(argv=None):
     parser = errors.ArgumentParser(description="Data tools for train.py.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenize text into memory-mapped shards for --data")
-    p.add_argument("src", help='"stdlib", a text file, a directory or a glob pattern')
-    p.add_argument("out_dir", help="new directory for the shards and meta.json")
+    p.add_argument("src", help='"stdlib", a text or JSON Lines file, a directory or a glob pattern')
+    p.add_argument("out", help="new directory for the shards and meta.json; with --format megatron "
+                               "the PREFIX of PREFIX.bin and PREFIX.idx")
+    p.add_argument("--format", choices=["shards", "megatron"], default="shards",
+                   help="shards: this project's (split, tokenizer recorded); megatron: Megatron-LM's "
+                        "indexed dataset, which Megatron-LM and this trainer both read")
     p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES) + " or hf:DIR")
+    p.add_argument("--json-key", default="text", help="JSON Lines: the key of each record's text")
     p.add_argument("--val-fraction", type=float, default=0.005,
-                   help="share of the tokens held out for validation")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+                   help="shards: share of the tokens held out for validation")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="shards: tokens per shard file")
+    p = commands.add_parser("inspect", help="what train.py would read from a --data source")
+    p.add_argument("path", help="a Megatron PREFIX, a prepared directory, or a text/JSON Lines source")
+    p.add_argument("--tokenizer", default=None, help="decode the first tokens with this tokenizer")
+    p.add_argument("--json-key", default="text", help="JSON Lines: the key of each record's text")
     args = parser.parse_args(argv)
     try:
-        prepare(args.src, args.out_dir, args.tokenizer, args.val_fraction, args.shard_tokens)
+        if args.command == "inspect":
+            lines = inspect(args.path, args.tokenizer, args.json_key)
+            print("\n".join(lines))
+            if any(line.startswith("error:") for line in lines):
+                sys.exit(1)
+        elif args.format == "megatron":
+            prepare_megatron(args.src, args.out, args.tokenizer, args.json_key)
+        else:
+            prepare(args.src, args.out, args.tokenizer, args.val_fraction, args.shard_tokens, args.json_key)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

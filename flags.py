@@ -55,7 +55,12 @@ def parse_args(argv=None):
       help="mixture of experts: router z-loss coefficient (default: the preset's)")
 
     a = p.add_argument_group("data").add_argument
-    a("--data", default="stdlib", help="stdlib (built in), a text file/folder/glob, or a prepared dir")
+    a("--data", nargs="+", default=["stdlib"], metavar="SOURCE",
+      help="stdlib (built in), a text or JSON Lines file/folder/glob, a prepared dir, or a Megatron "
+           "dataset's PREFIX (PREFIX.bin + .idx); or a blend: WEIGHT SOURCE WEIGHT SOURCE ...")
+    a("--json-key", default="text", help="JSON Lines data: the key of each record's text")
+    a("--eod-mask-loss", action="store_true",
+      help="causal models: leave the end-of-text targets out of the loss (Megatron's flag)")
     a("--tokenizer", default=None,
       help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json) "
            "(default: byte, or the tokenizer of the --load checkpoint or folder)")

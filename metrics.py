@@ -73,6 +73,17 @@ def describe_mfu(records, device):
     return f"{mfu:.1%}" if device.type == "cuda" else f"{mfu:.1%} of cpu matmul"
 
 
+def describe_data_progress(record):
+    """" | epoch 0.42", or for a blend " | epochs 0.42/1.10, shares 0.70/0.30"; "" for data
+    read otherwise (BERT's, T5's and tasks' examples)."""
+    if "epoch" not in record:
+        return ""
+    if "blend_shares" not in record:
+        return f" | epoch {record['epoch']:.2f}"
+    return (f" | epochs {'/'.join(f'{e:.2f}' for e in record['epoch'])}, shares "
+            f"{'/'.join(f'{s:.2f}' for s in record['blend_shares'])}")
+
+
 def clock(seconds):
     """h:mm:ss"""
     seconds = round(seconds)
@@ -164,7 +175,8 @@ class Logger:
             val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
             val += f" ({val_acc})" if val_acc else ""
             moe = self.describe_router() if self.router_steps else ""
-            self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{train_acc}{val}{moe} | lr "
+            self.print(f"step {done:5d}/{args.steps} | loss {record['loss']:.4f}{train_acc}{val}{moe}"
+                       f"{describe_data_progress(record)} | lr "
                        f"{record['lr']:.2e} | grad {record['grad_norm']:.2f} | "
                        f"{args.global_batch_size * args.seq_len / step_time:,.0f} tok/s | step "
                        f"{step_time:.2f}s | mfu {describe_mfu(steps, self.layout.device)} | {memory} | "

@@ -163,13 +163,15 @@ def keep_schedule(args, saved):
     return "; ".join(note)
 
 
-def load_data(args, tokenizer):
+def load_data(args, tokenizer, vocab_size):
     """(train, val) for the model: token windows (causal models), BERT's masked sentence
     pairs or T5's corrupted spans over the same windows, or with --task a labelled
-    classification task."""
+    classification task. Every window read is checked against the model's vocabulary."""
     if args.task:
         return data.load_task(args.task, tokenizer, args.seq_len)
-    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len)
+    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len, json_key=args.json_key)
+    for dataset in (train_data, val_data):
+        dataset.vocab_size, dataset.eod_mask_loss = vocab_size, args.eod_mask_loss
     examples = models.family(args.model).examples
     return (train_data, val_data) if examples is None else tuple(
         examples(windows, tokenizer, args) for windows in (train_data, val_data))
@@ -188,7 +190,7 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     device = layout.device
     precision = args.precision if args.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
-    train_data, val_data = load_data(args, tokenizer)
+    train_data, val_data = load_data(args, tokenizer, cfg.vocab_size)
     chunks = parallel.rank_chunks(layout, cfg.n_layers, flags.pp_layers(args))
     schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
     steps_per_rank = flags.micro_steps(args, layout.dp)
@@ -251,11 +253,13 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
         ddp.close()
         raise
     log = run.logger.print
+    what = f"task {args.task}" if args.task else "data " + " ".join(args.data)
+    amount = train_data.describe(args.seq_len) if hasattr(train_data, "describe") else \
+        f"{train_data.n_tokens:,} train tokens"
     log(f"{args.model} ({source}; tokenizer {tokenizer}): "
         f"{parallel.count_parameters(modules, layout) / 1e6:.2f}M parameters | {layout.describe()} | "
         f"{describe_precision(run)} | "
-        f"{f'task {args.task}' if args.task else f'data {args.data}'}: "
-        f"{train_data.n_tokens:,} train tokens | {run.tokens_per_step:,} tokens/step in "
+        f"{what}: {amount} | {run.tokens_per_step:,} tokens/step in "
         f"{steps_per_rank} micro-batch(es) per rank")
     if layout.pp > 1:
         log(f"pipeline: {schedule} schedule, chunks of layers "
@@ -573,6 +577,8 @@ def training_loop(run):
             record = train_step(run, step)
             router = router_figures(run.modules, layout, run.tokens_per_step)
             record.update(head_figures(run))
+            if hasattr(run.train_data, "progress"):
+                record.update(run.train_data.progress((step + 1) * args.global_batch_size, args.seq_len))
             # (evaluation, saving and --compile's compilation, reported apart, not included)
             compile_s = parallel.compile_seconds() - compiled_before
             step_time = time.perf_counter() - t_step - compile_s

@@ -39,6 +39,7 @@ def test_batch_contract():
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)  # y is x shifted by one
     assert torch.equal(ds.batch(3, 7, 8, 16)[0], x)  # same (seed, step): same batch
+    assert torch.equal(x, torch.from_numpy(ds.samples(range(24, 32), 7, 16)[:, :-1]))  # step 3: samples 24-31
     assert not torch.equal(ds.batch(4, 7, 8, 16)[0], x)
     assert not torch.equal(ds.batch(3, 8, 8, 16)[0], x)
     for dp in (2, 4, 8):  # each data-parallel rank's rows are those rows of the dp=1 batch
@@ -49,24 +50,38 @@ def test_batch_contract():
             assert torch.equal(xr, x[rows]) and torch.equal(yr, y[rows])
 
 
-def test_windows_never_cross_shards():
-    # Shard k holds values k*1000 + i; the middle one is too short for any window.
-    shards = [np.arange(0, 100), np.arange(1000, 1005), np.arange(2000, 2012)]
-    ds = data.TokenDataset(shards, "t")
-    assert ds.n_windows(seq_len=8) == (100 - 8) + (12 - 8)
-    seen = set()
-    for step in range(200):
-        x, y = ds.batch(step, 0, 16, 8)
-        w = torch.cat([x, y[:, -1:]], dim=1)
-        assert (w.diff(dim=1) == 1).all()  # contiguous within one shard
-        seen |= set(w[:, 0].tolist())
-    assert {s // 1000 for s in seen} == {0, 2}
-    assert 2003 in seen and 91 in seen  # the last valid starts are reachable
+def test_an_epoch_reads_every_token_once_in_shuffled_documents():
+    """Megatron's samples: per epoch the documents in a shuffled order, cut into samples of
+    seq_len + 1; the inputs of an epoch's samples hold each token at most once (all but the
+    stream's last few), and a sample runs on inside a document, or from its end-of-text into
+    the next document's start. A document cut between two shards (as prepare's shards cut
+    them) is still one document."""
+    eot = 10_000
+    docs = [np.append(np.arange(k * 100, k * 100 + n), eot) for k, n in enumerate([30, 5, 47, 12, 60])]
+    stream = np.concatenate(docs)
+    shards = [stream[:50], stream[50:]]  # the third document spans both
+    ds = data.TokenDataset(shards, "t", eot)
+    assert ds.doc_starts.tolist() == [0, 31, 37, 85, 98, 159]
+    L = 8
+    n = ds.n_samples(L)
+    assert n == (len(stream) - 1) // L
+    epoch0 = ds.samples(range(n), seed=3, seq_len=L)
+    inputs = epoch0[:, :-1].ravel()
+    words = inputs[inputs != eot]
+    assert len(set(words.tolist())) == len(words) and len(inputs) == n * L
+    assert len(words) >= len(stream) - len(docs) - L
+    starts = {int(d[0]) for d in docs}
+    for row in epoch0:
+        for a, b in zip(row[:-1], row[1:]):
+            assert b == a + 1 or (a == eot and b in starts) or b == eot, row
+    epoch1 = ds.samples(range(n, 2 * n), seed=3, seq_len=L)
+    assert not np.array_equal(epoch0, epoch1)
+    assert np.array_equal(ds.samples([5, n + 5], 3, L), np.stack([epoch0[5], epoch1[5]]))
 
 
 def test_too_little_data():
     with pytest.raises(UsageError, match=r"fewer than --seq-len \+ 1 = 9"):
-        data.TokenDataset([np.arange(5), np.arange(8)], "tiny").batch(0, 0, 1, seq_len=8)
+        data.TokenDataset([np.arange(5), np.arange(3)], "tiny").batch(0, 0, 1, seq_len=8)
 
 
 def _write_corpus(root):

@@ -164,8 +164,10 @@ def reads_and_writes(command):
     if script == "convert.py":
         (reads if args[0] == "export" else set()).add(args[1])
         writes.add(args[2])
-    elif script == "data.py":
-        writes.add(args[2])
+    elif script == "data.py" and args[0] == "inspect":
+        reads.add(args[1])
+    elif script == "data.py":  # a folder of shards, or a Megatron dataset's two files
+        writes.update(megatron_files(args[2]) if "megatron" in args else [args[2]])
     elif script == "bench.py" and args[0] == "plot":
         reads.update(a for a in args[1:] if a.endswith(".jsonl"))
         writes.add(flag(args, "-o"))
@@ -175,7 +177,16 @@ def reads_and_writes(command):
     for name in ("--save", "--metrics"):
         if flag(args, name):
             writes.add(flag(args, name))
+    reads = {file for r in reads for file in (megatron_files(r) if r in MEGATRON_PREFIXES else [r])}
     return {r for r in reads if not r.startswith(("stdlib", "books/"))}, writes
+
+
+def megatron_files(prefix):
+    return [prefix + ".bin", prefix + ".idx"]
+
+
+# Megatron datasets the README prepares: named by a prefix, they are two files
+MEGATRON_PREFIXES = {shlex.split(c)[4] for c in COMMANDS if c.startswith("python data.py prepare") and "megatron" in c}
 
 
 def maker_of(path):
@@ -286,6 +297,10 @@ def check_output(command, root, out):
             assert out.endswith("\n") and out.count("\n") == 1, out
         else:
             assert all(p.encode().decode("unicode_escape") in out for p in prompts), (prompts, out)
+    elif script == "data.py" and args[0] == "inspect":
+        assert re.search(r"^\S+: .* \d+ documents, .* tokens", out) and "first document: " in out, out
+    elif script == "data.py" and "megatron" in args:
+        assert data.IndexedDataset(str(root / args[2])).n_documents > 1 and "prepared" in out, out
     elif script == "data.py":
         meta = json.loads((root / args[2] / "meta.json").read_text())
         assert meta["train"] and meta["val"] and f"prepared {root / args[2]}" in out, out
