@@ -55,8 +55,8 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     workers=0  # (xdist's flag, its workers left out: a few tests)
     TESTS_SMALL=(-m "not gpu" -k "rmsnorm_matches_reference or ssd_triton_stages_forward or dispatch or \
 position_bias_under_autocast or optimizer_state_with_and_without_zero1 or fp8_linear_through_the_triton")
-    TRAIN_SMALL=(--config test --seq-len 32 --global-batch-size 2 --micro-batch-size 2 --steps 2
-        --warmup-steps 1 --log-every 1 --device cpu)
+    TRAIN_SMALL=(--config test --seq-len 32 --global-batch-size 2 --micro-batch-size 2 --steps 1
+        --warmup-steps 0 --log-every 1 --device cpu)
     BENCH_SMALL=(--device cpu)
 else
     TESTS_SMALL=() TRAIN_SMALL=() BENCH_SMALL=()
@@ -89,7 +89,7 @@ step() {  # step NAME LIMIT LOG COMMAND...: at most LIMIT seconds, output append
     shift 3
     echo "== $name (limit ${limit} s): $*" | tee -a "$out/$log"
     local start=$SECONDS
-    timeout -k 10 "$limit" "$@" >> "$out/$log" 2>&1
+    timeout -k "${kill_after:-10}" "$limit" "$@" >> "$out/$log" 2>&1
     local rc=$? verdict=pass
     if [ $rc = 124 ] || [ $rc = 137 ]; then verdict=timeout; elif [ $rc != 0 ]; then verdict="fail ($rc)"; fi
     tail -n 12 "$out/$log"
@@ -178,7 +178,7 @@ mamba)
     # token at seq 1k, 4k and 16k, autotuned. Compiles: 18 specializations counted; the 3
     # attention kernels over 4 configurations (12), SSD's 5 tuned ones over 2-3 (13), 9
     # untuned: 34: 20 + 34 x 2 + 20 = 108 -> 110 s.
-    bench long-context 110 long-context --seq-lens $(small "1024 4096 16384" "32 64") \
+    bench long-context 110 long-context --seq-lens $(small "1024 4096 16384" "16 32") \
         --mamba-config mamba2-130m --mamba-set $(small "" "n_layers=1 dim=64 vocab_size=512") \
         --llama-config tiny --llama-set $(small "dim=768 n_layers=12 n_heads=12 n_kv_heads=12 \
         ffn_dim=2048 vocab_size=50288" "n_layers=1") --reps $(small 3 1)
