@@ -18,10 +18,13 @@ Each text file, and each line of a JSON Lines file, is a document, and each docu
 with the tokenizer's end-of-text token (as in GPT-2's data), so that windows spanning two
 documents show the model where one ends. `python data.py inspect PATH` describes any source.
 
-The batch contract, on which layout-independent training rests: the global batch of step s is
-drawn by a random generator seeded by (seed, s) only; each data-parallel rank then reads its
-own rows of it. So every parallel layout sees the same global batch, and resuming at step s
-needs no data-loader state: the step number is the position.
+The batch contract, on which layout-independent training rests: row r of step s is global
+sample s x global_batch_size + r, a function of (seed, s, r) alone (TokenDataset: epochs of
+shuffled documents, as Megatron cuts them); each data-parallel rank reads its own rows. So
+every parallel layout sees the same global batch, and resuming at step s needs no data-loader
+state: the step number is the position. Several sources blend by weight (`--data 0.7 A 0.3
+B`: BlendedDataset), and a JSON Lines file of prompt/response records is fine-tuning data
+(InstructionData: the loss on the responses only).
 
 BERT (bert.py) reads the same sources differently: MaskedLMData makes masked-language-model
 examples ([CLS] A [SEP] B [SEP], 15% of the text to predict, A and B swapped half the time for
