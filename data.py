@@ -334,6 +334,7 @@ class BlendedDataset:
         total = sum(weights)
         self.sources, self.weights, self.name = sources, [w / total for w in weights], name
         self._source, self._index, self._counts = [], [], [0] * len(sources)
+        self._shares_at = 0, np.zeros(len(sources), np.int64)  # (samples counted, their sources)
         self.eot = sources[0].eot
         self.vocab_size, self.eod_mask_loss = None, False
 
@@ -354,7 +355,8 @@ class BlendedDataset:
     def samples(self, indices, seed, seq_len: int) -> np.ndarray:
         indices = np.asarray(indices)
         self._choose(int(indices.max()) + 1 if len(indices) else 0)
-        source, index = np.array(self._source)[indices], np.array(self._index)[indices]
+        source = np.array([self._source[i] for i in indices], np.int64)
+        index = np.array([self._index[i] for i in indices], np.int64)
         out = np.zeros((len(indices), seq_len + 1), np.int64)
         for k, ds in enumerate(self.sources):
             mine = source == k
@@ -374,7 +376,11 @@ class BlendedDataset:
     def progress(self, samples_seen: int, seq_len: int) -> dict:
         """Each source's share of the samples so far and its epochs."""
         self._choose(samples_seen)
-        counts = np.bincount(self._source[:samples_seen], minlength=len(self.sources))
+        counted, counts = self._shares_at
+        if samples_seen < counted:  # (an earlier point: count again from the start)
+            counted, counts = 0, np.zeros(len(self.sources), np.int64)
+        counts = counts + np.bincount(self._source[counted:samples_seen], minlength=len(self.sources))
+        self._shares_at = samples_seen, counts
         return {"epoch": [round(c / ds.n_samples(seq_len), 4) for c, ds in zip(counts, self.sources)],
                 "blend_shares": [round(c / max(samples_seen, 1), 4) for c in counts]}
 
@@ -402,15 +408,13 @@ class InstructionData:
         n = len(self.examples)
         tokens = np.full((len(indices), seq_len + 1), self.eot, np.int64)
         labels = np.full((len(indices), seq_len), IGNORE_INDEX, np.int64)
+        orders = {epoch: np.random.default_rng([seed, epoch]).permutation(n) for epoch in set(indices // n)}
         for row, g in enumerate(indices):
-            order = np.random.default_rng([seed, int(g) // n]).permutation(n)
-            prompt, response = self.examples[order[g % n]]
+            prompt, response = self.examples[orders[g // n][g % n]]
             example = np.concatenate([prompt, response])[:seq_len + 1]
             tokens[row, :len(example)] = example
             labels[row, len(prompt) - 1:len(example) - 1] = example[len(prompt):]
-        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
-            raise UsageError(f"{self.name} encodes to token id {tokens.max()}, outside the model's "
-                             f"vocabulary of {self.vocab_size}; pass the model's --tokenizer")
+        TokenDataset._check_ids(self, tokens)
         return torch.from_numpy(tokens[:, :-1]).contiguous(), torch.from_numpy(labels)
 
     def describe(self, seq_len: int) -> str:
@@ -1343,8 +1347,8 @@ def inspect(path: str, tokenizer_name: str | None = None, json_key: str = "text"
                  f"validation), {train.n_tokens + val.n_tokens:,} tokens"]
         tokens, first = np.concatenate([t for e in examples for t in e]), np.concatenate(examples[0])
     elif path and os.path.isfile(os.path.join(path, "meta.json")):
-        train, val = load_dataset(path, _read_json(os.path.join(path, "meta.json"))["tokenizer"], 0)
         meta = _read_json(os.path.join(path, "meta.json"))
+        train, val = load_dataset(path, meta["tokenizer"], 0)
         tokenizer_name = tokenizer_name or meta["tokenizer"]
         lines = [f"{path}: prepared shards ({meta['tokenizer']}), {train.n_tokens:,} train + {val.n_tokens:,} "
                  f"val tokens of {meta['dtype']} in {len(train.shards)} + {len(val.shards)} shards"]
