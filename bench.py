@@ -1034,9 +1034,11 @@ FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}
 # (their lists were chosen that way).
 ALIGNED_ARGS = {"_fp8_matmul_kernel": {"A", "B", "C", "A_SCALE_INV", "B_SCALE_INV", "M", "N", "K",
                                        "stride_am", "stride_bn", "stride_cm"}}
-# (causal, window, key padding, T5's relative position bias): "masked" turns every option on.
-ATTENTION_MASKS = {"causal": (True, False, False, False), "masked": (True, True, True, True),
-                   "none": (False, False, False, False), "t5": (False, False, True, True)}
+# (causal, window, key padding, T5's relative position bias, documents): "masked" turns every
+# option on.
+ATTENTION_MASKS = {"causal": (True, False, False, False, False), "masked": (True, True, True, True, True),
+                   "none": (False, False, False, False, False), "t5": (False, False, True, True, False),
+                   "documents": (True, False, False, False, True)}
 
 
 def _compile_jobs(head_dims, dtypes, masks):
@@ -1047,12 +1049,12 @@ def _compile_jobs(head_dims, dtypes, masks):
         for dtype in dtypes:
             for head_dim in head_dims:
                 pointers = {**dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], dtype),
-                            "LSE": "fp32", "DELTA": "fp32", "KPM": "i8",
+                            "LSE": "fp32", "DELTA": "fp32", "KPM": "i8", "DOC_START": "i32", "DOC_END": "i32",
                             "DIST_BUCKETS": "i32", "TABLE": "fp32", "DTABLE": "fp32"}
                 for mask in masks:
-                    causal, window, padding, pos_bias = ATTENTION_MASKS[mask]
+                    causal, window, padding, pos_bias, documents = ATTENTION_MASKS[mask]
                     flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window,
-                                 HAS_PADDING=padding, HAS_POS_BIAS=pos_bias,
+                                 HAS_PADDING=padding, HAS_POS_BIAS=pos_bias, HAS_DOCS=documents,
                                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
                         for c in getattr(kernels, name).configs_by_arch[arch]:

@@ -12,19 +12,24 @@ Four kinds of data source, all named by one string (`--data`):
      are memory-mapped, so a corpus far larger than RAM costs no start-up time.
   4. A Megatron-LM indexed dataset, named by its prefix (PREFIX.bin + PREFIX.idx, as
      Megatron's tools/preprocess_data.py writes them, or `data.py prepare --format
-     megatron`): memory-mapped too; its last documents are the validation split.
+     megatron`): memory-mapped too.
 
 Each text file, and each line of a JSON Lines file, is a document, and each document ends
 with the tokenizer's end-of-text token (as in GPT-2's data), so that windows spanning two
-documents show the model where one ends. `python data.py inspect PATH` describes any source.
+documents show the model where one ends. `--split TRAIN,VAL[,TEST]` divides a source's
+documents (split_points; a prepared directory keeps its own split). Inside a sample, a token's
+document and its position in it (document_inputs: Megatron's rule, a document ends at each
+end-of-text) let the model attend within documents only (--reset-attention-mask) and restart
+positions (--reset-position-ids). `python data.py inspect PATH` describes any source.
 
 The batch contract, on which layout-independent training rests: row r of step s is global
 sample s x global_batch_size + r, a function of (seed, s, r) alone (TokenDataset: epochs of
 shuffled documents, as Megatron cuts them); each data-parallel rank reads its own rows. So
 every parallel layout sees the same global batch, and resuming at step s needs no data-loader
 state: the step number is the position. Several sources blend by weight (`--data 0.7 A 0.3
-B`: BlendedDataset), and a JSON Lines file of prompt/response records is fine-tuning data
-(InstructionData: the loss on the responses only).
+B`: BlendedDataset), and a JSON Lines file of prompt/response or chat `messages` records is
+fine-tuning data (InstructionData: the loss on the responses only; packed several to a row
+with --reset-attention-mask).
 
 BERT (bert.py) reads the same sources differently: MaskedLMData makes masked-language-model
 examples ([CLS] A [SEP] B [SEP], 15% of the text to predict, A and B swapped half the time for
@@ -128,7 +133,7 @@ class HFTokenizer:
             raise UsageError(f"cannot read tokenizer {path} ({' '.join(str(e).split())})") from None
         # Like tiktoken's encode_ordinary: "<|endoftext|>" written in a text is text, not a token.
         self._tok.encode_special_tokens = True
-        self.name = HF_PREFIX + directory
+        self.name, self.directory = HF_PREFIX + directory, directory
         self.n_vocab = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.eot_token = self._eos_id(directory)
 
@@ -151,6 +156,14 @@ class HFTokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """A chat template's text, its special tokens (<|im_start|> ...) as tokens."""
+        self._tok.encode_special_tokens = False
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = True
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -182,6 +195,10 @@ def _encode(enc, text):
     return np.array(enc.encode_ordinary(text), _dtype(enc))
 
 
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = (0.95, 0.05, 0.0)  # shares of the documents (--split)
+
+
 class TokenDataset:
     """Token shards (1-D integer arrays, usually np.memmap) laid end to end: a stream of
     documents, each ending in end-of-text `eot` (without `eot`, each shard is one document;
@@ -198,8 +215,10 @@ class TokenDataset:
 
     `vocab_size`, when set, is checked on every sample and window read: a file written with
     another tokenizer (a Megatron .bin records none) is refused, not trained as garbage.
-    `eod_mask_loss` (Megatron's --eod-mask-loss) takes the end-of-text targets out of the
-    loss: their labels are IGNORE_INDEX."""
+    `eod_mask_loss` (Megatron's --eod-mask-loss) takes out of the loss the prediction made at
+    each end-of-text input (its target is the next document's first token, which the document
+    that ended cannot predict): its label is IGNORE_INDEX. The end-of-text itself stays a
+    target, so the model learns where documents end."""
 
     def __init__(self, shards: list[np.ndarray], name: str, eot: int | None = None,
                  doc_starts: np.ndarray | None = None):
@@ -269,12 +288,23 @@ class TokenDataset:
         self._check_ids(samples)
         return samples
 
+    def check_end_of_text(self, n_documents=1000):
+        """Documents are found by their end-of-text (--reset-attention-mask and the other
+        document flags): a UsageError when one of the first n_documents lacks it (but the
+        last document, which a train/validation split may have cut)."""
+        ends = self.doc_starts[1:-1][:n_documents] - 1
+        if self.eot is None or any(self._stream(e, e + 1)[0] != self.eot for e in ends):
+            raise UsageError(f"{self.name}: documents do not end with end-of-text (id {self.eot}), "
+                             f"by which the document flags find them; prepare the data with one "
+                             f"(Megatron's preprocess_data.py: --append-eod)")
+
     def describe(self, seq_len: int) -> str:
         return (f"{self.n_tokens:,} train tokens in {len(self.doc_starts) - 1:,} documents, "
                 f"{self.n_samples(seq_len):,} samples per epoch")
 
-    def progress(self, samples_seen: int, seq_len: int) -> dict:
-        """Where training is in this data: epochs (fractional) after `samples_seen` samples."""
+    def progress(self, samples_seen: int, seq_len: int, seed=0) -> dict:
+        """Where training is in this data: epochs (fractional) after `samples_seen` samples
+        (`seed`: the run's, on which packed fine-tuning rows per epoch depend)."""
         return {"epoch": samples_seen / self.n_samples(seq_len)}
 
     def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
@@ -282,10 +312,10 @@ class TokenDataset:
         """Inputs and targets (int64, [rows, seq_len]) for the given rows of step's global batch."""
         indices = step * global_batch_size + np.arange(global_batch_size)[rows if rows is not None else slice(None)]
         windows = torch.from_numpy(self.samples(indices, seed, seq_len))
-        labels = windows[:, 1:].contiguous()
+        inputs, labels = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.eod_mask_loss:
-            labels[labels == self.eot] = IGNORE_INDEX
-        return windows[:, :-1].contiguous(), labels
+            labels[inputs == self.eot] = IGNORE_INDEX
+        return inputs, labels
 
     def _window_bounds(self, seq_len):
         if seq_len not in self._bounds:
@@ -321,6 +351,19 @@ class TokenDataset:
         window = np.asarray(self.shards[shard][offset:offset + seq_len + 1], np.int64)
         self._check_ids(window)
         return shard, window
+
+
+def document_inputs(input_ids, eot):
+    """Megatron's document rule for samples that pack several documents (its
+    --reset-attention-mask and --reset-position-ids): a document ends at each end-of-text
+    input token, which belongs to the document it ends. Returns (documents, positions),
+    int64 (B, T): each token's document number in its row, and its position in that
+    document (0 at each document's first token)."""
+    first = torch.ones_like(input_ids, dtype=torch.bool)
+    first[:, 1:] = input_ids[:, :-1] == eot
+    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    starts = torch.where(first, index, 0).cummax(1).values
+    return first.long().cumsum(1) - 1, index - starts
 
 
 class BlendedDataset:
@@ -373,7 +416,7 @@ class BlendedDataset:
                                        f"{ds.n_samples(seq_len):,} samples per epoch)"
                                        for w, ds in zip(self.weights, self.sources))
 
-    def progress(self, samples_seen: int, seq_len: int) -> dict:
+    def progress(self, samples_seen: int, seq_len: int, seed=0) -> dict:
         """Each source's share of the samples so far and its epochs."""
         self._choose(samples_seen)
         counted, counts = self._shares_at
@@ -386,76 +429,197 @@ class BlendedDataset:
 
     batch = TokenDataset.batch  # (the same rule: row r of step s is global sample s x batch + r)
 
+    def check_end_of_text(self):
+        for source in self.sources:
+            source.check_end_of_text()
+
 
 class InstructionData:
-    """Prompt/response pairs for fine-tuning a decoder, from JSON Lines records
-    {"prompt": ..., "response": ...}. An example is prompt + response + end-of-text, and its
-    labels are the next tokens of the response and the end-of-text only: the prompt's
-    targets are IGNORE_INDEX, so the loss counts response tokens alone. A row holds one
-    example, cut to seq_len + 1 tokens or padded with end-of-text whose targets are ignored
-    (padding on the right: causal attention never looks at it). Examples are visited once
-    per epoch in an order shuffled by (seed, epoch); row r of step s is example
-    s x global_batch_size + r, on every layout, as TokenDataset's samples are."""
+    """Fine-tuning examples for a decoder, from JSON Lines records: {"prompt": ...,
+    "response": ...}, or {"messages": [{"role": ..., "content": ...}, ...]} rendered by the
+    tokenizer's chat template (chat_examples). An example is its tokens and which of them
+    are targets: the response (each assistant turn) and the closing end-of-text; labels
+    elsewhere are IGNORE_INDEX, so the loss counts response tokens alone. Examples are
+    visited once per epoch in an order shuffled by (seed, epoch), and laid into rows of
+    seq_len + 1 tokens: one example per row, or with `packed` (set for
+    --reset-attention-mask, which keeps the packed examples from seeing each other) as many
+    consecutive examples as fit. A row is padded at its end with end-of-text whose targets
+    are ignored (causal attention never looks right); an example longer than a row is cut.
+    Row r of step s is global row s x global_batch_size + r on every layout, as
+    TokenDataset's samples are."""
 
     def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], eot: int, name: str):
+        """examples: (tokens int64, targets bool: tokens[j] is trained, predicted from tokens[:j])."""
         self.examples, self.eot, self.name = examples, eot, name
-        self.n_tokens = sum(len(p) + len(r) for p, r in examples)
-        self.vocab_size, self.eod_mask_loss = None, False
+        self.n_tokens = sum(len(tokens) for tokens, _ in examples)
+        self.vocab_size, self.eod_mask_loss, self.packed = None, False, False
+        self._epochs = {}  # (seed, seq_len, packed) -> [rows of epoch 0, of epoch 1, ...] so far
+
+    def _epoch_rows(self, seed, epoch, seq_len):
+        """The rows of an epoch: lists of example indices (every earlier epoch's kept, so that
+        a global row number finds its epoch)."""
+        epochs = self._epochs.setdefault((seed, seq_len, self.packed), [])
+        while len(epochs) <= epoch:
+            order = np.random.default_rng([seed, len(epochs)]).permutation(len(self.examples))
+            rows, used = [], seq_len + 1
+            for i in order.tolist():
+                size = len(self.examples[i][0])
+                if not self.packed or used + size > seq_len + 1:
+                    rows.append([])
+                    used = 0
+                rows[-1].append(i)
+                used += size
+            epochs.append(rows)
+        return epochs[epoch]
+
+    def _locate(self, g, seed, seq_len):
+        """(epoch, row in it) of global row g."""
+        epoch = 0
+        while g >= len(self._epoch_rows(seed, epoch, seq_len)):
+            g -= len(self._epoch_rows(seed, epoch, seq_len))
+            epoch += 1
+        return epoch, g
 
     def batch(self, step: int, seed: int, global_batch_size: int, seq_len: int,
               rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         indices = step * global_batch_size + np.arange(global_batch_size)[rows if rows is not None else slice(None)]
-        n = len(self.examples)
         tokens = np.full((len(indices), seq_len + 1), self.eot, np.int64)
         labels = np.full((len(indices), seq_len), IGNORE_INDEX, np.int64)
-        orders = {epoch: np.random.default_rng([seed, epoch]).permutation(n) for epoch in set(indices // n)}
-        for row, g in enumerate(indices):
-            prompt, response = self.examples[orders[g // n][g % n]]
-            example = np.concatenate([prompt, response])[:seq_len + 1]
-            tokens[row, :len(example)] = example
-            labels[row, len(prompt) - 1:len(example) - 1] = example[len(prompt):]
+        for row, g in enumerate(indices.tolist()):
+            epoch, r = self._locate(g, seed, seq_len)
+            start = 0
+            for i in self._epoch_rows(seed, epoch, seq_len)[r]:
+                example, targets = (a[:seq_len + 1 - start] for a in self.examples[i])
+                tokens[row, start:start + len(example)] = example
+                trained = np.flatnonzero(targets[1:]) + 1  # (the first token has nothing before it)
+                labels[row, start + trained - 1] = example[trained]
+                start += len(example)
         TokenDataset._check_ids(self, tokens)
         return torch.from_numpy(tokens[:, :-1]).contiguous(), torch.from_numpy(labels)
 
-    def describe(self, seq_len: int) -> str:
-        longest = max(len(p) + len(r) for p, r in self.examples)
-        cut = sum(len(p) + len(r) > seq_len + 1 for p, r in self.examples)
-        return (f"{len(self.examples):,} prompt/response examples, {self.n_tokens:,} tokens (longest "
-                f"{longest}; {cut} cut at --seq-len + 1)")
+    def check_end_of_text(self):
+        """(Every example ends with end-of-text: load_instructions appends it.)"""
 
-    def progress(self, samples_seen: int, seq_len: int) -> dict:
-        return {"epoch": samples_seen / len(self.examples)}
+    def describe(self, seq_len: int) -> str:
+        longest = max(len(tokens) for tokens, _ in self.examples)
+        cut = sum(len(tokens) > seq_len + 1 for tokens, _ in self.examples)
+        return (f"{len(self.examples):,} fine-tuning examples, {self.n_tokens:,} tokens (longest "
+                f"{longest}; {cut} cut at --seq-len + 1){'; packed' if self.packed else ''}")
+
+    def progress(self, samples_seen: int, seq_len: int, seed=0) -> dict:
+        if not self.packed:
+            return {"epoch": samples_seen / len(self.examples)}
+        epoch, row = self._locate(samples_seen, seed, seq_len)  # (packed rows per epoch vary)
+        return {"epoch": epoch + row / len(self._epoch_rows(seed, epoch, seq_len))}
 
 
 def _instruction_file(spec, json_key):
-    """Whether `spec` is one JSON Lines file of prompt/response records (its first record
-    has both keys and no `json_key`)."""
+    """Whether `spec` is one JSON Lines file of fine-tuning records (its first record has
+    "prompt" and "response", or "messages", and no `json_key`)."""
     if not (isinstance(spec, str) and _is_jsonl(spec) and os.path.isfile(spec)):
         return False
     _, _, record = next(_json_records(spec), (0, 0, {}))
-    return isinstance(record, dict) and {"prompt", "response"} <= set(record) and json_key not in record
+    return (isinstance(record, dict) and json_key not in record
+            and ({"prompt", "response"} <= set(record) or "messages" in record))
 
 
-def load_instructions(path, tokenizer_name, val_fraction=0.05):
-    """(train, val) InstructionData of a prompt/response JSON Lines file: the last
-    val_fraction of the examples (at least one) are validation."""
+def load_instructions(path, tokenizer_name, shares=DEFAULT_SPLIT):
+    """{split: InstructionData} of a fine-tuning JSON Lines file (prompt/response or
+    messages records): the examples in order, cut by the (train, val, test) shares, at least
+    one example for each split with a share."""
     enc = get_tokenizer(tokenizer_name)
     examples = []
     for _, number, record in _json_records(path):
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
-            raise UsageError(f"{path}, line {number}: a prompt/response file needs the text keys "
-                             f"\"prompt\" and \"response\" on every line")
-        if not record["prompt"]:
-            raise UsageError(f"{path}, line {number}: an empty prompt (the first response token "
-                             f"needs a token before it)")
-        examples.append((_encode(enc, record["prompt"]).astype(np.int64),
-                         np.append(_encode(enc, record["response"]), enc.eot_token).astype(np.int64)))
-    if len(examples) < 2:
-        raise UsageError(f"{path} has {len(examples)} prompt/response example(s); at least 2 are needed "
-                         f"(one for validation)")
-    n_val = max(1, round(len(examples) * val_fraction))
-    return (InstructionData(examples[:-n_val], enc.eot_token, f"--data {path} (train)"),
-            InstructionData(examples[-n_val:], enc.eot_token, f"--data {path} (val)"))
+        where = f"{path}, line {number}"
+        if isinstance(record, dict) and "messages" in record:
+            segments = chat_segments(enc, record["messages"], where)
+        elif isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+            if not record["prompt"]:
+                raise UsageError(f"{where}: an empty prompt (the first response token needs a token "
+                                 f"before it)")
+            segments = [(_encode(enc, record["prompt"]), False), (_encode(enc, record["response"]), True)]
+        else:
+            raise UsageError(f"{where}: a fine-tuning file needs the text keys \"prompt\" and "
+                             f"\"response\", or a \"messages\" list, on every line")
+        segments.append((np.array([enc.eot_token]), True))  # the end: a target, and a document's end
+        examples.append((np.concatenate([t for t, _ in segments]).astype(np.int64),
+                         np.concatenate([np.full(len(t), trained) for t, trained in segments])))
+    sizes = [max(1, round(len(examples) * x)) if x else 0 for x in shares[1:]]
+    if len(examples) <= sum(sizes):
+        raise UsageError(f"{path} has {len(examples)} fine-tuning example(s); at least {sum(sizes) + 1} "
+                         f"are needed (one for training and each other split)")
+    cuts = [0, len(examples) - sum(sizes), len(examples) - sizes[1], len(examples)]
+    return {split: InstructionData(examples[a:b], enc.eot_token, f"--data {path} ({split})")
+            for split, a, b in zip(SPLITS, cuts[:-1], cuts[1:]) if b > a}
+
+
+def chat_template(enc):
+    """The Jinja chat template of a Hugging Face tokenizer folder (tokenizer_config.json's
+    "chat_template": a string, or the one named "default" of a list; else the file
+    chat_template.jinja beside it), or None."""
+    directory = getattr(enc, "directory", None)
+    if directory is None:
+        return None
+    template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is None and os.path.isfile(os.path.join(directory, "chat_template.jinja")):
+        with open(os.path.join(directory, "chat_template.jinja")) as f:
+            template = f.read()
+    return template if isinstance(template, str) else None
+
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """The text of a conversation as the tokenizer's chat template writes it, rendered as
+    transformers renders it (a sandboxed Jinja environment that trims blocks, with loop
+    controls, raise_exception and the folder's special tokens as variables)."""
+    import jinja2.sandbox  # (torch depends on Jinja2: always there)
+    template = chat_template(enc)
+    if template is None:
+        raise UsageError(f"chat \"messages\" need the tokenizer's chat template: --tokenizer "
+                         f"{enc.name} has none (use hf:DIR whose tokenizer_config.json has a "
+                         f"chat_template), or write prompt/response records")
+
+    def raise_exception(message):
+        raise UsageError(f"the chat template refused a conversation: {message}")
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: time.strftime(fmt))
+    config = _read_json(os.path.join(enc.directory, "tokenizer_config.json"))
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+               if k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                        "mask_token")}
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **special)
+
+
+def chat_segments(enc, messages, where):
+    """A conversation as (tokens, trained) segments: each assistant turn (what the template
+    writes for it after the generation prompt) trained, everything else not. The template
+    is rendered for each growing prefix of the conversation, which must extend the text
+    before it (templates that rewrite earlier turns cannot be cut into turns)."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise UsageError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., "
+                         f"\"content\": ...}} objects with text values")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UsageError(f"{where}: a conversation without an assistant turn has nothing to learn")
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, full = render_chat(enc, messages[:i], True), render_chat(enc, messages[:i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UsageError(f"{where}: the chat template does not render this conversation turn by "
+                             f"turn (an earlier turn's text changes), so its assistant turns cannot "
+                             f"be told apart")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    pieces.append((render_chat(enc, messages)[len(done):], False))
+    return [(np.asarray(enc.encode_chat(text), np.int64), trained) for text, trained in pieces if text]
 
 
 def parse_blend(specs: list[str]) -> list[tuple[float, str]]:
@@ -569,24 +733,85 @@ def _read(paths, val_fraction=0.0, block_bytes=1 << 24, json_key="text"):
         yield None, last
 
 
-def load_dataset(spec, tokenizer_name: str, seq_len: int, val_fraction: float = 0.05,
-                 json_key: str = "text"):
-    """(train, val) for a source named as in the module docstring (a string), or for a blend
-    of them ([W1, SRC1, W2, SRC2, ...]: BlendedDataset, validation blended alike)."""
+def parse_split(spec: str) -> tuple[float, float, float]:
+    """--split TRAIN,VAL[,TEST] (Megatron's --split, e.g. 969,30,1 or 98,2): the shares of the
+    documents that go to training, validation and test, normalized."""
+    try:
+        shares = [float(part) for part in spec.split(",")]
+    except ValueError:
+        shares = []
+    if not 2 <= len(shares) <= 3 or not all(0 <= x < float("inf") for x in shares) or shares[0] <= 0 \
+            or shares[1] <= 0:
+        raise UsageError(f"--split {spec}: expected TRAIN,VAL[,TEST] shares such as 98,2 or 969,30,1 "
+                         f"(train and validation above 0)")
+    shares += [0.0] * (3 - len(shares))
+    return tuple(x / sum(shares) for x in shares)
+
+
+def split_points(doc_starts, shares, seq_len: int, name: str) -> np.ndarray:
+    """Token offsets [0, a, b, n] cutting a stream of documents (doc_starts: each one's
+    first token, then n) into train [0, a), val [a, b) and test [b, n), as Megatron splits:
+    runs of whole documents in proportion to the shares of the document count. A split
+    with a share gets at least one sample (seq_len + 1 tokens): it is widened by whole
+    documents taken from the one before it; where even that cannot be (a few long
+    documents: one text file), the stream is cut by tokens instead, val and test at its end."""
+    doc_starts = np.asarray(doc_starts, np.int64)
+    n_docs, n_tokens, need = len(doc_starts) - 1, int(doc_starts[-1]), seq_len + 1
+    bounds = [int(round(x * n_docs)) for x in np.cumsum([0.0, *shares])]
+    bounds[-1] = n_docs
+    for k in (2, 1):  # test, then validation: widen backwards into the split before
+        while shares[k] and doc_starts[bounds[k + 1]] - doc_starts[bounds[k]] < need and bounds[k] > 0:
+            bounds[k] -= 1
+            bounds[k - 1] = min(bounds[k - 1], bounds[k])
+    cuts = doc_starts[bounds]
+    if all(size >= need for size, share in zip(np.diff(cuts), shares) if share):
+        return cuts
+    sizes = [max(int(n_tokens * x), need) if x else 0 for x in shares[1:]]
+    cuts = np.array([0, n_tokens - sum(sizes), n_tokens - sizes[1], n_tokens], np.int64)
+    if cuts[1] < need:
+        wanted = " + ".join(f"{s} ({need})" for s, x in zip(SPLITS, shares) if x)
+        raise UsageError(f"{name} has {n_tokens} tokens, too few for a sample of --seq-len + 1 = {need} "
+                         f"in each split, {wanted}; use a smaller --seq-len or more data")
+    return cuts
+
+
+def split_stream(tokens, doc_starts, shares, seq_len: int, name: str, eot=None) -> dict:
+    """{split: TokenDataset} of one token stream (split_points), each split a view of it
+    with its own documents (a document cut by a token split counts in both parts)."""
+    cuts = split_points(doc_starts, shares, seq_len, name)
+    doc_starts = np.asarray(doc_starts, np.int64)
+    out = {}
+    for split, (a, b) in zip(SPLITS, zip(cuts[:-1], cuts[1:])):
+        if b > a:
+            inside = doc_starts[(doc_starts > a) & (doc_starts < b)]
+            out[split] = TokenDataset([tokens[a:b]], f"{name} ({split})", eot,
+                                      doc_starts=np.concatenate([[0], inside - a]))
+    return out
+
+
+def load_splits(spec, tokenizer_name: str, seq_len: int, split=None, json_key: str = "text") -> dict:
+    """{"train", "val"[, "test"]: dataset} for a source named as in the module docstring (a
+    string), or for a blend of them ([W1, SRC1, W2, SRC2, ...]: BlendedDataset, each split
+    blended alike). `split`: the (train, val, test) shares (split_points), DEFAULT_SPLIT when
+    None; a prepared folder keeps the split data.py prepare made and refuses another."""
+    shares = split or DEFAULT_SPLIT
     if isinstance(spec, (list, tuple)) and len(spec) == 1:
         spec = spec[0]
     if _instruction_file(spec, json_key):
-        return load_instructions(spec, tokenizer_name, val_fraction)
+        return load_instructions(spec, tokenizer_name, shares)
     if isinstance(spec, (list, tuple)):
         pairs = parse_blend(list(spec))
-        splits = [load_dataset(source, tokenizer_name, seq_len, val_fraction, json_key) for _, source in pairs]
+        sources = [load_splits(source, tokenizer_name, seq_len, split, json_key) for _, source in pairs]
         weights = [w for w, _ in pairs]
-        return tuple(BlendedDataset([s[i] for s in splits], weights, f"--data blend ({name})")
-                     for i, name in enumerate(("train", "val")))
+        return {name: BlendedDataset([s[name] for s in sources], weights, f"--data blend ({name})")
+                for name in SPLITS if all(name in s for s in sources)}
     prefix = indexed_prefix(spec)
     if prefix is not None:
-        return IndexedDataset(prefix).split(seq_len, val_fraction)
+        return IndexedDataset(prefix).split(seq_len, shares, get_tokenizer(tokenizer_name).eot_token)
     if spec is not None and os.path.isfile(os.path.join(spec, "meta.json")):
+        if split is not None:
+            raise UsageError(f"--split: {spec} was split into train and validation by data.py prepare "
+                             f"(its --val-fraction); drop --split, or prepare it again")
         with open(os.path.join(spec, "meta.json")) as f:
             meta = json.load(f)
         if meta.get("format") != 1:
@@ -596,23 +821,27 @@ def load_dataset(spec, tokenizer_name: str, seq_len: int, val_fraction: float = 
             raise UsageError(f"--data {spec} was prepared with tokenizer {meta['tokenizer']!r}, "
                              f"not {tokenizer_name!r}: pass --tokenizer {meta['tokenizer']}")
         eot = get_tokenizer(tokenizer_name).eot_token
-        train, val = [TokenDataset([np.memmap(os.path.join(spec, s["file"]), meta["dtype"], "r")
-                                    for s in meta[split]], f"--data {spec} ({split})", eot)
-                      for split in ("train", "val")]
-        for ds in (train, val):
+        splits = {name: TokenDataset([np.memmap(os.path.join(spec, s["file"]), meta["dtype"], "r")
+                                      for s in meta[name]], f"--data {spec} ({name})", eot)
+                  for name in ("train", "val")}
+        for ds in splits.values():
             ds.n_samples(seq_len)  # too short for seq_len? fail now, not at the first batch
-        return train, val
+        return splits
 
-    enc, name = get_tokenizer(tokenizer_name), f"--data {spec or 'stdlib'}"
-    tokens = np.concatenate([_encode(enc, text) for text, _ in _read(_source_files(spec), json_key=json_key)])
-    # The last val_fraction of the stream is validation, but at least one window's worth.
-    n_val = max(int(len(tokens) * val_fraction), seq_len + 1)
-    if len(tokens) - n_val < seq_len + 1:
-        raise UsageError(f"{name} has {len(tokens)} tokens, fewer than 2 * (--seq-len + 1) = "
-                         f"{2 * (seq_len + 1)} for a train and a validation window; use a smaller "
-                         f"--seq-len or more data")
-    return (TokenDataset([tokens[:-n_val]], f"{name} (train)", enc.eot_token),
-            TokenDataset([tokens[-n_val:]], f"{name} (val)", enc.eot_token))
+    enc = get_tokenizer(tokenizer_name)
+    documents = list(_documents(enc, _source_files(spec), json_key))
+    doc_starts = np.concatenate([[0], np.cumsum([len(d) for d in documents])])
+    return split_stream(np.concatenate(documents), doc_starts, shares, seq_len,
+                        f"--data {spec or 'stdlib'}", enc.eot_token)
+
+
+def load_dataset(spec, tokenizer_name: str, seq_len: int, val_fraction: float | None = None,
+                 json_key: str = "text"):
+    """(train, val) of load_splits: validation val_fraction of the documents (None: the
+    default split, or a prepared folder's), no test."""
+    split = None if val_fraction is None else (1 - val_fraction, val_fraction, 0.0)
+    splits = load_splits(spec, tokenizer_name, seq_len, split, json_key)
+    return splits["train"], splits["val"]
 
 
 # ----------------------------------------------------------------------------
@@ -702,21 +931,10 @@ class IndexedDataset:
     def document(self, i: int) -> np.ndarray:
         return self.tokens[self.doc_starts[i]:self.doc_starts[i + 1]]
 
-    def split(self, seq_len: int, val_fraction: float) -> tuple[TokenDataset, TokenDataset]:
-        """(train, val): the last val_fraction of the documents (at least one window's worth of
-        tokens) are validation. Both are views of the memory-mapped tokens."""
-        n_val = max(1, round(self.n_documents * val_fraction))
-        cut_doc = self.n_documents - n_val
-        while cut_doc > 0 and len(self.tokens) - self.doc_starts[cut_doc] < seq_len + 1:
-            cut_doc -= 1
-        cut = int(self.doc_starts[cut_doc])
-        if cut < seq_len + 1 or len(self.tokens) - cut < seq_len + 1:
-            raise UsageError(f"--data {self.prefix} has {len(self.tokens)} tokens in {self.n_documents} "
-                             f"documents, too few for a train and a validation window of --seq-len + 1 "
-                             f"= {seq_len + 1}; use a smaller --seq-len or more data")
-        name = f"--data {self.prefix}"
-        return (TokenDataset([self.tokens[:cut]], f"{name} (train)", doc_starts=self.doc_starts[:cut_doc + 1]),
-                TokenDataset([self.tokens[cut:]], f"{name} (val)", doc_starts=self.doc_starts[cut_doc:] - cut))
+    def split(self, seq_len: int, shares=DEFAULT_SPLIT, eot=None) -> dict:
+        """{split: TokenDataset} by documents (split_points), views of the memory-mapped
+        tokens; `eot`: the tokenizer's end-of-text (the files do not record it)."""
+        return split_stream(self.tokens, self.doc_starts, shares, seq_len, f"--data {self.prefix}", eot)
 
 
 def write_indexed(prefix: str, documents, dtype) -> tuple[int, int]:
@@ -1132,12 +1350,17 @@ def load_task(spec: str, tokenizer_name: str, seq_len: int,
               val_fraction: float = 0.05) -> tuple[ClassificationData, ClassificationData]:
     """(train, val) of a classification task: "stdlib-packages" (which standard-library package
     a piece of source comes from) or a directory with one sub-directory of text per class, the
-    sub-directory's name the class's (sorted names: label ids). Each class's text is split as
-    load_dataset splits a corpus, so validation is the tail of every class."""
+    sub-directory's name the class's (sorted names: label ids). Validation is the tail of
+    every class's text: val_fraction of its tokens (not of its documents: a class may be a few
+    files, and its validation share must not hang on their sizes)."""
     classes = _task_classes(spec)
+    enc = get_tokenizer(tokenizer_name)
     splits = {"train": ([], []), "val": ([], [])}  # split -> (shards, their labels)
-    for label, source in enumerate(classes.values()):
-        for split, ds in zip(splits, load_dataset(source, tokenizer_name, seq_len, val_fraction)):
+    for label, (name, source) in enumerate(classes.items()):
+        tokens = np.concatenate(list(_documents(enc, _source_files(source), "text")))
+        parts = split_stream(tokens, [0, len(tokens)], (1 - val_fraction, val_fraction, 0.0), seq_len,
+                             f"task class {name}", enc.eot_token)
+        for split, ds in parts.items():
             splits[split][0].extend(ds.shards)
             splits[split][1].extend([label] * len(ds.shards))
     return tuple(ClassificationData(TokenDataset(shards, f"task {spec} ({split})"), labels,
@@ -1341,11 +1564,11 @@ def inspect(path: str, tokenizer_name: str | None = None, json_key: str = "text"
                  f"sequences, {len(ds.tokens):,} tokens of {ds.dtype.name}"]
         tokens, first = ds.tokens, ds.document(0) if ds.n_documents else ds.tokens[:0]
     elif _instruction_file(path, json_key):
-        train, val = load_instructions(path, tokenizer_name or BYTE_TOKENIZER, val_fraction=0.05)
+        train, val = load_instructions(path, tokenizer_name or BYTE_TOKENIZER).values()
         examples = train.examples + val.examples
-        lines = [f"{path}: prompt/response pairs, {len(examples):,} examples ({len(val.examples)} for "
+        lines = [f"{path}: fine-tuning examples, {len(examples):,} ({len(val.examples)} for "
                  f"validation), {train.n_tokens + val.n_tokens:,} tokens"]
-        tokens, first = np.concatenate([t for e in examples for t in e]), np.concatenate(examples[0])
+        tokens, first = np.concatenate([t for t, _ in examples]), examples[0][0]
     elif path and os.path.isfile(os.path.join(path, "meta.json")):
         meta = _read_json(os.path.join(path, "meta.json"))
         train, val = load_dataset(path, meta["tokenizer"], 0)

@@ -59,8 +59,17 @@ def parse_args(argv=None):
       help="stdlib (built in), a text or JSON Lines file/folder/glob, a prepared dir, or a Megatron "
            "dataset's PREFIX (PREFIX.bin + .idx); or a blend: WEIGHT SOURCE WEIGHT SOURCE ...")
     a("--json-key", default="text", help="JSON Lines data: the key of each record's text")
+    a("--split", default=None, metavar="TRAIN,VAL[,TEST]",
+      help="shares of the documents for training, validation and test, e.g. 98,1,1 (Megatron's); "
+           "a test share is evaluated at the end (default: 95,5; a prepared folder: its own split)")
     a("--eod-mask-loss", action="store_true",
-      help="causal models: leave the end-of-text targets out of the loss (Megatron's flag)")
+      help="causal models: no loss on the prediction made at each end-of-text (its target starts "
+           "another document) (Megatron's flag)")
+    a("--reset-attention-mask", action="store_true",
+      help="llama, gpt, mixtral: a token attends only within its document (documents end with "
+           "end-of-text) (Megatron's flag)")
+    a("--reset-position-ids", action="store_true",
+      help="llama, gpt, mixtral: positions restart at 0 after each end-of-text (Megatron's flag)")
     a("--tokenizer", default=None,
       help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json) "
            "(default: byte, or the tokenizer of the --load checkpoint or folder)")
@@ -377,6 +386,13 @@ def check_args(args, cfg, tokenizer):
         raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
                          f"needs a mixture-of-experts model (--model mixtral)")
     n_vocab = tokenizer_vocab(args.model, tokenizer)  # a UsageError without BERT's or T5's specials
+    document_flags = [flag for flag, on in (("--reset-attention-mask", args.reset_attention_mask),
+                                            ("--reset-position-ids", args.reset_position_ids)) if on]
+    if document_flags and not models.family(args.model).documents:
+        raise UsageError(f"{document_flags[0]} applies to the attention decoders (--model llama, gpt, "
+                         f"mixtral), not {args.model}")
+    if document_flags and args.task:
+        raise UsageError(f"{document_flags[0]} applies to token data, not --task")
     check_family = models.family(args.model).check  # (what only this family refuses)
     if check_family:
         check_family(args, cfg, tokenizer)

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.qkv = parallel.ColumnParallelLinear(cfg.dim, 3 * cfg.dim, layout, bias=True, groups=3)
         self.proj = parallel.RowParallelLinear(cfg.dim, cfg.dim, layout, bias=True)
 
-    def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
+    def forward(self, x, positions, key_padding_mask=None, kv_cache=None, documents=None):
         x = parallel.linear_input(x, self.layout)
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -106,7 +106,8 @@ class Attention(nn.Module):
         if kv_cache is not None:  # the cache's mask covers every cached key, not just these
             k, v, key_padding_mask = kv_cache.update(k, v, key_padding_mask)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
-                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core)
+                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core,
+                                       documents=documents)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -133,8 +134,8 @@ class Block(nn.Module):
         self.mlp_norm = kernels.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, layout)
 
-    def forward(self, x, positions, key_padding_mask=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, key_padding_mask, kv_cache)
+    def forward(self, x, positions, key_padding_mask=None, kv_cache=None, documents=None):
+        x = x + self.attn(self.attn_norm(x), positions, key_padding_mask, kv_cache, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -171,7 +172,7 @@ class GPT(nn.Module):
         return [kernels.KVCache(max_len) for _ in self.layers]
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
-                positions=None):
+                positions=None, documents=None):
         """Called like every model here (llama.Llama.forward says how): logits, or with
         `labels` the sum of token losses. Learned positions end at max_seq_len."""
         start = kv_caches[0].length if kv_caches else 0
@@ -179,18 +180,18 @@ class GPT(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise errors.UsageError(f"sequence of {start + T} tokens exceeds max_seq_len="
                                       f"{self.cfg.max_seq_len} (learned positions)")
-        if positions is None:
-            # Global positions of this rank's tokens (under cp, its zigzag share of them).
-            positions = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
+        # Where this rank's tokens sit in the sequence (under cp, its zigzag share of it).
+        index = start + parallel.zigzag_positions(T, self.layout, input_ids.device)
         if hidden is None:
-            # (positions (B, T), a left-padded batch's own, give (B, T, dim) directly)
-            pos = self.pos_embed(positions) if positions.dim() == 2 else self.pos_embed(positions)[None]
+            # (positions (B, T), each row's own, give (B, T, dim) directly)
+            pos = (self.pos_embed(index)[None] if positions is None
+                   else self.pos_embed(parallel.context_shard(positions, self.layout)))
             pos = parallel.sequence_shard(pos, self.layout)
             x = self.embed(parallel.context_shard(input_ids, self.layout)) + pos
         else:
             x = hidden
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, positions, attention_mask, kv_caches[i] if kv_caches else None)
+            x = layer(x, index, attention_mask, kv_caches[i] if kv_caches else None, documents)
         return parallel.language_model_output(self, x, labels)
 
     def flops_per_token(self, seq_len):

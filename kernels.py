@@ -191,11 +191,38 @@ def _launch_ready(t):
 # Attention
 # ----------------------------------------------------------------------------
 
-def positions_mask(q_pos, k_pos, causal=True, window=None, key_padding_mask=None):
+def document_runs(documents):
+    """Megatron's --reset-attention-mask marks each token with its document: `documents`
+    (B, T), a document index at every position. A document is a run of consecutive equal
+    indices (the same index after another document's run is a new document, as the Triton
+    kernels see it): the runs numbered 0, 1, ... along each row."""
+    new_run = torch.ones_like(documents, dtype=torch.long)
+    new_run[:, 1:] = (documents[:, 1:] != documents[:, :-1]).long()
+    return new_run.cumsum(1)
+
+
+def document_bounds(documents):
+    """(start, end) int32 (B, T): the positions [start, end) of the document holding each
+    position (document_runs' documents). What the Triton kernels read instead of a
+    (T x T) mask: key j is in query i's document when start_i <= j < end_i."""
+    runs = document_runs(documents)
+    index = torch.arange(runs.shape[1], device=runs.device).expand_as(runs)
+    first = torch.ones_like(runs, dtype=torch.bool)
+    first[:, 1:] = runs[:, 1:] != runs[:, :-1]
+    start = torch.where(first, index, 0).cummax(1).values
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    end = torch.where(last, index + 1, runs.shape[1]).flip(1).cummin(1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def positions_mask(q_pos, k_pos, causal=True, window=None, key_padding_mask=None, documents=None):
     """The masking rule of every attention here (the Triton kernels' is tested against it):
     query at position i may attend key at position j when j <= i (causal) and i - w < j
     (`window` w, Mistral's sliding window) and key j is real (`key_padding_mask` (B, keys),
-    True on real tokens). Boolean (B or 1, 1, queries, keys), True = may attend."""
+    True on real tokens) and, with `documents` (B, sequence: every position's document,
+    document_runs), j is in i's document. Boolean (B or 1, 1, queries, keys), True = may
+    attend."""
     mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
     if causal:
         mask &= k_pos[None, :] <= q_pos[:, None]
@@ -204,19 +231,23 @@ def positions_mask(q_pos, k_pos, causal=True, window=None, key_padding_mask=None
     mask = mask[None, None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].bool()
+    if documents is not None:
+        runs = document_runs(documents)
+        mask = mask & (runs[:, None, q_pos, None] == runs[:, None, None, k_pos])
     return mask
 
 
-def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_mask=None):
+def attention_mask(q_len, k_len, device, causal=True, window=None, key_padding_mask=None, documents=None):
     """positions_mask for queries that are the *last* q_len positions of the k_len keys
     (decoding with a KV cache appends queries at the end), or None when nothing is masked."""
-    if not causal and window is None and key_padding_mask is None:
+    if not causal and window is None and key_padding_mask is None and documents is None:
         return None
     return positions_mask(torch.arange(k_len - q_len, k_len, device=device), torch.arange(k_len, device=device),
-                          causal, window, key_padding_mask)
+                          causal, window, key_padding_mask, documents)
 
 
-def attention_with_lse(q, k, v, q_pos, k_pos, causal=True, window=None, scale=None, key_padding_mask=None):
+def attention_with_lse(q, k, v, q_pos, k_pos, causal=True, window=None, scale=None, key_padding_mask=None,
+                       documents=None):
     """(out, lse): attention of q on keys at arbitrary positions (positions_mask's rule),
     in fp32, and each query's log-sum-exp of its scores, so that attention over disjoint
     blocks of keys merges exactly (online softmax: context parallelism's ring). A query
@@ -225,7 +256,8 @@ def attention_with_lse(q, k, v, q_pos, k_pos, causal=True, window=None, scale=No
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~positions_mask(q_pos, k_pos, causal, window, key_padding_mask), float("-inf"))
+    mask = positions_mask(q_pos, k_pos, causal, window, key_padding_mask, documents)
+    scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     return torch.exp(scores - safe[..., None]) @ v.float(), lse
@@ -301,11 +333,12 @@ def _distance_buckets(q_len, k_len, bidirectional, num_buckets, max_distance, de
 
 
 def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
-                        bias=None):
+                        bias=None, documents=None):
     """softmax(q k^T * scale + bias + mask) v, written out. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D)
     with H a multiple of Hkv (grouped-query attention: query head h reads KV head h // (H/Hkv)).
     `bias` (broadcastable to (B, H, Tq, Tk)) is an additive position bias, materialized
-    (T5's: `relative_position_bias_reference`).
+    (T5's: `relative_position_bias_reference`). `documents` (B, Tk): each key position's
+    document (positions_mask; a query sees only its own document's keys).
     A query row whose keys are all masked gets NaN here (0/0); the Triton path defines it as 0."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -314,7 +347,7 @@ def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.float()
-    mask = attention_mask(q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask)
+    mask = attention_mask(q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask, documents)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
@@ -346,6 +379,11 @@ def attention_reference(q, k, v, causal=True, window=None, key_padding_mask=None
 #     (`_attn_key_range`, `_attn_query_range`); the mask is evaluated on the blocks that
 #     remain. (FlashAttention-2 proper also splits off the diagonal blocks so that full
 #     blocks skip the mask arithmetic; we keep one loop for clarity.)
+#   - Documents (HAS_DOCS, Megatron's --reset-attention-mask): a query sees only keys of
+#     its own document, given as each position's document bounds [start, end)
+#     (`document_bounds`, two int32 (B, Tk) vectors: O(T), never a (T x T) mask). The
+#     loop bounds also skip key blocks outside the query block's documents (and query
+#     blocks outside the key block's), so packed short documents cost what they attend.
 #   - T5's relative position bias (HAS_POS_BIAS): s_ij += table[bucket(pos_j - pos_i), h],
 #     gathered from the (num_buckets, H) table (fp32, times log2(e) like the scores) and
 #     an int32 vector DIST_BUCKETS, the bucket of every distance (`_distance_buckets`,
@@ -357,17 +395,33 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
-def _attn_visible(q_pos, k_idx, k_real, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _attn_visible(q_pos, k_idx, k_real, window, doc_start, doc_end, IS_CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
     """May query position q_pos attend key position k_idx? (broadcastable tiles)
 
     `k_real` is False for keys past the end of the sequence or padded out; causal keeps
-    k <= q, the sliding window keeps k > q - window (exactly `attention_mask`)."""
+    k <= q, the sliding window keeps k > q - window, documents keep the keys of the
+    query's document [doc_start, doc_end) (exactly `attention_mask`)."""
     visible = k_real
     if IS_CAUSAL:
         visible = visible & (k_idx <= q_pos)
     if HAS_WINDOW:
         visible = visible & (k_idx > q_pos - window)
+    if HAS_DOCS:
+        visible = visible & (k_idx >= doc_start) & (k_idx < doc_end)
     return visible
+
+
+@triton.jit
+def _attn_doc_bounds(DOC_START, DOC_END, pos, valid, HAS_DOCS: tl.constexpr):
+    """The document bounds [start, end) of positions `pos` (where `valid`; elsewhere an
+    empty document). Without documents, unused placeholders."""
+    start = pos
+    end = pos
+    if HAS_DOCS:
+        start = tl.load(DOC_START + pos, mask=valid, other=0)
+        end = tl.load(DOC_END + pos, mask=valid, other=0)
+    return start, end
 
 
 @triton.jit
@@ -425,7 +479,30 @@ def _attn_query_range(start_n, offset, Tq, window, BLOCK_M: tl.constexpr, BLOCK_
     return lo, hi
 
 
-_ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS_PADDING", "HAS_POS_BIAS"]
+@triton.jit
+def _attn_doc_key_range(lo, hi, q_start, q_end, rows, BLOCK_N: tl.constexpr):
+    """[lo, hi) narrowed to the documents of a query block's rows (their bounds q_start,
+    q_end; `rows` the real ones): keys before the first row's document or after the last
+    row's are never visible. Documents are consecutive runs, so the block's keys lie in
+    [min start, max end); lo rounded down to a key block, as in _attn_key_range."""
+    first = tl.min(tl.where(rows, q_start, hi))
+    last = tl.max(tl.where(rows, q_end, lo))
+    return tl.maximum(lo, first // BLOCK_N * BLOCK_N), tl.minimum(hi, last)
+
+
+@triton.jit
+def _attn_doc_query_range(lo, hi, DOC_START, DOC_END, start_n, Tk, offset, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """[lo, hi) narrowed to the queries in the documents of keys start_n ..
+    start_n + BLOCK_N - 1: from the first key's document start to the last key's document
+    end (as query indices: positions - offset); lo rounded down to a query block."""
+    last_key = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    first = tl.maximum(tl.load(DOC_START + start_n) - offset, 0)
+    return tl.maximum(lo, first // BLOCK_M * BLOCK_M), tl.minimum(hi, tl.load(DOC_END + last_key) - offset)
+
+
+_ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS_PADDING", "HAS_POS_BIAS",
+             "HAS_DOCS"]
 
 
 @_autotune(_ATTN_KEY,
@@ -433,14 +510,14 @@ _ATTN_KEY = ["HEAD_DIM", "Q_BUCKET", "K_BUCKET", "IS_CAUSAL", "HAS_WINDOW", "HAS
            ampere=[(128, 64, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, DIST_BUCKETS, TABLE,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, DOC_START, DOC_END, DIST_BUCKETS, TABLE,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      stride_mb, stride_mt,
                      H, GROUP, Tq, Tk, window, qk_scale,
                      Q_BUCKET, K_BUCKET,  # autotuning keys only (powers of two of Tq, Tk)
                      HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                     HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Forward pass: one program computes O and LSE for BLOCK_M query rows of one head.
 
@@ -467,20 +544,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM, DIST_BUCKETS, TABLE,
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     kpm_base = KPM + b * stride_mb
+    q_start, q_end = _attn_doc_bounds(DOC_START + b * Tk, DOC_END + b * Tk, offs_m + offset, offs_m < Tq, HAS_DOCS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running denominator
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)       # running numerator, P V
 
     lo, hi = _attn_key_range(start_m, offset, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _attn_doc_key_range(lo, hi, q_start, q_end, offs_m < Tq, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         k_idx = start_n + offs_n
         k = tl.load(k_base + k_idx[:, None] * stride_kt + offs_d[None, :],
                     mask=k_idx[:, None] < Tk, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
-        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
-                                window, IS_CAUSAL, HAS_WINDOW)
+        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :], window,
+                                q_start[:, None], q_end[:, None], IS_CAUSAL, HAS_WINDOW, HAS_DOCS)
         if HAS_POS_BIAS:
             _, bias = _attn_pos_bias(DIST_BUCKETS, TABLE + h, offs_m[:, None] + offset, k_idx[None, :],
                                      Tk, H, visible & (offs_m[:, None] < Tq))
@@ -536,7 +616,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
            ampere=[(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
            interpreter=(16, 32, 4, 1))
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TABLE,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DOC_START, DOC_END, DIST_BUCKETS, TABLE,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
@@ -544,7 +624,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TA
                           H, GROUP, Tq, Tk, window, qk_scale, sm_scale,
                           Q_BUCKET, K_BUCKET,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                          HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, dK and dV: one program owns BLOCK_N keys of one KV head.
 
@@ -578,7 +658,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TA
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
+    doc_start, doc_end = DOC_START + b * Tk, DOC_END + b * Tk
     lo, hi = _attn_query_range(start_n, offset, Tq, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _attn_doc_query_range(lo, hi, doc_start, doc_end, start_n, Tk, offset, BLOCK_M, BLOCK_N)
     for h in range(h_kv * GROUP, (h_kv + 1) * GROUP):
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -592,8 +675,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TA
             delta = tl.load(DELTA + row_base + q_idx, mask=q_idx < Tq, other=0.0)
 
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (keys, queries)
-            visible = _attn_visible(q_idx[None, :] + offset, offs_n[:, None], k_real[:, None],
-                                    window, IS_CAUSAL, HAS_WINDOW)
+            q_start, q_end = _attn_doc_bounds(doc_start, doc_end, q_idx + offset, q_idx < Tq, HAS_DOCS)
+            visible = _attn_visible(q_idx[None, :] + offset, offs_n[:, None], k_real[:, None], window,
+                                    q_start[None, :], q_end[None, :], IS_CAUSAL, HAS_WINDOW, HAS_DOCS)
             if HAS_POS_BIAS:
                 _, bias_t = _attn_pos_bias(DIST_BUCKETS, TABLE + h, q_idx[None, :] + offset,
                                            offs_n[:, None], Tk, H, visible & (q_idx[None, :] < Tq))
@@ -616,7 +700,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, DIST_BUCKETS, TA
            ampere=[(128, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
            interpreter=(16, 32, 4, 1), accumulates=("DTABLE",))
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, DTABLE,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DOC_START, DOC_END, DIST_BUCKETS, TABLE, DTABLE,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
@@ -624,7 +708,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, D
                         H, GROUP, Tq, Tk, window, qk_scale, sm_scale, max_distance,
                         Q_BUCKET, K_BUCKET,
                         HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr,
+                        HAS_PADDING: tl.constexpr, HAS_POS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, dQ: one program owns BLOCK_M query rows of one head and streams over the
     key blocks they can see (the forward's loop), recomputing P from LSE:
@@ -659,8 +743,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, D
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q_first = start_m + offset  # the block's query positions (for the far-block test below)
     q_last = start_m + BLOCK_M - 1 + offset
+    q_start, q_end = _attn_doc_bounds(DOC_START + b * Tk, DOC_END + b * Tk, offs_m + offset, offs_m < Tq, HAS_DOCS)
 
     lo, hi = _attn_key_range(start_m, offset, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _attn_doc_key_range(lo, hi, q_start, q_end, offs_m < Tq, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         k_idx = start_n + offs_n
         k = tl.load(k_base + k_idx[:, None] * stride_kt + offs_d[None, :],
@@ -669,8 +756,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, DIST_BUCKETS, TABLE, D
                     mask=k_idx[:, None] < Tk, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         k_real = _attn_key_real(kpm_base, stride_mt, k_idx, Tk, HAS_PADDING)
-        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :],
-                                window, IS_CAUSAL, HAS_WINDOW)
+        visible = _attn_visible(offs_m[:, None] + offset, k_idx[None, :], k_real[None, :], window,
+                                q_start[:, None], q_end[:, None], IS_CAUSAL, HAS_WINDOW, HAS_DOCS)
         if HAS_POS_BIAS:
             needed = visible & rows
             bucket, bias = _attn_pos_bias(DIST_BUCKETS, TABLE + h, offs_m[:, None] + offset, k_idx[None, :],
@@ -713,7 +800,7 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, window, key_padding_mask, scale, table, bidirectional,
-                max_distance):
+                max_distance, documents):
         q, k, v = (_launch_ready(t) for t in (q, k, v))
         B, H, Tq, D = q.shape
         Tk = k.shape[2]
@@ -721,6 +808,7 @@ class FlashAttention(torch.autograd.Function):
         kpm = None
         if key_padding_mask is not None:  # bool -> int8 (one byte per key); (1, Tk) broadcasts
             kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).expand(B, Tk)
+        doc_bounds = None if documents is None else document_bounds(documents.to(q.device).expand(B, Tk))
         buckets = table2 = None
         if table is not None:  # T5: the bucket of each distance, and the table in base 2, fp32
             buckets = _distance_buckets(Tq, Tk, bidirectional, table.shape[0], max_distance, q.device)
@@ -732,6 +820,7 @@ class FlashAttention(torch.autograd.Function):
         ctx.flags = dict(Q_BUCKET=triton.next_power_of_2(Tq), K_BUCKET=triton.next_power_of_2(Tk),
                          HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
                          HAS_PADDING=kpm is not None, HAS_POS_BIAS=table is not None,
+                         HAS_DOCS=doc_bounds is not None,
                          # fp32 inputs: exact fp32 products (torch's default), not TF32
                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -744,22 +833,24 @@ class FlashAttention(torch.autograd.Function):
             return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
         _attn_fwd_kernel[grid](
             q, k, v, o, lse,  # q stands in for the pointers that are not used
-            *(t if t is not None else q for t in (kpm, buckets, table2)),
+            kpm if kpm is not None else q, *(doc_bounds or (q, q)),
+            *(t if t is not None else q for t in (buckets, table2)),
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             *(kpm.stride() if kpm is not None else (0, 0)),
             *ctx.sizes, ctx.scale * LOG2E, **ctx.flags)
-        ctx.save_for_backward(q, k, v, o, lse, kpm, table2)
+        ctx.save_for_backward(q, k, v, o, lse, kpm, table2, *(doc_bounds or ()))
         ctx.buckets = buckets  # (cached by _distance_buckets, perhaps made under inference_mode,
         return o               # which save_for_backward refuses; neither input nor output)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, kpm, table2 = ctx.saved_tensors
+        q, k, v, o, lse, kpm, table2, *doc_bounds = ctx.saved_tensors
         buckets = ctx.buckets
         do = _launch_ready(do)
         B, H, Tq, D = q.shape
         H_kv, Tk = k.shape[1], k.shape[2]
         kpm_ptr, kpm_strides = (kpm, kpm.stride()) if kpm is not None else (q, (0, 0))
+        mask_ptrs = (kpm_ptr, *(doc_bounds or (q, q)))
         bias_ptrs = (buckets, table2) if buckets is not None else (q, q)
         dtable = torch.zeros_like(table2) if table2 is not None else None  # fp32, atomics add to it
         scales = (ctx.scale * LOG2E, ctx.scale)
@@ -774,19 +865,19 @@ class FlashAttention(torch.autograd.Function):
         def dkdv_grid(meta):
             return triton.cdiv(Tk, meta["BLOCK_N"]), B * H_kv
         _attn_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, do, lse, delta, dk, dv, kpm_ptr, *bias_ptrs,
+            q, k, v, do, lse, delta, dk, dv, *mask_ptrs, *bias_ptrs,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             *kpm_strides, *ctx.sizes, *scales, **ctx.flags)
 
         def dq_grid(meta):
             return triton.cdiv(Tq, meta["BLOCK_M"]), B * H
         _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, do, lse, delta, dq, kpm_ptr, *bias_ptrs,
+            q, k, v, do, lse, delta, dq, *mask_ptrs, *bias_ptrs,
             dtable if dtable is not None else q.new_zeros(1, dtype=torch.float32),  # (zeroed while tuning)
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             *kpm_strides, *ctx.sizes, *scales, ctx.max_distance, **ctx.flags)
         dtable = dtable.to(ctx.table_dtype) if dtable is not None else None
-        return dq, dk, dv, None, None, None, None, dtable, None, None
+        return dq, dk, dv, None, None, None, None, dtable, None, None, None
 
 
 def _flash_supports(q, k, v, position_bias=None):
@@ -805,9 +896,13 @@ def _flash_supports(q, k, v, position_bias=None):
 
 
 def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=None,
-              position_bias=None, recompute=False):
-    """Multi-head attention with GQA, causal / sliding-window / key-padding masks, and T5's
-    relative position bias. Shapes as in `attention_reference`; returns (B, H, Tq, D).
+              position_bias=None, recompute=False, documents=None):
+    """Multi-head attention with GQA, causal / sliding-window / key-padding / document masks,
+    and T5's relative position bias. Shapes as in `attention_reference`; returns (B, H, Tq, D).
+
+    `documents` (B, Tk): each position's document (Megatron's --reset-attention-mask: packed
+    documents do not see each other); the Triton kernels read it as document bounds, the
+    torch path as a boolean (B, 1, Tq, Tk) mask.
 
     `position_bias` (a RelativePositionBias, table (num_buckets, H)) adds
     table[bucket(key position - query position), h] to every score (T5; T5 also passes
@@ -834,22 +929,23 @@ def attention(q, k, v, causal=True, window=None, key_padding_mask=None, scale=No
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if use_triton and _flash_supports(q, k, v, position_bias):
         if position_bias is None:
-            return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, None, None, None)
+            return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, None, None, None,
+                                        documents)
         return FlashAttention.apply(q, k, v, causal, window, key_padding_mask, scale, position_bias.table,
-                                    position_bias.bidirectional, position_bias.max_distance)
+                                    position_bias.bidirectional, position_bias.max_distance, documents)
 
     if recompute and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(_torch_attention, q, k, v, causal, window,
-                                                 key_padding_mask, scale, position_bias,
+                                                 key_padding_mask, scale, position_bias, documents,
                                                  use_reentrant=False, preserve_rng_state=True)
-    return _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias)
+    return _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias, documents)
 
 
-def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias):
+def _torch_attention(q, k, v, causal, window, key_padding_mask, scale, position_bias, documents=None):
     simple_causal = (causal and window is None and key_padding_mask is None and position_bias is None
-                     and q.shape[2] == k.shape[2])
+                     and documents is None and q.shape[2] == k.shape[2])
     mask = None if simple_causal else attention_mask(
-        q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask)
+        q.shape[2], k.shape[2], q.device, causal, window, key_padding_mask, documents)
     if position_bias is not None:  # a float mask is added to the scores: bias, and -inf where masked
         bias = relative_position_bias_reference(position_bias, q.shape[2], k.shape[2]).to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))

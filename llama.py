@@ -133,7 +133,7 @@ class Attention(nn.Module):
             # Shared by all heads, but under tp each rank sees only its own heads.
             parallel.mark_partial_grad(self.q_norm.weight, self.k_norm.weight)
 
-    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
+    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None, documents=None):
         x = parallel.linear_input(x, self.layout)
         B, T, _ = x.shape
         hd = self.cfg.head_dim
@@ -149,7 +149,8 @@ class Attention(nn.Module):
             k, v, key_padding_mask = kv_cache.update(k, v, key_padding_mask)
         y = parallel.context_attention(q, k, v, positions, self.layout, causal=True,
                                        window=self.cfg.sliding_window or None,
-                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core)
+                                       key_padding_mask=key_padding_mask, recompute=self.recompute_core,
+                                       documents=documents)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -180,8 +181,8 @@ class Block(nn.Module):
         self.mlp_norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = mlp
 
-    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, cos, sin, key_padding_mask, kv_cache)
+    def forward(self, x, positions, cos, sin, key_padding_mask=None, kv_cache=None, documents=None):
+        x = x + self.attn(self.attn_norm(x), positions, cos, sin, key_padding_mask, kv_cache, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -232,25 +233,27 @@ class Llama(nn.Module):
         return [kernels.KVCache(max_len, self.cfg.sliding_window or None) for _ in self.layers]
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
-                positions=None):
+                positions=None, documents=None):
         """Logits (B, T, vocab), or with `labels` the *sum* of token losses (see
         parallel.output_layer). `attention_mask` (B, T) marks real tokens as HF does;
         `kv_caches` (from new_kv_caches) makes this a decoding step after the cached
         tokens, the caches keeping the mask of every cached token. `positions` (B, T):
-        each row's own positions (a left-padded batch, generate.py); default: the same
-        for every row, after the cached tokens. Under sp the residual stream holds this
+        each row's own positions (a left-padded batch, generate.py; documents' restarted
+        positions, --reset-position-ids); default: the same for every row, after the
+        cached tokens. `documents` (B, T): each token's document; a token attends only
+        within its own (--reset-attention-mask). Under sp the residual stream holds this
         rank's tokens. A pipeline chunk after the first takes the previous chunk's output
         as `hidden`; one before the last returns its hidden states."""
+        start = kv_caches[0].length if kv_caches else 0
+        # Where this rank's tokens sit in the sequence (under cp, its zigzag share of it).
+        index = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
         if positions is None:
-            start = kv_caches[0].length if kv_caches else 0
-            # Global positions of this rank's tokens (under cp, its zigzag share of them).
-            positions = start + parallel.zigzag_positions(input_ids.shape[1], self.layout, input_ids.device)
-            cos, sin = kernels.rope_cos_sin(positions, self.inv_freq)
+            cos, sin = kernels.rope_cos_sin(index, self.inv_freq)
         else:
-            cos, sin = kernels.rope_cos_sin_rows(positions, self.inv_freq)
+            cos, sin = kernels.rope_cos_sin_rows(parallel.context_shard(positions, self.layout), self.inv_freq)
         x = self.embed(parallel.context_shard(input_ids, self.layout)) if hidden is None else hidden
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, positions, cos, sin, attention_mask, kv_caches[i] if kv_caches else None)
+            x = layer(x, index, cos, sin, attention_mask, kv_caches[i] if kv_caches else None, documents)
         return parallel.language_model_output(self, x, labels)
 
     @staticmethod

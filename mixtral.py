@@ -270,10 +270,10 @@ class Mixtral(llama.Llama):
         return MoE(cfg, layout)
 
     def forward(self, input_ids, labels=None, attention_mask=None, kv_caches=None, hidden=None,
-                positions=None):
+                positions=None, documents=None):
         """As llama.Llama.forward: logits, or with `labels` the sum of token losses. Also
         sets this forward's router losses and statistics (module docstring)."""
-        out = super().forward(input_ids, labels, attention_mask, kv_caches, hidden, positions)
+        out = super().forward(input_ids, labels, attention_mask, kv_caches, hidden, positions, documents)
         moe = [layer.mlp for layer in self.layers.values()]
         self.aux_loss = sum(m.aux_loss for m in moe)
         self.z_loss = sum(m.z_loss for m in moe)

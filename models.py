@@ -45,6 +45,9 @@ class Family:
     # sentence pairs, T5's corrupted spans); None: the windows, next-token prediction
     examples: object = None
     causal: bool = True         # its attention sees only the past (FLOPs: see memory.flops_per_step)
+    # its forward takes each token's document and position in it (--reset-attention-mask,
+    # --reset-position-ids): attention-only decoders (a Mamba scan would carry its state over)
+    documents: bool = False
     decoder_len: object = None  # an encoder-decoder: seq_len -> its decoder's tokens
     # Config -> whether the residual stream stays fp32 under mixed precision whatever
     # --fp32-residual says (Mamba's residual_in_fp32, as Hugging Face's models have it)
@@ -116,13 +119,13 @@ def _check_t5(args, cfg, tokenizer):
 
 
 FAMILIES = {f.name: f for f in (
-    Family("llama", llama, llama.Llama, memory.LLAMA, hf_preset="llama2-7b",
+    Family("llama", llama, llama.Llama, memory.LLAMA, hf_preset="llama2-7b", documents=True,
            hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}),
-    Family("gpt", gpt, gpt.GPT, memory.GPT, hf_classes={"gpt2": "GPT2LMHeadModel"}, hf_preset="gpt2",
+    Family("gpt", gpt, gpt.GPT, memory.GPT, hf_classes={"gpt2": "GPT2LMHeadModel"}, hf_preset="gpt2", documents=True,
            hf_reads_slices=False),  # GPT-2's Conv1D weights are transposed
     Family("mixtral", mixtral, mixtral.Mixtral, memory.LLAMA, hf_classes={"mixtral": "MixtralForCausalLM"},
-           hf_preset="mixtral-8x7b"),
+           hf_preset="mixtral-8x7b", documents=True),
     Family("mamba", mamba, mamba.Mamba, memory.MAMBA, fp32_residual=lambda cfg: cfg.residual_in_fp32,
            hf_preset="mamba2-130m",
            hf_classes={"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},

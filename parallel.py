@@ -1186,25 +1186,27 @@ def _ring_exchange(x, layout, forward):
     return out
 
 
-def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale, key_padding_mask):
+def _checkpointed_block(q, k, v, q_pos, k_pos, causal, window, scale, key_padding_mask, documents):
     # Recomputed in backward instead of stored: memory per block is its inputs, not the
     # (queries x keys) score matrix (the FlashAttention trade, at block granularity).
     # The padding mask covers the whole sequence: the block's keys are its columns k_pos.
+    # So do the documents, which positions index (positions_mask).
     key_real = None if key_padding_mask is None else key_padding_mask[:, k_pos]
     return torch.utils.checkpoint.checkpoint(kernels.attention_with_lse, q, k, v, q_pos, k_pos, causal,
-                                             window, scale, key_real, use_reentrant=False)
+                                             window, scale, key_real, documents, use_reentrant=False)
 
 
 def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=None,
-                   key_padding_mask=None):
+                   key_padding_mask=None, documents=None):
     """Attention of this cp rank's queries on the whole sequence's keys.
 
     q (B, H, T_local, D); k, v (B, Hkv, T_local, D): only the KV heads travel. In cp
     steps the K/V blocks go round the ring; at each step every rank attends its queries
     to the block it holds (skipping blocks the mask hides entirely) and merges the
     result by log-sum-exp. Each rank's positions are known from its ring index, so only
-    K and V are sent; so is nothing of a padding mask, which every rank holds whole
-    (B, T), as it holds the batch. Exact forward and backward (autograd through the ring).
+    K and V are sent; so is nothing of a padding mask or the documents, which every rank
+    holds whole (B, T), as it holds the batch. Exact forward and backward (autograd
+    through the ring).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = lse = None
@@ -1214,7 +1216,7 @@ def ring_attention(q, k, v, positions, layout, causal=True, window=None, scale=N
         k_pos = zigzag_positions(seq_len, owner, q.device)
         if _block_could_attend(positions, k_pos, causal, window):
             out, lse = _merge(out, lse, *_checkpointed_block(q, k, v, positions, k_pos, causal,
-                                                             window, scale, key_padding_mask))
+                                                             window, scale, key_padding_mask, documents))
         if step < layout.cp - 1:
             k, v = _RingPass.apply(k, layout), _RingPass.apply(v, layout)
     return out.to(q.dtype)
@@ -1239,28 +1241,29 @@ class _AllGatherSequence(torch.autograd.Function):
 
 
 def allgather_attention(q, k, v, positions, layout, causal=True, window=None, scale=None,
-                        key_padding_mask=None):
+                        key_padding_mask=None, documents=None):
     """The simple baseline: gather every rank's K/V (and know their positions), then
     attend locally. cp - 1 blocks received either way, but all at once in memory."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = (_AllGatherSequence.apply(t, layout.cp_group) for t in (k, v))
     k_pos = _rank_order(len(positions) * layout.cp, layout, q.device)
-    out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale, key_padding_mask)
+    out, _ = _checkpointed_block(q, k, v, positions, k_pos, causal, window, scale, key_padding_mask, documents)
     return out.to(q.dtype)
 
 
 def context_attention(q, k, v, positions, layout, causal=True, window=None, key_padding_mask=None,
-                      recompute=False):
+                      recompute=False, documents=None):
     """The attention call of the models: plain attention without cp, else ring (or
-    all-gather, `--cp-comm allgather`) attention over the cp group. `key_padding_mask`
-    (B, T) is True on real tokens, for the whole sequence (every cp rank holds it).
-    `recompute`: scores recomputed in backward, not stored (selective recomputation; the
-    cp paths checkpoint their blocks always)."""
+    all-gather, `--cp-comm allgather`) attention over the cp group. `positions`: where
+    this rank's tokens sit in the sequence. `key_padding_mask` (B, T) is True on real
+    tokens, `documents` (B, T) each token's document (--reset-attention-mask), both for the
+    whole sequence (every cp rank holds them). `recompute`: scores recomputed in backward,
+    not stored (selective recomputation; the cp paths checkpoint their blocks always)."""
     if layout.cp == 1:
-        return kernels.attention(q, k, v, causal=causal, window=window,
-                                 key_padding_mask=key_padding_mask, recompute=recompute)
+        return kernels.attention(q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                                 recompute=recompute, documents=documents)
     fn = ring_attention if layout.cp_comm == "ring" else allgather_attention
-    return fn(q, k, v, positions, layout, causal, window, key_padding_mask=key_padding_mask)
+    return fn(q, k, v, positions, layout, causal, window, key_padding_mask=key_padding_mask, documents=documents)
 
 
 # ----------------------------------------------------------------------------

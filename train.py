@@ -95,6 +95,7 @@ class Run:
     tokenizer: str
     train_data: object
     val_data: object
+    test_data: object        # --split with a test share: evaluated at the end, else None
     chunks: list             # this rank's pipeline chunks (parallel.Chunk) ...
     modules: list            # ... and their models
     actions: list            # this rank's pipeline schedule
@@ -164,17 +165,23 @@ def keep_schedule(args, saved):
 
 
 def load_data(args, tokenizer, vocab_size):
-    """(train, val) for the model: token windows (causal models), BERT's masked sentence
-    pairs or T5's corrupted spans over the same windows, or with --task a labelled
-    classification task. Every window read is checked against the model's vocabulary."""
+    """(train, val, test or None) for the model: token windows (causal models), BERT's
+    masked sentence pairs or T5's corrupted spans over the same windows, or with --task a
+    labelled classification task. Every window read is checked against the model's
+    vocabulary."""
     if args.task:
-        return data.load_task(args.task, tokenizer, args.seq_len)
-    train_data, val_data = data.load_dataset(args.data, tokenizer, args.seq_len, json_key=args.json_key)
-    for dataset in (train_data, val_data):
+        return (*data.load_task(args.task, tokenizer, args.seq_len), None)
+    splits = data.load_splits(args.data, tokenizer, args.seq_len, args.split and data.parse_split(args.split),
+                              args.json_key)
+    for dataset in splits.values():
         dataset.vocab_size, dataset.eod_mask_loss = vocab_size, args.eod_mask_loss
+        if isinstance(dataset, data.InstructionData):  # several examples to a row, apart
+            dataset.packed = args.reset_attention_mask
+        if args.reset_attention_mask or args.reset_position_ids or args.eod_mask_loss:
+            dataset.check_end_of_text()
     examples = models.family(args.model).examples
-    return (train_data, val_data) if examples is None else tuple(
-        examples(windows, tokenizer, args) for windows in (train_data, val_data))
+    return tuple(None if name not in splits else splits[name] if examples is None
+                 else examples(splits[name], tokenizer, args) for name in data.SPLITS)
 
 
 def draw_batch(dataset, step, seed, args, rows):
@@ -182,6 +189,12 @@ def draw_batch(dataset, step, seed, args, rows):
     batch = dataset.batch(step, seed, args.global_batch_size, args.seq_len, rows)
     if isinstance(batch, tuple):  # token windows: inputs and next-token targets
         batch = dict(zip(("input_ids", "labels"), batch))
+    if args.reset_attention_mask or args.reset_position_ids:
+        documents, positions = data.document_inputs(batch["input_ids"], dataset.eot)
+        if args.reset_attention_mask:
+            batch["documents"] = documents
+        if args.reset_position_ids:
+            batch["positions"] = positions
     return batch
 
 
@@ -190,7 +203,7 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     device = layout.device
     precision = args.precision if args.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
-    train_data, val_data = load_data(args, tokenizer, cfg.vocab_size)
+    train_data, val_data, test_data = load_data(args, tokenizer, cfg.vocab_size)
     chunks = parallel.rank_chunks(layout, cfg.n_layers, flags.pp_layers(args))
     schedule = "interleaved" if layout.vpp > 1 else args.pp_schedule
     steps_per_rank = flags.micro_steps(args, layout.dp)
@@ -228,7 +241,7 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     if args.compile:  # (after recompute and FP8 have set up the layers it compiles)
         parallel.apply_compile(modules)
     run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer, train_data=train_data,
-              val_data=val_data, chunks=chunks, modules=modules,
+              val_data=val_data, test_data=test_data, chunks=chunks, modules=modules,
               actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
               autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
@@ -454,12 +467,13 @@ def train_step(run, step):
 
 
 @torch.no_grad()
-def evaluate(run):
-    """Mean loss over --eval-batches fixed validation batches (the same every time)."""
-    args = run.args
+def evaluate(run, dataset=None):
+    """Mean loss over --eval-batches fixed batches of the validation data (the same every
+    time), or of `dataset`."""
+    args, dataset = run.args, dataset or run.val_data
     total = 0.0
     for i in range(args.eval_batches):
-        total += forward_backward(run, lambda rows: draw_batch(run.val_data, i, args.seed + 1, args, rows),
+        total += forward_backward(run, lambda rows: draw_batch(dataset, i, args.seed + 1, args, rows),
                                   forward_only=True)
     return total / args.eval_batches
 
@@ -578,7 +592,8 @@ def training_loop(run):
             router = router_figures(run.modules, layout, run.tokens_per_step)
             record.update(head_figures(run))
             if hasattr(run.train_data, "progress"):
-                record.update(run.train_data.progress((step + 1) * args.global_batch_size, args.seq_len))
+                record.update(run.train_data.progress((step + 1) * args.global_batch_size, args.seq_len,
+                                                      args.seed))
             # (evaluation, saving and --compile's compilation, reported apart, not included)
             compile_s = parallel.compile_seconds() - compiled_before
             step_time = time.perf_counter() - t_step - compile_s
@@ -596,6 +611,9 @@ def training_loop(run):
                 record.update({"val_" + k: v for k, v in head_figures(run).items()})
                 if hasattr(run.val_data, "majority_share"):  # what always answering the commonest scores
                     record["val_majority_baseline"] = run.val_data.majority_share
+            if done == args.steps and run.test_data is not None:
+                run.doing = "the test evaluation"
+                record["test_loss"] = evaluate(run, run.test_data)
             elapsed = time.perf_counter() - t_start
             run.logger.step(record, router, elapsed, eta=elapsed / (done - run.start_step) * (args.steps - done))
             records.append(record)
@@ -635,9 +653,10 @@ def summary(run, records, seconds):
         speed += f" (after step {records[0]['step']}, which took {records[0]['step_time']:.2f} s)"
     files = [f"checkpoints in {args.save}" if args.save else "no checkpoint (no --save)"]
     files += [f"metrics in {args.metrics}"] if args.metrics else []
+    test = f" | test {records[-1]['test_loss']:.4f}" if "test_loss" in records[-1] else ""
     return (f"done: {len(records)} steps in {metrics.clock(seconds)} | loss {records[0]['loss']:.4f} -> "
             f"{records[-1]['loss']:.4f} | val {evaluated[-1]['val_loss']:.4f} (best "
-            f"{best['val_loss']:.4f} at step {best['step']}) | {speed} | {', '.join(files)}")
+            f"{best['val_loss']:.4f} at step {best['step']}){test} | {speed} | {', '.join(files)}")
 
 
 def sample_report(run):

@@ -121,13 +121,13 @@ bench() {  # bench NAME LIMIT MODE FLAGS...: a bench.py mode, its rows in NAME.j
 case $mode in
 general)
     # 1. The kernel tests compiled on the GPU: the interpreter-sized cases (ragged lengths,
-    #    decoding, windows, padding, fp16, SSD's chunk and group shapes) and the `gpu` ones
-    #    (bf16 at real shapes, SSD at Mamba-2's shapes). Compiles: 68 (test_triton.py) + 72
-    #    (test_ssm_kernels.py) counted, + about 96 in the `gpu` tests, which need CUDA and so
-    #    cannot be counted on a CPU (10 attention cases x 4 kernels, RMSNorm 3 x 2, SwiGLU 2, a
-    #    bf16 llama 8, SSD 4 cases x about 10) = 236, in 8 workers; 60 s of running:
-    #    20 + 236 x 2 / 8 + 60 = 139 -> 140 s.
-    tests kernel-tests 140 tests/test_triton.py tests/test_kernels.py tests/test_ssm_kernels.py
+    #    decoding, windows, padding, documents, fp16, SSD's chunk and group shapes) and the
+    #    `gpu` ones (bf16 at real shapes, SSD at Mamba-2's shapes). Compiles: 85
+    #    (test_triton.py) + 72 (test_ssm_kernels.py) counted, + about 104 in the `gpu` tests,
+    #    which need CUDA and so cannot be counted on a CPU (12 attention cases x 4 kernels,
+    #    RMSNorm 3 x 2, SwiGLU 2, a bf16 llama 8, SSD 4 cases x about 10) = 261, in 8 workers;
+    #    60 s of running: 20 + 261 x 2 / 8 + 60 = 145 -> 150 s.
+    tests kernel-tests 150 tests/test_triton.py tests/test_kernels.py tests/test_ssm_kernels.py
     # 2. bf16 training, 20 steps: a 4-layer llama3-8b (head dim 128) with the Triton kernels
     #    and with torch's, and qwen2.5-0.5b (head dim 64) with Triton's; tokens/s and MFU from
     #    train.py (step 1 reported apart). Compiles per Triton run: 8 (attention forward,

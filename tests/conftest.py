@@ -157,6 +157,22 @@ def triton_kernels_or_skip():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def byte_level_bpe(directory, texts, vocab_size, special_tokens, config):
+    """A byte-level BPE trained here on `texts`, saved as directory/tokenizer.json, with
+    `config` as its tokenizer_config.json (a Hugging Face tokenizer folder, no download)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(directory)
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """kernels.py's Triton path for this test (compiled on a GPU, else the interpreter)."""
@@ -228,6 +244,10 @@ def one_line_error(capsys, argv):
 # up to 2.5e-4, the gradient norm by up to 1.0e-2 (tp = 2, its last step). A wrong gradient
 # scale (x2) or a missing reduction shows far above both; fp32 layout tests catch them at 1e-5.
 BF16_LOSS, BF16_GRAD_NORM = 2.0 ** -10, 2.0 ** -5
+# fp16 keeps 11 significant bits, 3 more: the same reasoning, 8x tighter (fp16 weights round
+# apart where the fp32 sums behind them differ in their last bits: measured 2.2e-5 on the
+# gradient norm of a dp = 2 run, one thread).
+FP16_LOSS, FP16_GRAD_NORM = 2.0 ** -13, 2.0 ** -8
 
 
 def assert_within_bf16(got, expected, keys=("loss", "grad_norm", "val_loss")):

@@ -28,7 +28,7 @@ import metrics
 import models
 import parallel
 import train
-from conftest import ROOT, assert_same_logits
+from conftest import ROOT, assert_same_logits, byte_level_bpe
 from errors import UsageError
 
 tf = pytest.importorskip("transformers")
@@ -372,19 +372,9 @@ def test_import_then_train_resumes_from_hf_weights(tmp_path):
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE trained here on a few sentences, saved as tokenizer.json."""
-    tokenizers = pytest.importorskip("tokenizers")
-    path = tmp_path_factory.mktemp("tokenizer")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10 +
-                            ["def main():\n    return 0\n"] * 10, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    return str(path)
+    return byte_level_bpe(tmp_path_factory.mktemp("tokenizer"),
+                          ["the quick brown fox jumps over the lazy dog"] * 10 + ["def main():\n    return 0\n"] * 10,
+                          300, ["<pad>", "<|endoftext|>"], {"eos_token": "<|endoftext|>"})
 
 
 def test_hf_tokenizer(hf_tokenizer_dir, tmp_path):

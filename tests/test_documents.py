@@ -20,7 +20,11 @@ import pytest
 import torch
 
 import data
-from conftest import LAYOUT, assert_same_run, one_line_error, one_process, train_job, train_on
+import kernels
+import models
+import parallel
+from conftest import (LAYOUT, assert_same_run, byte_level_bpe, check_layouts, one_line_error, one_process,
+                      train_job, train_on)
 from errors import UsageError
 
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7,
@@ -67,7 +71,7 @@ def test_a_megatron_pair_reads_as_its_documents(tmp_path, dtype):
             [t for seq in doc for t in seq] for doc in DOCUMENTS]
     # Validation: the last quarter of the documents (one, 2 tokens), widened to whole
     # documents until it holds a window of seq_len + 1.
-    train, val = ds.split(seq_len=4, val_fraction=0.25)
+    train, val = ds.split(seq_len=4, shares=(0.75, 0.25, 0)).values()
     assert val.shards[0].tolist() == [9] * 40 + [256, 8, 256]
     assert np.concatenate([train.shards[0], val.shards[0]]).tolist() == ds.tokens.tolist()
 
@@ -236,16 +240,18 @@ def test_a_blend_resumed_under_another_layout_reads_what_an_uninterrupted_run_re
     assert "shares 0.25/0.75" in out
 
 
-def test_eod_mask_loss_takes_end_of_text_targets_out_of_the_loss(ranks, tmp_path):
-    """--eod-mask-loss: exactly the end-of-text targets become IGNORE_INDEX, and the loss is
-    the mean over the targets left, also when data-parallel ranks hold different numbers of
-    them (dp 2 = one process)."""
+def test_eod_mask_loss_takes_the_prediction_at_end_of_text_out_of_the_loss(ranks, tmp_path):
+    """--eod-mask-loss, as Megatron defines it: exactly the targets of end-of-text *inputs*
+    (the next document's first token) become IGNORE_INDEX, the end-of-text targets stay, and
+    the loss is the mean over the targets left, also when data-parallel ranks hold different
+    numbers of them (dp 2 = one process)."""
     ds = _stream_dataset("a", 0, 20, 6)
     x, y = ds.batch(0, 0, 8, 16)
     ds.eod_mask_loss = True
     x2, y2 = ds.batch(0, 0, 8, 16)
-    assert torch.equal(x, x2) and (y2 != 256).all()
-    assert torch.equal(y2 == data.IGNORE_INDEX, y == 256) and (y == 256).sum() >= 8
+    assert torch.equal(x, x2) and torch.equal(y2 == data.IGNORE_INDEX, x == 256) and (x == 256).sum() >= 8
+    kept = y2 != data.IGNORE_INDEX
+    assert torch.equal(y2[kept], y[kept]) and (y2 == 256).any()
     path = tmp_path / "short.jsonl"
     _jsonl(path, [f"doc {i} " + "ab" * (i % 5) for i in range(300)])  # many end-of-texts per sample
     argv = ["--model", "llama", *LAYOUT, "--data", str(path), "--eod-mask-loss", "--steps", "4"]
@@ -253,6 +259,162 @@ def test_eod_mask_loss_takes_end_of_text_targets_out_of_the_loss(ranks, tmp_path
     assert_same_run(got, one_process(argv))
     plain = one_process([a for a in argv if a != "--eod-mask-loss"])
     assert all(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(got, plain))  # the flag is felt
+
+
+def test_split_cuts_whole_documents_as_megatron_does():
+    """--split: runs of whole documents by share of the document count (Megatron's rule),
+    a split too small for a sample widened by whole documents from the one before it, and
+    a stream of too few documents cut by tokens (validation and test at its end)."""
+    starts = np.arange(0, 1001, 10)  # 100 documents of 10 tokens
+    assert data.split_points(starts, (0.9, 0.05, 0.05), 8, "x").tolist() == [0, 900, 950, 1000]
+    assert data.split_points(starts, (0.98, 0.01, 0.01), 15, "x").tolist() == [0, 960, 980, 1000]
+    assert data.split_points(starts, (0.95, 0.05, 0), 8, "x").tolist() == [0, 950, 1000, 1000]
+    assert data.split_points([0, 1000], (0.9, 0.05, 0.05), 8, "x").tolist() == [0, 900, 950, 1000]
+    with pytest.raises(UsageError, match="too few for a sample"):
+        data.split_points([0, 20], (0.9, 0.05, 0.05), 8, "x")
+    assert data.parse_split("969,30,1") == (0.969, 0.03, 0.001)
+    assert data.parse_split("98,2") == (0.98, 0.02, 0.0)
+    for bad in ("98", "a,b", "98,0", "1,2,3,4", "98,-1,3"):
+        with pytest.raises(UsageError, match="TRAIN,VAL"):
+            data.parse_split(bad)
+
+
+def test_a_test_split_is_evaluated_at_the_end(tmp_path):
+    """--split 90,5,5: validation and test are disjoint runs of documents at the end, and the
+    test loss is measured once, after the last step (in its record and the summary line)."""
+    path = tmp_path / "docs.jsonl"
+    _jsonl(path, [f"document {i}: " + "lorem ipsum " * (i % 9 + 1) for i in range(200)])
+    splits = data.load_splits(str(path), "byte", 16, data.parse_split("90,5,5"))
+    docs = [len(splits[k].doc_starts) - 1 for k in data.SPLITS]
+    assert docs == [180, 10, 10] and splits["train"].shards[0][-1] == 256
+    records, out = train_job(["--model", "llama", *LAYOUT, "--data", str(path), "--split", "90,5,5", "--steps", "3"])
+    assert [("test_loss" in r) for r in records] == [False, False, True]
+    assert f"| test {records[-1]['test_loss']:.4f} |" in out
+
+
+def megatron_masks_and_positions(tokens, eot):
+    """Megatron-LM's get_ltor_masks_and_position_ids for one row, transcribed from its
+    definition: after each end-of-text at index i, later tokens may not attend tokens up to
+    i, and positions from i + 1 on restart at 0. (mask (T, T) True = may attend, positions)."""
+    T = len(tokens)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    positions = torch.arange(T)
+    previous = 0
+    for i in (tokens == eot).nonzero().flatten().tolist():
+        mask[i + 1:, :i + 1] = False
+        positions[i + 1:] -= i + 1 - previous
+        previous = i + 1
+    return mask, positions
+
+
+def test_documents_follow_megatrons_rule():
+    """data.document_inputs (each token's document and position in it) gives Megatron's
+    positions, and kernels.positions_mask on its documents Megatron's mask, for rows that
+    start, end and do not end with end-of-text, and with two in a row."""
+    rows = torch.tensor([[5, 6, 256, 7, 8, 9, 256, 256, 3, 4],
+                         [256, 1, 2, 3, 4, 5, 6, 7, 8, 256],
+                         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    documents, positions = data.document_inputs(rows, 256)
+    index = torch.arange(rows.shape[1])
+    mask = kernels.positions_mask(index, index, documents=documents)
+    for row, got_mask, got_positions in zip(rows, mask[:, 0], positions):
+        want_mask, want_positions = megatron_masks_and_positions(row, 256)
+        assert torch.equal(got_mask, want_mask) and torch.equal(got_positions, want_positions)
+
+
+PACKED = [[5, 6, 7, 256], [10, 11, 12, 13, 14, 256], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 256],
+          [40, 41, 42]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("model", ["llama", "gpt", "mixtral"])
+def test_a_packed_document_reads_as_if_alone(request, model, backend):
+    """With each token's document and restarted positions, a document packed among others
+    gives the logits it gives alone (what --reset-attention-mask with --reset-position-ids
+    promise), on the torch path and in the Triton kernels; without them it does not."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    cfg = models.make_config(model, "test")
+    module = models.build(model, cfg, "cpu", seed=0).eval()
+    row = torch.tensor([sum(PACKED, [])])
+    documents, positions = data.document_inputs(row, 256)
+    with torch.no_grad():
+        packed = module(row, documents=documents, positions=positions)
+        plain = module(row)
+        start = 0
+        for doc in PACKED:
+            alone = module(torch.tensor([doc]))
+            part = slice(start, start + len(doc))
+            torch.testing.assert_close(packed[:, part], alone, atol=2e-5, rtol=1e-4)
+            start += len(doc)
+        assert (plain[:, len(PACKED[0]):] - packed[:, len(PACKED[0]):]).abs().max() > 1e-3
+
+
+def _short_documents(path):
+    _jsonl(path, [f"doc {i} " + "ab" * (i % 7) for i in range(300)])  # several documents per sample
+
+
+DOCUMENT_FLAGS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
+
+
+def _packed_logits_under_cp(model, comm):
+    """On each cp rank: (its share of the packed row's logits, the same tokens' logits with
+    each document alone)."""
+    import torch.distributed as dist
+    layout = parallel.Layout(cp=dist.get_world_size(), rank=dist.get_rank(), cp_comm=comm,
+                             cp_group=dist.group.WORLD)
+    cfg = models.make_config(model, "test")
+    packed = [*PACKED[:-1], PACKED[-1] + [256], [50, 51]]  # 28 tokens: divisible by 2 x cp
+    row = torch.tensor([sum(packed, [])])
+    documents, positions = data.document_inputs(row, 256)
+    with torch.no_grad():
+        got = models.build(model, cfg, "cpu", 0, layout).eval()(row, documents=documents, positions=positions)
+        whole = models.build(model, cfg, "cpu", 0).eval()
+        alone = torch.cat([whole(torch.tensor([doc])) for doc in packed], dim=1)
+    return got, parallel.context_shard(alone, layout)
+
+
+@pytest.mark.parametrize("model,comm", [("llama", "ring"), ("gpt", "ring"), ("llama", "allgather")])
+def test_a_packed_document_reads_as_if_alone_under_cp_2(ranks, model, comm):
+    for rank, (got, alone) in ranks(2).run(_packed_logits_under_cp, model=model, comm=comm).items():
+        torch.testing.assert_close(got, alone, atol=2e-5, rtol=1e-4, msg=lambda m: f"rank {rank}: {m}")
+
+
+@pytest.mark.parametrize("model,flags,layouts", [
+    ("llama", DOCUMENT_FLAGS, [(2, ["--tp", "2"]), (2, ["--cp", "2"]), (2, ["--cp", "2", "--cp-comm", "allgather"]),
+                               (2, ["--pp", "2"]), (2, [])]),
+    ("gpt", DOCUMENT_FLAGS, [(4, ["--cp", "2", "--tp", "2"])]),
+    ("gpt", ["--reset-position-ids"], [(2, ["--cp", "2"])]),
+    ("mixtral", ["--reset-attention-mask"], [(2, ["--ep", "2"])]),
+])
+def test_document_flags_equal_one_process_on_every_layout(ranks, tmp_path, model, flags, layouts):
+    """Per-document attention and positions: tp (with sp), cp (ring and all-gather), pp, dp
+    and ep give the one-process run's loss and gradient norm at every step, and the flags
+    change the run."""
+    path = tmp_path / "short.jsonl"
+    _short_documents(path)
+    argv = ["--model", model, *LAYOUT, "--data", str(path), "--steps", "4", "--micro-batch-size", "2", *flags]
+    check_layouts(ranks, argv, layouts)
+    plain = one_process(argv[:-len(flags)])
+    assert all(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(one_process(argv)[1:], plain[1:]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "mamba", "--reset-attention-mask"], "--reset-attention-mask applies to the attention decoders"),
+    (["--model", "bert", "--reset-position-ids"], "--reset-position-ids applies to the attention decoders"),
+])
+def test_document_flags_refused_where_they_cannot_apply(capsys, argv, message):
+    assert message in one_line_error(capsys, [*argv, "--config", "test", "--steps", "1"])
+
+
+def test_document_flags_need_documents_ending_in_end_of_text(capsys, tmp_path):
+    """A Megatron pair written without end-of-text (preprocess_data.py without --append-eod)
+    has documents that --reset-attention-mask cannot find: refused, naming the fix."""
+    prefix = str(tmp_path / "noeod")
+    published_writer(prefix, [[[5, 6, 7] * 20]] * 30, np.uint16)
+    error = one_line_error(capsys, ["--model", "llama", "--config", "test", "--data", prefix, "--seq-len", "16",
+                                    "--reset-attention-mask", "--steps", "1"])
+    assert "do not end with end-of-text" in error and "--append-eod" in error
 
 
 ANIMALS = ["cat", "dog", "owl", "yak", "emu", "elk", "bee", "fox"]
@@ -277,10 +439,102 @@ def test_prompt_response_rows_count_response_tokens_only(tmp_path):
         # the targets are " cat" and end-of-text, where the prompt ("animal N:", 9 bytes) ends
         assert [t for t in row_y if t != data.IGNORE_INDEX] == [*f" {answer}".encode(), 256]
         assert row_y[:8] == [data.IGNORE_INDEX] * 8 and row_y[8] == ord(" ")
-    assert data.inspect(str(path))[0].endswith("prompt/response pairs, 16 examples (1 for validation), "
-                                               "224 tokens")
+    assert data.inspect(str(path))[0].endswith("fine-tuning examples, 16 (1 for validation), 224 tokens")
     x, y = train.batch(0, 0, 4, 10)  # cut at seq_len + 1 = 11 tokens: " c" of the response
     assert [(row != data.IGNORE_INDEX).sum().item() for row in y] == [2] * 4
+
+
+def test_packed_prompt_response_rows_read_as_their_examples_alone(tmp_path):
+    """Packed rows (--reset-attention-mask): several examples to a row, each example once per
+    epoch with its own response-only targets, and the summed loss of packed rows, with each
+    token's document and restarted positions, that of every example in a row of its own."""
+    path = tmp_path / "pairs.jsonl"
+    _pairs(path, 3)
+    train = data.load_dataset(str(path), "byte", 48)[0]
+    unpacked = [train.batch(0, 0, len(train.examples), 48)]
+    train.packed = True
+    rows = train._epoch_rows(0, 0, 48)
+    assert sorted(sum(rows, [])) == list(range(len(train.examples))) and len(rows) < len(train.examples) / 2
+    packed = [train.batch(0, 0, len(rows), 48)]
+    assert train.progress(len(rows), 48) == {"epoch": 1.0}
+    response_tokens = sum(targets.sum() for _, targets in train.examples)
+    for x, y in unpacked + packed:
+        assert (y != data.IGNORE_INDEX).sum() == response_tokens
+    model = models.build("llama", models.make_config("llama", "test"), "cpu", seed=0).eval()
+    with torch.no_grad():
+        alone = model(*unpacked[0])
+        x, y = packed[0]
+        documents, positions = data.document_inputs(x, 256)
+        together = model(x, y, documents=documents, positions=positions)
+        apart = model(x, y)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+    assert abs(apart - alone) > 1e-2
+
+
+def test_packed_prompt_response_rows_equal_one_process_at_dp_2(ranks, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    _pairs(path, 8)
+    argv = ["--model", "llama", *LAYOUT, "--data", str(path), "--reset-attention-mask", "--reset-position-ids",
+            "--seq-len", "64", "--steps", "4"]
+    check_layouts(ranks, argv, [(2, [])])
+    unpacked_epochs = 4 * 8 / 61  # (61 training examples, one to a row)
+    assert one_process(argv)[-1]["epoch"] > 3 * unpacked_epochs  # about four to a row
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "name an animal"}, {"role": "assistant", "content": "the fox"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a dog?"},
+     {"role": "assistant", "content": "lazy"}, {"role": "user", "content": "and then"},
+     {"role": "assistant", "content": "it jumps over"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE with ChatML's special tokens and a ChatML chat template."""
+    return byte_level_bpe(tmp_path_factory.mktemp("chat_tokenizer"),
+                          ["the quick brown fox jumps over the lazy dog, name an animal"] * 10, 320,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                          {"eos_token": "<|endoftext|>", "chat_template": CHATML})
+
+
+def test_chat_messages_render_as_transformers_renders_them(chat_tokenizer_dir, tmp_path):
+    """{"messages": [...]} records: the text and tokens of transformers' apply_chat_template
+    (the oracle) plus end-of-text, trained on exactly each assistant turn's text (its
+    content and <|im_end|>) and the end-of-text; a tiny llama trains on them."""
+    transformers = pytest.importorskip("transformers")
+    oracle = transformers.AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    enc = data.get_tokenizer("hf:" + chat_tokenizer_dir)
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as f:
+        for _ in range(10):
+            for conversation in CONVERSATIONS:
+                f.write(json.dumps({"messages": conversation}) + "\n")
+    train = data.load_splits(str(path), "hf:" + chat_tokenizer_dir, 64)["train"]
+    for conversation, (tokens, targets) in zip(CONVERSATIONS, train.examples):
+        for prompt in (False, True):
+            assert data.render_chat(enc, conversation, prompt) == oracle.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=prompt)
+        want = oracle.apply_chat_template(conversation, tokenize=True, return_dict=False)
+        assert tokens.tolist() == [*want, enc.eot_token]
+        trained = enc.decode(tokens[targets].tolist())
+        answers = [m["content"] + "<|im_end|>\n" for m in conversation if m["role"] == "assistant"]
+        assert trained == "".join(answers) + "<|endoftext|>"
+    records, _ = train_job(["--model", "llama", *LAYOUT, "--data", str(path), "--tokenizer",
+                            "hf:" + chat_tokenizer_dir, "--seq-len", "64", "--steps", "2",
+                            "--reset-attention-mask"])
+    assert len(records) == 2
+
+
+def test_chat_messages_need_a_chat_template(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in CONVERSATIONS))
+    with pytest.raises(UsageError, match="need the tokenizer's chat template: --tokenizer byte has none"):
+        data.load_splits(str(path), "byte", 16)
 
 
 def test_a_tiny_llama_learns_prompt_to_response_pairs(tmp_path):

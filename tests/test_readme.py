@@ -127,7 +127,7 @@ def test_bench_command_lines_parse():
 
 # Inputs the README assumes are there: a Hugging Face folder (a test llama's export),
 # books/*.txt, prompts.txt.
-GIVEN = ("path/to/hf-folder", "books", "prompts.txt")
+GIVEN = ("path/to/hf-folder", "books", "prompts.txt", "pairs.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +140,8 @@ def given(tmp_path_factory):
     for name in ("a", "b"):
         (root / "books" / f"{name}.txt").write_text(f"Book {name}. " + "Once upon a time, " * 400)
     (root / "prompts.txt").write_text("def main(\nimport os\n")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\n"
+                                              for i in range(40)))
     return root
 
 
@@ -171,9 +173,13 @@ def reads_and_writes(command):
     elif script == "bench.py" and args[0] == "plot":
         reads.update(a for a in args[1:] if a.endswith(".jsonl"))
         writes.add(flag(args, "-o"))
-    for name in ("--load", "--data", "--prompts-file"):
+    for name in ("--load", "--prompts-file"):
         if flag(args, name):
             reads.add(flag(args, name).removeprefix("hf:"))
+    if "--data" in args:  # (the last) a source, or a blend: WEIGHT SOURCE ...
+        after = args[len(args) - args[::-1].index("--data"):]
+        sources = after[:next((i for i, a in enumerate(after) if a.startswith("--")), len(after))]
+        reads.update(s for s in sources if not re.fullmatch(r"[\d.]+", s))
     for name in ("--save", "--metrics"):
         if flag(args, name):
             writes.add(flag(args, name))
@@ -232,7 +238,7 @@ def made(given, tmp_path_factory):
 
 def in_workdir(root, args):
     """The command's relative paths, made absolute (the local ranks have their own cwd)."""
-    relative = re.compile(r"^(hf:)?((runs|data|books|path)/|prompts\.txt|curves\.png)")
+    relative = re.compile(r"^(hf:)?((runs|data|books|path)/|prompts\.txt|pairs\.jsonl|curves\.png)")
     return [relative.sub(lambda m: (m[1] or "") + str(root) + "/" + m[2], a) for a in args]
 
 

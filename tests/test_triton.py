@@ -70,6 +70,47 @@ def test_attention_matches_reference_fp32(triton_backend, B, H, Hkv, Tq, Tk, D, 
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def _documents(B, T, lengths, seed):
+    """(B, T) document indices: row b is cut into documents of the given lengths, cycled
+    from a seed-dependent start, the last one cut at T."""
+    rows = []
+    for b in range(B):
+        row, doc, i = [], 0, seed + b
+        while len(row) < T:
+            row += [doc % 3] * lengths[i % len(lengths)]  # (indices repeat: runs are what count)
+            doc, i = doc + 1, i + 1
+        rows.append(row[:T])
+    return torch.tensor(rows, device=DEVICE)
+
+
+# Documents as --reset-attention-mask packs them: one longer than a key block and short
+# ones (a key block spanning several), boundaries on and off block edges; causal and not,
+# with a window, with padding, and decoding (queries the last 7 of 45 positions).
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,causal,window,padded,lengths", [
+    (2, 4, 2, 80, 80, True, None, False, [40, 3, 16, 1, 9]),
+    (2, 4, 4, 37, 37, True, None, False, [16, 32, 5]),
+    (1, 4, 1, 80, 80, False, None, True, [15, 40, 7, 30, 2]),
+    (1, 4, 2, 80, 80, True, 20, False, [33, 4, 1, 50]),
+    (2, 4, 2, 7, 45, True, None, False, [12, 30, 1]),
+])
+def test_attention_with_documents_matches_reference(triton_backend, B, H, Hkv, Tq, Tk, causal, window,
+                                                     padded, lengths):
+    """A query sees only its own document's keys: the kernels read document bounds and skip
+    the blocks outside them; the reference compares document runs in a (T x T) mask."""
+    q, k, v, mask, do = _attention_case(B, H, Hkv, Tq, Tk, 16, torch.float32, padded)
+    if mask is not None:
+        mask[:, :] = True
+        mask[:, 1::5] = False  # (every document keeps a key: its first position is real)
+    documents = _documents(B, Tk, lengths, seed=Tq)
+    kw = dict(causal=causal, window=window, key_padding_mask=mask, documents=documents)
+    got = _forward_backward(kernels.attention, q, k, v, do, **kw)
+    want = _forward_backward(kernels.attention_reference, q, k, v, do, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    plain = kernels.attention(q, k, v, causal=causal, window=window, key_padding_mask=mask)
+    assert (plain - got[0]).abs().max() > 1e-2  # the documents are felt
+
+
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,window,padded", [
     (2, 8, 2, 37, 37, 32, True, None, False),
     (1, 4, 1, 50, 50, 16, False, 18, True),
@@ -343,14 +384,15 @@ def _max_err(a, b):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("T,D", [(1024, 64), (2048, 128)])
-@pytest.mark.parametrize("Hkv,causal,window,padded", [
-    (16, True, None, False), (4, True, None, False), (16, False, None, False),
-    (4, True, 256, False), (16, False, None, True)])
-def test_attention_bf16_gpu(monkeypatch, T, D, Hkv, causal, window, padded):
+@pytest.mark.parametrize("Hkv,causal,window,padded,documents", [
+    (16, True, None, False, False), (4, True, None, False, False), (16, False, None, False, False),
+    (4, True, 256, False, False), (16, False, None, True, False), (4, True, None, False, True)])
+def test_attention_bf16_gpu(monkeypatch, T, D, Hkv, causal, window, padded, documents):
     """bf16 Triton vs an fp32 reference on the same inputs: its error must be no worse
     than that of torch's own bf16 attention (SDPA) on those inputs, within a margin."""
     q, k, v, mask, do = _attention_case(2, 16, Hkv, T, T, D, torch.bfloat16, padded)
-    kw = dict(causal=causal, window=window, key_padding_mask=mask)
+    kw = dict(causal=causal, window=window, key_padding_mask=mask,
+              documents=_documents(2, T, [700, 33, 190, 1, 64], seed=0) if documents else None)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     exact = _forward_backward(kernels.attention_reference, q32, k32, v32, do.float(), **kw)
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
