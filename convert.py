@@ -105,30 +105,37 @@ class _HFTensors:
         if self.where is None:
             self.where = {key: "model.safetensors" for key in self.files["model.safetensors"].keys()}
         self.views = {}
-        self._split_fused_experts()
+        self._split_fused_experts(hf_dir)
 
-    def _split_fused_experts(self):
-        """Mixtral files name one tensor per expert (`block_sparse_moe.experts.5.w1.weight`);
+    def _split_fused_experts(self, hf_dir):
+        """Mixtral and Qwen-MoE files name one tensor per expert (Mixtral's
+        `block_sparse_moe.experts.5.w1.weight`, Qwen's `mlp.experts.5.gate_proj.weight`);
         transformers 5 holds them fused in memory and writes them fused only when asked
-        (save_original_format=False): `mlp.experts.gate_up_proj` (experts, 2 * ffn, dim, w1
-        rows then w3 rows), `mlp.experts.down_proj` (experts, dim, ffn), `mlp.gate.weight`.
-        Such tensors are listed under the file names: {name: (fused name, expert, rows)}."""
+        (save_original_format=False): `mlp.experts.gate_up_proj` (experts, 2 * ffn, dim, gate
+        rows then up rows), `mlp.experts.down_proj` (experts, dim, ffn), the router
+        `mlp.gate.weight`. Such tensors are listed under the per-expert names of the
+        family config.json names: {name: (fused name, expert, rows)}."""
         fused = [k for k in self.where
                  if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
         if not fused:
             return
-        for key in fused + [k for k in self.where if k.endswith(".mlp.gate.weight")]:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            mixtral_names = json.load(f).get("model_type") == "mixtral"
+        names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral_names else \
+            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        routers = [k for k in self.where if k.endswith(".mlp.gate.weight")] if mixtral_names else []
+        for key in fused + routers:  # (a Qwen router keeps its name)
             layer, _, kind = key.partition(".mlp.")
-            moe = layer + ".block_sparse_moe."
+            moe = f"{layer}.block_sparse_moe." if mixtral_names else f"{layer}.mlp."
             shape = self.files[self.where[key]].get_slice(key).get_shape()
             if kind == "gate.weight":
                 views = {moe + kind: (key, None, None)}
             elif kind == "experts.down_proj":
-                views = {f"{moe}experts.{e}.w2.weight": (key, e, None) for e in range(shape[0])}
+                views = {f"{moe}experts.{e}.{names['down']}.weight": (key, e, None) for e in range(shape[0])}
             else:
                 ffn = shape[1] // 2
-                views = {f"{moe}experts.{e}.{w}.weight": (key, e, rows) for e in range(shape[0])
-                         for w, rows in (("w1", (0, ffn)), ("w3", (ffn, 2 * ffn)))}
+                views = {f"{moe}experts.{e}.{names[w]}.weight": (key, e, rows) for e in range(shape[0])
+                         for w, rows in (("gate", (0, ffn)), ("up", (ffn, 2 * ffn)))}
             for name, view in views.items():
                 self.views[name], self.where[name] = view, self.where[key]
             del self.where[key]

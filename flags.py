@@ -53,6 +53,18 @@ def parse_args(argv=None):
       help="mixture of experts: load-balancing loss coefficient (default: the preset's)")
     a("--moe-z-loss-coef", type=float, default=None,
       help="mixture of experts: router z-loss coefficient (default: the preset's)")
+    a("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
+      help="mixture of experts: the router's scores (default: the preset's, softmax)")
+    a("--moe-router-num-groups", type=int, default=None,
+      help="mixture of experts: group-limited routing over this many expert groups (default: none)")
+    a("--moe-router-group-topk", type=int, default=None,
+      help="mixture of experts: the groups each token keeps, with --moe-router-num-groups")
+    a("--moe-router-bias-update-rate", type=float, default=None,
+      help="mixture of experts: the auxiliary-loss-free expert bias, moved this much a step "
+           "towards the mean load (default: the preset's, 0 = none)")
+    a("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss"], default=None,
+      help="mixture of experts: the balance loss over each micro-batch (aux_loss) or each "
+           "sequence (seq_aux_loss) (default: the preset's, aux_loss)")
 
     a = p.add_argument_group("data").add_argument
     a("--data", nargs="+", default=["stdlib"], metavar="SOURCE",
@@ -249,14 +261,20 @@ def model_config(args):
         if needed > cfg.vocab_size and not any(s.startswith("vocab_size=") for s in args.set):
             cfg = dataclasses.replace(cfg, vocab_size=needed)
             source += f", vocab_size {needed} to fit tokenizer {tokenizer}"
+    balancing = {"aux_loss": "micro_batch", "seq_aux_loss": "sequence"}
     moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
-           "z_loss_coef": args.moe_z_loss_coef}
+           "z_loss_coef": args.moe_z_loss_coef, "router_score": args.moe_router_score_function,
+           "router_groups": args.moe_router_num_groups, "router_group_topk": args.moe_router_group_topk,
+           "expert_bias_rate": args.moe_router_bias_update_rate,
+           "balance_loss": balancing.get(args.moe_router_load_balancing_type)}
     moe = {field: value for field, value in moe.items() if value is not None}
     if moe and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--moe-* flags apply to mixture-of-experts models (--model mixtral), "
                          f"not to --model {args.model}")
-    for field, value in moe.items():  # named as the user wrote them, before the config checks them
-        errors.require_number(f"--moe-{field.replace('_', '-')}", value, at_least=0)
+    for flag in ("moe_capacity_factor", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_router_num_groups",
+                 "moe_router_group_topk", "moe_router_bias_update_rate"):  # before the config checks them
+        if getattr(args, flag) is not None:
+            errors.require_number(f"--{flag.replace('_', '-')}", getattr(args, flag), at_least=0)
     cfg = dataclasses.replace(cfg, **moe)
     if saved:
         # (--task replaces the heads: a pre-trained BERT and its classifier differ there)

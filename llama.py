@@ -198,7 +198,7 @@ class Llama(nn.Module):
         parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                                  ffn_dim=cfg.ffn_dim)
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, layout, self.feed_forward(cfg, layout))
+        self.layers = nn.ModuleDict({str(i): Block(cfg, layout, self.feed_forward(cfg, layout, i))
                                      for i in range(cfg.n_layers)})
         self.norm = kernels.RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: the output layer multiplies by the embedding matrix (vocabulary-sharded too).
@@ -210,8 +210,8 @@ class Llama(nn.Module):
                             tied_embedding="embed" if cfg.tie_embeddings else None)
 
     @staticmethod
-    def feed_forward(cfg, layout):
-        """Each block's feed-forward network (mixtral.py replaces it with experts)."""
+    def feed_forward(cfg, layout, layer):
+        """Block `layer`'s feed-forward network (mixtral.py's has experts)."""
         return MLP(cfg, layout)
 
     def init_weights(self, seed):

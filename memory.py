@@ -144,10 +144,19 @@ def linear_inputs(sh, h):
     return sh.e * sh.n_sp * h
 
 
+def head_rmsnorm(sh, rows, hd):
+    """Qwen3's QK-norm: kernels.rmsnorm over each head's hd channels of a projection's output
+    (the autocast dtype, e bytes): what rmsnorm saves, for `rows` = tokens x heads."""
+    if not sh.torch_kernels:
+        return sh.e * rows * hd + 4 * rows
+    return 4 * rows * (hd + 1) + sh.e * rows * hd
+
+
 def llama_attention(sh, cfg):
-    a = cfg.n_heads // sh.tp
-    q, kv = a * cfg.head_dim, cfg.n_kv_heads // sh.tp * cfg.head_dim
-    return sh.e * sh.n * (2 * q + 2 * kv) + 4 * sh.n * a + ring(sh, q, kv, a)
+    a, kv_heads = cfg.n_heads // sh.tp, cfg.n_kv_heads // sh.tp
+    q, kv = a * cfg.head_dim, kv_heads * cfg.head_dim
+    qk_norm = head_rmsnorm(sh, sh.n * (a + kv_heads), cfg.head_dim) if cfg.qk_norm else 0
+    return sh.e * sh.n * (2 * q + 2 * kv) + 4 * sh.n * a + ring(sh, q, kv, a) + qk_norm
 
 
 def ring(sh, q, kv, a):
@@ -185,7 +194,12 @@ def moe(sh, cfg):
     # (mixtral.MoE.router_losses, computed even with a zero coefficient): the fp32 logits
     # and their logsumexp (z-loss), the tokens per expert as floats (balance)
     router = 4 * sh.n * E + 8 * sh.n * k + 4 * sh.n + 4 * sh.n * k
+    # The router runs in fp32: it saves its input (every token, gathered under sp) in fp32,
+    # x itself when that is fp32, else a copy; nothing else keeps the block's input
+    router += 4 * sh.n * cfg.dim
     losses = 4 * sh.n * E + 4 * sh.n + 4 * E
+    if cfg.router_score == "sigmoid":  # the balance loss's scores normalized per token
+        losses += 4 * sh.n * E + 4 * sh.n
     # dispatch (parallel.moe_dispatch_combine): the gather index and the routed token copies
     # (one tensor the experts' gate and up read, cast once under autocast: mixtral.Experts)
     dispatch = 8 * routed + sh.e * routed * cfg.dim
@@ -193,16 +207,30 @@ def moe(sh, cfg):
     # computed again: its own storage), the routing weights, the experts' outputs and their
     # weighted product in the residual stream's dtype (index_add saves its source)
     combine = 2 * 8 * routed + 4 * routed + sh.e * routed * cfg.dim + sh.r * routed * cfg.dim
-    return (router + losses + dispatch + swiglu_mlp(sh, cfg.ffn_dim // sh.tp, routed) + combine)
+    shared = 0
+    if cfg.shared_expert_ffn_dim:  # Qwen2-MoE: a SwiGLU on every token, times sigmoid(its gate),
+        # which saves the sigmoid's output and the expert's (partial) output for the product;
+        # under autocast also its 16-bit input (the router keeps an fp32 one)
+        shared = swiglu_mlp(sh, cfg.shared_expert_ffn_dim // sh.tp) + sh.e * sh.n + sh.e * sh.n * cfg.dim
+        if sh.e != 4:
+            shared += sh.e * sh.n * cfg.dim
+    return (router + losses + dispatch + swiglu_mlp(sh, cfg.ffn_dim // sh.tp, routed) + combine + shared)
 
 
 def llama_layer(sh, cfg, i=0):
-    """One LLaMA/Mistral/Qwen block (Mixtral: experts in place of the MLP), by component."""
+    """One LLaMA/Mistral/Qwen block (Mixtral, Qwen-MoE: experts in place of the MLP, where
+    block i has them), by component."""
     h = cfg.dim
-    ffn = moe(sh, cfg) if hasattr(cfg, "n_experts") else swiglu_mlp(sh, cfg.ffn_dim // sh.tp)
+    experts = hasattr(cfg, "n_experts") and cfg.has_experts(i)
+    if not hasattr(cfg, "n_experts"):
+        ffn = swiglu_mlp(sh, cfg.ffn_dim // sh.tp)
+    elif experts:
+        ffn = moe(sh, cfg)
+    else:
+        ffn = swiglu_mlp(sh, (cfg.dense_ffn_dim or cfg.ffn_dim) // sh.tp)
     return {"attn_norm": rmsnorm(sh, h), "qkv_inputs": linear_inputs(sh, h),
             "attention": llama_attention(sh, cfg), "mlp_norm": rmsnorm(sh, h),
-            "mlp_inputs": linear_inputs(sh, h),
+            "mlp_inputs": 0 if experts else linear_inputs(sh, h),  # (a MoE's: in moe)
             "mlp": ffn}
 
 

@@ -124,8 +124,9 @@ FAMILIES = {f.name: f for f in (
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}),
     Family("gpt", gpt, gpt.GPT, memory.GPT, hf_classes={"gpt2": "GPT2LMHeadModel"}, hf_preset="gpt2", documents=True,
            hf_reads_slices=False),  # GPT-2's Conv1D weights are transposed
-    Family("mixtral", mixtral, mixtral.Mixtral, memory.LLAMA, hf_classes={"mixtral": "MixtralForCausalLM"},
-           hf_preset="mixtral-8x7b", documents=True),
+    Family("mixtral", mixtral, mixtral.Mixtral, memory.LLAMA, hf_preset="mixtral-8x7b", documents=True,
+           hf_classes={"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                       "qwen3_moe": "Qwen3MoeForCausalLM"}),
     Family("mamba", mamba, mamba.Mamba, memory.MAMBA, fp32_residual=lambda cfg: cfg.residual_in_fp32,
            hf_preset="mamba2-130m",
            hf_classes={"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"},

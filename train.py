@@ -106,6 +106,7 @@ class Run:
     autocast: object
     precision: str
     fp8: object              # parallel.FP8Scaling under --precision fp8, else None
+    expert_bias: object      # a MoE's auxiliary-loss-free bias table (n_layers, n_experts), else None
     logger: object
     hidden_dtype: torch.dtype  # of the residual stream, as pipeline stages send it
     start_step: int = 0
@@ -246,6 +247,7 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
               autocast=precision_context(precision, device, args.fp8_rest), precision=precision,
               fp8=fp8, logger=None, start_note=start_note,
+              expert_bias=torch.zeros(cfg.n_layers, cfg.n_experts) if getattr(cfg, "expert_bias_rate", 0) else None,
               hidden_dtype=torch.float32 if fp32_residual else param_dtype)
     try:
         if resume:
@@ -256,6 +258,11 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
             scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
             if fp8 is not None:
                 load_fp8_history(fp8, step_dir, meta)
+            if run.expert_bias is not None and meta.get("expert_bias"):  # (else it starts at zero)
+                run.expert_bias = checkpoint.read_replicated(step_dir)["moe.expert_bias"]
+        if run.expert_bias is not None:
+            for module in modules:
+                module.set_expert_bias(run.expert_bias)
         if run.start_step >= args.steps:
             raise UsageError(f"--load {args.load}: the checkpoint is at step {run.start_step} and "
                              f"--steps is {args.steps}: nothing to train; pass a larger --steps")
@@ -365,6 +372,8 @@ def save(run, step, announce=True):
         meta["fp8"] = {"recipe": run.fp8.recipe.name, "history_len": run.fp8.recipe.history_len,
                        "steps_recorded": run.fp8.steps_recorded, "names": run.fp8.names}
         replicated["fp8.amax_history"] = run.fp8.history
+    if run.expert_bias is not None:
+        meta["expert_bias"], replicated["moe.expert_bias"] = True, run.expert_bias
     checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, meta, replicated)
     path = os.path.join(args.save, checkpoint.step_dir_name(step))
     if announce:
@@ -590,6 +599,11 @@ def training_loop(run):
             compiled_before = parallel.compile_seconds()
             record = train_step(run, step)
             router = router_figures(run.modules, layout, run.tokens_per_step)
+            if run.expert_bias is not None:  # (from the global counts: the same on every rank)
+                tokens = router["tokens_per_expert"].cpu().view_as(run.expert_bias)
+                type(run.modules[0]).expert_bias_step(run.expert_bias, tokens, run.cfg.expert_bias_rate)
+                for module in run.modules:
+                    module.set_expert_bias(run.expert_bias)
             record.update(head_figures(run))
             if hasattr(run.train_data, "progress"):
                 record.update(run.train_data.progress((step + 1) * args.global_batch_size, args.seq_len,

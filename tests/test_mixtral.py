@@ -11,7 +11,7 @@ import generate
 import mixtral
 import models
 import parallel
-from conftest import assert_same_logits
+from conftest import assert_same_logits, check_fused_expert_files
 
 
 def config(**overrides):
@@ -39,13 +39,16 @@ def test_published_parameter_counts(preset, total, active):
     assert rounds_to(mixtral.active_parameters(cfg), active)
 
 
-def test_flops_count_the_active_matmul_weights():
-    cfg = config()
+@pytest.mark.parametrize("preset", ["test", "test-qwen2-moe", "test-qwen3-moe"])
+def test_flops_count_the_active_matmul_weights(preset):
+    """(shared experts and dense layers included)"""
+    cfg = config() if preset == "test" else models.make_config("mixtral", preset)
     with torch.device("meta"):
         model = mixtral.Mixtral(cfg)
     lookups = model.embed.weight.numel() + sum(p.numel() for p in model.parameters() if p.dim() == 1)
     attention = cfg.n_layers * cfg.n_heads * 2 * 2 * 32 * cfg.head_dim
-    assert model.flops_per_token(32) == 3 * (2 * (mixtral.active_parameters(cfg) - lookups) + attention)
+    assert model.flops_per_token(32) == pytest.approx(
+        3 * (2 * (mixtral.active_parameters(cfg) - lookups) + attention), rel=1e-12)
 
 
 def test_experts_keep_their_global_names_and_weights_under_ep():
@@ -128,24 +131,7 @@ def test_convert_imports_and_exports(tmp_path):
 
 
 def test_convert_reads_fused_experts_and_only_this_ranks_region(tmp_path):
-    """transformers 5 writes fused expert tensors when asked (save_original_format=False);
-    a tp=2 x ep=2 rank reads its experts' slices out of them."""
-    hf = random_hf(config(vocab_size=101))
-    try:
-        hf.save_pretrained(tmp_path, save_original_format=False)
-    except TypeError:
-        pytest.skip("this transformers version writes experts one by one only")
-    with torch.no_grad():
-        whole = convert.from_hf(str(tmp_path))
-        assert_same_logits(whole(IDS), hf_logits(hf))
-    whole, cfg = dict(whole.named_parameters()), whole.cfg
-    for rank in range(4):
-        part = models.build("mixtral", cfg, "cpu", 0, parallel.Layout(tp=2, dp=2, ep=2, rank=rank))
-        convert.load_hf_weights(part, str(tmp_path))
-        for name, p in part.named_parameters():
-            _, offset, extent = parallel.global_region(p)
-            mine = p[tuple(slice(0, n) for n in extent)]  # beyond: vocabulary padding
-            assert torch.equal(mine, whole[name][tuple(slice(o, o + n) for o, n in zip(offset, extent))])
+    check_fused_expert_files(random_hf(config(vocab_size=101)).eval(), tmp_path, IDS)
 
 
 # ----------------------------------------------------------------------------
@@ -224,8 +210,10 @@ def test_dropped_tokens_pass_through():
     assert (y[dropped] == 0).all() and (y[~dropped] != 0).any(1).all()
 
 
-def test_kv_cached_decoding_equals_full_forward():
-    model = models.build("mixtral", config(sliding_window=6), "cpu", seed=3).eval()
+@pytest.mark.parametrize("preset", ["test", "test-qwen2-moe", "test-qwen3-moe"])
+def test_kv_cached_decoding_equals_full_forward(preset):
+    cfg = config(sliding_window=6) if preset == "test" else models.make_config("mixtral", preset)
+    model = models.build("mixtral", cfg, "cpu", seed=3).eval()
     prompt = torch.randint(0, 256, (2, 5))
     out = generate.sample(model, prompt, max_new_tokens=8, temperature=0)
     with torch.no_grad():

@@ -202,7 +202,7 @@ def test_a_new_family_is_its_model_file_and_one_record(monkeypatch, tmp_path, ca
 
     class Toy(llama.Llama):
         @staticmethod
-        def feed_forward(cfg, layout):
+        def feed_forward(cfg, layout, layer):
             return gpt.MLP(cfg, layout)
     toy.Config, toy.PRESETS, toy.Toy = Config, {"test": llama.PRESETS["test"]}, Toy
     monkeypatch.setitem(models.FAMILIES, "toy", models.Family("toy", toy, Toy, memory.LLAMA))
