@@ -1863,12 +1863,17 @@ def plot(args, device):
     panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
               ("tokens_per_s", "tokens/s")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    # Each run its own line style too, so that identical curves (a layout that equals one
+    # process) show as one drawn over the other, not as one missing run.
+    styles = ["-", "--", ":", "-."]
+    labels = {path: f"{os.path.basename(path)} ({metrics.describe_run(path)})".replace(" ()", "") for path in runs}
     for ax, (key, title) in zip(axes.flat, panels):
-        for path, records in runs.items():
+        for i, (path, records) in enumerate(runs.items()):
             points = [(r[x_key], r[key]) for r in records if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3,
-                        label=os.path.basename(path))
+                        linestyle=styles[i % len(styles)], linewidth=1.5 + (len(runs) - 1 - i) * 0.8,
+                        label=labels[path])
         ax.set_title(title)
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)

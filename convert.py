@@ -274,21 +274,16 @@ def from_hf(path, device="cpu"):
     return load_hf_weights(model, path).eval()
 
 
+def has_tokenizer(hf_dir):
+    return os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))
+
+
 def tokenizer_name(hf_dir):
     """The data.get_tokenizer name for a HF folder: its tokenizer.json, else bytes."""
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    if has_tokenizer(hf_dir):
         return data.HF_PREFIX + os.path.abspath(hf_dir)
     return data.BYTE_TOKENIZER
 
-
-def train_flags(name, cfg, tokenizer):
-    """train.py flags that rebuild exactly `cfg` (overrides of the family's default preset)."""
-    preset = models.FAMILIES[name].hf_preset
-    base, flags = models.make_config(name, preset), ["--model", name, "--config", preset]
-    for field in dataclasses.fields(cfg):
-        if getattr(cfg, field.name) != getattr(base, field.name):
-            flags += ["--set", f"{field.name}={getattr(cfg, field.name)}"]
-    return flags + (["--tokenizer", tokenizer] if tokenizer != data.BYTE_TOKENIZER else [])
 
 # ----------------------------------------------------------------------------
 # 3. Writing: atomic target directories, import into a checkpoint, export
@@ -341,17 +336,19 @@ def import_hf(hf_dir, ckpt_dir):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
+def export_model(model, hf_dir, tokenizer=None):
     """Write a one-process model as a HF folder: config.json + model.safetensors (fp32),
-    plus the tokenizer files of `tokenizer_dir` if given. Returns the transformers class."""
+    and with `tokenizer` (a data.get_tokenizer name) its files and end-of-text id: an
+    hf:DIR tokenizer's own files, a tiktoken encoding's (ours: byte) as a tokenizer.json
+    that encodes the same (data.tokenizer_json). Returns the transformers class."""
     family = family_of(model)
     if model.layout.tp > 1 or model.layout.pp > 1 or model.layout.ep > 1:
         raise UsageError("export needs the whole model: build it with parallel.Layout() "
                          "(checkpoint.load reassembles the shards)")
     model_type, fields = family.file.config_to_hf(model.cfg)
     architecture = family.hf_class(model_type, model.cfg)
-    if eos_token_id is not None and not 0 <= eos_token_id < model.cfg.vocab_size:
-        eos_token_id = None
+    enc = data.get_tokenizer(tokenizer) if tokenizer else None  # (a moved hf:DIR: one line, not a silent loss)
+    eos_token_id = enc.eot_token if enc is not None and enc.eot_token < model.cfg.vocab_size else None
     config = {"architectures": [architecture], "model_type": model_type,
               "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
               **fields, "torch_dtype": "float32", "dtype": "float32"}  # fields may set a pad token
@@ -365,9 +362,18 @@ def export_model(model, hf_dir, eos_token_id=None, tokenizer_dir=None):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        for file in TOKENIZER_FILES if tokenizer_dir else ():
-            if os.path.isfile(os.path.join(tokenizer_dir, file)):
-                shutil.copy(os.path.join(tokenizer_dir, file), tmp)
+        if isinstance(enc, data.HFTokenizer):
+            for file in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(enc.directory, file)):
+                    shutil.copy(os.path.join(enc.directory, file), tmp)
+        elif enc is not None:
+            with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+                json.dump(data.tokenizer_json(enc), f, ensure_ascii=False)
+            eot = next(s for s, i in enc._special_tokens.items() if i == enc.eot_token)
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot,
+                           "model_max_length": getattr(model.cfg, "max_seq_len", None), "encoding": enc.name}, f,
+                          indent=2)
     _write_atomically(hf_dir, write)
     return architecture
 
@@ -380,15 +386,7 @@ def export(ckpt, hf_dir):
     cfg = models.config_from_dict(meta["model"], meta["config"])
     model = models.build(meta["model"], cfg, "cpu", 0)
     checkpoint.load(step_dir, model, None, parallel.Layout())  # reassembles tp shards
-    tok = meta.get("tokenizer", data.BYTE_TOKENIZER)
-    tokenizer_dir = tok[len(data.HF_PREFIX):] if tok.startswith(data.HF_PREFIX) else None
-    eos = None
-    if tok == data.BYTE_TOKENIZER or tokenizer_dir:  # at hand without a download
-        try:
-            eos = data.get_tokenizer(tok).eot_token
-        except UsageError:  # e.g. the tokenizer's folder has moved
-            pass
-    return step_dir, export_model(model, hf_dir, eos, tokenizer_dir)
+    return step_dir, export_model(model, hf_dir, meta.get("tokenizer", data.BYTE_TOKENIZER))
 
 
 def main(argv=None):
@@ -405,9 +403,11 @@ def main(argv=None):
         if args.command == "import":
             step_dir, model = import_hf(args.hf_dir, args.ckpt_dir)
             name, n = family_of(model).name, sum(p.numel() for p in model.parameters())
-            flags = train_flags(name, model.cfg, tokenizer_name(args.hf_dir))
-            print(f"imported {args.hf_dir} ({name}, {n / 1e6:.2f}M parameters) into {step_dir}; "
-                  f"train with: python train.py {shlex.join(flags + ['--load', args.ckpt_dir])}")
+            # (the checkpoint records the model, its config and the tokenizer: nothing to retype)
+            note = "" if has_tokenizer(args.hf_dir) else (" (the folder has no tokenizer.json: the byte tokenizer "
+                                                          "is recorded; train with --tokenizer for another)")
+            print(f"imported {args.hf_dir} ({name}, {n / 1e6:.2f}M parameters) into {step_dir}{note}; "
+                  f"train with: python train.py {shlex.join(['--load', args.ckpt_dir])}")
         else:
             step_dir, architecture = export(args.ckpt_dir, args.hf_dir)
             print(f"exported {step_dir} to {args.hf_dir} ({architecture}: "

@@ -45,6 +45,7 @@ import errno
 import functools
 import glob
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -176,6 +177,59 @@ def _read_json(path) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def _byte_spelling():
+    """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE files
+    (tokenizer.json) spell their tokens: printable bytes stand for themselves, the others
+    for the characters from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def tokenizer_json(enc) -> dict:
+    """A tiktoken encoding (byte, gpt2, cl100k_base, o200k_base) as a Hugging Face
+    tokenizer.json: the same byte-level BPE, so that an exported model's folder carries its
+    tokenizer and transformers encodes every text to the same ids (tested). Its vocabulary
+    is the encoding's ranks; its merges, every split of a token into two tokens, in the
+    order of the merged token's rank (tiktoken merges the pair whose result ranks lowest);
+    a pre-token that is a token as a whole is taken whole (ignore_merges), as tiktoken
+    does; the text is cut by the encoding's own regex; special tokens are added tokens."""
+    ranks, spell = enc._mergeable_ranks, _byte_spelling()
+
+    def spelled(token):
+        return "".join(spell[b] for b in token)
+    merges = sorted((rank, ranks[token[:i]], ranks[token[i:]], spelled(token[:i]), spelled(token[i:]))
+                    for token, rank in ranks.items() for i in range(1, len(token))
+                    if token[:i] in ranks and token[i:] in ranks)
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in enc._special_tokens.items()],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", **byte_level}]},
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {spelled(token): rank for token, rank in ranks.items()},
+                  "merges": [[left, right] for *_, left, right in merges]}}
+
+
+# A text that exercises a tokenizer: words, code, digits, whitespace runs, accents, CJK, emoji.
+FINGERPRINT_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n\n"
+                    "Ünïcödé naïve café, 日本語のテキスト, 1234567890 \t tabs\r\n 🦊🐶 -- <end>")
+
+
+def tokenizer_fingerprint(name: str) -> str:
+    """What identifies a tokenizer's behaviour, not its path: a hash of its vocabulary size,
+    end-of-text id and the ids of FINGERPRINT_TEXT. A checkpoint records it, so that a
+    tokenizer folder that moved can be named again (--tokenizer) and checked to be the same."""
+    enc = get_tokenizer(name)
+    probe = [enc.n_vocab, enc.eot_token, *map(int, enc.encode_ordinary(FINGERPRINT_TEXT))]
+    return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]
 
 
 def eot_token(enc) -> int:
@@ -835,6 +889,18 @@ def load_splits(spec, tokenizer_name: str, seq_len: int, split=None, json_key: s
                         f"--data {spec or 'stdlib'}", enc.eot_token)
 
 
+def recorded_tokenizer(spec) -> str | None:
+    """The tokenizer a --data source records (a folder of data.py prepare's shards; in a
+    blend, the first such), or None: what --tokenizer defaults to, so it need not be typed
+    again."""
+    for source in [spec] if isinstance(spec, str) else list(spec or []):
+        if isinstance(source, str) and os.path.isfile(os.path.join(source, "meta.json")):
+            tokenizer = _read_json(os.path.join(source, "meta.json")).get("tokenizer")
+            if isinstance(tokenizer, str):
+                return tokenizer
+    return None
+
+
 def load_dataset(spec, tokenizer_name: str, seq_len: int, val_fraction: float | None = None,
                  json_key: str = "text"):
     """(train, val) of load_splits: validation val_fraction of the documents (None: the
@@ -1025,7 +1091,7 @@ def prepare_megatron(src: str, prefix: str, tokenizer_name: str = BYTE_TOKENIZER
 
 
 def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
-            val_fraction: float = 0.005, shard_tokens: int = 100_000_000, json_key: str = "text") -> dict:
+            val_fraction: float = DEFAULT_SPLIT[1], shard_tokens: int = 100_000_000, json_key: str = "text") -> dict:
     """Tokenize a source into raw token shards + meta.json in out_dir, for load_dataset."""
     t0 = time.time()
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -1604,8 +1670,9 @@ def main(argv=None):
                         "indexed dataset, which Megatron-LM and this trainer both read")
     p.add_argument("--tokenizer", default=BYTE_TOKENIZER, help="byte, " + ", ".join(TIKTOKEN_NAMES) + " or hf:DIR")
     p.add_argument("--json-key", default="text", help="JSON Lines: the key of each record's text")
-    p.add_argument("--val-fraction", type=float, default=0.005,
-                   help="shards: share of the tokens held out for validation")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_SPLIT[1],
+                   help="shards: share of the tokens held out for validation (train.py's default "
+                        "--split holds out as much)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="shards: tokens per shard file")
     p = commands.add_parser("inspect", help="what train.py would read from a --data source")
     p.add_argument("path", help="a Megatron PREFIX, a prepared directory, or a text/JSON Lines source")

@@ -14,9 +14,24 @@ class UsageError(ValueError):
     instead of a traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default said once: argparse's, but not where the help says
+    it already, nor a default of None or an empty list (which say nothing)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a bad flag is one line, `error: ...`, exit status 2, like every
-    other bad input (argparse's own prints the whole usage first)."""
+    other bad input (argparse's own prints the whole usage first); --help shows the defaults
+    (HelpFormatter), also of sub-commands' flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -38,10 +38,10 @@ FP8_DEFAULTS = {"fp8_recipe": "delayed", "fp8_amax_history_len": 1024, "fp8_marg
 
 def parse_args(argv=None):
     """train.py's flags, in groups (`python train.py --help` lists them so)."""
-    p = errors.ArgumentParser(description="Train a language model.", allow_abbrev=False,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = errors.ArgumentParser(description="Train a language model.", allow_abbrev=False)
     a = p.add_argument_group("model").add_argument
-    a("--model", required=True, help=f"one of: {', '.join(models.FAMILIES)}")
+    a("--model", default=None, help=f"one of: {', '.join(models.FAMILIES)} (default: the model "
+                                     f"--load names)")
     a("--config", default=None,
       help=f"preset of the model file (test, tiny, llama3-8b, gpt2, ...; default: {DEFAULT_CONFIG}, "
            f"or with --load the checkpoint's own config)")
@@ -84,7 +84,8 @@ def parse_args(argv=None):
       help="llama, gpt, mixtral: positions restart at 0 after each end-of-text (Megatron's flag)")
     a("--tokenizer", default=None,
       help="byte, gpt2, cl100k_base, o200k_base, or hf:DIR (a Hugging Face tokenizer.json) "
-           "(default: byte, or the tokenizer of the --load checkpoint or folder)")
+           "(default: the tokenizer of the --load checkpoint or folder, or of the prepared "
+           "--data, else byte)")
     a("--seq-len", type=int, default=256, help="tokens per training sequence")
     a("--mask-prob", type=float, default=0.15,
       help="bert pre-training: share of tokens to predict (80%% [MASK], 10%% random, 10%% kept)")
@@ -218,6 +219,11 @@ def parse_args(argv=None):
       help="--plan: device memory (GB); say whether the plan fits, and what would make it fit")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.model is None:
+        try:
+            args.model = loaded_model(args)
+        except UsageError as e:
+            p.error(str(e))
     if "lr" not in vars(args):  # (an unknown --model is refused later, with the other checks)
         args.lr = getattr(models.FAMILIES.get(args.model), "default_lr", models.Family.default_lr)
     # Which flags the command gave (a resumed run keeps the checkpoint's schedule for the
@@ -255,7 +261,7 @@ def model_config(args):
     else:
         preset = args.config or DEFAULT_CONFIG
         cfg = models.make_config(args.model, preset, args.set)
-        tokenizer = args.tokenizer or data.BYTE_TOKENIZER
+        tokenizer = args.tokenizer or data.recorded_tokenizer(args.data) or data.BYTE_TOKENIZER
         source = f"preset {preset}" + "".join(f" --set {s}" for s in args.set)
         needed = tokenizer_vocab(args.model, tokenizer)
         if needed > cfg.vocab_size and not any(s.startswith("vocab_size=") for s in args.set):
@@ -316,6 +322,19 @@ def saved_checkpoint(args):
     return step_dir, checkpoint.read_meta(step_dir)
 
 
+def loaded_model(args):
+    """The model family of what --load names (a checkpoint's meta.json, a Hugging Face
+    folder's config.json), for a command that gives no --model; a UsageError when there is
+    none to read."""
+    if args.load and args.load.startswith("hf:"):
+        return convert.read_hf_config(args.load[len("hf:"):])[0]
+    saved = saved_checkpoint(args) if args.load else None
+    if saved is None:
+        raise UsageError(f"--model is required: one of {', '.join(models.FAMILIES)} (a --load of a "
+                         f"checkpoint or Hugging Face folder names its own)")
+    return saved[1]["model"]
+
+
 def nothing_to_resume(args):
     """`--load DIR --save DIR` before DIR holds a checkpoint: the first run of a job that
     resumes itself with the same command (a requeued job, scripts/slurm.sh). It starts at
@@ -333,8 +352,12 @@ def checkpoint_config(args, step_dir, saved):
     cfg = (models.make_config(args.model, args.config, args.set) if args.config else
            dataclasses.replace(cfg, **models.parse_overrides(type(cfg), args.set)))
     if args.tokenizer and args.tokenizer != saved["tokenizer"]:
-        raise UsageError(f"{step_dir} was trained with tokenizer {saved['tokenizer']}; drop "
-                         f"--tokenizer {args.tokenizer} or pass --tokenizer {saved['tokenizer']}")
+        # The same tokenizer somewhere else (its folder moved): the recorded fingerprint says so.
+        if saved.get("tokenizer_fingerprint") == data.tokenizer_fingerprint(args.tokenizer):
+            return cfg, args.tokenizer
+        raise UsageError(f"{step_dir} was trained with tokenizer {saved['tokenizer']}, which "
+                         f"--tokenizer {args.tokenizer} does not encode as; drop --tokenizer, or pass the "
+                         f"same tokenizer (a moved folder is checked by what it encodes)")
     return cfg, saved["tokenizer"]
 
 

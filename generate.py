@@ -24,7 +24,6 @@ values computed from the encoder output once.
 From Python: generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
 stop, seed) -> texts; load_model(path) -> (model, tokenizer name).
 """
-import argparse
 import os
 import re
 import sys
@@ -212,11 +211,13 @@ def fill_spans_text(model, tokenizer_name, text, max_new_tokens, temperature=0.8
 def model_source(path):
     """(model name, Config, tokenizer name, load) for a checkpoint (a step directory or a
     save root) or a Hugging Face model folder (plain, or hf:DIR as train.py's --load
-    takes it); load(model, layout) fills a built model (this rank's shards only)."""
+    takes it; tokenizer None when it holds no tokenizer.json); load(model, layout) fills a
+    built model (this rank's shards only)."""
     hf_dir = path[len("hf:"):] if path.startswith("hf:") else path
     if path.startswith("hf:") or os.path.isfile(os.path.join(path, "config.json")):
         name, cfg = convert.read_hf_config(hf_dir)
-        return name, cfg, convert.tokenizer_name(hf_dir), lambda model, layout: convert.load_hf_weights(model, hf_dir)
+        tokenizer = convert.tokenizer_name(hf_dir) if convert.has_tokenizer(hf_dir) else None
+        return name, cfg, tokenizer, lambda model, layout: convert.load_hf_weights(model, hf_dir)
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
     cfg = models.config_from_dict(meta["model"], meta["config"])
@@ -306,15 +307,25 @@ def check_prompt_fits(model, tokenizer, prompt):
                                   f"{max_len - 1:,} tokens to leave room for new ones")
 
 
+def unescape(text):
+    """The escapes people type in a shell argument (\\n, \\t, \\\\), as the characters they
+    mean: `--stop "\\n\\n"` reaches us as backslash-n twice."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
 def main(argv=None):
-    p = errors.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="checkpoint (a save root or one step directory), or "
                    "Hugging Face model folder (DIR or hf:DIR)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line")
+    p.add_argument("--tokenizer", default=None,
+                   help="byte, gpt2, cl100k_base, o200k_base or hf:DIR (default: the one the checkpoint "
+                        "records, or the folder's tokenizer.json): for a folder without one, or a "
+                        "tokenizer folder that moved")
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
-                   help="end a continuation before this string (repeatable); end-of-text always ends it")
+                   help="end a continuation before this string (repeatable; \\n, \\t and \\\\ as typed "
+                        "mean a newline, a tab and a backslash); end-of-text always ends it")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add to each prompt, at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0: all)")
@@ -330,6 +341,7 @@ def main(argv=None):
     try:
         for flag in ("max_new_tokens", "temperature", "top_k"):
             errors.require_number(f"--{flag.replace('_', '-')}", getattr(args, flag), at_least=0)
+        args.stop = [unescape(s) for s in args.stop]
         if "" in args.stop:
             raise errors.UsageError("--stop '': a stop string needs at least one character")
         check_device(args.device)
@@ -337,6 +349,10 @@ def main(argv=None):
         name, cfg, _, _ = model_source(args.load)
         layout = decoding_layout(args, name, cfg)
         model, tokenizer_name = load_model(args.load, layout=layout)
+        tokenizer_name = args.tokenizer or tokenizer_name
+        if tokenizer_name is None:
+            raise errors.UsageError(f"{args.load} holds no tokenizer (tokenizer.json): pass --tokenizer, "
+                                    f"the one the model was trained with")
         if not hasattr(model, "new_kv_caches") and not hasattr(model, "encode"):
             raise errors.UsageError(f"{args.load} holds an encoder ({type(model).__name__}): it "
                                       f"predicts masked tokens and classes, it does not generate "

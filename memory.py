@@ -706,10 +706,11 @@ GB = 2**30
 
 
 def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak_source=None,
-             recompute="none", causal_flops=None):
+             recompute="none", causal_flops=None, bubble=0.0):
     """The plan as text, one block per stage (one block if all stages agree). The step
     time runs `step_flops` (the model's FLOPs) and, under full recomputation, each layer's
-    forward once more: 4/3 of them, at `mfu` of the peak."""
+    forward once more: 4/3 of them, at `mfu` of the peak, and the pipeline idles `bubble`
+    of it (parallel.bubble_fraction: the busy time is 1 - bubble of the step)."""
     lines = []
     distinct = {}
     for st in stages:
@@ -739,10 +740,11 @@ def describe(stages, *, step_flops=None, world=1, peak_flops=None, mfu=0.4, peak
             f"2025)" if causal_flops and causal_flops != step_flops else ""))
         if peak_flops:
             run = step_flops * (4 / 3 if recompute == "full" else 1)
-            seconds = run / (world * peak_flops * mfu)
+            seconds = run / (world * peak_flops * mfu) / (1 - bubble)
             lines.append(f"step time at {mfu:.0%} of {peak_flops / 1e12:.0f} TFLOP/s x {world} devices: "
                          f"{seconds:.2f} s" + (" (with --recompute full's second forward: 4/3 of the FLOPs)"
                                               if recompute == "full" else "")
+                         + (f" (with the pipeline's bubble: {bubble:.0%} of the step idle)" if bubble else "")
                          + (f" (peak: {peak_source})" if peak_source else ""))
     return "\n".join(lines)
 

@@ -30,19 +30,32 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12
 
 def peak_flops(device, args):
     """Per-device peak FLOP/s for MFU: --peak-tflops, else the GPU's datasheet, else (CPU)
-    a measured fp32 matmul so that MFU still says how busy the cores are."""
+    a measured fp32 matmul so that MFU still says how busy the cores are: the best of five,
+    after one that wakes the BLAS threads. Measured under load it is too low: the training
+    loop raises it to any faster rate a step achieves (see cpu_peak_seen), so a CPU's MFU
+    never reads above 100%."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
     a = torch.randn(2048, 2048)  # large enough to reach the BLAS library's full speed
+    a @ a
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
     return 2 * 2048**3 / best
+
+
+def cpu_peak_seen(peak, step_flops_per_s, device, args):
+    """The measured CPU peak, raised to a step's achieved FLOP/s if that was faster (the
+    reference matmul ran while something else took the cores); a datasheet or --peak-tflops
+    stays as given."""
+    if device.type == "cuda" or args.peak_tflops or peak is None:
+        return peak
+    return max(peak, step_flops_per_s)
 
 
 def memory_gb(device):
@@ -66,7 +79,8 @@ def describe_accuracies(record, prefix=""):
 
 def describe_mfu(records, device):
     """The mean MFU of these steps' records, "41.2%" (of a GPU's datasheet peak), on a CPU
-    "41.2% of cpu matmul" (see peak_flops), or "n/a" without a peak."""
+    "41.2% of cpu matmul" (of the fastest fp32 matmul rate seen: peak_flops), or "n/a"
+    without a peak."""
     if records[0]["mfu"] is None:
         return "n/a"
     mfu = sum(r["mfu"] for r in records) / len(records)
@@ -94,6 +108,19 @@ def read_metrics(path):
     """The step records of a --metrics file, in order (without the runs' header records)."""
     with open(path) as f:
         return [r for r in map(json.loads, f) if "step" in r]
+
+
+def describe_run(path):
+    """A --metrics file's last run in a few words, from its header: "llama tp=2 bf16"
+    (the model, the axes of its layout above 1, the precision), or "" without a header."""
+    with open(path) as f:
+        headers = [r["run"] for r in map(json.loads, f) if "run" in r]
+    if not headers:
+        return ""
+    run = headers[-1]
+    axes = [part for part in run.get("layout", "").split() if "=" in part and part.split("=")[0] in
+            ("tp", "cp", "dp", "pp", "ep") and part.split("=")[1] != "1"]
+    return " ".join([run.get("args", {}).get("model", "?"), *axes, run.get("precision", "")]).strip()
 
 
 def trim_metrics(path, start_step):

@@ -363,6 +363,7 @@ def save(run, step, announce=True):
         raise NonFinite(stop_message(run, f"step {step}: a parameter or optimizer value is "
                                           f"non-finite (inf/nan); refusing to save a checkpoint"))
     meta = {"model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
+            "tokenizer_fingerprint": data.tokenizer_fingerprint(run.tokenizer),
             "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
             "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps,
             "schedule": {name: getattr(args, name) for name in SCHEDULE_FLAGS}}
@@ -614,6 +615,7 @@ def training_loop(run):
             if compile_s:
                 record["compile_s"] = compile_s
                 run.logger.print(f"compile: {compile_s:.1f} s (step {step + 1}; not in its step time)")
+            peak = metrics.cpu_peak_seen(peak, step_flops / step_time / layout.world, layout.device, args)
             record.update(tokens_per_s=run.tokens_per_step / step_time, step_time=step_time,
                           mfu=step_flops / step_time / (peak * layout.world) if peak else None,
                           mem_gb=metrics.memory_gb(layout.device),
@@ -645,6 +647,8 @@ def training_loop(run):
     model = run.modules[0]
     sample = args.sample_tokens and (hasattr(model, "new_kv_caches") or hasattr(model, "encode"))
     if sample and layout.tp == layout.pp == layout.cp == layout.ep == 1 and layout.is_main:
+        # (not in the ETA: say what the wait is, a minute or two with a large vocabulary on a CPU)
+        run.logger.print(f"sampling {args.sample_tokens} tokens (--sample-tokens 0 skips this) ...")
         run.logger.print(sample_report(run))
     elif sample and args.save:
         run.logger.print(f"(sampling needs the whole model in one process: python generate.py "
@@ -757,8 +761,10 @@ def plan_report(args):
             f"and rank | {precision}{' (fp32 gradients)' if precision == 'bf16' and args.grad_dtype == 'fp32' else ''}"
             f" | recompute {args.recompute}\n")
     step_flops = memory.flops_per_step(family, cfg, args.seq_len, args.global_batch_size)
+    schedule = "interleaved" if args.vpp > 1 else args.pp_schedule
+    bubble = parallel.bubble_fraction(schedule, flags.micro_steps(args, dp), parallel.Layout(pp=args.pp, vpp=args.vpp))
     text += memory.describe(stages, step_flops=step_flops, world=world, peak_flops=peak, mfu=args.plan_mfu,
-                            peak_source=source, recompute=args.recompute,
+                            peak_source=source, recompute=args.recompute, bubble=bubble,
                             causal_flops=memory.flops_per_step(family, cfg, args.seq_len, args.global_batch_size,
                                                                causal_half=True))
     if args.device_memory_gb:

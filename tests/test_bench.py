@@ -3,6 +3,7 @@ import json
 import pytest
 
 import bench
+import metrics
 
 
 def test_train_vs_hf_runs_and_checks_logits(tmp_path, capsys):
@@ -123,7 +124,9 @@ def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     files = []
     for name, scale in (("a", 1.0), ("b", 1.1)):
-        records = [{"run": {"start_step": 0}}] + [
+        header = {"start_step": 0, "args": {"model": "llama"}, "precision": "bf16",
+                  "layout": f"world=2 tp={1 + (name == 'b')} cp=1 dp={2 - (name == 'b')} pp=1 ep=1 device=cpu"}
+        records = [{"run": header}] + [
             {"step": s, "loss": scale * 5 / s, "lr": 1e-3, "tokens_per_s": 1000.0 * scale,
              "tokens_seen": 256 * s, **({"val_loss": scale * 5.5 / s} if s % 2 == 0 else {})}
             for s in range(1, 11)]
@@ -133,6 +136,8 @@ def test_plot_draws_the_curves_of_several_runs(tmp_path, capsys):
     bench.main(["plot", *map(str, files), "-o", str(out), "--x", "tokens"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
+    # The legend says what each file ran (its header), not only its name.
+    assert [metrics.describe_run(f) for f in files] == ["llama dp=2 bf16", "llama tp=2 bf16"]
     (tmp_path / "empty.jsonl").write_text('{"run": {}}\n')
     with pytest.raises(SystemExit):
         bench.main(["plot", str(tmp_path / "empty.jsonl"), "-o", str(out)])

@@ -21,6 +21,7 @@ import bert
 import checkpoint
 import convert
 import data
+import flags
 import generate
 import gpt
 import llama
@@ -228,10 +229,6 @@ def test_bert_import_and_export_match_transformers(variant, hf_dirs, tmp_path):
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert_same_heads(bert_logits(back.eval()), expected)
     assert convert.read_hf_config(tmp_path / "out") == convert.read_hf_config(hf_dir)
-    # train.py's flags rebuild the config.
-    flags = convert.train_flags("bert", ours.cfg, "byte")
-    overrides = [value for flag, value in zip(flags, flags[1:]) if flag == "--set"]
-    assert models.make_config("bert", "bert-base", overrides) == ours.cfg
 
 
 def test_bert_checkpoint_with_unused_heads_and_old_names(hf_dirs, tmp_path):
@@ -353,8 +350,7 @@ def test_import_then_train_resumes_from_hf_weights(tmp_path):
     step_dir, model = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    flags = convert.train_flags("llama", model.cfg, "byte")
-    train.main(flags + ["--load", str(tmp_path / "ckpt"), "--data", str(text), "--steps", "2",
+    train.main(["--load", str(tmp_path / "ckpt"), "--data", str(text), "--steps", "2",
                         "--seq-len", "16", "--global-batch-size", "2", "--warmup-steps", "1",
                         "--seed", "5", "--sample-tokens", "0", "--peak-tflops", "1",
                         "--eval-every", "0", "--eval-batches", "1", "--metrics", str(tmp_path / "m.jsonl")])
@@ -559,7 +555,8 @@ def test_existing_targets_are_never_overwritten(hf_dirs, tmp_path):
     assert os.listdir(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()  # an empty directory is fine
     convert.export(str(tmp_path / "ckpt"), str(tmp_path / "empty"))
-    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"]  # (the byte tokenizer, written out)
 
 
 def test_cli(hf_dirs, tmp_path, capsys):
@@ -567,7 +564,8 @@ def test_cli(hf_dirs, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "convert.py", "import", hf_dir, str(tmp_path / "ckpt")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.splitlines()) == 1 and "train with: python train.py --model llama" in proc.stdout
+    assert len(proc.stdout.splitlines()) == 1 and proc.stdout.endswith(
+        f"train with: python train.py --load {tmp_path / 'ckpt'}\n")  # (the checkpoint says the rest)
     convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")])
     assert "exported" in capsys.readouterr().out
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -591,10 +589,9 @@ def test_import_a_bert_then_fine_tune_a_classifier(tmp_path):
     for name in ("a", "b"):
         os.makedirs(tmp_path / "task" / name)
         (tmp_path / "task" / name / "t.txt").write_text((name * 7 + "\n") * 300)
-    flags = convert.train_flags("bert", model.cfg, "byte")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        train.main(flags + ["--task", str(tmp_path / "task"), "--load", str(tmp_path / "ckpt"),
+        train.main(["--task", str(tmp_path / "task"), "--load", str(tmp_path / "ckpt"),
                             "--steps", "1", "--seq-len", "16", "--global-batch-size", "2",
                             "--lr", "0", "--save", str(tmp_path / "tuned"), "--eval-batches", "1",
                             "--peak-tflops", "1"])
@@ -607,3 +604,80 @@ def test_import_a_bert_then_fine_tune_a_classifier(tmp_path):
     checkpoint.load(tuned, tuned_model, None, parallel.Layout())
     word = tuned_model.embed.weight
     assert torch.equal(word[:261], hf.bert.embeddings.word_embeddings.weight)  # lr 0: HF's own
+
+
+# ----------------------------------------------------------------------------
+# The tokenizer travels with the model
+# ----------------------------------------------------------------------------
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+TEXTS = ["the quick thing", "  the  end\n\nthe", "café éé", "x<|endoftext|>y", "thethe quickly", "日本語 ok",
+         "a" * 100, "\tquick\r\n"]
+
+
+def toy_tiktoken():
+    """A tiktoken encoding built here (the published ones need a download): bytes, then
+    merged tokens whose parts rank before them, GPT-2's pattern, an end-of-text."""
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    for token in [b"th", b"he", b"the", b" t", b" the", b"in", b"ing", b" q", b"qu", b"ick", b"er", b"  ",
+                  b"\n\n", "é".encode(), b"ui", b"uick", b" quick"]:
+        ranks[token] = len(ranks)
+    return tiktoken.Encoding("toy", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.mark.parametrize("encoding", ["toy", "byte"])
+def test_a_tiktoken_encoding_exports_as_a_tokenizer_json_that_encodes_the_same(encoding, tmp_path, monkeypatch):
+    """Exporting a model trained with a tiktoken encoding (or our byte one) writes a
+    tokenizer.json: transformers loads it, and every text encodes to the same ids (special
+    tokens written in a text: as text with split_special_tokens, as the token without) and
+    decodes back; config.json carries the end-of-text id; importing the export records it."""
+    enc = toy_tiktoken() if encoding == "toy" else data.get_tokenizer("byte")
+    monkeypatch.setattr(data, "get_tokenizer", lambda name, real=data.get_tokenizer: enc if name == "toy" else real(name))
+    model = models.build("llama", models.make_config("llama", "test", [f"vocab_size={enc.n_vocab}"]), "cpu", 0)
+    convert.export_model(model, tmp_path / "out", encoding)
+    theirs = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in TEXTS:
+        assert theirs(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == enc.encode_ordinary(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == enc.encode(text, allowed_special="all")
+        assert theirs.decode(enc.encode_ordinary(text)) == text
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == enc.eot_token
+    imported = convert.tokenizer_name(str(tmp_path / "out"))
+    assert [data.get_tokenizer(imported).encode_ordinary(t) for t in TEXTS] == [enc.encode_ordinary(t) for t in TEXTS]
+
+
+def test_no_tokenizer_is_never_a_silent_byte_tokenizer(hf_dirs, tmp_path, capsys):
+    """generate.py on a folder without tokenizer.json: one line asking for --tokenizer, which
+    then works; an export whose recorded tokenizer folder moved: one line."""
+    hf_dir, _ = hf_dirs("llama-gqa")  # (saved by transformers without a tokenizer)
+    with pytest.raises(SystemExit):
+        generate.main(["--load", hf_dir, "--prompt", "a", "--max-new-tokens", "2"])
+    assert "holds no tokenizer (tokenizer.json): pass --tokenizer" in capsys.readouterr().err
+    generate.main(["--load", hf_dir, "--prompt", "a", "--max-new-tokens", "2", "--tokenizer", "byte"])
+    assert capsys.readouterr().out.startswith("a")
+    tokenizer_dir = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer_files(tmp_path), tokenizer_dir)
+    ckpt = tmp_path / "ckpt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--model", "llama", "--config", "test", "--set", "vocab_size=300", "--steps", "1",
+                    "--seq-len", "16", "--global-batch-size", "2", "--sample-tokens", "0", "--peak-tflops", "1",
+                    "--eval-batches", "1", "--tokenizer", f"hf:{tokenizer_dir}", "--save", str(ckpt)])
+    shutil.move(tokenizer_dir, tmp_path / "moved")
+    with pytest.raises(UsageError, match="no file"):
+        convert.export(str(ckpt), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # --tokenizer points the checkpoint at the moved folder: checked by what it encodes.
+    resume = ["--load", str(ckpt), "--steps", "2", "--seq-len", "16", "--global-batch-size", "2",
+              "--sample-tokens", "0", "--peak-tflops", "1", "--eval-batches", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        records = train.train(flags.parse_args([*resume, "--tokenizer", f"hf:{tmp_path / 'moved'}"]))
+    assert [r["step"] for r in records] == [2]
+    with pytest.raises(UsageError, match="does not encode as"):
+        train.train(flags.parse_args([*resume, "--tokenizer", "byte"]))
+
+
+def hf_tokenizer_files(tmp_path):
+    os.makedirs(tmp_path / "bpe")
+    return byte_level_bpe(tmp_path / "bpe", ["the quick brown fox"] * 10, 300, ["<|endoftext|>"],
+                          {"eos_token": "<|endoftext|>"})

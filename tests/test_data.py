@@ -193,3 +193,27 @@ def test_stdlib_corpus():
     assert train.shards[0][-1] == 256 and 0.02 < val.n_tokens / (train.n_tokens + val.n_tokens) < 0.1
     x, y = train.batch(0, 0, 2, 256)
     assert BYTE.decode(x[0].tolist())  # real text, decodable
+
+
+def test_prepared_data_brings_its_tokenizer(tmp_path, capsys):
+    """Training on shards prepared with a tokenizer needs no --tokenizer again (meta.json
+    says it); a checkpoint needs no --model again (meta.json says it); without either, one
+    line naming the flag."""
+    import flags
+    import train
+    from conftest import FAST, byte_level_bpe, one_line_error
+    tokenizer = "hf:" + byte_level_bpe(tmp_path, ["the quick brown fox jumps over the lazy dog"] * 10, 300,
+                                       ["<|endoftext|>"], {"eos_token": "<|endoftext|>"})
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("the lazy dog jumps over the quick brown fox. " * 200)
+    data.prepare(str(tmp_path / "src"), str(tmp_path / "prepared"), tokenizer, val_fraction=0.1)
+    assert data.recorded_tokenizer([str(tmp_path / "prepared")]) == tokenizer
+    ckpt = str(tmp_path / "ckpt")
+    records = train.train(flags.parse_args(["--model", "llama", *FAST, "--steps", "2", "--data",
+                                            str(tmp_path / "prepared"), "--save", ckpt]))
+    assert len(records) == 2
+    no_config = [a for i, a in enumerate(FAST) if "--config" not in FAST[max(i - 1, 0):i + 1]]
+    resumed = train.train(flags.parse_args([*no_config, "--steps", "3", "--data", str(tmp_path / "prepared"),
+                                            "--load", ckpt]))
+    assert [r["step"] for r in resumed] == [3]
+    assert "--model is required" in one_line_error(capsys, [*FAST, "--steps", "1"])

@@ -8,6 +8,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -209,6 +210,29 @@ def test_cli_several_prompts_and_a_prompts_file(capsys, saved):
                                  stop=["zz"], seed=3)
     assert out == "\n----------------\n".join(expected) + "\n"
     assert "tokens/s (3 prompt(s)" in err
+
+
+def test_stop_strings_take_the_escapes_people_type(capsys, saved, monkeypatch):
+    """`--stop "\\n"` in a shell passes a backslash and an n: it means a newline, as the
+    README and --help write it (and \\t a tab, \\\\ a backslash; anything else as written)."""
+    assert generate.unescape(r"\n\n") == "\n\n" and generate.unescape(r"a\tb\\n") == "a\tb\\n"
+    assert generate.unescape("é\\x") == "é\\x"
+    seen = []
+    def fake(model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, seed, stream, stats):
+        seen.append(stop)
+        stats["new_tokens"] = 0
+        return ["text"] * len(prompts)
+    monkeypatch.setattr(generate, "generate", fake)
+    generate.main(["--load", saved["ckpt"], "--prompt", "a", "--prompt", "b", "--stop", r"\n\n", "--stop", "x"])
+    assert seen == [["\n\n", "x"]]
+
+
+def test_help_says_each_default_once(capsys):
+    for main in (train.main, generate.main, lambda argv: data.main(["prepare", *argv])):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert "(default: None)" not in out and not re.search(r"\(default[^)]*\)\s*\(default", out), out
 
 
 def test_cli_streams_one_prompt_and_loads_hf_folders(capsys, saved):

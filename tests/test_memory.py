@@ -409,3 +409,17 @@ def test_plan_matches_cuda_max_memory_allocated():
     print(f"llama3-8b x 2 layers, bf16, 2 x 4096 tokens: planned {predicted / 2**30:.2f} GiB, "
           f"max_memory_allocated {measured / 2**30:.2f} GiB ({(predicted - measured) / measured:+.1%})")
     assert abs(predicted - measured) <= 0.1 * measured
+
+
+def test_plan_step_time_counts_recompute_and_the_pipeline_bubble(capsys):
+    """The planned step time is the FLOPs at --plan-mfu of the peak, 4/3 of them under full
+    recomputation, divided by the pipeline's busy share (1F1B: (pp - 1) / (m + pp - 1) idle)."""
+    base = ["--model", "llama", "--config", "llama3-8b", "--world-size", "8", "--seq-len", "4096",
+            "--global-batch-size", "32"]
+
+    def seconds(*extra):
+        return float(re.search(r"step time at .*: ([\d.]+) s", plan_text(capsys, [*base, *extra]))[1])
+    flat = seconds()
+    assert seconds("--recompute", "full") == pytest.approx(4 / 3 * flat, rel=0.01)
+    # pp 2 over 8 ranks: dp 4, 8 rows per rank in micro-batches of 1: 8 in flight, 1/9 idle
+    assert seconds("--pp", "2", "--micro-batch-size", "1") == pytest.approx(flat * 9 / 8, rel=0.01)

@@ -194,11 +194,8 @@ def test_round_trip_through_a_checkpoint_and_the_cli(variant, hf_dirs, tmp_path,
     hf_dir, hf, _ = hf_dirs(variant)
     convert.main(["import", hf_dir, str(tmp_path / "ckpt")])
     out = capsys.readouterr().out
-    assert len(out.splitlines()) == 1 and "train with: python train.py --model t5" in out
-    flags = out.split("train with: python train.py ")[1].split()
-    overrides = [value for flag, value in zip(flags, flags[1:]) if flag == "--set"]
+    assert len(out.splitlines()) == 1 and out.endswith(f"train with: python train.py --load {tmp_path / 'ckpt'}\n")
     first = convert.from_hf(hf_dir)
-    assert models.make_config("t5", "t5-base", overrides) == first.cfg  # the printed flags rebuild it
     convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")])
     out = capsys.readouterr().out
     assert "exported" in out and "T5ForConditionalGeneration" in out

@@ -6,6 +6,7 @@ import gc
 import math
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -241,6 +242,18 @@ def test_bf16_resume_is_exact_and_checkpoints_keep_the_fp32_main_weights(tmp_pat
 
 FP16 = ["--model", "llama", *FAST, "--steps", "12", "--precision", "fp16",
         "--initial-loss-scale", "1e6", "--loss-scale-window", "3"]
+
+
+def test_cpu_mfu_never_reads_above_one(monkeypatch):
+    """A CPU's reference matmul measured while something else held the cores is too slow:
+    a step that runs faster raises it, so MFU stays at most 100% (and a GPU's datasheet or
+    --peak-tflops stays as given)."""
+    monkeypatch.setattr(metrics, "peak_flops", lambda device, args: 1.0)  # (a hopelessly slow reference)
+    fast = [a for i, a in enumerate(FAST) if "--peak-tflops" not in FAST[max(i - 1, 0):i + 1]]
+    records, _ = train_job(["--model", "llama", *fast, "--steps", "3"])
+    assert all(0 < r["mfu"] <= 1.0 for r in records) and records[0]["mfu"] == 1.0
+    args = types.SimpleNamespace(peak_tflops=2.0)
+    assert metrics.cpu_peak_seen(2e12, 5e12, torch.device("cpu"), args) == 2e12
 
 
 def test_fp16_loss_scaler_skips_halves_and_grows(ranks, tmp_path):
