@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import errors
 import models
 import parallel
 from errors import UsageError
@@ -128,11 +129,13 @@ def _save_file(tensors, path, sums):
 
 
 def _check_file_name(step_dir, name):
-    """A file named in the index must lie inside the step directory."""
+    """A file named in the index must lie inside the step directory (a plain name, and not
+    a link to a file elsewhere: errors.path_inside)."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
             or "\\" in name or os.sep in name or ".." in name or os.path.isabs(name)):
         raise UsageError(f"{step_dir}/index.json names the file {name!r} outside the "
                                   f"checkpoint directory; the index is damaged or not ours")
+    errors.path_inside(step_dir, name, f"{step_dir}/index.json")
 
 
 def verify_file(step_dir, name, files):

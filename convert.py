@@ -95,7 +95,7 @@ class _HFTensors:
         self.files = {}
         names = ["model.safetensors"] if self.where is None else sorted(set(self.where.values()))
         for name in names:
-            path = os.path.join(hf_dir, name)
+            path = errors.path_inside(hf_dir, name, os.path.basename(index))
             if not os.path.isfile(path):
                 raise UsageError(f"{path} is missing (listed in {os.path.basename(index)})")
             try:

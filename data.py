@@ -875,7 +875,8 @@ def load_splits(spec, tokenizer_name: str, seq_len: int, split=None, json_key: s
             raise UsageError(f"--data {spec} was prepared with tokenizer {meta['tokenizer']!r}, "
                              f"not {tokenizer_name!r}: pass --tokenizer {meta['tokenizer']}")
         eot = get_tokenizer(tokenizer_name).eot_token
-        splits = {name: TokenDataset([np.memmap(os.path.join(spec, s["file"]), meta["dtype"], "r")
+        splits = {name: TokenDataset([np.memmap(errors.path_inside(spec, s["file"], f"{spec}/meta.json"),
+                                                meta["dtype"], "r")
                                       for s in meta[name]], f"--data {spec} ({name})", eot)
                   for name in ("train", "val")}
         for ds in splits.values():

@@ -6,6 +6,7 @@ importing the parallel machinery or the Triton kernels.
 import argparse
 import dataclasses
 import math
+import os
 
 
 class UsageError(ValueError):
@@ -35,6 +36,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def path_inside(folder, name, what):
+    """folder/name, refused (a UsageError naming `what`, the file that listed it) unless it
+    lies inside `folder` once every symbolic link on the way is resolved: a damaged or
+    planted index may name "../x", an absolute path, or a link to a file elsewhere."""
+    path = os.path.join(folder, name) if isinstance(name, str) and name else None
+    root = os.path.realpath(folder)
+    if path is None or os.path.isabs(name) or not os.path.realpath(path).startswith(root + os.sep):
+        raise UsageError(f"{what} names the file {name!r}, which lies outside {folder} (or is a link "
+                         f"out of it); the file is damaged or not ours")
+    return path
 
 
 def unsupported_hf(model_type, what):

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import resource
+import tempfile
 import time
 
 import torch
@@ -139,8 +140,10 @@ def trim_metrics(path, start_step):
     keep = [line for i, (line, r) in enumerate(zip(complete, records))
             if i < lineage or r.get("step", 0) <= start_step]
     if len(keep) < len(lines):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        # A new file of its own beside it (created exclusively, no link followed: a planted
+        # `.tmp` name cannot redirect the write), then renamed over it.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics-")
+        with os.fdopen(fd, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)
     return len(lines) - len(keep)

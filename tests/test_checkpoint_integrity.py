@@ -72,6 +72,43 @@ def test_an_index_naming_a_file_outside_the_step_directory_is_refused(ckpt, caps
             checkpoint._check_file_name(str(ckpt / STEP), bad)
 
 
+def test_a_shard_that_is_a_link_out_of_the_step_directory_is_refused(ckpt, capsys):
+    """The same bytes (its checksum passes) but a symbolic link to a file elsewhere: refused."""
+    shard = ckpt / STEP / "shard-00000.safetensors"
+    outside = ckpt.parent / "elsewhere.safetensors"
+    shutil.move(shard, outside)
+    os.symlink(outside, shard)
+    assert "(or is a link out of it)" in one_line_error(capsys, _resume(ckpt))
+
+
+def test_files_named_in_other_indexes_stay_in_their_folders(tmp_path, capsys):
+    """A Hugging Face weight_map naming ../x, a prepared folder's meta.json naming a file
+    outside it, and a planted link at a resumed run's metrics: refused, or not followed."""
+    import convert
+    import data
+    import metrics
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "../x.safetensors"}}))
+    with pytest.raises(Exception, match="lies outside"):
+        convert._HFTensors(str(tmp_path / "hf"))
+    data.prepare("stdlib", str(tmp_path / "prepared"))
+    meta_path = tmp_path / "prepared" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train"][0]["file"] = "../../etc/passwd"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="lies outside"):
+        data.load_dataset(str(tmp_path / "prepared"), "byte", 16)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    records = tmp_path / "m.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in [{"run": {"start_step": 0}}, {"step": 1}, {"step": 2}]))
+    os.symlink(victim, str(records) + ".tmp")
+    assert metrics.trim_metrics(str(records), 1) == 1
+    assert victim.read_text() == "mine" and [r["step"] for r in metrics.read_metrics(records)] == [1]
+
+
 def test_checkpoints_without_checksums_still_load(ckpt):
     index_path = ckpt / STEP / "index.json"
     index = json.loads(index_path.read_text())
