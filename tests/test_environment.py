@@ -27,6 +27,11 @@ def test_every_requirement_is_pinned_to_one_version():
     for req in ("requirements.txt", "requirements-test.txt"):
         with open(os.path.join(ROOT, req)) as f:
             assert "-c constraints.txt" in f.read().splitlines(), req
+        for line in open(os.path.join(ROOT, req)):  # pinned in the file too, to the same version
+            body = line.split("#")[0].strip()
+            if body and not body.startswith("-"):
+                name, _, version = body.partition("==")
+                assert version == pins[name.lower()], (req, body)
     wanted = _names(os.path.join(ROOT, "requirements-test.txt"))
     assert {"torch", "transformers", "triton", "pytest"} <= wanted
     assert sorted(wanted - set(pins)) == []
