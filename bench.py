@@ -1866,7 +1866,8 @@ def plot(args, device):
     # Each run its own line style too, so that identical curves (a layout that equals one
     # process) show as one drawn over the other, not as one missing run.
     styles = ["-", "--", ":", "-."]
-    labels = {path: f"{os.path.basename(path)} ({metrics.describe_run(path)})".replace(" ()", "") for path in runs}
+    labels = {path: " ".join([os.path.basename(path), *[f"({d})" for d in [metrics.describe_run(path)] if d]])
+              for path in runs}
     for ax, (key, title) in zip(axes.flat, panels):
         for i, (path, records) in enumerate(runs.items()):
             points = [(r[x_key], r[key]) for r in records if r.get(key) is not None]

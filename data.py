@@ -223,6 +223,7 @@ FINGERPRINT_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n 
                     "Ünïcödé naïve café, 日本語のテキスト, 1234567890 \t tabs\r\n 🦊🐶 -- <end>")
 
 
+@functools.cache  # (each save records it: read the tokenizer once per process)
 def tokenizer_fingerprint(name: str) -> str:
     """What identifies a tokenizer's behaviour, not its path: a hash of its vocabulary size,
     end-of-text id and the ids of FINGERPRINT_TEXT. A checkpoint records it, so that a

@@ -130,17 +130,20 @@ class Config(llama.Config):
         if self.moe_layer_step < 1:
             raise errors.UsageError(f"moe_layer_step={self.moe_layer_step} must be at least 1")
         try:
-            dense = [int(i) for i in self.dense_layers.split(",") if i.strip()]
+            dense = self.dense_layer_numbers()
         except ValueError:
             dense = [-1]
         if not all(0 <= i < self.n_layers for i in dense):
             raise errors.UsageError(f"dense_layers={self.dense_layers!r}: expected layer numbers below "
                                     f"n_layers={self.n_layers}, comma-separated")
 
+    def dense_layer_numbers(self):
+        """dense_layers as numbers ("0,5" -> [0, 5])."""
+        return [int(i) for i in self.dense_layers.split(",") if i.strip()]
+
     def has_experts(self, layer):
         """Whether block `layer` has the mixture of experts (else a dense SwiGLU MLP)."""
-        dense = {int(i) for i in self.dense_layers.split(",") if i.strip()}
-        return (layer + 1) % self.moe_layer_step == 0 and layer not in dense
+        return (layer + 1) % self.moe_layer_step == 0 and layer not in self.dense_layer_numbers()
 
 
 HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -555,7 +558,7 @@ def _qwen_config_to_hf(cfg):
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
               hidden_act="silu", num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
               norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.moe_layer_step,
-              mlp_only_layers=[int(i) for i in cfg.dense_layers.split(",") if i.strip()],
+              mlp_only_layers=cfg.dense_layer_numbers(),
               rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
               tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_theta=cfg.rope_theta)

@@ -109,6 +109,19 @@ if TOLERANCE_LOG:
 # Running train.py
 # ----------------------------------------------------------------------------
 
+def without_flags(argv, *flags):
+    """argv without these flags and the value after each."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def train_job(argv):
     """train.py with these flags in this process (a rank of LocalRanks, or the test
     process itself); returns (records, stdout) on rank 0 and None elsewhere."""

@@ -201,7 +201,7 @@ def test_prepared_data_brings_its_tokenizer(tmp_path, capsys):
     line naming the flag."""
     import flags
     import train
-    from conftest import FAST, byte_level_bpe, one_line_error
+    from conftest import FAST, byte_level_bpe, one_line_error, without_flags
     tokenizer = "hf:" + byte_level_bpe(tmp_path, ["the quick brown fox jumps over the lazy dog"] * 10, 300,
                                        ["<|endoftext|>"], {"eos_token": "<|endoftext|>"})
     (tmp_path / "src").mkdir()
@@ -212,8 +212,7 @@ def test_prepared_data_brings_its_tokenizer(tmp_path, capsys):
     records = train.train(flags.parse_args(["--model", "llama", *FAST, "--steps", "2", "--data",
                                             str(tmp_path / "prepared"), "--save", ckpt]))
     assert len(records) == 2
-    no_config = [a for i, a in enumerate(FAST) if "--config" not in FAST[max(i - 1, 0):i + 1]]
-    resumed = train.train(flags.parse_args([*no_config, "--steps", "3", "--data", str(tmp_path / "prepared"),
+    resumed = train.train(flags.parse_args([*without_flags(FAST, "--config"), "--steps", "3", "--data", str(tmp_path / "prepared"),
                                             "--load", ckpt]))
     assert [r["step"] for r in resumed] == [3]
     assert "--model is required" in one_line_error(capsys, [*FAST, "--steps", "1"])

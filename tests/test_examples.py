@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import train
-from conftest import ROOT
+from conftest import ROOT, without_flags
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")))
 GPUS_PER_NODE, GPU_GB = 8, 80
@@ -41,18 +41,6 @@ def flag(args, name):
     return args[args.index(name) + 1]
 
 
-def without_layout(args):
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in LAYOUT:
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
 def test_every_family_has_an_example_and_each_is_valid_bash():
     families = {flag(read(path)[1]["TRAIN"], "--model") for path in EXAMPLES}
     assert families == {"gpt", "llama", "mixtral", "mamba", "bert", "t5"}
@@ -76,7 +64,7 @@ def test_the_layout_fits_and_the_header_quotes_the_plan(path, capsys):
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_a_reduced_form_trains(path, tmp_path, capsys):
     _, arrays, _ = read(path)
-    args = without_layout(arrays["TRAIN"])
+    args = without_flags(arrays["TRAIN"], *LAYOUT)
     args[args.index("--config") + 1] = TEST_PRESET.get(flag(args, "--config"), "test")
     extra = FOR_BYTES.get(flag(args, "--model"), [])
     records = train.train(train.flags.parse_args([*args, *extra, *SMALL, "--save", str(tmp_path / "ckpt")]))
@@ -87,7 +75,7 @@ def test_a_reduced_form_trains(path, tmp_path, capsys):
             (tmp_path / "task" / name / "t.txt").write_text((name * 7 + "\n") * 300)
         tuned = train.train(train.flags.parse_args([
             "--load", str(tmp_path / "ckpt"), "--task", str(tmp_path / "task"),
-            *without_layout(arrays["FINETUNE_TRAIN"]), *SMALL]))
+            *without_flags(arrays["FINETUNE_TRAIN"], *LAYOUT), *SMALL]))
         assert [r["step"] for r in tuned] == [1, 2]
 
 
