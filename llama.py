@@ -116,7 +116,8 @@ def hf_name(name, cfg):
 
 class Attention(nn.Module):
     """Grouped-query attention; under tp each rank owns n_heads/tp query heads and the
-    n_kv_heads/tp KV heads they read."""
+    n_kv_heads/tp KV heads they read (with fewer KV heads than tp ranks, the one KV head
+    they read, which its neighbours hold too: parallel.tp_replicas)."""
     recompute_core = False  # set by parallel.apply_recompute (selective recomputation)
 
     def __init__(self, cfg: Config, layout):
@@ -124,8 +125,11 @@ class Attention(nn.Module):
         self.cfg, self.layout = cfg, layout
         hd = cfg.head_dim
         self.q_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, layout, cfg.qkv_bias)
-        self.k_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias)
-        self.v_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias)
+        kv_replicas = parallel.tp_replicas(layout.tp, cfg.n_kv_heads, "n_kv_heads")
+        self.k_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias,
+                                                    replicas=kv_replicas)
+        self.v_proj = parallel.ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, layout, cfg.qkv_bias,
+                                                    replicas=kv_replicas)
         self.o_proj = parallel.RowParallelLinear(cfg.n_heads * hd, cfg.dim, layout)
         if cfg.qk_norm:
             self.q_norm = kernels.RMSNorm(hd, cfg.norm_eps)
@@ -195,8 +199,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
-        parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                                 ffn_dim=cfg.ffn_dim)
+        parallel.check_divisible(layout.tp, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)
         self.layers = nn.ModuleDict({str(i): Block(cfg, layout, self.feed_forward(cfg, layout, i))
                                      for i in range(cfg.n_layers)})

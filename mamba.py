@@ -464,7 +464,8 @@ class Mamba(nn.Module):
         self.cfg = cfg
         self.layout = layout = layout or parallel.Layout()
         if "*" in cfg.pattern:
-            parallel.check_divisible(layout.tp, attn_heads=cfg.attn_heads, attn_kv_heads=cfg.attn_kv_heads)
+            parallel.check_divisible(layout.tp, attn_heads=cfg.attn_heads)
+            parallel.tp_replicas(layout.tp, cfg.attn_kv_heads, "attn_kv_heads")
         if "-" in cfg.pattern:
             parallel.check_divisible(layout.tp, ffn_dim=cfg.ffn_dim)
         self.embed = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.dim, layout)

@@ -48,7 +48,7 @@ import parallel
 # Notation (per rank): n = b * s / cp tokens of the micro-batch on this rank, h = dim;
 # under sequence parallelism the residual stream and the norms hold n / tp tokens
 # ("n_sp"), the linears' gathered inputs all n. a = query heads / tp, q = a * head_dim,
-# kv = kv_heads / tp * head_dim, f = ffn_dim / tp. e = bytes of the model's dtype (2
+# kv = kv_heads / tp * head_dim (one head when tp exceeds them), f = ffn_dim / tp. e = bytes of the model's dtype (2
 # under bf16/fp16, 4 in fp32: the parameters' and what autocast computes in), r = bytes
 # of the residual stream (e; 4 with --fp32-residual or Mamba's residual_in_fp32). The
 # softmax and norm statistics and RoPE's tables are fp32 whatever the precision.
@@ -153,7 +153,7 @@ def head_rmsnorm(sh, rows, hd):
 
 
 def llama_attention(sh, cfg):
-    a, kv_heads = cfg.n_heads // sh.tp, cfg.n_kv_heads // sh.tp
+    a, kv_heads = cfg.n_heads // sh.tp, max(cfg.n_kv_heads // sh.tp, 1)
     q, kv = a * cfg.head_dim, kv_heads * cfg.head_dim
     qk_norm = head_rmsnorm(sh, sh.n * (a + kv_heads), cfg.head_dim) if cfg.qk_norm else 0
     return sh.e * sh.n * (2 * q + 2 * kv) + 4 * sh.n * a + ring(sh, q, kv, a) + qk_norm

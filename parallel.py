@@ -340,7 +340,10 @@ class Tags:
     parameter replicated on every rank."""
     global_shape: list = None   # the whole tensor's shape, when this is a part of it
     global_offset: list = None  # where this part starts in the whole tensor
-    tp_sharded: bool = False    # a slice of a tensor split over tp: each tp rank holds another
+    tp_sharded: bool = False    # a slice of a tensor split over tp: each tp rank holds another ...
+    tp_replicas: int = 1        # ... or the same as its neighbours: a slice held by this many
+                                # consecutive tp ranks (KV heads when tp exceeds them), each
+                                # computing part of its gradient (summed over them)
     partial_grad: bool = False  # replicated over tp, but each tp rank computes only part of the
                                 # gradient (a QK-norm seeing its heads): summed over tp
     pp_tied: bool = False       # a tied embedding held by the first and the last pipeline stage
@@ -378,12 +381,14 @@ def grad_is_partial(param, layout):
 
 def counts_once(param, layout):
     """Whether this rank's copy of `param` is the one that counts among the tp ranks and
-    pipeline stages: a tp shard is a part of its own, a tensor replicated over tp counts on
-    tp rank 0, the last stage's copy of a tied embedding never counts. The gradient norm,
+    pipeline stages: a tp shard is a part of its own (on the first of its replicas), a
+    tensor replicated over tp counts on tp rank 0, the last stage's copy of a tied
+    embedding never counts. The gradient norm,
     checkpoints and the parameter count use it. (Replicas over dp x cp hold the same
     values: each user of this predicate handles them its own way.)"""
     t = tags(param)
-    return (t.tp_sharded or layout.tp_rank == 0) and not t.pp_tied_copy
+    first_holder = layout.tp_rank % t.tp_replicas == 0 if t.tp_sharded else layout.tp_rank == 0
+    return first_holder and not t.pp_tied_copy
 
 
 def count_parameters(modules, layout):
@@ -816,15 +821,16 @@ def mark_partial_grad(*params):
         tags(p).partial_grad = True
 
 
-def _shard(param, dim, layout, global_size):
+def _shard(param, dim, layout, global_size, replicas=1):
     """Record that `param` is this rank's slice along `dim` of a tensor whose size
-    there is `global_size` (the slice may include padding beyond it)."""
+    there is `global_size` (the slice may include padding beyond it), held by `replicas`
+    consecutive tp ranks."""
     shape = list(param.shape)
     shape[dim] = global_size
     offset = [0] * param.dim()
-    offset[dim] = layout.tp_rank * param.shape[dim]
+    offset[dim] = layout.tp_rank // replicas * param.shape[dim]
     t = tags(param)
-    t.global_shape, t.global_offset, t.tp_sharded = shape, offset, True
+    t.global_shape, t.global_offset, t.tp_sharded, t.tp_replicas = shape, offset, True, replicas
 
 
 def tp_sharded_parameter(global_shape, dim, layout, name):
@@ -847,6 +853,19 @@ def sum_partials(x, group):
     return _CopyToTP.apply(_ReduceFromTP.apply(x, group), group)
 
 
+def tp_replicas(tp, size, name):
+    """How many tp ranks hold each of `size` heads: 1 where tp divides them; where they
+    divide tp (tp beyond the KV heads: Qwen3-30B-A3B's 4 KV heads under tp 8), tp / size,
+    each head then serving the query heads of that many consecutive ranks, as Megatron
+    replicates them."""
+    if size % tp == 0:
+        return 1
+    if tp % size == 0:
+        return tp // size
+    raise UsageError(f"{name}={size} and tp={tp} do not divide one another; choose a --tp that "
+                     f"divides {name} or is a multiple of it")
+
+
 def check_divisible(tp, **sizes):
     """Each named size must split evenly over tp ranks (heads, KV heads, FFN width)."""
     for name, size in sizes.items():
@@ -865,20 +884,22 @@ class ColumnParallelLinear(nn.Module):
     `linear_input` (or `enter_tp_region`), or this raises. `groups` > 1 fuses several
     projections of equal width (GPT's Q, K, V): the weight is (groups, out/groups, in)
     and each group is split separately, so a rank's slice is whole heads of each of Q, K
-    and V."""
+    and V. With `replicas` > 1 the output is split into tp / replicas slices, each held by
+    that many consecutive ranks (KV heads fewer than tp: see tp_replicas)."""
 
-    def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features"):
+    def __init__(self, in_features, out_features, layout, bias=False, groups=1, name="out_features",
+                 replicas=1):
         super().__init__()
         self.layout, self.fp8 = layout, None  # fp8: an FP8Site under --precision fp8 (enable_fp8)
         per_group = out_features // groups
-        local = _split(per_group, layout.tp, name)
+        local = _split(per_group, layout.tp // replicas, name)
         shape = (groups, local, in_features) if groups > 1 else (local, in_features)
         self.weight = nn.Parameter(torch.empty(shape))
-        _shard(self.weight, self.weight.dim() - 2, layout, per_group)
+        _shard(self.weight, self.weight.dim() - 2, layout, per_group, replicas)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(shape[:-1]))
-            _shard(self.bias, self.bias.dim() - 1, layout, per_group)
+            _shard(self.bias, self.bias.dim() - 1, layout, per_group, replicas)
 
     def forward(self, x):
         if self.layout.tp > 1 and not getattr(x, "in_tp_region", False):
@@ -1879,6 +1900,8 @@ class DataParallel:
     def _sum_partial_grad(self, param):
         if grad_is_partial(param, self.layout):
             all_reduce(self.grad(param), self.layout.tp_group)
+        elif tags(param).tp_replicas > 1:
+            sum_over_replicas(self.grad(param), tags(param).tp_replicas, self.layout)
 
     def _reduce(self, bucket, async_op):
         if bucket.group is None:
@@ -1956,6 +1979,19 @@ class DataParallel:
                 b.data[b.shard].copy_(b.main)
             if b.sharded:
                 all_gather_single(b.data, b.data[b.shard].clone(), group=b.group)
+
+
+def sum_over_replicas(grad, replicas, layout):
+    """Sum a tp shard's gradient over the `replicas` consecutive tp ranks that hold it (each
+    computed it for its own query heads): every rank puts its gradient in its shard's slot
+    of a tensor of all tp / replicas shards, one all-reduce over tp sums each slot over its
+    holders, and each rank takes its slot back. (A process group per set of replicas would
+    move less, but would have to exist before the model says it needs one.)"""
+    slot = layout.tp_rank // replicas
+    slots = grad.new_zeros(layout.tp // replicas, *grad.shape)
+    slots[slot] = grad
+    all_reduce(slots, layout.tp_group)
+    grad.copy_(slots[slot])
 
 
 def shard_ranges(named, shard, keep):

@@ -135,7 +135,7 @@ def test_bad_config_is_one_line(capsys, overrides, message):
     ("test", dict(tp=4), "n_groups=2 is not divisible by tp=4"),
     ("test", dict(tp=2, cp=8), "heads per tp rank (4) are not divisible by cp=8"),
     ("test-mamba1", dict(tp=3), "expand * dim=128 is not divisible by tp=3"),
-    ("test-hybrid", dict(tp=4), "attn_kv_heads=2 is not divisible by tp=4"),
+    ("test-hybrid", dict(tp=8), "attn_heads=4 is not divisible by tp=8"),
 ])
 def test_model_refuses_a_layout_that_does_not_divide(preset, layout, message):
     cfg = models.make_config("mamba", preset)

@@ -246,6 +246,7 @@ TWO_RANKS = [
     ("gpt", "test", {"tp": 2}),
     ("mixtral", "test", {"ep": 2}),
     ("mixtral", "test-qwen2-moe", {"tp": 2, "precision": "bf16"}),
+    ("mixtral", "test-qwen3-moe", {"tp": 2}),  # its one KV head on both tp ranks
     ("t5", "test", {"tp": 2, "precision": "bf16"}),
     ("bert", "test", {"tp": 2}),
     ("mamba", "test", {"tp": 2, "precision": "bf16"}),

@@ -118,9 +118,10 @@ MOE = [*LAYOUT, "--micro-batch-size", "2", "--steps", "4"]
 @pytest.mark.parametrize("preset,layouts", [
     ("test-qwen2-moe", [(2, ["--tp", "2"]), (2, ["--ep", "2"]), (2, ["--pp", "2"]), (4, ["--ep", "2", "--tp", "2"]),
                         (2, ["--cp", "2"])]),
-    # pp 2: the first stage holds only the dense layer 0 (no router: no router loss there)
-    ("test-qwen3-moe", [(2, ["--ep", "2"]), (2, ["--pp", "2", "--pp-layers", "1,2"]),
-                        (4, ["--cp", "2", "--ep", "2"])]),
+    # pp 2: the first stage holds only the dense layer 0 (no router: no router loss there);
+    # tp 2: its one KV head on both tp ranks.
+    ("test-qwen3-moe", [(2, ["--ep", "2"]), (2, ["--pp", "2", "--pp-layers", "1,2"]), (2, ["--tp", "2"]),
+                        (4, ["--cp", "2", "--ep", "2"]), (4, ["--ep", "2", "--pp", "2", "--pp-layers", "1,2"])]),
 ])
 def test_layouts_equal_one_process(ranks, preset, layouts):
     """Loss and gradient norm at every step (the router's balance loss included)."""

@@ -45,7 +45,11 @@ LAYOUTS = [  # (processes, train.py flags)
     # every sharded and partial-gradient parameter kind of llama.py.
     ("llama", ["--set", "n_kv_heads=4", "--set", "tie_embeddings=true", "--set", "qkv_bias=true",
                "--set", "qk_norm=true"], LAYOUTS),
-    ("llama", ["--set", "n_kv_heads=2"], [(2, ["--tp", "2"]), (4, ["--tp", "2", "--no-sp"])]),  # GQA
+    # GQA; under tp 4 each of the 2 KV heads is held by 2 tp ranks (tp beyond the KV heads) ...
+    ("llama", ["--set", "n_kv_heads=2"], [(2, ["--tp", "2"]), (4, ["--tp", "2", "--no-sp"]), (4, ["--tp", "4"])]),
+    # ... and here with its bias and the shared K-norm.
+    ("llama", ["--set", "n_kv_heads=1", "--set", "qkv_bias=true", "--set", "qk_norm=true"],
+     [(2, ["--tp", "2"]), (4, ["--tp", "4", "--no-sp"]), (4, ["--tp", "2", "--no-zero1"])]),
     ("gpt", [], LAYOUTS[::2]),
 ])
 def test_tensor_parallel_equals_one_process(ranks, tmp_path, model, overrides, layouts):
@@ -71,7 +75,7 @@ def test_layout_that_does_not_divide_is_one_line():
 
 @pytest.mark.parametrize("model,overrides,message", [
     ("llama", dict(n_heads=6, n_kv_heads=6, head_dim=16), "n_heads=6 is not divisible by tp=4"),
-    ("llama", dict(n_kv_heads=2), "n_kv_heads=2 is not divisible by tp=4"),
+    ("llama", dict(n_heads=12, n_kv_heads=3, head_dim=16), "n_kv_heads=3 and tp=4 do not divide one another"),
     ("llama", dict(n_kv_heads=4, ffn_dim=130), "ffn_dim=130 is not divisible by tp=4"),
     ("gpt", dict(n_heads=2), "n_heads=2 is not divisible by tp=4"),
 ])
