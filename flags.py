@@ -62,9 +62,9 @@ def parse_args(argv=None):
     a("--moe-router-bias-update-rate", type=float, default=None,
       help="mixture of experts: the auxiliary-loss-free expert bias, moved this much a step "
            "towards the mean load (default: the preset's, 0 = none)")
-    a("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss"], default=None,
-      help="mixture of experts: the balance loss over each micro-batch (aux_loss) or each "
-           "sequence (seq_aux_loss) (default: the preset's, aux_loss)")
+    a("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "global_aux_loss"], default=None,
+      help="mixture of experts: the balance loss over each micro-batch (aux_loss), each "
+           "sequence (seq_aux_loss) or the global batch (global_aux_loss) (default: the preset's, aux_loss)")
 
     a = p.add_argument_group("data").add_argument
     a("--data", nargs="+", default=["stdlib"], metavar="SOURCE",
@@ -267,7 +267,7 @@ def model_config(args):
         if needed > cfg.vocab_size and not any(s.startswith("vocab_size=") for s in args.set):
             cfg = dataclasses.replace(cfg, vocab_size=needed)
             source += f", vocab_size {needed} to fit tokenizer {tokenizer}"
-    balancing = {"aux_loss": "micro_batch", "seq_aux_loss": "sequence"}
+    balancing = {"aux_loss": "micro_batch", "seq_aux_loss": "sequence", "global_aux_loss": "global"}
     moe = {"capacity_factor": args.moe_capacity_factor, "aux_loss_coef": args.moe_aux_loss_coef,
            "z_loss_coef": args.moe_z_loss_coef, "router_score": args.moe_router_score_function,
            "router_groups": args.moe_router_num_groups, "router_group_topk": args.moe_router_group_topk,

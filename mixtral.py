@@ -42,7 +42,13 @@ parallel.run_schedule adds to the objective of every chunk:
 
 Each is taken over the N tokens of one micro-batch of one data-parallel rank (as
 Megatron does; a sequence split over cp counts whole) and stored times its coefficient,
-times N, divided by tp (all tp ranks compute the same router). The trainer adds them to
+times N, divided by tp (all tp ranks compute the same router). The balance loss can also
+be taken over each sequence (balance_loss=sequence: f and P per sequence, averaged), or
+over the global batch (balance_loss=global, Qwen's "global-batch" balancing as Megatron
+computes it: f counts the micro-batch's choices of every data-parallel rank, averaged over
+the step's micro-batches so far; P stays each rank's own). The global f depends on how the
+batch is cut over dp ranks and micro-batches: dp 2 with one micro-batch each is one
+process with the two as one micro-batch. The trainer adds them to
 the loss sum before dividing by the global token count, on every rank and stage:
 
     (loss_sum + model.extra_loss) / global_tokens
@@ -106,7 +112,7 @@ class Config(llama.Config):
     router_groups: int = 0
     router_group_topk: int = 0
     expert_bias_rate: float = 0.0
-    balance_loss: str = "micro_batch"
+    balance_loss: str = "micro_batch"  # or "sequence", "global"
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,7 +122,7 @@ class Config(llama.Config):
         if self.hf_type not in HF_TYPES:
             raise errors.UsageError(f"hf_type={self.hf_type!r}: choose one of {', '.join(HF_TYPES)}")
         for field, value, allowed in (("router_score", self.router_score, ("softmax", "sigmoid")),
-                                      ("balance_loss", self.balance_loss, ("micro_batch", "sequence"))):
+                                      ("balance_loss", self.balance_loss, ("micro_batch", "sequence", "global"))):
             if value not in allowed:
                 raise errors.UsageError(f"{field}={value!r}: choose one of {', '.join(allowed)}")
         if self.router_groups and not (self.n_experts % self.router_groups == 0
@@ -374,13 +380,26 @@ class MoE(nn.Module):
         counts = torch.bincount(row_of_choice * c.n_experts + top_e.reshape(-1),
                                 minlength=rows * c.n_experts).view(rows, c.n_experts)
         # Under cp a sequence is spread over the cp group: count its choices and tokens
-        # whole; each rank keeps the terms of its own tokens' probabilities.
-        counts = parallel.all_reduce(counts, layout.cp_group)
-        n_tokens = probs.shape[0] // rows * layout.cp  # in a row
+        # whole; each rank keeps the terms of its own tokens' probabilities. The global
+        # loss counts the choices of every data-parallel rank too.
+        pooled = layout.dp_cp_group if c.balance_loss == "global" else layout.cp_group
+        counts = parallel.all_reduce(counts, pooled).float()
+        n_tokens = probs.shape[0] // rows * (layout.dp_cp if c.balance_loss == "global" else layout.cp)
+        if c.balance_loss == "global" and self.training:
+            counts = self.step_average(counts)
         row_probs = probs.view(rows, -1, c.n_experts).sum(1)
-        balance_times_n = c.n_experts / (c.top_k * n_tokens) * (counts.float() * row_probs).sum()
+        balance_times_n = c.n_experts / (c.top_k * n_tokens) * (counts * row_probs).sum()
         self.aux_loss = c.aux_loss_coef * balance_times_n / layout.tp
         self.z_loss = c.z_loss_coef * logits.logsumexp(dim=-1).pow(2).sum() / layout.tp
+
+    def step_average(self, counts):
+        """The global loss's counts: the mean over this step's micro-batches so far
+        (Megatron's running global_tokens_per_expert / ga_steps). Rebound, never changed in
+        place: a recomputed forward must see the sums its first run saw (see
+        parallel.apply_recompute); Mixtral.pop_router_stats starts a new step."""
+        self.step_counts = getattr(self, "step_counts", 0) + counts
+        self.step_micro_batches = getattr(self, "step_micro_batches", 0) + 1
+        return self.step_counts / self.step_micro_batches
 
 
 class Mixtral(llama.Llama):
@@ -445,8 +464,11 @@ class Mixtral(llama.Llama):
         table += rate * torch.sign(tokens_per_expert.mean(dim=1, keepdim=True) - tokens_per_expert)
 
     def pop_router_stats(self):
-        """The router figures summed since the last call (this rank's shares), and reset."""
+        """The router figures summed since the last call (this rank's shares), and reset;
+        the global balance loss starts a new step."""
         stats, self.router_stats = getattr(self, "router_stats", None) or {}, None
+        for moe in (layer.mlp for layer in self.layers.values() if isinstance(layer.mlp, MoE)):
+            moe.step_counts = moe.step_micro_batches = 0
         return stats
 
     @staticmethod

@@ -1615,11 +1615,14 @@ def share_first_token_sums(t, layout):
 # cross a change of layer class (T5's encoder -> decoder, where the encoder's final
 # norm runs between them). Without gradients (evaluation, decoding) layers run as usual.
 #
-# Side effects. A recomputed forward must not do twice what the forward did once. What
-# a layer leaves on its modules (Mixtral's router losses, `kept`, traffic counts, which
-# mixtral.py sums after the layers into model.extra_loss and router_stats) is restored
-# after each recompute, so the objective and the statistics are the forward's, counted
-# once. FP8 amax recording is a max, which a second look at the same tensor leaves as
+# Side effects. A recomputed forward must compute what the forward computed, and not do
+# twice what it did once. It runs with the modules' plain attributes as the forward found
+# them (Mixtral's running counts of the step's micro-batches, which later forwards have
+# moved on since: a layer must rebind such an attribute, never change its tensor in
+# place), and what it leaves on them (router losses, `kept`, traffic counts, which
+# mixtral.py sums after the layers into model.extra_loss and router_stats) is put back as
+# it was before the recompute, so the objective and the statistics are the forward's,
+# counted once. FP8 amax recording is a max, which a second look at the same tensor leaves as
 # it is; scales change only between steps. Collectives inside a layer (tp, sp, ep, cp)
 # run again in the recompute; every rank of a group recomputes the same layer at the
 # same point of the same schedule, so they still pair up.
@@ -1679,7 +1682,7 @@ def _checkpointed_unit(unit, x, *args, **kwargs):
         return _plain_forward(unit[0], x, *args, **kwargs)
     return torch.utils.checkpoint.checkpoint(
         _unit_forward, unit, x, *args, use_reentrant=False, preserve_rng_state=True,
-        context_fn=lambda: (contextlib.nullcontext(), _attributes_restored(unit)), **kwargs)
+        context_fn=functools.partial(_recompute_contexts, unit), **kwargs)
 
 
 def _ran_with_unit(layer, x, *args, **kwargs):
@@ -1687,19 +1690,39 @@ def _ran_with_unit(layer, x, *args, **kwargs):
     return x if torch.is_grad_enabled() else _plain_forward(layer, x, *args, **kwargs)
 
 
-@contextlib.contextmanager
-def _attributes_restored(unit):
-    """Around a recompute: the modules' plain attributes (not parameters, buffers or
-    submodules, which live in underscored dicts) are put back as the forward left them."""
-    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")})
-             for layer in unit for m in layer.modules()]
-    try:
+def _recompute_contexts(unit):
+    """(forward context, recompute context) for one checkpointed run of `unit`: the
+    forward's notes the modules' plain attributes (not parameters, buffers or submodules,
+    which live in underscored dicts) as it finds them; the recompute runs with those, and
+    afterwards they are put back as they were before it."""
+    modules = [m for layer in unit for m in layer.modules()]
+    found = []
+
+    @contextlib.contextmanager
+    def forward():
+        found.append(_plain_attributes(modules))
         yield
-    finally:
-        for m, attributes in saved:
-            for k in [k for k in vars(m) if not k.startswith("_") and k not in attributes]:
-                delattr(m, k)
-            vars(m).update(attributes)
+
+    @contextlib.contextmanager
+    def recompute():
+        now = _plain_attributes(modules)
+        _set_plain_attributes(modules, found[0])
+        try:
+            yield
+        finally:
+            _set_plain_attributes(modules, now)
+    return forward(), recompute()
+
+
+def _plain_attributes(modules):
+    return [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in modules]
+
+
+def _set_plain_attributes(modules, attributes):
+    for m, values in zip(modules, attributes):
+        for k in [k for k in vars(m) if not k.startswith("_") and k not in values]:
+            delattr(m, k)
+        vars(m).update(values)
 
 
 # ----------------------------------------------------------------------------

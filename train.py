@@ -722,7 +722,9 @@ def plan_for(args, cfg):
 
 
 # Changes --plan tries when a layout does not fit: one at a time, then two or three together.
-PLAN_KNOBS = (("--tp x2", lambda a: {"tp": a.tp * 2}), ("--pp x2", lambda a: {"pp": a.pp * 2}),
+# tp stays within a node's 8 GPUs (its all-reduces need NVLink; beyond, Megatron adds pp).
+TP_WITHIN_NODE = 8
+PLAN_KNOBS = (("--tp x2", lambda a: {"tp": a.tp * 2} if a.tp * 2 <= TP_WITHIN_NODE else None), ("--pp x2", lambda a: {"pp": a.pp * 2}),
               ("--recompute selective", lambda a: {"recompute": "selective"}),
               ("--recompute full", lambda a: {"recompute": "full"}),
               ("--micro-batch-size 1", lambda a: {"micro_batch_size": 1}),
@@ -784,7 +786,10 @@ def plan_advice(args, cfg, tokenizer, limit):
     def peak_with(knobs):
         other = copy.copy(args)
         for _, change in knobs:
-            vars(other).update(change(other))
+            changed = change(other)
+            if changed is None:  # (a change not worth advising)
+                return None
+            vars(other).update(changed)
         try:
             flags.check_args(other, cfg, tokenizer)
             return memory.peak_bytes(plan_for(other, cfg)[0])

@@ -210,6 +210,51 @@ def test_sequence_balance_loss_by_hand():
     torch.testing.assert_close(moe.aux_loss, torch.stack(per_sequence).mean() * 30)
 
 
+def test_global_balance_loss_by_hand():
+    """balance_loss=global: f from the mean of the step's micro-batches' counts so far
+    (constants: the gradient flows through P only), P from this micro-batch; a new step
+    starts from nothing."""
+    cfg = models.make_config("mixtral", "test", ["balance_loss=global", "aux_loss_coef=1.0"])
+    model = models.build("mixtral", cfg, "cpu", seed=0)
+    moe = model.layers["0"].mlp
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 10, cfg.dim, generator=g) for _ in range(3)]
+    counts, expected = [], []
+    for i, x in enumerate(batches):
+        weight = moe.router.weight.detach().clone().requires_grad_()
+        probs = torch.softmax(x.reshape(-1, cfg.dim) @ weight.T, -1)
+        counts.append(torch.bincount(probs.topk(cfg.top_k).indices.flatten(), minlength=cfg.n_experts).float())
+        f = torch.stack(counts).mean(0) / (cfg.top_k * 20)
+        loss = cfg.n_experts * (f * probs.mean(0)).sum() * 20
+        expected.append((loss, torch.autograd.grad(loss, weight)[0]))
+    for step in range(2):
+        for x, (loss, grad) in zip(batches, expected):
+            moe.router.weight.grad = None
+            moe(x)
+            moe.aux_loss.backward()
+            torch.testing.assert_close(moe.aux_loss, loss)
+            torch.testing.assert_close(moe.router.weight.grad, grad)
+        model.pop_router_stats()
+
+
+GLOBAL = ["--model", "mixtral", *LAYOUT, "--steps", "4", "--config", "test-qwen3-moe", "--set", "n_experts=8",
+          "--set", "top_k=2", "--set", "balance_loss=global", "--set", "aux_loss_coef=0.1"]
+
+
+def test_global_balance_loss_equals_one_process(ranks):
+    """Four micro-batches a step: tp 2, cp 2, pp 2 and full recomputation (whose recomputed
+    forwards must see the counts of the micro-batches before them, not after) follow one
+    process. Across dp the global counts pool the ranks' micro-batches: dp 2 and ep 2 with
+    one micro-batch each are one process with both in one."""
+    four = GLOBAL + ["--micro-batch-size", "2"]
+    check_layouts(ranks, four, [(2, ["--tp", "2"]), (2, ["--cp", "2"]), (2, ["--pp", "2", "--pp-layers", "1,2"])])
+    assert_same_run(one_process(four + ["--recompute", "full"]), one_process(four))
+    check_layouts(ranks, GLOBAL + ["--micro-batch-size", "8"],
+                  [(2, ["--micro-batch-size", "4"]), (2, ["--micro-batch-size", "4", "--ep", "2"])])
+    per_micro_batch = one_process(GLOBAL + ["--micro-batch-size", "2", "--set", "balance_loss=micro_batch"])
+    assert [r["aux_loss"] for r in one_process(four)] != [r["aux_loss"] for r in per_micro_batch]
+
+
 def test_expert_bias_step_moves_towards_the_mean_load():
     table = torch.zeros(2, 4)
     mixtral.Mixtral.expert_bias_step(table, torch.tensor([[10., 2., 4., 0.], [0., 0., 0., 0.]]), 0.01)
