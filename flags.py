@@ -128,6 +128,9 @@ def parse_args(argv=None):
     a("--pp", type=int, default=1, help="pipeline-parallel size")
     a("--cp", type=int, default=1, help="context-parallel size")
     a("--ep", type=int, default=1, help="expert-parallel size")
+    a("--etp", type=int, default=None,
+      help="expert tensor-parallel size, dividing --tp (default: --tp): the experts are split over "
+           "etp ranks, and ep may span the tp ranks it leaves")
     a("--vpp", type=int, default=1, help="virtual pipeline stages per rank (interleaved 1F1B)")
     a("--pp-schedule", choices=["1f1b", "gpipe"], default="1f1b",
       help="pipeline schedule (with --vpp > 1 always interleaved 1F1B)")
@@ -426,6 +429,12 @@ def check_args(args, cfg, tokenizer):
     if args.ep > 1 and not hasattr(cfg, "n_experts"):
         raise UsageError(f"--ep {args.ep}: {args.model} has no experts; expert parallelism "
                          f"needs a mixture-of-experts model (--model mixtral)")
+    if args.etp is not None and not hasattr(cfg, "n_experts"):
+        raise UsageError(f"--etp {args.etp}: {args.model} has no experts; expert tensor parallelism "
+                         f"needs a mixture-of-experts model (--model mixtral)")
+    if args.etp is not None and args.etp < args.tp and args.precision == "fp8":
+        raise UsageError(f"--precision fp8 with --etp {args.etp} below --tp {args.tp} is not supported "
+                         f"yet (each group of experts would need amaxes of its own); leave --etp out")
     n_vocab = tokenizer_vocab(args.model, tokenizer)  # a UsageError without BERT's or T5's specials
     document_flags = [flag for flag, on in (("--reset-attention-mask", args.reset_attention_mask),
                                             ("--reset-position-ids", args.reset_position_ids)) if on]
@@ -446,7 +455,7 @@ def check_args(args, cfg, tokenizer):
                          f"pass --set max_seq_len={args.seq_len}")
     # The layout.
     dp = parallel.check_layout(args.world_size or parallel.world_size(), args.tp, args.cp, args.pp,
-                               args.ep)
+                               args.ep, args.etp)
     if args.vpp > 1 and args.pp == 1:
         raise UsageError("--vpp needs pipeline parallelism: pass --pp > 1")
     if args.compile and args.precision == "fp8":

@@ -106,10 +106,16 @@ class Shape:
     r: int = 4  # bytes of the residual stream's elements: e under mixed precision, 4 with fp32
     s_dec: int = 0  # T5: the decoder's length (data.span_corruption_lengths)
     torch_kernels: bool = False  # kernels.py's torch path (the CPU), not its Triton kernels (a GPU)
+    etp: int = 0  # the experts' tensor parallelism (0: tp)
 
     @property
     def n(self):
         return self.b * self.s // self.cp
+
+    @property
+    def n_experts(self):
+        """Tokens this rank routes (parallel.expert_tokens): n, or n / (tp / etp)."""
+        return self.n * (self.etp or self.tp) // self.tp
 
     @property
     def n_sp(self):
@@ -186,20 +192,21 @@ def gelu_mlp(sh, f):
 
 
 def moe(sh, cfg):
-    k, E = cfg.top_k, cfg.n_experts
-    routed = sh.n * k
-    if cfg.capacity_factor:
-        routed = min(routed, E * math.ceil(cfg.capacity_factor * sh.n * k / E))
+    k, E, n = cfg.top_k, cfg.n_experts, sh.n_experts  # n: the tokens this rank routes
+    routed = n * k
+    if cfg.capacity_factor:  # (the micro-batch's capacity, this rank's share of it)
+        routed = min(routed, E * math.ceil(cfg.capacity_factor * sh.n * k / E) * n // sh.n)
     # the router: probabilities, top-k indices, their sum, the top-k weights; its losses
     # (mixtral.MoE.router_losses, computed even with a zero coefficient): the fp32 logits
     # and their logsumexp (z-loss), the tokens per expert as floats (balance)
-    router = 4 * sh.n * E + 8 * sh.n * k + 4 * sh.n + 4 * sh.n * k
+    router = 4 * n * E + 8 * n * k + 4 * n + 4 * n * k
     # The router runs in fp32: it saves its input (every token, gathered under sp) in fp32,
-    # x itself when that is fp32, else a copy; nothing else keeps the block's input
-    router += 4 * sh.n * cfg.dim
-    losses = 4 * sh.n * E + 4 * sh.n + 4 * E
+    # a view of x when that is fp32 (which keeps all of x, every token), else a copy of the
+    # tokens it routes; nothing else keeps the block's input
+    router += 4 * (sh.n if sh.e == 4 else n) * cfg.dim
+    losses = 4 * n * E + 4 * n + 4 * E
     if cfg.router_score == "sigmoid":  # the balance loss's scores normalized per token
-        losses += 4 * sh.n * E + 4 * sh.n
+        losses += 4 * n * E + 4 * n
     # dispatch (parallel.moe_dispatch_combine): the gather index and the routed token copies
     # (one tensor the experts' gate and up read, cast once under autocast: mixtral.Experts)
     dispatch = 8 * routed + sh.e * routed * cfg.dim
@@ -214,7 +221,8 @@ def moe(sh, cfg):
         shared = swiglu_mlp(sh, cfg.shared_expert_ffn_dim // sh.tp) + sh.e * sh.n + sh.e * sh.n * cfg.dim
         if sh.e != 4:
             shared += sh.e * sh.n * cfg.dim
-    return (router + losses + dispatch + swiglu_mlp(sh, cfg.ffn_dim // sh.tp, routed) + combine + shared)
+    experts = swiglu_mlp(sh, cfg.ffn_dim // (sh.etp or sh.tp), routed)
+    return router + losses + dispatch + experts + combine + shared
 
 
 def llama_layer(sh, cfg, i=0):
@@ -646,7 +654,7 @@ class StagePlan:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.recompute_transient + self.logits_chunk)
 
 
-def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=True,
+def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, etp=None, vpp=1, sp=True, zero1=True,
          layers_per_chunk=None, schedule="1f1b", micro_batch=1, n_micro=1, seq_len=256,
          precision="fp32", recompute="none", recompute_n=1, recompute_method="uniform",
          torch_kernels=False, grad_dtype="fp32", fp32_residual=False):
@@ -661,14 +669,14 @@ def plan(family, cfg, *, world, tp=1, cp=1, pp=1, ep=1, vpp=1, sp=True, zero1=Tr
     param_dtype = torch.float32 if e == 4 else torch.bfloat16
     stages = []
     for stage in range(pp):
-        layout = parallel.Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp, vpp=vpp,
+        layout = parallel.Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, etp=etp or tp, sp=sp, vpp=vpp,
                                  rank=stage * tp * cp * dp)
         weights, grads, optim, vocab, chunks = state_bytes(
             family, cfg, layout, layers_per_chunk, zero1, param_dtype,
             torch.float32 if grad_dtype == "fp32" else param_dtype)
         fp32 = fp32_residual or family.fp32_residual(cfg)  # the residual stream's dtype
         sh = Shape(b=micro_batch, s=seq_len, tp=tp, cp=cp, sp=sp, e=e, r=4 if fp32 else e,
-                   torch_kernels=torch_kernels,
+                   torch_kernels=torch_kernels, etp=etp or tp,
                    s_dec=family.decoder_len(seq_len) if family.decoder_len else 0)
         # With vpp chunks per rank the in-flight count is in chunk-forwards: use the
         # mean chunk (chunks of one rank hold the same number of layers unless --pp-layers).

@@ -28,7 +28,11 @@ layers are: under expert parallelism (parallel.py, "Expert parallelism") a rank 
 initializes and loads only its n_experts / ep experts, under the same names, so
 initialization and checkpoints never depend on the layout, and the names map one to one
 onto Hugging Face's files.
-Under tp each expert is split like llama's MLP.
+Under tp each expert is split like llama's MLP, over all tp ranks; with --etp below tp
+over etp of them (Megatron's expert tensor parallelism): the tp ranks then form tp / etp
+groups, each routing its share of the tokens (parallel.expert_tokens) to experts split
+over its etp ranks, and ep can span the groups (etp 1: each tp rank holds whole experts of
+its own, and routes 1/tp of the tokens).
 
 Router losses. The forward with labels returns the token-loss sum, like llama.py's, and
 leaves in `model.aux_loss` and `model.z_loss` (tensors with their graph) this rank's share
@@ -42,7 +46,7 @@ parallel.run_schedule adds to the objective of every chunk:
 
 Each is taken over the N tokens of one micro-batch of one data-parallel rank (as
 Megatron does; a sequence split over cp counts whole) and stored times its coefficient,
-times N, divided by tp (all tp ranks compute the same router). The balance loss can also
+times N, divided by etp (the etp ranks of a group route the same tokens). The balance loss can also
 be taken over each sequence (balance_loss=sequence: f and P per sequence, averaged), or
 over the global batch (balance_loss=global, Qwen's "global-batch" balancing as Megatron
 computes it: f counts the micro-batch's choices of every data-parallel rank, averaged over
@@ -298,13 +302,14 @@ def capacity_mask(expert_ids, n_experts, capacity):
 
 class MoE(nn.Module):
     """Router + experts (+ Qwen2-MoE's shared expert). This rank builds only its experts
-    (ep) and its slice of each (tp)."""
+    (ep) and its slice of each (etp)."""
 
     def __init__(self, cfg: Config, layout):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        self.experts = Experts({str(e): Expert(cfg, layout)
+        experts_layout = parallel.expert_layout(layout)
+        self.experts = Experts({str(e): Expert(cfg, experts_layout)
                                 for e in parallel.local_experts(layout, cfg.n_experts)})
         parallel.mark_expert_parallel(*self.experts.parameters())
         # Replicated over tp, but each tp rank's copy weights only its partial outputs.
@@ -318,24 +323,28 @@ class MoE(nn.Module):
 
     def forward(self, x):
         c = self.cfg
-        x = parallel.enter_tp_region(x, self.layout)  # under tp, every rank routes every token
+        x = parallel.enter_tp_region(x, self.layout)  # under tp, every rank holds every token ...
         shape = x.shape
         x = x.reshape(-1, c.dim)
+        part = parallel.expert_tokens(len(x), self.layout)  # ... and routes these (all: etp = tp)
         # The router in fp32 whatever the autocast (Megatron's --moe-router-dtype fp32): which
         # experts a token gets must not hang on bf16 rounding of close logits.
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = F.linear(x[part].float(), self.router.weight.float())
         probs = logits.softmax(dim=-1) if c.router_score == "softmax" else logits.sigmoid()
         top_e = self.choose(probs)
         top_p = probs.gather(1, top_e)
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if c.norm_topk_prob else top_p
         self.kept = torch.ones_like(top_e, dtype=torch.bool)
-        if c.capacity_factor > 0:
-            self.kept = self.within_capacity(top_e.view(*shape[:2], c.top_k)).view_as(top_e)
-        self.traffic, self.shape = {}, shape
-        y = parallel.moe_dispatch_combine(x, top_e.masked_fill(~self.kept, -1), weights,
+        if c.capacity_factor > 0:  # (over the whole micro-batch's choices, in token order)
+            every = parallel.gather_expert_tokens(top_e, self.layout)
+            self.kept = self.within_capacity(every.view(*shape[:2], c.top_k)).view(-1, c.top_k)[part]
+        self.traffic, self.shape, self.part = {}, shape, part
+        y = parallel.moe_dispatch_combine(x[part], top_e.masked_fill(~self.kept, -1), weights,
                                           self.experts, c.n_experts, self.layout,
                                           self.traffic)
+        # Zeros for the tokens other groups routed: leave_tp_region sums their outputs in.
+        y = F.pad(y, (0, 0, part.start, len(x) - part.stop))
         if c.shared_expert_ffn_dim:  # (a partial sum under tp, as the experts' outputs)
             shared_in = parallel.in_tp_region(parallel.autocast_input(x))  # cast once, for all three
             y = y + torch.sigmoid(self.shared_expert_gate(shared_in)) * self.shared_expert(shared_in)
@@ -376,21 +385,26 @@ class MoE(nn.Module):
             probs = probs / probs.sum(dim=-1, keepdim=True)
         # Balanced over each sequence (B rows of tokens), or over the micro-batch as one row.
         rows = self.shape[0] if c.balance_loss == "sequence" else 1
-        row_of_choice = torch.arange(rows, device=top_e.device).repeat_interleave(top_e.numel() // rows)
-        counts = torch.bincount(row_of_choice * c.n_experts + top_e.reshape(-1),
+        per_row = self.shape[0] * self.shape[1] // rows  # tokens of a row on this tp rank
+        row_of_token = torch.arange(self.part.start, self.part.stop, device=top_e.device) // per_row
+        counts = torch.bincount((row_of_token[:, None] * c.n_experts + top_e).reshape(-1),
                                 minlength=rows * c.n_experts).view(rows, c.n_experts)
-        # Under cp a sequence is spread over the cp group: count its choices and tokens
-        # whole; each rank keeps the terms of its own tokens' probabilities. The global
-        # loss counts the choices of every data-parallel rank too.
+        # With etp < tp the tp ranks' groups routed other tokens: count them all (each
+        # group's etp ranks counted the same). Under cp a sequence is spread over the cp
+        # group: count its choices and tokens whole. The global loss counts the choices of
+        # every data-parallel rank too. Each rank keeps the terms of its own tokens'
+        # probabilities.
+        if layout.etp < layout.tp:
+            counts = parallel.all_reduce(counts, layout.tp_group) // layout.etp
         pooled = layout.dp_cp_group if c.balance_loss == "global" else layout.cp_group
         counts = parallel.all_reduce(counts, pooled).float()
-        n_tokens = probs.shape[0] // rows * (layout.dp_cp if c.balance_loss == "global" else layout.cp)
+        n_tokens = per_row * (layout.dp_cp if c.balance_loss == "global" else layout.cp)
         if c.balance_loss == "global" and self.training:
             counts = self.step_average(counts)
-        row_probs = probs.view(rows, -1, c.n_experts).sum(1)
+        row_probs = probs.new_zeros(rows, c.n_experts).index_add(0, row_of_token, probs)
         balance_times_n = c.n_experts / (c.top_k * n_tokens) * (counts * row_probs).sum()
-        self.aux_loss = c.aux_loss_coef * balance_times_n / layout.tp
-        self.z_loss = c.z_loss_coef * logits.logsumexp(dim=-1).pow(2).sum() / layout.tp
+        self.aux_loss = c.aux_loss_coef * balance_times_n / layout.etp
+        self.z_loss = c.z_loss_coef * logits.logsumexp(dim=-1).pow(2).sum() / layout.etp
 
     def step_average(self, counts):
         """The global loss's counts: the mean over this step's micro-batches so far
@@ -433,7 +447,7 @@ class Mixtral(llama.Llama):
 
     def count_router_stats(self, moe):
         """Add this forward's router figures to `router_stats` (module docstring)."""
-        tp = self.layout.tp  # every tp rank routes the same tokens: each counts 1/tp
+        tp = self.layout.etp  # the etp ranks of a group route the same tokens: each counts 1/etp
         tokens = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, device=self.inv_freq.device)
         for i, layer in zip(self.chunk.layers, self.layers.values()):
             if isinstance(layer.mlp, MoE):

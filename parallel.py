@@ -22,6 +22,7 @@ Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp, so
 tensor-parallel peers (which talk the most) sit on the same node.
 """
 import contextlib
+import dataclasses
 import datetime
 import functools
 import math
@@ -66,6 +67,7 @@ class Layout:
     dp: int = 1
     pp: int = 1
     ep: int = 1
+    etp: int = 0                    # experts' tensor parallelism, dividing tp (0: tp, the dense layers')
     sp: bool = False                # sequence parallelism (meaningful when tp > 1)
     vpp: int = 1                    # virtual pipeline stages (model chunks) per rank
     cp_comm: str = "ring"           # context parallelism: "ring" or "allgather"
@@ -79,8 +81,12 @@ class Layout:
     embedding_group: object = None  # first + last pipeline stage (tied embeddings)
     ep_group: object = None         # ranks holding different experts ("Expert parallelism")
     expert_dp_group: object = None  # replicas of the same experts: their gradients reduce here
+    etp_group: object = None        # ranks holding slices of the same experts (tp_group if etp = tp)
     created: list = field(default_factory=list, repr=False)  # groups made by init_distributed
     owns_world: bool = False        # init_distributed also made the default process group
+
+    def __post_init__(self):
+        self.etp = self.etp or self.tp
 
     @property
     def world(self):
@@ -113,15 +119,38 @@ class Layout:
     def dp_cp_rank(self):
         return self.dp_rank * self.cp + self.cp_rank
 
+    # The experts cut each pipeline stage's tp * dp * cp ranks their own way (Megatron's
+    # expert grid): in the order of expert_index, etp fastest, then ep, then the replicas.
+    @property
+    def expert_index(self):
+        """This rank's place in its pipeline stage: tp_rank + tp * dp_cp_rank."""
+        return self.rank % (self.tp * self.dp_cp)
+
+    @property
+    def etp_rank(self):
+        """Which slice of each of its experts this rank holds."""
+        return self.expert_index % self.etp
+
     @property
     def ep_rank(self):
-        """Which slice of the experts this rank holds."""
-        return self.dp_cp_rank % self.ep
+        """Which of the expert groups (n_experts / ep experts each) this rank holds."""
+        return self.expert_index // self.etp % self.ep
+
+    @property
+    def expert_dp(self):
+        """Ranks holding the same expert slices (their gradients reduce over them)."""
+        return self.tp * self.dp_cp // (self.etp * self.ep)
 
     @property
     def expert_dp_rank(self):
-        """Position among the ranks holding the same experts (ZeRO-1 slices of experts)."""
-        return self.dp_cp_rank // self.ep
+        """Position among the ranks holding the same expert slices (ZeRO-1 slices of experts)."""
+        return self.expert_index // (self.etp * self.ep)
+
+    @property
+    def separate_experts(self):
+        """Whether experts are replicated over other ranks than the dense weights (and need
+        gradient buckets of their own): under ep, or with etp below tp."""
+        return self.ep > 1 or self.etp < self.tp
 
     @property
     def is_main(self):
@@ -140,8 +169,9 @@ class Layout:
     def describe(self):
         sp = " (sp)" if self.sp and self.tp > 1 else ""
         vpp = f" (vpp={self.vpp})" if self.vpp > 1 else ""
+        etp = f" etp={self.etp}" if self.etp != self.tp else ""
         return (f"world={self.world} tp={self.tp}{sp} cp={self.cp} dp={self.dp} pp={self.pp}{vpp} "
-                f"ep={self.ep} device={self.device}")
+                f"ep={self.ep}{etp} device={self.device}")
 
 
 def world_size():
@@ -150,9 +180,10 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_layout(world, tp=1, cp=1, pp=1, ep=1):
+def check_layout(world, tp=1, cp=1, pp=1, ep=1, etp=None):
     """Return dp for this world size, or raise UsageError naming the fix."""
-    for name, size in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep)):
+    etp = etp or tp
+    for name, size in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep), ("etp", etp)):
         if size < 1:
             raise UsageError(f"--{name} must be >= 1, got {size}")
     model_parallel = tp * cp * pp
@@ -161,31 +192,42 @@ def check_layout(world, tp=1, cp=1, pp=1, ep=1):
                          f"{model_parallel}; launch a multiple of {model_parallel} processes "
                          f"(torchrun --nproc-per-node) or change --tp/--cp/--pp")
     dp = world // model_parallel
-    check_expert_layout(Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep))
+    check_expert_layout(Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, etp=etp))
     return dp
 
 
 def check_expert_layout(layout, n_experts=None):
-    """ep must divide the expert count and dp * cp (the ranks it is carved from)."""
+    """etp must divide tp, and ep the expert count and the ranks left to it: dp * cp, and
+    the tp ranks etp leaves (tp / etp)."""
     if n_experts is not None and n_experts % layout.ep:
         raise UsageError(f"n_experts={n_experts} is not divisible by --ep {layout.ep}; "
                          f"choose an --ep that divides it")
-    if (layout.dp * layout.cp) % layout.ep:
-        raise UsageError(f"--ep {layout.ep} must divide dp*cp = {layout.dp}*{layout.cp} = "
-                         f"{layout.dp * layout.cp} (expert parallelism splits the data-parallel "
-                         f"ranks); launch more processes or choose another --ep")
+    if layout.tp % layout.etp:
+        raise UsageError(f"--etp {layout.etp} must divide --tp {layout.tp} (the experts are split "
+                         f"over part of the tp ranks); choose another --etp")
+    spare_tp = layout.tp // layout.etp
+    if (spare_tp * layout.dp * layout.cp) % layout.ep:
+        ranks = f"dp*cp = {layout.dp}*{layout.cp} = {layout.dp * layout.cp}" if spare_tp == 1 else \
+            f"tp/etp*dp*cp = {spare_tp}*{layout.dp}*{layout.cp} = {spare_tp * layout.dp * layout.cp}"
+        raise UsageError(f"--ep {layout.ep} must divide {ranks} (expert parallelism splits the "
+                         f"data-parallel ranks, and the tp ranks --etp leaves); launch more processes "
+                         f"or choose another --ep")
 
 
 def _ranks_along(axis, layout):
     """All groups of ranks that differ only in `axis` ('tp', 'cp', 'dp' or 'pp')."""
-    order = ("tp", "cp", "dp", "pp")  # fastest first
-    sizes = [getattr(layout, a) for a in order]
+    return _grid_groups([(a, getattr(layout, a)) for a in ("tp", "cp", "dp", "pp")], axis)
+
+
+def _grid_groups(grid, axis):
+    """All groups of ranks that differ only in `axis`, in a grid of (axis, size), fastest first."""
+    sizes = [size for _, size in grid]
     strides = [1]
     for s in sizes[:-1]:
         strides.append(strides[-1] * s)
-    a = order.index(axis)
+    a = [name for name, _ in grid].index(axis)
     groups = []
-    for base in range(layout.world):
+    for base in range(math.prod(sizes)):
         if (base // strides[a]) % sizes[a] == 0:  # the member with coordinate 0 on `axis`
             groups.append([base + i * strides[a] for i in range(sizes[a])])
     return groups
@@ -198,25 +240,21 @@ def _replica_ranks(layout):
             for pp_rank in range(layout.pp) for tp_rank in range(tp)]
 
 
-def ep_groups(layout):
-    """Rank lists of all ep groups: `ep` consecutive data(-context)-parallel ranks."""
-    ep = layout.ep
-    return [ranks[i:i + ep] for ranks in _replica_ranks(layout) for i in range(0, len(ranks), ep)]
-
-
-def expert_dp_groups(layout):
-    """Rank lists of all expert-data-parallel groups: the same ep_rank in every ep group."""
-    ep = layout.ep
-    return [ranks[i::ep] for ranks in _replica_ranks(layout) for i in range(ep)]
+def expert_groups(layout, axis):
+    """Rank lists of all groups along `axis` of the expert grid: 'etp', 'ep' or 'expert_dp'
+    (see Layout.expert_index). With etp = tp an ep group is `ep` consecutive
+    data(-context)-parallel ranks of the same tp rank."""
+    grid = [("etp", layout.etp), ("ep", layout.ep), ("expert_dp", layout.expert_dp), ("pp", layout.pp)]
+    return _grid_groups(grid, axis)
 
 
 def group_ranks(layout):
     """{Layout field: the rank lists of every instance of that group}, in creation order."""
     groups = {f"{axis}_group": _ranks_along(axis, layout) for axis in ("tp", "cp", "dp", "pp")}
     groups["dp_cp_group"] = _replica_ranks(layout)
-    if layout.ep > 1:  # with ep = 1 the expert-data-parallel group is dp_cp_group itself
-        groups["ep_group"] = ep_groups(layout)
-        groups["expert_dp_group"] = expert_dp_groups(layout)
+    if layout.separate_experts:  # else the expert-data-parallel group is dp_cp_group itself
+        for axis in ("ep", "expert_dp", *(("etp",) if layout.etp < layout.tp else ())):
+            groups[f"{axis}_group"] = expert_groups(layout, axis)
     if layout.pp > 1:  # the first and the last stage of each pipeline
         groups["embedding_group"] = [[ranks[0], ranks[-1]] for ranks in _ranks_along("pp", layout)]
     return groups
@@ -234,7 +272,7 @@ def cuda_device_index(environ, device_count):
 
 
 def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", device=None,
-                     timeout_minutes=10):
+                     timeout_minutes=10, etp=None):
     """This process's Layout, with its process groups.
 
     The processes are torchrun's (RANK, WORLD_SIZE, ...), or one under plain `python`, or
@@ -245,15 +283,15 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", dev
     """
     world = world_size()
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    dp = check_layout(world, tp, cp, pp, ep)
+    dp = check_layout(world, tp, cp, pp, ep, etp)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", cuda_device_index(os.environ, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, sp=sp and tp > 1, vpp=vpp, cp_comm=cp_comm,
-                    rank=rank, device=device)
+    layout = Layout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, etp=etp or tp, sp=sp and tp > 1, vpp=vpp,
+                    cp_comm=cp_comm, rank=rank, device=device)
     if world == 1:
         return layout
     # How long any collective or message may wait for a peer before it raises (gloo) or
@@ -271,8 +309,10 @@ def init_distributed(tp=1, cp=1, pp=1, ep=1, sp=True, vpp=1, cp_comm="ring", dev
             layout.created.append(group)
             if rank in ranks:
                 setattr(layout, name, group)
-    if ep == 1:
+    if not layout.separate_experts:
         layout.expert_dp_group = layout.dp_cp_group
+    if layout.etp == layout.tp:
+        layout.etp_group = layout.tp_group
     return layout
 
 
@@ -397,9 +437,10 @@ def count_parameters(modules, layout):
     for p in (p for m in modules for p in m.parameters()):
         if counts_once(p, layout):
             counts[int(tags(p).expert)] += math.prod(global_region(p)[2])
-    all_reduce(counts[1:], layout.ep_group)
-    for group in (layout.tp_group, layout.pp_group):
-        all_reduce(counts, group)
+    for group in (layout.ep_group, layout.etp_group):
+        all_reduce(counts[1:], group)
+    all_reduce(counts[:1], layout.tp_group)
+    all_reduce(counts, layout.pp_group)
     return int(counts.sum())
 
 
@@ -1304,12 +1345,54 @@ def context_attention(q, k, v, positions, layout, causal=True, window=None, key_
 # values of j around it (same tp and pp coordinates), ep_rank = j % ep, and expert e
 # lives on ep_rank e // (n_experts / ep), under its global name on every layout.
 #
+# Expert tensor parallelism (--etp, Megatron's expert grid). By default each expert is
+# split over all tp ranks, as the dense MLP is. With etp < tp (etp dividing tp) it is
+# split over etp of them, and the tp ranks form tp / etp groups, each routing its own
+# 1/(tp/etp) of the micro-batch's tokens (every tp rank holds them all, after
+# enter_tp_region: expert_tokens says which part) and adding zeros for the others, which
+# leave_tp_region sums in. The ranks of a pipeline stage are then cut, in the order
+# expert_index = tp_rank + tp * dp_cp_rank, into etp (fastest) x ep x expert replicas:
+# ep can span the tp ranks etp leaves (etp 1, ep = tp: each tp rank holds whole experts
+# of its own). With etp = tp this is the paragraph above.
+#
 # Gradients: the reverse all-to-all in backward brings each expert the gradients of
 # every token it processed, from every rank of its ep group. The ranks with the same
-# ep_rank in different ep groups hold the same experts: the expert-data-parallel group
-# (dp * cp / ep ranks). DataParallel sums expert gradients there, and only there.
-# Nothing here changes which tokens a rank holds, so the loss and the (reduced)
-# gradients are those of one process holding every expert.
+# ep_rank and etp_rank in different ep groups hold the same expert slices: the
+# expert-data-parallel group (tp * dp * cp / (etp * ep) ranks). DataParallel sums expert
+# gradients there, and only there. Nothing here changes which tokens a rank holds, so
+# the loss and the (reduced) gradients are those of one process holding every expert.
+
+def expert_layout(layout):
+    """The layout the experts' linear layers are split by: tp = etp, over the etp group
+    (etp divides tp, so tp_rank, the rank modulo tp, is etp_rank)."""
+    if layout.etp == layout.tp:
+        return layout
+    return dataclasses.replace(layout, tp=layout.etp, tp_group=layout.etp_group)
+
+
+def expert_tokens(n_tokens, layout):
+    """The slice of a micro-batch's n_tokens (which every tp rank holds: enter_tp_region)
+    this rank's experts see. With etp = tp, all of them: every tp rank holds a slice of
+    every expert. With etp < tp the tp ranks form tp / etp groups of etp ranks, each group
+    the tokens of its 1/(tp/etp) (ep can then span the tp ranks)."""
+    parts = layout.tp // layout.etp
+    if n_tokens % parts:
+        raise UsageError(f"--etp {layout.etp}: a micro-batch's {n_tokens} tokens do not split over "
+                         f"tp/etp = {parts} groups of ranks; choose sizes that divide")
+    size = n_tokens // parts
+    start = layout.tp_rank // layout.etp * size
+    return slice(start, start + size)
+
+
+def gather_expert_tokens(t, layout):
+    """Per-token values (n / (tp / etp), ...) of this rank's expert_tokens -> those of all n
+    tokens, in token order (no gradient: the router's choices)."""
+    if layout.etp == layout.tp:
+        return t
+    pieces = [torch.empty_like(t) for _ in range(layout.tp)]
+    dist.all_gather(pieces, t.contiguous(), group=layout.tp_group)
+    return torch.cat(pieces[::layout.etp])  # one rank of each group of etp
+
 
 def local_experts(layout, n_experts):
     """Global indices of the experts this rank holds."""
@@ -1874,9 +1957,9 @@ class DataParallel:
 
     def _make_bucket(self, named, deferred=None):
         layout = self.layout
-        expert = tags(named[0][1]).expert and layout.ep > 1
+        expert = tags(named[0][1]).expert and layout.separate_experts
         if expert:
-            group, replicas, rank = layout.expert_dp_group, layout.dp_cp // layout.ep, layout.expert_dp_rank
+            group, replicas, rank = layout.expert_dp_group, layout.expert_dp, layout.expert_dp_rank
         else:
             group, replicas, rank = layout.dp_cp_group, layout.dp_cp, layout.dp_cp_rank
         sharded = self.zero1 and replicas > 1
@@ -2129,8 +2212,8 @@ def clip_grad_norm(ddp, max_norm):
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
     Each element is counted exactly once: ZeRO slices are summed over their bucket's
-    group, experts over ep (each ep rank holds others), tp shards over tp, pipeline
-    stages over pp; what counts_once excludes (copies replicated over tp, the last
+    group, experts over ep and etp (each rank of those holds others), tp shards over tp,
+    pipeline stages over pp; what counts_once excludes (copies replicated over tp, the last
     stage's copy of tied embeddings) is left out.
     """
     layout = ddp.layout
@@ -2143,12 +2226,13 @@ def clip_grad_norm(ddp, max_norm):
             dense += square
     if ddp.zero1:  # each rank holds a slice of each bucket (or all of it: group None)
         all_reduce(dense, layout.dp_cp_group)
-    if layout.ep > 1:  # expert buckets exist only then (with ep = 1 experts count as dense)
+    if layout.separate_experts:  # expert buckets exist only then (else experts count as dense)
         if ddp.zero1:
             all_reduce(experts, layout.expert_dp_group)
         all_reduce(experts, layout.ep_group)
+        all_reduce(experts, layout.etp_group)
+    all_reduce(dense, layout.tp_group)
     total = dense + experts
-    all_reduce(total, layout.tp_group)
     all_reduce(total, layout.pp_group)
     norm = total.sqrt()
     if max_norm and max_norm > 0:

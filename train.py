@@ -708,11 +708,11 @@ def flops_per_step(run):
 def plan_for(args, cfg):
     """memory.plan of the layout, batch, precision and recompute these flags name; (stages, world)."""
     world = args.world_size or parallel.world_size()
-    dp = parallel.check_layout(world, args.tp, args.cp, args.pp, args.ep)
+    dp = parallel.check_layout(world, args.tp, args.cp, args.pp, args.ep, args.etp)
     mbs = flags.micro_batch_size(args, dp)
     precision = args.precision if args.precision != "auto" else "bf16"
     return memory.plan(models.family(args.model), cfg, world=world, tp=args.tp, cp=args.cp, pp=args.pp,
-                       ep=args.ep, vpp=args.vpp, sp=args.sp, zero1=args.zero1,
+                       ep=args.ep, etp=args.etp, vpp=args.vpp, sp=args.sp, zero1=args.zero1,
                        layers_per_chunk=flags.pp_layers(args), schedule=args.pp_schedule, micro_batch=mbs,
                        n_micro=flags.micro_steps(args, dp), seq_len=args.seq_len,
                        precision="fp32" if precision == "fp32" else "bf16", recompute=args.recompute,
@@ -758,6 +758,7 @@ def plan_report(args):
     text = (f"plan of {args.model} ({args.config or flags.DEFAULT_CONFIG}) on {world} ranks: tp {args.tp}"
             f"{' (sp)' if args.sp and args.tp > 1 else ''} x cp {args.cp} x pp {args.pp}"
             f"{f' (vpp {args.vpp})' if args.vpp > 1 else ''} x dp {dp}{f', ep {args.ep}' if args.ep > 1 else ''}"
+            f"{f', etp {args.etp}' if (args.etp or args.tp) != args.tp else ''}"
             f"{', ZeRO-1' if args.zero1 and dp * args.cp > 1 else ''} | micro-batch "
             f"{flags.micro_batch_size(args, dp)} x {args.seq_len} tokens, {flags.micro_steps(args, dp)} per step "
             f"and rank | {precision}{' (fp32 gradients)' if precision == 'bf16' and args.grad_dtype == 'fp32' else ''}"
@@ -814,7 +815,7 @@ def train(args):
     flags.check_args(args, cfg, tokenizer)
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
                                        args.cp_comm, None if args.device == "auto" else args.device,
-                                       timeout_minutes=args.distributed_timeout_minutes)
+                                       timeout_minutes=args.distributed_timeout_minutes, etp=args.etp)
     run = None
     try:
         run = setup(args, cfg, tokenizer, hf_dir, source, layout)

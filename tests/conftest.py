@@ -329,6 +329,12 @@ def assert_gradient_part(grad, offset, full, what, atol_floor=0.0):
                                msg=lambda m: f"{what}: {m}")
 
 
+# A mixture of experts' figures, beside the loss and gradient norm: its router losses, the
+# least and most loaded expert, the dropped choices.
+ROUTER_FIGURES = ["loss", "grad_norm", "val_loss", "aux_loss", "z_loss", "tokens_per_expert_min",
+                  "tokens_per_expert_max", "dropped_fraction"]
+
+
 def assert_same_run(got, expected, rel=1e-5, keys=("loss", "grad_norm", "val_loss")):
     """Per step: the loss, the gradient norm (before clipping) and, where evaluated, the
     validation loss (the forward-only path) agree within `rel`."""

@@ -9,7 +9,7 @@ import torch
 import mixtral
 import models
 import parallel
-from conftest import LAYOUT, assert_same_run, main_job, one_line_error, one_process, train_on
+from conftest import LAYOUT, ROUTER_FIGURES, assert_same_run, main_job, one_line_error, one_process, train_on
 from errors import UsageError
 
 
@@ -19,19 +19,35 @@ def config(**overrides):
 
 def test_ep_groups_are_consecutive_data_parallel_ranks():
     layout = parallel.Layout(tp=2, dp=4, ep=2)
-    assert parallel.ep_groups(layout) == [[0, 2], [4, 6], [1, 3], [5, 7]]
-    assert parallel.expert_dp_groups(layout) == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert sorted(parallel.expert_groups(layout, "ep")) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert sorted(parallel.expert_groups(layout, "expert_dp")) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     layout = parallel.Layout(cp=2, dp=2, pp=2, ep=4)  # cp ranks count as data ranks (cp fastest)
-    assert parallel.ep_groups(layout) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert parallel.expert_groups(layout, "ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [dataclasses.replace(layout, rank=r).ep_rank for r in range(8)] == [0, 1, 2, 3] * 2
     layout = parallel.Layout(dp=4, ep=2)
     assert [dataclasses.replace(layout, rank=r).expert_dp_rank for r in range(4)] == [0, 0, 1, 1]
-    assert parallel.expert_dp_groups(layout) == [[0, 2], [1, 3]]
+    assert parallel.expert_groups(layout, "expert_dp") == [[0, 2], [1, 3]]
+
+
+def test_etp_below_tp_lends_the_spare_tp_ranks_to_ep():
+    """Megatron's expert grid: each stage's ranks in tp-fastest order, cut etp x ep x replicas."""
+    layout = parallel.Layout(tp=2, dp=2, ep=2, etp=1)  # ep spans the two tp ranks
+    assert parallel.expert_groups(layout, "ep") == [[0, 1], [2, 3]]
+    assert parallel.expert_groups(layout, "expert_dp") == [[0, 2], [1, 3]]
+    assert [dataclasses.replace(layout, rank=r).ep_rank for r in range(4)] == [0, 1, 0, 1]
+    layout = parallel.Layout(tp=4, dp=2, ep=4, etp=2, pp=2)
+    assert parallel.expert_groups(layout, "etp") == [[2 * i, 2 * i + 1] for i in range(8)]
+    assert parallel.expert_groups(layout, "ep")[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert [dataclasses.replace(layout, rank=r).etp_rank for r in range(4)] == [0, 1, 0, 1]
+    assert [parallel.expert_tokens(8, dataclasses.replace(layout, rank=r)) for r in range(4)] == \
+        [slice(0, 4), slice(0, 4), slice(4, 8), slice(4, 8)]
 
 
 @pytest.mark.parametrize("layout,message", [
     (parallel.Layout(dp=3, ep=3), "n_experts=4 is not divisible by --ep 3"),
     (parallel.Layout(dp=2, ep=4), r"--ep 4 must divide dp\*cp = 2\*1 = 2"),
+    (parallel.Layout(tp=2, ep=4, etp=1), r"--ep 4 must divide tp/etp\*dp\*cp = 2\*1\*1 = 2"),
+    (parallel.Layout(tp=4, etp=3), "--etp 3 must divide --tp 4"),
 ])
 def test_ep_that_does_not_divide_is_a_usage_error(layout, message):
     with pytest.raises(UsageError, match=message):
@@ -147,10 +163,6 @@ def test_expert_parallel_step_equals_one_process(ranks, world, tp, cp, scenarios
 # Router losses are taken per micro-batch of a data-parallel rank, so every run uses the
 # same micro-batches: 2 rows (the one process runs 4 of them, dp=2 two each, dp=4 one).
 MOE = ["--model", "mixtral", *LAYOUT, "--micro-batch-size", "2", "--set", "z_loss_coef=1e-3"]
-ROUTER_FIGURES = ["loss", "grad_norm", "val_loss", "aux_loss", "z_loss", "tokens_per_expert_min",
-                  "tokens_per_expert_max", "dropped_fraction"]
-
-
 def test_expert_parallel_training_equals_one_process(ranks, tmp_path):
     """10 steps of ep=2, ep=4, ep=2 x tp=2, ep=2 x pp=2 (ZeRO-1 on) follow the one-process
     run: main loss, gradient norm, validation loss, aux loss, z-loss, tokens per expert.
@@ -183,6 +195,10 @@ def test_capacity_drops_the_same_tokens_under_expert_and_context_parallelism(ran
     (["--model", "llama", "--ep", "2"], "needs a mixture-of-experts model"),
     (["--model", "llama", "--moe-capacity-factor", "1.5"], "apply to mixture-of-experts models"),
     (["--model", "mixtral", "--moe-capacity-factor", "-1"], "must be >= 0"),
+    (["--model", "mixtral", "--tp", "2", "--etp", "3", "--world-size", "2"], "--etp 3 must divide --tp 2"),
+    (["--model", "llama", "--etp", "1"], "needs a mixture-of-experts model"),
+    (["--model", "mixtral", "--tp", "2", "--etp", "1", "--precision", "fp8", "--world-size", "2"],
+     "--precision fp8 with --etp 1 below --tp 2 is not supported yet"),
 ])
 def test_bad_expert_flags_are_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, argv + ["--config", "test"])

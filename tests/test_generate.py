@@ -283,13 +283,15 @@ def test_tensor_parallel_text_equals_one_process(ranks, saved, source):
 
 
 def test_expert_parallel_text_equals_one_process(ranks, tmp_path):
+    """ep 2, and tp 2 of a Qwen3-MoE with one KV head (on both tp ranks)."""
     ckpt = str(tmp_path / "mixtral")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--model", "mixtral", *FAST, "--steps", "1", "--save", ckpt])
+        train.main(["--model", "mixtral", *FAST, "--config", "test-qwen3-moe", "--steps", "1", "--save", ckpt])
     for flags in (["--seed", "2"], ["--temperature", "0"]):
         argv = ["--load", ckpt, "--prompt", "Hi", "--max-new-tokens", "6", "--device", "cpu", *flags]
         expected = cli_job(argv)
-        assert ranks(2).run(cli_job, argv=argv + ["--ep", "2"]) == {0: expected, 1: ""}
+        for layout in (["--ep", "2"], ["--tp", "2"]):
+            assert ranks(2).run(cli_job, argv=argv + layout) == {0: expected, 1: ""}
     assert expected == greedy_by_full_forward(ckpt, ["Hi"], 6)
 
 

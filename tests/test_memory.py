@@ -112,11 +112,11 @@ class LiveSaved:
 
 
 def measure(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
-            sets=(), recompute="none", recompute_n=1, method="uniform"):
+            sets=(), recompute="none", recompute_n=1, method="uniform", etp=None):
     """On this rank (one of LocalRanks, or the test process): (saved activation bytes of one
     micro-batch's forward on pipeline stage 0, weights, gradients and optimizer bytes)."""
     cfg = models.make_config(model_name, preset, sets)
-    layout = parallel.init_distributed(tp, cp, pp, ep, sp, device="cpu")
+    layout = parallel.init_distributed(tp, cp, pp, ep, sp, device="cpu", etp=etp)
     try:
         chunks = parallel.rank_chunks(layout, cfg.n_layers)
         module = models.build(model_name, cfg, layout.device, 0, layout, chunks[0])
@@ -159,13 +159,13 @@ def static_bytes_by_hand(module, layout, zero1=True, precision="fp32"):
     gradients, 4 bytes a parameter; weights fp32 (4), or bf16 (2) under mixed precision;
     AdamW's two fp32 moments (8 bytes), and under mixed precision its fp32 main weights (4),
     of the parameters the rank updates: all of them, or under ZeRO-1 with r replicas 1/r of
-    them (r = dp * cp, or dp * cp / ep for an expert; their reduced gradient lands in the
+    them (r = dp * cp, or for an expert tp * dp * cp / (etp * ep); their reduced gradient lands in the
     gradient buffer itself). The planner's count also holds the padding of each ZeRO bucket
     to a multiple of r elements."""
     weights = grads = optimizer = 0
     state = 8 if precision == "fp32" else 12
     for p in module.parameters():
-        replicas = layout.dp * layout.cp // (layout.ep if parallel.tags(p).expert else 1)
+        replicas = layout.expert_dp if parallel.tags(p).expert else layout.dp * layout.cp
         weights += (4 if precision == "fp32" else 2) * p.numel()
         grads += 4 * p.numel()
         optimizer += state * p.numel() / (replicas if zero1 else 1)
@@ -173,10 +173,10 @@ def static_bytes_by_hand(module, layout, zero1=True, precision="fp32"):
 
 
 def predict(model_name, preset, tp=1, cp=1, pp=1, ep=1, sp=True, b=2, s=32, precision="fp32",
-            sets=(), world=None, recompute="none", recompute_n=1, method="uniform"):
+            sets=(), world=None, recompute="none", recompute_n=1, method="uniform", etp=None):
     cfg = models.make_config(model_name, preset, sets)
     world = world or tp * cp * pp * max(1, ep // cp)
-    st = memory.plan(models.FAMILIES[model_name], cfg, world=world, tp=tp, cp=cp, pp=pp, ep=ep, sp=sp,
+    st = memory.plan(models.FAMILIES[model_name], cfg, world=world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, sp=sp,
                      micro_batch=b, seq_len=s, precision=precision, recompute=recompute,
                      recompute_n=recompute_n, recompute_method=method, torch_kernels=True)[0]
     return sum(st.activations_per_micro.values()), (st.weights, st.gradients, st.optimizer)
@@ -247,6 +247,8 @@ TWO_RANKS = [
     ("mixtral", "test", {"ep": 2}),
     ("mixtral", "test-qwen2-moe", {"tp": 2, "precision": "bf16"}),
     ("mixtral", "test-qwen3-moe", {"tp": 2}),  # its one KV head on both tp ranks
+    ("mixtral", "test-qwen3-moe", {"tp": 2, "etp": 1, "ep": 2}),  # ep over the tp ranks
+    ("mixtral", "test-qwen2-moe", {"tp": 2, "etp": 1, "precision": "bf16"}),  # experts on both
     ("t5", "test", {"tp": 2, "precision": "bf16"}),
     ("bert", "test", {"tp": 2}),
     ("mamba", "test", {"tp": 2, "precision": "bf16"}),

@@ -11,8 +11,8 @@ import errors
 import mixtral
 import models
 import parallel
-from conftest import (LAYOUT, assert_gradient_part, assert_same_logits, assert_same_run, check_fused_expert_files,
-                      check_layouts, local_gradients, one_process, train_on)
+from conftest import (LAYOUT, ROUTER_FIGURES, assert_gradient_part, assert_same_logits, assert_same_run,
+                      check_fused_expert_files, check_layouts, local_gradients, one_process, train_on)
 
 tf = pytest.importorskip("transformers")
 
@@ -128,10 +128,54 @@ def test_layouts_equal_one_process(ranks, preset, layouts):
     check_layouts(ranks, ["--model", "mixtral", *MOE, "--config", preset], layouts)
 
 
-def _gradients(preset, tp=1, sp=True):
+ETP_1 = ["--tp", "2", "--etp", "1", "--ep", "2"]
+
+
+@pytest.mark.parametrize("preset,flags,layouts", [
+    # etp 1: each tp rank routes half the tokens to whole experts; ep over the tp ranks, or
+    # none (the experts then replicated over them), or over tp and dp; etp 2 of tp 4.
+    ("test-qwen3-moe", [], [(2, ["--tp", "2", "--etp", "1", "--ep", "2"]), (2, ["--tp", "2", "--etp", "1"]),
+                        (2, ["--tp", "2", "--etp", "1", "--no-sp"]),
+                        (4, ["--tp", "2", "--etp", "1", "--ep", "4"]), (4, ["--tp", "4", "--etp", "2", "--ep", "2"])]),
+    ("test-qwen2-moe", [], [(4, [*ETP_1, "--pp", "2"]), (4, [*ETP_1, "--cp", "2"])]),
+    # capacity counts the whole micro-batch's choices in token order; the balance losses
+    # count every token's choices (the sequence loss: tokens of a sequence on both tp ranks)
+    ("test-qwen3-moe", ["--moe-capacity-factor", "1.0"], [(2, ETP_1), (4, [*ETP_1, "--cp", "2"])]),
+    ("test-qwen3-moe", ["--set", "balance_loss=global"], [(2, ETP_1), (2, [*ETP_1, "--no-sp"])]),
+    ("test-qwen3-moe", ["--set", "balance_loss=sequence"], [(2, ETP_1)]),
+])
+def test_expert_tensor_parallelism_equals_one_process(ranks, preset, flags, layouts):
+    """Loss, gradient norm and the router's figures (losses, loads, drops) at every step."""
+    argv = ["--model", "mixtral", *MOE, "--config", preset, *flags]
+    for nproc, layout in layouts:
+        assert_same_run(train_on(ranks, nproc, argv + layout)[0], one_process(argv), keys=ROUTER_FIGURES)
+
+
+def test_hugging_face_weights_train_under_tp_ep_and_etp(ranks, tmp_path):
+    """--load hf:DIR of a Qwen3-MoE with one KV head: each rank reads its shards (the KV
+    head on both tp ranks; experts over ep, over etp, or over ep spanning the tp ranks)
+    and trains as one process does."""
+    hf_model("qwen3_moe", dict(VARIANTS["qwen3-moe-unnormalized"][1], vocab_size=257)).save_pretrained(tmp_path)
+    argv = ["--model", "mixtral", *MOE, "--load", f"hf:{tmp_path}"]
+    check_layouts(ranks, argv, [(2, ["--tp", "2"]), (2, ["--ep", "2"]), (2, ETP_1), (4, ["--tp", "2", "--ep", "2"])])
+
+
+def test_expert_tensor_parallel_checkpoints_reshard(ranks, tmp_path):
+    """Saved under etp 1 (ep over the tp ranks, or experts replicated over them), a run
+    resumes in one process exactly; saved in one process, it resumes under etp 1."""
+    argv = ["--model", "mixtral", *MOE, "--config", "test-qwen3-moe", "--save-every", "2"]
+    one = str(tmp_path / "one")
+    full = one_process(argv + ["--save", one])
+    for i, flags in enumerate([["--tp", "2", "--etp", "1", "--ep", "2"], ["--tp", "2", "--etp", "1"]]):
+        train_on(ranks, 2, argv + flags + ["--save", str(tmp_path / str(i))])
+        assert_same_run(one_process(argv + ["--load", f"{tmp_path / str(i)}/step_00000002"]), full[2:])
+        assert_same_run(train_on(ranks, 2, argv + flags + ["--load", f"{one}/step_00000002"])[0], full[2:])
+
+
+def _gradients(preset, tp=1, sp=True, etp=None):
     """Every parameter's gradient (reduced as DataParallel does) for one batch, the router
     losses included; tp = 1: one process."""
-    layout = parallel.init_distributed(tp=tp, sp=sp, device="cpu") if tp > 1 else parallel.Layout()
+    layout = parallel.init_distributed(tp=tp, sp=sp, device="cpu", etp=etp) if tp > 1 else parallel.Layout()
     try:
         model = models.build("mixtral", models.make_config("mixtral", preset), "cpu", 0, layout)
         ddp = parallel.DataParallel(model, layout)
@@ -146,13 +190,13 @@ def _gradients(preset, tp=1, sp=True):
             parallel.destroy_distributed(layout)
 
 
-@pytest.mark.parametrize("sp", [True, False])
-def test_every_gradient_equals_one_process_under_tp(ranks, sp):
+@pytest.mark.parametrize("sp,etp", [(True, None), (False, None), (True, 1)])
+def test_every_gradient_equals_one_process_under_tp(ranks, sp, etp):
     """Each parameter's gradient against its own size (the shared expert's gate, a (1, dim)
     matrix replicated over tp and weighting partial outputs, is far too small for the
     gradient norm to show it)."""
     expected = {name: grad for name, _, grad in _gradients("test-qwen2-moe")}
-    for rank, grads in ranks(2).run(_gradients, preset="test-qwen2-moe", tp=2, sp=sp).items():
+    for rank, grads in ranks(2).run(_gradients, preset="test-qwen2-moe", tp=2, sp=sp, etp=etp).items():
         for name, offset, grad in grads:
             assert_gradient_part(grad, offset, expected[name], f"rank {rank} {name}")
 
