@@ -293,12 +293,13 @@ def assert_within_bf16(got, expected, keys=("loss", "grad_norm", "val_loss")):
         assert_same_run(got, expected, rel=BF16_GRAD_NORM if key == "grad_norm" else BF16_LOSS, keys=(key,))
 
 
-def check_layouts(ranks, argv, layouts):
-    """Train `argv` under each (processes, extra flags) layout: the same run as one process."""
+def check_layouts(ranks, argv, layouts, keys=("loss", "grad_norm", "val_loss")):
+    """Train `argv` under each (processes, extra flags) layout: the same run as one process
+    (these figures of it at every step)."""
     expected = one_process(argv)
     for nproc, flags in layouts:
         got, _ = train_on(ranks, nproc, argv + flags)
-        assert_same_run(got, expected)
+        assert_same_run(got, expected, keys=keys)
 
 
 def assert_same_logits(got, expected):

@@ -124,8 +124,8 @@ MOE = [*LAYOUT, "--micro-batch-size", "2", "--steps", "4"]
                         (4, ["--cp", "2", "--ep", "2"]), (4, ["--ep", "2", "--pp", "2", "--pp-layers", "1,2"])]),
 ])
 def test_layouts_equal_one_process(ranks, preset, layouts):
-    """Loss and gradient norm at every step (the router's balance loss included)."""
-    check_layouts(ranks, ["--model", "mixtral", *MOE, "--config", preset], layouts)
+    """Loss, gradient norm and the router's figures (losses, loads) at every step."""
+    check_layouts(ranks, ["--model", "mixtral", *MOE, "--config", preset], layouts, keys=ROUTER_FIGURES)
 
 
 ETP_1 = ["--tp", "2", "--etp", "1", "--ep", "2"]
@@ -146,9 +146,7 @@ ETP_1 = ["--tp", "2", "--etp", "1", "--ep", "2"]
 ])
 def test_expert_tensor_parallelism_equals_one_process(ranks, preset, flags, layouts):
     """Loss, gradient norm and the router's figures (losses, loads, drops) at every step."""
-    argv = ["--model", "mixtral", *MOE, "--config", preset, *flags]
-    for nproc, layout in layouts:
-        assert_same_run(train_on(ranks, nproc, argv + layout)[0], one_process(argv), keys=ROUTER_FIGURES)
+    check_layouts(ranks, ["--model", "mixtral", *MOE, "--config", preset, *flags], layouts, keys=ROUTER_FIGURES)
 
 
 def test_hugging_face_weights_train_under_tp_ep_and_etp(ranks, tmp_path):
