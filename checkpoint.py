@@ -8,6 +8,8 @@ On disk:
         shard-00000.safetensors   the tensors one rank owns (weights + optimizer state)
         rng-00000.safetensors     that rank's random-number-generator state
         replicated.safetensors    tensors every rank holds alike (FP8 amax histories), if any
+        tokenizer.json, ...       the files of an hf:DIR tokenizer, if the run had one: the
+                                  step directory is then a tokenizer folder (see tokenizer)
 
 The index is layout-free: a piece records which region (offset, shape) of the global
 tensor it holds, so a rank under any other parallel layout reads exactly the region
@@ -21,7 +23,8 @@ leftover `.tmp-step_*` directory is removed when a later run next saves into tha
 
 Integrity: index.json also holds, under the key "files" (tensor keys all begin with
 "model." or "optimizer.", so it cannot clash), {file name: {"crc32": ..., "bytes": ...}}
-for every safetensors file of the step: the shards, the rng files and replicated.safetensors.
+for every safetensors file of the step: the shards, the rng files and replicated.safetensors,
+and the tokenizer's files.
 Each rank checksums the files it wrote (in parallel) and the main rank gathers the sums
 into the index with the pieces. Loading checks each file it opens, once per file, before
 reading it, and refuses a damaged one with a one-line UsageError naming it. Checkpoints
@@ -42,6 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import data
 import errors
 import models
 import parallel
@@ -157,13 +161,65 @@ def verify_file(step_dir, name, files):
                                   f"be used; load an earlier step (--load ITS_ROOT/{STEP_PREFIX}N)")
 
 
+def read_index(step_dir):
+    """A step's index.json, checked against the checksum meta.json keeps of it (checkpoints
+    written before it was kept: unverified) and checked in form, or a one-line UsageError:
+    the index holds the checksums of every other file, so an edit of it (a deleted files
+    table, a piece's geometry changed) must not pass unseen."""
+    path = os.path.join(step_dir, "index.json")
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); the checkpoint is damaged") from None
+    expected = read_meta(step_dir).get("index_crc32")
+    if expected is not None and zlib.crc32(text) != expected:
+        raise UsageError(f"{path} does not match the checksum meta.json keeps of it; the checkpoint "
+                         f"is damaged or was edited; load another step")
+    try:
+        index = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path} ({e}); the checkpoint is damaged") from None
+    problem = _index_problem(index)
+    if problem:
+        raise UsageError(f"{path}: {problem}; the checkpoint is damaged")
+    return index
+
+
+def _index_problem(index):
+    """What is wrong with the form of a parsed index.json, or None."""
+    def ints(v, n=None):
+        return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v) and (n is None or len(v) == n)
+    if not isinstance(index, dict):
+        return "not a JSON object"
+    files = index.get(FILES, {})
+    if not isinstance(files, dict) or not all(
+            isinstance(s, dict) and type(s.get("crc32")) is int and type(s.get("bytes")) is int
+            for s in files.values()):
+        return f"its {FILES!r} table is not {{file: {{crc32, bytes}}}}"
+    for key, entry in index.items():
+        if key == FILES:
+            continue
+        if not (isinstance(entry, dict) and ints(entry.get("shape")) and entry.get("dtype") in SAFETENSORS_DTYPES
+                and isinstance(entry.get("pieces"), list)):
+            return f"entry {key!r} lacks a shape, a known dtype or its pieces"
+        rank = len(entry["shape"])
+        for piece in entry["pieces"]:
+            if not (isinstance(piece, dict) and isinstance(piece.get("file"), str)
+                    and ints(piece.get("offset"), rank) and ints(piece.get("shape"), rank)):
+                return f"a piece of {key!r} lacks its file, or an offset and shape of {rank} sizes"
+    return None
+
+
+# index.json's dtypes (torch's names) -> safetensors' (a stored tensor must be what the index says)
+SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16": "F16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
 def _index_files(step_dir):
     """The checksum table of a step's index.json, or None (older checkpoints: no table)."""
-    try:
-        with open(os.path.join(step_dir, "index.json")) as f:
-            return json.load(f).get(FILES)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+    return read_index(step_dir).get(FILES)
 
 
 def _all_named_parameters(modules):
@@ -210,10 +266,11 @@ def _writes(param, layout):
     return first_replica and parallel.counts_once(param, layout)
 
 
-def save(root, step, modules, optimizer, layout, meta, replicated=None):
-    """Write one checkpoint of this rank's model chunks (a module or a list), and the
-    `replicated` tensors (a dict: the same on every rank, written once). Call on every
-    rank; returns the step directory."""
+def save(root, step, modules, optimizer, layout, meta, replicated=None, files=None):
+    """Write one checkpoint of this rank's model chunks (a module or a list), the
+    `replicated` tensors (a dict: the same on every rank, written once) and `files` ({name:
+    bytes}, written once: the tokenizer's, data.tokenizer_files). Call on every rank;
+    returns the step directory."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
     if layout.is_main and os.path.exists(final):
@@ -245,12 +302,38 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None):
         if replicated and layout.is_main:
             _save_file({k: v.detach().contiguous().cpu() for k, v in replicated.items()},
                        os.path.join(tmp, REPLICATED), sums)
+        for name, content in (files or {}).items() if layout.is_main else ():
+            path = os.path.join(tmp, name)
+            with open(path, "xb") as f:
+                f.write(content)
+                os.fsync(f.fileno())
+            sums[name] = {"crc32": _checksum(path), "bytes": len(content)}
         _fsync_write(os.path.join(tmp, f"sums-{layout.rank:05d}.json"), json.dumps(sums))
 
     with _every_rank_writes(root, step, tmp, layout):
         if layout.is_main:
             _write_index(tmp, final, step, meta)
     return final
+
+
+def tokenizer(step_dir, meta):
+    """The tokenizer to read a checkpoint's text with: the one it was trained with, or
+    where that was a folder (hf:DIR) since moved, changed or deleted, the copy of its files
+    the checkpoint carries (the step directory is then the tokenizer folder)."""
+    name = meta["tokenizer"]
+    copy = os.path.join(step_dir, "tokenizer.json")
+    if not name.startswith(data.HF_PREFIX) or not os.path.isfile(copy):
+        return name
+    try:
+        if data.tokenizer_fingerprint(name) == meta.get("tokenizer_fingerprint"):
+            return name
+    except UsageError:  # (the folder is gone)
+        pass
+    files = _index_files(step_dir)
+    for file in data.TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(step_dir, file)):
+            verify_file(step_dir, file, files)
+    return data.HF_PREFIX + os.path.abspath(step_dir)
 
 
 def _write_index(tmp, final, step, meta):
@@ -266,10 +349,11 @@ def _write_index(tmp, final, step, meta):
             files.update(json.load(open(os.path.join(tmp, name))))
             os.remove(os.path.join(tmp, name))
     index[FILES] = dict(sorted(files.items()))
-    _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({"format": FORMAT, "step": step,
-                                                             **meta}, indent=1))
+    index_text = json.dumps(index, indent=1)
+    _fsync_write(os.path.join(tmp, "meta.json"), json.dumps({
+        "format": FORMAT, "step": step, **meta, "index_crc32": zlib.crc32(index_text.encode())}, indent=1))
     # index.json last: its presence marks the directory complete.
-    _fsync_write(os.path.join(tmp, "index.json"), json.dumps(index, indent=1))
+    _fsync_write(os.path.join(tmp, "index.json"), index_text)
     os.replace(tmp, final)
 
 
@@ -353,11 +437,7 @@ class _Reader:
 
     def __init__(self, step_dir):
         self.step_dir = step_dir
-        try:
-            with open(os.path.join(step_dir, "index.json")) as f:
-                self.index = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot read {step_dir}/index.json ({e}); the checkpoint is damaged")
+        self.index = read_index(step_dir)
         self.sums = self.index.pop(FILES, None)  # None: written before checksums
         self.files = {}
 
@@ -391,6 +471,10 @@ class _Reader:
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
             src = self._open(piece["file"]).get_slice(key)
+            if src.get_shape() != piece["shape"] or src.get_dtype() != SAFETENSORS_DTYPES[entry["dtype"]]:
+                raise UsageError(f"{self.step_dir}/{piece['file']} holds {key} as {src.get_dtype()} "
+                                 f"{src.get_shape()}, but index.json says {entry['dtype']} {piece['shape']}; "
+                                 f"the checkpoint is damaged")
             src_index = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["offset"]))
             dst_index = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
             target[dst_index] = src[src_index].to(target.dtype)

@@ -325,15 +325,15 @@ def import_hf(hf_dir, ckpt_dir):
     layout = parallel.Layout()
     ddp = parallel.DataParallel(model, layout)
     optimizer = parallel.AdamW(ddp, lr=0.0, weight_decay=0.0)
+    tokenizer = tokenizer_name(hf_dir)
     meta = {"model": family_of(model).name, "config": dataclasses.asdict(model.cfg),
-            "tokenizer": tokenizer_name(hf_dir), "tokens_seen": 0, "optimizer_steps": 0, "seed": 0,
+            "tokenizer": tokenizer, "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer),
+            "tokens_seen": 0, "optimizer_steps": 0, "seed": 0,
             "loss_scale": 65536.0, "loss_scale_clean_steps": 0}  # as train.py writes them
-    _write_atomically(ckpt_dir, lambda tmp: checkpoint.save(tmp, 0, model, optimizer, layout, meta))
+    _write_atomically(ckpt_dir, lambda tmp: checkpoint.save(tmp, 0, model, optimizer, layout, meta,
+                                                            files=data.tokenizer_files(tokenizer)))
     ddp.close()  # the model goes back to the caller without gradient hooks
     return os.path.join(ckpt_dir, checkpoint.step_dir_name(0)), model
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export_model(model, hf_dir, tokenizer=None):
@@ -363,7 +363,7 @@ def export_model(model, hf_dir, tokenizer=None):
             json.dump(config, f, indent=2)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if isinstance(enc, data.HFTokenizer):
-            for file in TOKENIZER_FILES:
+            for file in data.TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(enc.directory, file)):
                     shutil.copy(os.path.join(enc.directory, file), tmp)
         elif enc is not None:
@@ -386,7 +386,7 @@ def export(ckpt, hf_dir):
     cfg = models.config_from_dict(meta["model"], meta["config"])
     model = models.build(meta["model"], cfg, "cpu", 0)
     checkpoint.load(step_dir, model, None, parallel.Layout())  # reassembles tp shards
-    return step_dir, export_model(model, hf_dir, meta.get("tokenizer", data.BYTE_TOKENIZER))
+    return step_dir, export_model(model, hf_dir, checkpoint.tokenizer(step_dir, meta))
 
 
 def main(argv=None):

@@ -170,6 +170,31 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
+# A Hugging Face tokenizer's files: what an exported folder and a checkpoint carry.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(name: str) -> dict:
+    """{file name: bytes}: the files of an hf:DIR tokenizer, for a checkpoint to carry so
+    that its text reads without DIR ({} for the built-in and tiktoken encodings, which need
+    no folder). The end-of-text token is written into tokenizer_config.json, as DIR may have
+    named it in its config.json, which stays behind."""
+    if not name.startswith(HF_PREFIX):
+        return {}
+    enc = get_tokenizer(name)
+    files = {}
+    for file in TOKENIZER_FILES:
+        path = os.path.join(enc.directory, file)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[file] = f.read()
+    config = _read_json(os.path.join(enc.directory, "tokenizer_config.json"))
+    if config.get("eos_token") is None or "tokenizer_config.json" not in files:
+        config["eos_token"] = enc._tok.id_to_token(enc.eot_token)
+        files["tokenizer_config.json"] = json.dumps(config, indent=1, ensure_ascii=False).encode()
+    return files
+
+
 def _read_json(path) -> dict:
     """A JSON file's object, or {} if it is missing or unreadable (optional config files)."""
     try:
@@ -223,11 +248,27 @@ FINGERPRINT_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n 
                     "Ünïcödé naïve café, 日本語のテキスト, 1234567890 \t tabs\r\n 🦊🐶 -- <end>")
 
 
-@functools.cache  # (each save records it: read the tokenizer once per process)
 def tokenizer_fingerprint(name: str) -> str:
     """What identifies a tokenizer's behaviour, not its path: a hash of its vocabulary size,
     end-of-text id and the ids of FINGERPRINT_TEXT. A checkpoint records it, so that a
-    tokenizer folder that moved can be named again (--tokenizer) and checked to be the same."""
+    tokenizer folder that moved can be named again (--tokenizer) and checked to be the same.
+    Computed once per process and state of the folder's files (each save records it)."""
+    stamp = ()
+    if name.startswith(HF_PREFIX):
+        paths = [os.path.join(name[len(HF_PREFIX):], f) for f in (*TOKENIZER_FILES, "config.json")]
+        stamp = tuple((s.st_mtime_ns, s.st_size) if (s := _stat(p)) else None for p in paths)
+    return _fingerprint(name, stamp)
+
+
+def _stat(path):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+@functools.cache
+def _fingerprint(name, stamp):
     enc = get_tokenizer(name)
     probe = [enc.n_vocab, enc.eot_token, *map(int, enc.encode_ordinary(FINGERPRINT_TEXT))]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:16]

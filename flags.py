@@ -361,7 +361,7 @@ def checkpoint_config(args, step_dir, saved):
         raise UsageError(f"{step_dir} was trained with tokenizer {saved['tokenizer']}, which "
                          f"--tokenizer {args.tokenizer} does not encode as; drop --tokenizer, or pass the "
                          f"same tokenizer (a moved folder is checked by what it encodes)")
-    return cfg, saved["tokenizer"]
+    return cfg, checkpoint.tokenizer(step_dir, saved)
 
 
 # ----------------------------------------------------------------------------

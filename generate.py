@@ -221,7 +221,8 @@ def model_source(path):
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
     cfg = models.config_from_dict(meta["model"], meta["config"])
-    return meta["model"], cfg, meta["tokenizer"], lambda model, layout: checkpoint.load(step_dir, model, None, layout)
+    return (meta["model"], cfg, checkpoint.tokenizer(step_dir, meta),
+            lambda model, layout: checkpoint.load(step_dir, model, None, layout))
 
 
 def load_model(path, device="cpu", layout=None):

@@ -93,6 +93,7 @@ class Run:
     cfg: object
     layout: parallel.Layout
     tokenizer: str
+    tokenizer_files: dict    # an hf:DIR tokenizer's files, read at the start: each checkpoint carries them
     train_data: object
     val_data: object
     test_data: object        # --split with a test share: evaluated at the end, else None
@@ -241,7 +242,8 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
         fp8 = parallel.enable_fp8(modules, recipe, layout, cfg.n_layers, args.fp8_bf16_layers)
     if args.compile:  # (after recompute and FP8 have set up the layers it compiles)
         parallel.apply_compile(modules)
-    run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer, train_data=train_data,
+    run = Run(args=args, cfg=cfg, layout=layout, tokenizer=tokenizer,
+              tokenizer_files=data.tokenizer_files(tokenizer) if layout.is_main else {}, train_data=train_data,
               val_data=val_data, test_data=test_data, chunks=chunks, modules=modules,
               actions=parallel.SCHEDULES[schedule](steps_per_rank, layout),
               micro_steps=steps_per_rank, ddp=ddp, optimizer=optimizer, scaler=scaler,
@@ -375,7 +377,7 @@ def save(run, step, announce=True):
         replicated["fp8.amax_history"] = run.fp8.history
     if run.expert_bias is not None:
         meta["expert_bias"], replicated["moe.expert_bias"] = True, run.expert_bias
-    checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, meta, replicated)
+    checkpoint.save(args.save, step, run.modules, run.optimizer, run.layout, meta, replicated, run.tokenizer_files)
     path = os.path.join(args.save, checkpoint.step_dir_name(step))
     if announce:
         run.logger.print(f"saved checkpoint {path}")

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import struct
+import zlib
 
 import pytest
 
@@ -34,6 +35,20 @@ def _resume(root):
     return [*ARGV, "--steps", "3", "--load", str(root)]
 
 
+def _rewrite_index(root, index):
+    """index.json as given, and the checksum meta.json keeps of it to match (an edit made
+    knowingly: what the checks behind the checksum see)."""
+    text = json.dumps(index)
+    (root / STEP / "index.json").write_text(text)
+    meta = json.loads((root / STEP / "meta.json").read_text())
+    meta["index_crc32"] = zlib.crc32(text.encode())
+    (root / STEP / "meta.json").write_text(json.dumps(meta))
+
+
+def _index(root):
+    return json.loads((root / STEP / "index.json").read_text())
+
+
 def test_index_records_a_checksum_of_every_file(ckpt):
     index = json.loads((ckpt / STEP / "index.json").read_text())
     files = index[checkpoint.FILES]
@@ -58,13 +73,12 @@ def test_a_flipped_byte_in_a_shard_is_refused_naming_it(ckpt, capsys):
 
 def test_an_index_naming_a_file_outside_the_step_directory_is_refused(ckpt, capsys):
     (ckpt / "x.safetensors").write_bytes((ckpt / STEP / "shard-00000.safetensors").read_bytes())
-    index_path = ckpt / STEP / "index.json"
-    index = json.loads(index_path.read_text())
+    index = _index(ckpt)
     for key, entry in index.items():
         if key != checkpoint.FILES:
             for piece in entry["pieces"]:
                 piece["file"] = "../x.safetensors"
-    index_path.write_text(json.dumps(index))
+    _rewrite_index(ckpt, index)
     err = one_line_error(capsys, _resume(ckpt))
     assert "'../x.safetensors' outside the checkpoint directory" in err
     for bad in ["/etc/passwd", "a/b.safetensors", "..", ""]:
@@ -109,11 +123,50 @@ def test_files_named_in_other_indexes_stay_in_their_folders(tmp_path, capsys):
     assert victim.read_text() == "mine" and [r["step"] for r in metrics.read_metrics(records)] == [1]
 
 
+def test_an_edited_index_is_refused(ckpt, capsys):
+    """index.json holds every other file's checksum, and meta.json its own: a deleted files
+    table, or a piece's place changed, is seen."""
+    original = (ckpt / STEP / "index.json").read_text()
+    for edit in ("files", "offset"):
+        index = json.loads(original)
+        if edit == "files":
+            del index[checkpoint.FILES]
+        else:
+            index["model.embed.weight"]["pieces"][0]["offset"][0] = 1
+        (ckpt / STEP / "index.json").write_text(json.dumps(index))
+        assert "index.json does not match the checksum meta.json keeps of it" in one_line_error(capsys, _resume(ckpt))
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("dtype", "holds model.embed.weight as F32 [257, 64], but index.json says bfloat16 [257, 64]"),
+    ("shape", "holds model.embed.weight as F32 [257, 64], but index.json says float32 [256, 64]"),
+    ("malformed", "a piece of 'model.embed.weight' lacks its file, or an offset and shape of 2 sizes"),
+    ("unknown dtype", "entry 'model.embed.weight' lacks a shape, a known dtype or its pieces"),
+])
+def test_an_index_unlike_the_stored_tensors_is_refused(ckpt, capsys, edit, message):
+    """Behind the index's checksum (edited knowingly): each stored tensor's dtype and shape
+    must be the index's, and the index's form what a checkpoint's is."""
+    index = _index(ckpt)
+    entry = index["model.embed.weight"]
+    if edit == "dtype":
+        entry["dtype"] = "bfloat16"
+    elif edit == "shape":
+        entry["pieces"][0]["shape"][0] = 256  # (the rest "missing": had it gone unseen, random)
+    elif edit == "malformed":
+        del entry["pieces"][0]["offset"]
+    else:
+        entry["dtype"] = "complex32"
+    _rewrite_index(ckpt, index)
+    assert message in one_line_error(capsys, _resume(ckpt))
+
+
 def test_checkpoints_without_checksums_still_load(ckpt):
-    index_path = ckpt / STEP / "index.json"
-    index = json.loads(index_path.read_text())
-    del index[checkpoint.FILES]  # as written before checksums existed
-    index_path.write_text(json.dumps(index))
+    index = _index(ckpt)
+    del index[checkpoint.FILES]  # as written before checksums existed (and before meta.json kept one)
+    (ckpt / STEP / "index.json").write_text(json.dumps(index))
+    meta = json.loads((ckpt / STEP / "meta.json").read_text())
+    del meta["index_crc32"]
+    (ckpt / STEP / "meta.json").write_text(json.dumps(meta))
     records, out = train_job([*_resume(ckpt), "--save", str(ckpt)])
     assert "resumed from" in out and (ckpt / "step_00000003" / "index.json").is_file()
     assert [r["step"] for r in records][-1] == 3

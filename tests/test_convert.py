@@ -649,7 +649,8 @@ def test_a_tiktoken_encoding_exports_as_a_tokenizer_json_that_encodes_the_same(e
 
 def test_no_tokenizer_is_never_a_silent_byte_tokenizer(hf_dirs, tmp_path, capsys):
     """generate.py on a folder without tokenizer.json: one line asking for --tokenizer, which
-    then works; an export whose recorded tokenizer folder moved: one line."""
+    then works. A checkpoint trained with a tokenizer folder carries its files: once the
+    folder moved (or changed, or the copy is damaged) it reads with its own copy."""
     hf_dir, _ = hf_dirs("llama-gqa")  # (saved by transformers without a tokenizer)
     with pytest.raises(SystemExit):
         generate.main(["--load", hf_dir, "--prompt", "a", "--max-new-tokens", "2"])
@@ -663,18 +664,51 @@ def test_no_tokenizer_is_never_a_silent_byte_tokenizer(hf_dirs, tmp_path, capsys
         train.main(["--model", "llama", "--config", "test", "--set", "vocab_size=300", "--steps", "1",
                     "--seq-len", "16", "--global-batch-size", "2", "--sample-tokens", "0", "--peak-tflops", "1",
                     "--eval-batches", "1", "--tokenizer", f"hf:{tokenizer_dir}", "--save", str(ckpt)])
+    original = data.tokenizer_fingerprint(f"hf:{tokenizer_dir}")
+    step_dir = ckpt / checkpoint.step_dir_name(1)
     shutil.move(tokenizer_dir, tmp_path / "moved")
-    with pytest.raises(UsageError, match="no file"):
-        convert.export(str(ckpt), str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
-    # --tokenizer points the checkpoint at the moved folder: checked by what it encodes.
+    assert checkpoint.tokenizer(str(step_dir), checkpoint.read_meta(str(step_dir))) == f"hf:{step_dir}"
+    convert.export(str(ckpt), str(tmp_path / "out"))  # (the copy's files, exported)
+    assert data.tokenizer_fingerprint(f"hf:{tmp_path / 'out'}") == original
+    generate.main(["--load", str(ckpt), "--prompt", "the", "--max-new-tokens", "2", "--temperature", "0"])
+    by_copy = capsys.readouterr().out
+    generate.main(["--load", str(ckpt), "--prompt", "the", "--max-new-tokens", "2", "--temperature", "0",
+                   "--tokenizer", f"hf:{tmp_path / 'moved'}"])
+    assert capsys.readouterr().out == by_copy
+    # A resume reads with the copy; --tokenizer points it at the moved folder (checked by
+    # what it encodes); another tokenizer is refused.
     resume = ["--load", str(ckpt), "--steps", "2", "--seq-len", "16", "--global-batch-size", "2",
               "--sample-tokens", "0", "--peak-tflops", "1", "--eval-batches", "1"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        records = train.train(flags.parse_args([*resume, "--tokenizer", f"hf:{tmp_path / 'moved'}"]))
-    assert [r["step"] for r in records] == [2]
+    for tokenizer in ([], ["--tokenizer", f"hf:{tmp_path / 'moved'}"]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            records = train.train(flags.parse_args([*resume, *tokenizer]))
+        assert [r["step"] for r in records] == [2]
     with pytest.raises(UsageError, match="does not encode as"):
         train.train(flags.parse_args([*resume, "--tokenizer", "byte"]))
+    # A folder changed in place since: the copy, which the checkpoint was trained with.
+    os.makedirs(tmp_path / "other")
+    shutil.copytree(byte_level_bpe(tmp_path / "other", ["a b c d"] * 10, 280, ["<|endoftext|>"],
+                                   {"eos_token": "<|endoftext|>"}), tokenizer_dir)
+    assert checkpoint.tokenizer(str(step_dir), checkpoint.read_meta(str(step_dir))) == f"hf:{step_dir}"
+    with open(step_dir / "tokenizer.json", "a") as f:  # a damaged copy: one line
+        f.write(" ")
+    with pytest.raises(UsageError, match="tokenizer.json"):
+        convert.export(str(ckpt), str(tmp_path / "out2"))
+
+
+def test_a_checkpoint_copy_keeps_an_end_of_text_named_in_config_json(tmp_path):
+    """A folder naming its end-of-text only in config.json (eos_token_id): the copy a
+    checkpoint carries (without config.json) names it in tokenizer_config.json."""
+    folder = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer_files(tmp_path), folder)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, content in data.tokenizer_files(f"hf:{folder}").items():
+        (copy / name).write_bytes(content)
+    assert data.get_tokenizer(f"hf:{copy}").eot_token == 5
+    assert data.tokenizer_fingerprint(f"hf:{copy}") == data.tokenizer_fingerprint(f"hf:{folder}")
 
 
 def hf_tokenizer_files(tmp_path):
