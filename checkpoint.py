@@ -405,6 +405,11 @@ def read_replicated(step_dir):
 META_KEYS = {"step": (int,), "model": (str,), "config": (dict,), "tokenizer": (str,),
              "tokens_seen": (int,), "optimizer_steps": (int,), "loss_scale": (int, float),
              "loss_scale_clean_steps": (int,)}
+# ... and what some readers take where a checkpoint has it (written by later code, or only
+# by some runs).
+OPTIONAL_META = {"seed": int, "schedule": dict, "fp8": dict, "tokenizer_fingerprint": str,
+                 "expert_bias": bool, "index_crc32": int, "run_id": str}
+FP8_META = {"recipe": str, "history_len": int, "steps_recorded": int, "names": list}
 
 
 def read_meta(step_dir):
@@ -424,6 +429,12 @@ def read_meta(step_dir):
             raise UsageError(f"{step_dir}/meta.json {problem} {key!r} (expected "
                                       f"{' or '.join(k.__name__ for k in kinds)}); the checkpoint "
                                       f"is damaged; load another step")
+    where = f"{step_dir}/meta.json"
+    errors.check_json(meta, where, OPTIONAL_META)
+    if "schedule" in meta:  # (learning-rate flags: numbers)
+        errors.check_json(meta["schedule"], f"{where} (schedule)", dict.fromkeys(meta["schedule"], (int, float)))
+    if "fp8" in meta:
+        errors.check_json(meta["fp8"], f"{where} (fp8)", FP8_META, required=FP8_META)
     try:
         models.config_from_dict(meta["model"], meta["config"])
     except UsageError as e:
@@ -507,10 +518,14 @@ def load(step_dir, modules, optimizer, layout):
     rng_file = os.path.join(step_dir, f"rng-{layout.rank:05d}.safetensors")
     if os.path.exists(rng_file):  # the same rank existed when saving: restore its stream
         verify_file(step_dir, os.path.basename(rng_file), reader.sums)
-        with safe_open(rng_file, framework="pt") as f:
-            torch.set_rng_state(f.get_tensor("cpu"))
-            if "cuda" in f.keys() and torch.cuda.is_available():
-                torch.cuda.set_rng_state(f.get_tensor("cuda"))
+        try:
+            with safe_open(rng_file, framework="pt") as f:
+                torch.set_rng_state(f.get_tensor("cpu"))
+                if "cuda" in f.keys() and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(f.get_tensor("cuda"))
+        except (SafetensorError, RuntimeError, TypeError) as e:  # a state of another kind
+            raise UsageError(f"cannot restore the random-number state from {rng_file} "
+                             f"({' '.join(str(e).split())[:120]}); the checkpoint is damaged") from None
     return meta
 
 

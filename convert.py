@@ -84,9 +84,11 @@ class _HFTensors:
         if os.path.isfile(index):
             try:
                 with open(index) as f:
-                    self.where = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise UsageError(f"cannot read {index} ({e!r}); the folder is damaged") from None
+                    listing = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read {index} ({e}); the folder is damaged") from None
+            self.where = errors.check_json(listing, index, {"weight_map": dict}, required=("weight_map",))["weight_map"]
+            errors.check_json(self.where, f"{index} (weight_map)", dict.fromkeys(self.where, str))
         elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
             self.where = None
         else:

@@ -196,12 +196,14 @@ def tokenizer_files(name: str) -> dict:
 
 
 def _read_json(path) -> dict:
-    """A JSON file's object, or {} if it is missing or unreadable (optional config files)."""
+    """A JSON file's object, or {} if it is missing or unreadable (optional config files);
+    one that holds something else is a UsageError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (OSError, ValueError):
         return {}
+    return errors.check_json(value, path)
 
 
 def _byte_spelling():
@@ -908,8 +910,20 @@ def load_splits(spec, tokenizer_name: str, seq_len: int, split=None, json_key: s
         if split is not None:
             raise UsageError(f"--split: {spec} was split into train and validation by data.py prepare "
                              f"(its --val-fraction); drop --split, or prepare it again")
-        with open(os.path.join(spec, "meta.json")) as f:
-            meta = json.load(f)
+        where = os.path.join(spec, "meta.json")
+        try:
+            with open(where) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {where} ({e}); prepare the folder again") from None
+        errors.check_json(meta, where, {"format": int, "tokenizer": str, "dtype": str, "train": list, "val": list},
+                          required=("format", "tokenizer", "dtype", "train", "val"))
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise UsageError(f"{where}: unknown dtype {meta['dtype']!r} (prepare writes uint16 or uint32); "
+                             f"prepare the folder again")
+        for name in ("train", "val"):
+            for shard in meta[name]:
+                errors.check_json(shard, f"{where} ({name} shard)", {"file": str}, required=("file",))
         if meta.get("format") != 1:
             raise UsageError(f"--data {spec}: unknown format {meta.get('format')}; "
                              f"run data.py prepare again")

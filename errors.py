@@ -87,3 +87,25 @@ def check_config_fields(cfg):
 # A field's kind (its default's type) -> the values it takes: a float field takes an integer
 # too (config.json files write rope_theta 10000 as often as 10000.0).
 _FIELD_KINDS = {bool: (bool,), str: (str,), int: (int,), float: (int, float)}
+
+
+def check_json(value, where, fields=None, required=()):
+    """A JSON object read from a file that anyone may have edited (a checkpoint's
+    meta.json, a prepared folder's, a Hugging Face index): a dict whose `fields` (name -> a
+    type or a tuple of types), where present, have that type (a bool is not a number), and
+    which holds every name of `required`; else a one-line UsageError naming the file and
+    the field (`where` None: the caller's message names the file). Returns the value."""
+    at = f"{where}: " if where else ""
+    if not isinstance(value, dict):
+        raise UsageError(f"{where or 'the file'} is not a JSON object; the file is damaged or not ours")
+    for name, kinds in (fields or {}).items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if name not in value:
+            if name in required:
+                raise UsageError(f"{at}the field {name!r} is missing; the file is damaged or not ours")
+            continue
+        if not isinstance(value[name], kinds) or (isinstance(value[name], bool) and bool not in kinds):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise UsageError(f"{at}the field {name!r} must be {expected}, got {value[name]!r:.60}; "
+                             f"the file is damaged or not ours")
+    return value

@@ -285,7 +285,12 @@ class Llama(nn.Module):
 
 def rope_from_hf(hf, model_type):
     """RoPE fields. transformers 5 writes `rope_parameters`; 4.x `rope_theta` + `rope_scaling`."""
+    errors.check_json(hf, None, {"rope_parameters": (dict, type(None)), "rope_scaling": (dict, type(None))})
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    number = (int, float)
+    errors.check_json(rope, "rope_parameters", {"rope_theta": number, "factor": number, "low_freq_factor": number,
+                                                   "high_freq_factor": number, "rope_type": str, "type": str,
+                                                   "original_max_position_embeddings": int})
     if any(isinstance(v, dict) for v in rope.values()):
         errors.unsupported_hf(model_type, "RoPE parameters that differ per layer type")
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:

@@ -108,14 +108,28 @@ def clock(seconds):
 def read_metrics(path):
     """The step records of a --metrics file, in order (without the runs' header records)."""
     with open(path) as f:
-        return [r for r in map(json.loads, f) if "step" in r]
+        return [r for r in map(_record, f) if "step" in r]
+
+
+def _record(line):
+    """A --metrics line as a dict; a line of another kind (not a JSON object: written by
+    something else, or cut short) as {}, which no reader takes for a record or header."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _header(record):
+    return record["run"] if isinstance(record.get("run"), dict) else None
 
 
 def describe_run(path):
     """A --metrics file's last run in a few words, from its header: "llama tp=2 bf16"
     (the model, the axes of its layout above 1, the precision), or "" without a header."""
     with open(path) as f:
-        headers = [r["run"] for r in map(json.loads, f) if "run" in r]
+        headers = [h for h in map(_header, map(_record, f)) if h is not None]
     if not headers:
         return ""
     run = headers[-1]
@@ -124,21 +138,33 @@ def describe_run(path):
     return " ".join([run.get("args", {}).get("model", "?"), *axes, run.get("precision", "")]).strip()
 
 
-def trim_metrics(path, start_step):
+def trim_metrics(path, start_step, run_id=None):
     """Before a run resumed at `start_step` appends to its --metrics file: remove the
     records of later steps, which the interrupted run wrote after its last checkpoint and
     this run trains again, so that no step is recorded twice; and a last line cut short by
-    a crash. Only records of this run's lineage go: those after the header of the run that
-    started it from step 0 (an earlier, unrelated run in the same file keeps its own).
-    Returns how many records were removed."""
+    a crash. Only records of this run's lineage go: those under the headers of `run_id`
+    (the id a run's resumptions keep: an unrelated run before it, or appended to the same
+    file since, keeps its own), or for a file without that id, after the header of the last
+    run started from step 0. Returns how many records were removed; a ValueError if a line
+    is not a JSON object (not a metrics file: nothing is changed)."""
     with open(path) as f:
         lines = f.read().splitlines(keepends=True)
     complete = [line for line in lines if line.endswith("\n")]  # a crash may cut the last one
-    records = [json.loads(line) for line in complete]
-    lineage = max((i for i, r in enumerate(records) if r.get("run", {}).get("start_step") == 0),
-                  default=0)
-    keep = [line for i, (line, r) in enumerate(zip(complete, records))
-            if i < lineage or r.get("step", 0) <= start_step]
+    records = [_record(line) for line in complete]
+    if not all(records):
+        raise ValueError(f"{path} is not a metrics file")
+    headers = [_header(r) for r in records]
+    ours, owner = [], None
+    if any(h is not None and h.get("run_id") == run_id for h in headers) and run_id is not None:
+        for h in headers:
+            owner = h.get("run_id") if h is not None else owner
+            ours.append(owner == run_id)
+    else:
+        lineage = max((i for i, h in enumerate(headers) if h is not None and h.get("start_step") == 0),
+                      default=0)
+        ours = [i >= lineage for i in range(len(records))]
+    keep = [line for line, r, mine in zip(complete, records, ours)
+            if not mine or not isinstance(r.get("step"), int) or r["step"] <= start_step]
     if len(keep) < len(lines):
         # A new file of its own beside it (created exclusively, no link followed: a planted
         # `.tmp` name cannot redirect the write), then renamed over it.
@@ -164,7 +190,8 @@ class Logger:
         if args.metrics:
             start = header["start_step"]
             try:
-                removed = trim_metrics(args.metrics, start) if start and os.path.exists(args.metrics) else 0
+                removed = trim_metrics(args.metrics, start, header["run_id"]) \
+                    if start and os.path.exists(args.metrics) else 0
                 os.makedirs(os.path.dirname(args.metrics) or ".", exist_ok=True)  # as --save makes its folder
                 self.metrics = open(args.metrics, "a")
             except OSError as e:
@@ -172,7 +199,7 @@ class Logger:
                                  f"choose another file") from None
             except ValueError:
                 raise UsageError(f"--metrics {args.metrics} is not a metrics file (a line is not "
-                                 f"JSON); choose another file") from None
+                                 f"a JSON object); choose another file") from None
             if removed:
                 self.print(f"--metrics {args.metrics}: removed {removed} record(s) after step "
                            f"{start}, which this run trains again")

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
 import torch
 
@@ -113,6 +114,7 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     start_note: str = ""     # a note on how the run started
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])  # kept by its resumptions
     doing: str = "setting up"  # what the run is doing now, for an error from a failed peer
     skipped_in_a_row: int = 0  # --on-nonfinite skip: consecutive skipped steps
     stop: str = ""           # why the step just run ends training (non-finite), else ""
@@ -153,7 +155,7 @@ def keep_schedule(args, saved):
         flag, now = f"--{name.replace('_', '-')}", getattr(args, name)
         if name == "lr_decay_steps":
             now = now or args.steps
-        if now == saved[name]:
+        if name not in saved or now == saved[name]:  # (not saved: this run's stands)
             continue
         if name in args.given:
             changed.append(f"{flag} {now:g} (was {saved[name]:g})")
@@ -256,7 +258,9 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
             step_dir = checkpoint.resolve(args.load)
             meta = checkpoint.load(step_dir, modules, optimizer, layout)
             run.start_step, run.tokens_seen = meta["step"], meta["tokens_seen"]
-            run.start_note = keep_schedule(args, meta.get("schedule"))
+            run.start_note = "; ".join(note for note in (keep_schedule(args, meta.get("schedule")),
+                                                         keep_seed(args, meta.get("seed"))) if note)
+            run.run_id = meta.get("run_id", run.run_id)  # (older checkpoints: a new lineage)
             scaler.scale, scaler.clean_steps = meta["loss_scale"], meta["loss_scale_clean_steps"]
             if fp8 is not None:
                 load_fp8_history(fp8, step_dir, meta)
@@ -297,10 +301,22 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
     return run
 
 
+def keep_seed(args, saved):
+    """On resume: the seed of the run that saved the checkpoint unless --seed is given (the
+    batches of each step depend on the seed: another one would silently train on another
+    order). Returns a note, "" if it is the same."""
+    if saved is None or saved == args.seed:
+        return ""
+    if "seed" in args.given:
+        return f"--seed {args.seed} (was {saved}): the batches from here follow another order"
+    args.seed = saved
+    return f"--seed {saved} kept from the checkpoint, whose batch order goes on (give --seed to change it)"
+
+
 def metrics_header(run):
     """The record that starts a run's part of the --metrics file: what ran, where, from
     which step, so that the runs appended to one file stay separable."""
-    return {"start_step": run.start_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return {"start_step": run.start_step, "run_id": run.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "args": vars(run.args), "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
             "layout": run.layout.describe(), "world_size": run.layout.world,
             "precision": run.precision, "torch": torch.__version__}
@@ -367,6 +383,7 @@ def save(run, step, announce=True):
     meta = {"model": args.model, "config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer,
             "tokenizer_fingerprint": data.tokenizer_fingerprint(run.tokenizer),
             "tokens_seen": run.tokens_seen, "optimizer_steps": run.optimizer.steps, "seed": args.seed,
+            "run_id": run.run_id,
             "loss_scale": run.scaler.scale, "loss_scale_clean_steps": run.scaler.clean_steps,
             "schedule": {name: getattr(args, name) for name in SCHEDULE_FLAGS}}
     meta["schedule"]["lr_decay_steps"] = args.lr_decay_steps or args.steps  # (its effective value)

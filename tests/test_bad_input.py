@@ -158,6 +158,16 @@ CASES = [
     case("train", [*LLAMA, "--load", "{ckpt}"], "lacks 'tokens_seen'", meta(edited(tokens_seen=None))),
     case("train", [*LLAMA, "--load", "{ckpt}"], "config field dim must be of type int, got 'big'",
          meta(config_edited(dim="big"))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "the field 'schedule' must be dict", meta(edited(schedule="x"))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "(schedule): the field 'lr' must be int or float",
+         meta(edited(schedule={"lr": "big"}))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "the field 'seed' must be int", meta(edited(seed="x"))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "(fp8): the field 'history_len' is missing",
+         meta(edited(fp8={"recipe": "delayed"}))),
+    case("train", [*LLAMA, "--load", "hf:{hf}"], "the field 'rope_scaling' must be dict or null, got [1, 2]",
+         hf_config(edited(rope_scaling=[1, 2]))),
+    case("train", [*LLAMA, "--load", "hf:{hf}"], "rope_parameters: the field 'factor' must be int or float",
+         hf_config(edited(rope_parameters={"rope_type": "llama3", "factor": "x"}))),
     case("train", [*LLAMA, "--load", "hf:{hf}"], "hidden_size='big' must be a positive integer",
          hf_config(edited(hidden_size="big"))),
     case("train", [*LLAMA, "--load", "hf:{hf}"], "config field norm_eps must be of type float",
@@ -234,6 +244,84 @@ def test_odd_seq_len_trains_without_context_parallelism():
     records = train.train(flags.parse_args(["--model", "llama", *FAST, "--steps", "1", "--seq-len", "33"]))
     assert [r["step"] for r in records] == [1] and records[0]["tokens_seen"] == 8 * 33
     assert 0 < records[0]["loss"] < 10
+
+
+def _prepared_meta(change):
+    def damage(tmp_path):
+        data.prepare("stdlib", str(tmp_path / "prepared"))
+        path = tmp_path / "prepared" / "meta.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+        return [*LLAMA, "--config", "test", *SMALL, "--data", str(tmp_path / "prepared")]
+    return damage
+
+
+def _tokenizer_config(content):
+    def damage(tmp_path):
+        from conftest import byte_level_bpe
+        byte_level_bpe(tmp_path, ["the quick brown fox"] * 10, 300, ["<|endoftext|>"], content)
+        return [*LLAMA, "--config", "test", *SMALL, "--set", "vocab_size=300", "--tokenizer", f"hf:{tmp_path}"]
+    return damage
+
+
+def _hf_index(change):
+    def damage(tmp_path, hf):
+        shutil.copytree(hf, tmp_path / "hf")
+        listing = change({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}})
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(listing))
+        return [*LLAMA, *SMALL, "--load", f"hf:{tmp_path / 'hf'}"]
+    return damage
+
+
+def _rng_file(tmp_path, ckpt):
+    from safetensors.torch import save_file
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    step = tmp_path / "ckpt" / checkpoint.step_dir_name(1)
+    rng = step / "rng-00000.safetensors"
+    save_file({"gpu": torch.zeros(3)}, str(rng))  # a state of another kind, its checksum made to fit
+    index = json.loads((step / "index.json").read_text())
+    index[checkpoint.FILES][rng.name] = {"crc32": checkpoint._checksum(rng), "bytes": rng.stat().st_size}
+    text = json.dumps(index)
+    (step / "index.json").write_text(text)
+    meta = json.loads((step / "meta.json").read_text())
+    meta["index_crc32"] = __import__("zlib").crc32(text.encode())
+    (step / "meta.json").write_text(json.dumps(meta))
+    return [*LLAMA, "--config", "test", *SMALL, "--steps", "2", "--load", str(tmp_path / "ckpt")]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_prepared_meta(lambda m: [1]), "prepared/meta.json is not a JSON object"),
+    (_prepared_meta(lambda m: {**m, "train": "x"}), "the field 'train' must be list"),
+    (_prepared_meta(lambda m: {k: v for k, v in m.items() if k != "dtype"}), "the field 'dtype' is missing"),
+    (_prepared_meta(lambda m: {**m, "dtype": "float99"}), "unknown dtype 'float99'"),
+    (_prepared_meta(lambda m: {**m, "train": [5]}), "(train shard) is not a JSON object"),
+    (_tokenizer_config([1]), "tokenizer_config.json is not a JSON object"),
+    (_hf_index(lambda i: {**i, "weight_map": [1]}), "the field 'weight_map' must be dict"),
+    (_hf_index(lambda i: {"metadata": {}}), "the field 'weight_map' is missing"),
+    (_hf_index(lambda i: {**i, "weight_map": {"model.embed_tokens.weight": 5}}),
+     "the field 'model.embed_tokens.weight' must be str"),
+    (_rng_file, "cannot restore the random-number state"),
+], ids=["prepared-list", "prepared-train", "prepared-dtype-missing", "prepared-dtype", "prepared-shard",
+        "tokenizer-config", "hf-index-list", "hf-index-missing", "hf-index-value", "rng"])
+def test_damaged_files_are_one_line(capsys, tmp_path, saved, damage, message):
+    """Every JSON (and rng) file read from a folder anyone may have edited is checked in
+    form where it is read: a wrong type or a missing field is one line naming the file
+    and the field."""
+    extra = {"_hf_index": [saved["hf"]], "_rng_file": [saved["ckpt"]]}
+    name = getattr(damage, "__qualname__", "").split(".")[0]
+    argv = damage(tmp_path, *extra.get(name, []))
+    assert message in one_line_error(capsys, "train", argv)
+
+
+def test_a_metrics_file_with_odd_records_is_read_around_them(tmp_path):
+    """A --metrics file whose lines hold other records (a "run" that is no header, a step
+    that is no number): a resumed run trims around them without a traceback."""
+    import metrics
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            [{"run": "x"}, {"step": "x"}, {"run": {"start_step": 0}}, {"step": 1}, {"step": 2}]))
+    assert metrics.trim_metrics(str(path), 1) == 1
+    assert [r["step"] for r in metrics.read_metrics(path)] == ["x", 1]
+    assert metrics.describe_run(path) == "?"
 
 
 def full_disk(*args, **kwargs):

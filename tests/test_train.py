@@ -113,6 +113,25 @@ def test_resume_with_more_steps_keeps_the_saved_schedule(tmp_path):
     assert "learning-rate schedule changed: --lr-decay-steps 20 (was 10)" in out
 
 
+def test_resume_keeps_the_saved_seed_and_its_own_metrics_lineage(tmp_path):
+    """The batches of a step depend on the seed: a resume without --seed continues the
+    saved run's order (given, another seed is said, not silent). Resuming trims from the
+    --metrics file only the records of its own run after the checkpoint, not those of
+    another run appended to the same file since."""
+    metrics_file = str(tmp_path / "m.jsonl")
+    argv = ["--model", "llama", *FAST, "--steps", "4", "--metrics", metrics_file]
+    full, _ = train_job(argv + ["--seed", "5", "--save", str(tmp_path / "a"), "--save-every", "2"])
+    other, _ = train_job(argv + ["--steps", "3"])  # another run, appended
+    resumed, out = train_job(argv + ["--load", str(tmp_path / "a" / "step_00000002")])
+    assert_same_run(resumed, full[2:], rel=1e-6)
+    assert "--seed 5 kept from the checkpoint" in out
+    steps = [r["step"] for r in metrics.read_metrics(metrics_file)]
+    assert steps == [1, 2, 1, 2, 3, 3, 4]  # run a's 3 and 4 trained again; the other run's kept
+    reseeded, out = train_job(argv + ["--seed", "7", "--load", str(tmp_path / "a" / "step_00000002")])
+    assert "--seed 7 (was 5): the batches from here follow another order" in out
+    assert reseeded[0]["loss"] != resumed[0]["loss"]
+
+
 # ----------------------------------------------------------------------------
 # Independent oracles for what every layout test shares on both sides
 # ----------------------------------------------------------------------------
