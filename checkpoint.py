@@ -36,9 +36,13 @@ safetensors' save_file alone creates them 0o600.
 """
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import zlib
 
 import torch
@@ -62,15 +66,29 @@ def step_dir_name(step):
     return f"{STEP_PREFIX}{step:08d}"
 
 
+STEP_NAME = re.compile(STEP_PREFIX + r"(\d+)")  # step_00000100; not step_latest, step_00000100.bak
+LOCK = ".lock"  # held by the run saving into a root (lock_root)
+
+
+def _steps(root):
+    """{step: its directory's name} of the directories under `root` named as ours (a copy
+    or link under another name, step_latest, is the user's and ignored), complete or not
+    (clean_leftovers removes no link)."""
+    if not os.path.isdir(root):
+        return {}
+    steps = {}
+    for name in os.listdir(root):
+        match = STEP_NAME.fullmatch(name)
+        path = os.path.join(root, name)
+        if match and os.path.isdir(path):
+            steps[int(match[1])] = name
+    return steps
+
+
 def complete_steps(root):
     """Steps with a complete checkpoint under `root` (a rename finished), ascending."""
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        if name.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(root, name, "index.json")):
-            steps.append(int(name[len(STEP_PREFIX):]))
-    return sorted(steps)
+    return sorted(step for step, name in _steps(root).items()
+                  if os.path.isfile(os.path.join(root, name, "index.json")))
 
 
 def newest(root):
@@ -100,14 +118,45 @@ def _fsync_write(path, text):
 
 
 def clean_leftovers(root):
-    """Remove the `.tmp-step_*` directories a crashed save left under `root` (only those:
-    never a complete step, nor anything else). Called by the main rank as a run saves."""
+    """Remove the `.tmp-step_*` directories a crashed save left under `root`, and step
+    directories without index.json (a save never renames one into place: a copy cut
+    short), which a later save of that step would otherwise trip on; never a complete
+    step, nor anything else. Called by the main rank as a run saves, holding the root
+    (lock_root): no other run is writing there."""
     if not os.path.isdir(root):
         return
+    incomplete = [name for step, name in _steps(root).items()
+                  if not os.path.isfile(os.path.join(root, name, "index.json"))]
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if name.startswith(TMP_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+        if (name.startswith(TMP_PREFIX) or name in incomplete) and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def lock_root(root):
+    """Hold save root `root` for this run (its main rank, until the returned file is
+    closed or the process ends, however it ends: the lock goes with it, none is left
+    stale). A second run saving into the same root stops at once, naming the first,
+    instead of removing its save in progress as a leftover."""
+    path = os.path.join(root, LOCK)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UsageError(f"--save {root}: cannot create {path} ({e.strerror}); choose another "
+                         f"directory") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"--save {root} is in use by another run ({holder}); wait for it to end, "
+                         f"or choose another --save directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def _checksum(path):
@@ -120,10 +169,23 @@ def _checksum(path):
     return crc
 
 
+def write_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, its I/O failures raised as the OSError they are (it raises a
+    SafetensorError of its own, "... No space left on device (os error 28)"), so that a full
+    disk is one line and no half-written save is left, as for any other write."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
+
+
 def _save_file(tensors, path, sums):
-    """save_file, then make the file readable like the others (save_file creates it 0o600),
-    flush it to disk, and record its checksum and size in `sums` under its name."""
-    save_file(tensors, path)
+    """write_safetensors, then make the file readable like the others (save_file creates it
+    0o600), flush it to disk, and record its checksum and size in `sums` under its name."""
+    write_safetensors(tensors, path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -273,12 +335,15 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None, files=No
     returns the step directory."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
-    if layout.is_main and os.path.exists(final):
-        raise UsageError(f"refusing to overwrite the existing checkpoint {final}")
+    exists = None
     with _every_rank_writes(root, step, tmp, layout):
         if layout.is_main:
             clean_leftovers(root)  # of a crashed save, this step's included
-            os.makedirs(tmp)
+            if os.path.exists(final):
+                exists = f"refusing to overwrite the existing checkpoint {final}"
+            else:
+                os.makedirs(tmp)
+    parallel.raise_if_any(exists, layout)
 
     state = train_state_tensors(modules, optimizer)
     shard = f"shard-{layout.rank:05d}.safetensors"
@@ -357,6 +422,22 @@ def _write_index(tmp, final, step, meta):
     os.replace(tmp, final)
 
 
+class SaveFailed(UsageError):
+    """A checkpoint that could not be written (its one line says why and what is intact);
+    `error`: this rank's OSError, or None where another rank's failed."""
+
+    def __init__(self, message, error):
+        super().__init__(message)
+        self.error = error
+
+
+def write_failure(error):
+    """Why a write failed, in a few words: "the disk is full", else the system's reason."""
+    if error is None:
+        return "another rank could not write its files"
+    return "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
 @contextlib.contextmanager
 def _every_rank_writes(root, step, tmp, layout):
     """A part of a save that every rank runs, ending as a barrier does. If any rank met an
@@ -372,16 +453,14 @@ def _every_rank_writes(root, step, tmp, layout):
     if parallel.all_reduce_world(failed, layout).item():
         if layout.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(_save_failure(root, step, error)) from None
+        raise SaveFailed(_save_failure(root, step, error), error) from None
 
 
 def _save_failure(root, step, error):
     """The one line of a save that could not be written: why, and what is intact."""
-    if error is None:
-        reason = "another rank could not write its files"
-    else:
-        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
-        reason += f" ({error.filename})" if error.filename else ""
+    reason = write_failure(error)
+    if error is not None and error.filename:
+        reason += f" ({error.filename})"
     earlier = [s for s in complete_steps(root) if s < step]
     kept = (f"the previous checkpoint {os.path.join(root, step_dir_name(earlier[-1]))} is intact "
             f"(--load {root} resumes from it)" if earlier else "no earlier checkpoint was there")

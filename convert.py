@@ -43,7 +43,6 @@ import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import checkpoint
 import data
@@ -310,10 +309,10 @@ def _write_atomically(target, write):
     try:
         write(tmp)
         os.replace(tmp, target)  # also replaces an empty directory
-    except OSError as e:  # a full disk, ...: the target is as it was
+    except (OSError, checkpoint.SaveFailed) as e:  # a full disk, ...: the target is as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"cannot write {target} ({e.strerror}); nothing was written; free space "
-                         f"or choose another directory") from None
+        raise UsageError(f"cannot write {target} ({checkpoint.write_failure(getattr(e, 'error', e))}); "
+                         f"nothing was written; free space or choose another directory") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -363,7 +362,7 @@ def export_model(model, hf_dir, tokenizer=None):
     def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        checkpoint.write_safetensors(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if isinstance(enc, data.HFTokenizer):
             for file in data.TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(enc.directory, file)):

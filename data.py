@@ -40,6 +40,7 @@ T5 (t5.py) reads them as SpanCorruptionData: 15% of a window, in spans of 3 toke
 is replaced by sentinels (<extra_id_0>, <extra_id_1>, ...) in the encoder's input, and the
 decoder predicts the spans; its rows are drawn as BERT's are.
 """
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -1105,13 +1106,14 @@ class _ShardWriter:
                 self.shards.append({"file": name, "tokens": 0})
                 self.file = open(os.path.join(self.out_dir, name), "wb")
             n = min(len(tokens), self.shard_tokens - self.shards[-1]["tokens"])
-            tokens[:n].tofile(self.file)
+            self.file.write(tokens[:n].tobytes())  # (a full disk: OSError ENOSPC, as any write)
             self.shards[-1]["tokens"] += n
             tokens = tokens[n:]
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            file, self.file = self.file, None
+            file.close()
         return self.shards
 
 
@@ -1182,7 +1184,8 @@ def prepare(src: str, out_dir: str, tokenizer_name: str = BYTE_TOKENIZER,
         os.replace(tmp, out_dir)  # on POSIX this also replaces an empty out_dir
     except BaseException as e:
         for w in writers.values():
-            w.close()
+            with contextlib.suppress(OSError):  # (its buffer cannot reach a full disk either)
+                w.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, an unreadable source file
             reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror

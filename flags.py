@@ -494,6 +494,15 @@ def check_args(args, cfg, tokenizer):
                          f"--global-batch-size or --micro-batch-size")
 
 
+def _self_and_parents(path):
+    path = os.path.realpath(path)
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
 def check_save_root(args, start_step):
     """Never overwrite a user's checkpoints: a save root may hold only steps we resume from.
     And find out now, not after training, that the root cannot be written."""
@@ -506,6 +515,11 @@ def check_save_root(args, start_step):
                          f"directory") from None
     if not os.access(args.save, os.W_OK | os.X_OK):
         raise UsageError(f"--save {args.save}: not writable; choose another directory")
+    step_dir = next((d for d in _self_and_parents(args.save) if checkpoint.STEP_NAME.fullmatch(os.path.basename(d))
+                     and os.path.isfile(os.path.join(d, "meta.json"))), None)
+    if step_dir is not None:
+        raise UsageError(f"--save {args.save} is inside the checkpoint {step_dir}; save into a root "
+                         f"of its own (checkpoints nested in a step would start again from step 0)")
     later = [s for s in checkpoint.complete_steps(args.save) if s > start_step]
     if later and not args.load:
         raise UsageError(f"--save {args.save} already holds checkpoints (newest step {later[-1]}); "

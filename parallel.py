@@ -327,6 +327,18 @@ def destroy_distributed(layout):
     layout.created = []
 
 
+def raise_if_any(problem, layout):
+    """Collective over the world: where any rank met `problem` (a message; None on the
+    others), every rank raises that UsageError (the lowest rank's), so that none is left
+    waiting in the next collective for one that stopped."""
+    if layout.world > 1 and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, problem)
+        problem = next((p for p in everyone if p), None)
+    if problem:
+        raise UsageError(problem)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -115,6 +115,7 @@ class Run:
     tokens_seen: int = 0
     start_note: str = ""     # a note on how the run started
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])  # kept by its resumptions
+    save_lock: object = None  # the --save root's lock file, on the main rank (checkpoint.lock_root)
     doing: str = "setting up"  # what the run is doing now, for an error from a failed peer
     skipped_in_a_row: int = 0  # --on-nonfinite skip: consecutive skipped steps
     stop: str = ""           # why the step just run ends training (non-finite), else ""
@@ -126,7 +127,10 @@ class Run:
     def close(self):
         """Release what the run holds; also after an exception."""
         self.ddp.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self.save_lock is not None:
+            self.save_lock.close()
 
 
 def starts_from_pretrained(args, cfg):
@@ -274,9 +278,16 @@ def setup(args, cfg, tokenizer, hf_dir, source, layout):
                              f"--steps is {args.steps}: nothing to train; pass a larger --steps")
         if args.save:
             flags.check_save_root(args, run.start_step)
+            problem = None
+            if layout.is_main:
+                try:
+                    run.save_lock = checkpoint.lock_root(args.save)
+                except UsageError as e:
+                    problem = str(e)
+            parallel.raise_if_any(problem, layout)
         run.logger = metrics.Logger(args, layout, metrics_header(run))
     except BaseException:
-        ddp.close()
+        run.close()
         raise
     log = run.logger.print
     what = f"task {args.task}" if args.task else "data " + " ".join(args.data)

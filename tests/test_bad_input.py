@@ -6,10 +6,12 @@ and nothing the user saved overwritten or lost.
 Each case runs the tool's main() in this process (no subprocess), so the table stays fast;
 every case fails while the input is checked, before any training.
 """
-import errno
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -324,25 +326,65 @@ def test_a_metrics_file_with_odd_records_is_read_around_them(tmp_path):
     assert metrics.describe_run(path) == "?"
 
 
-def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# ----------------------------------------------------------------------------
+# A disk that fills up, for real: a small filesystem of its own (a tmpfs, where this user
+# may mount one) filled to the brim, or a file-size limit (ulimit -f) on the process
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(params=["tmpfs", "ulimit -f"])
+def small_disk(request, tmp_path):
+    """(a directory, run(argv) -> CompletedProcess, the reason the error must give): tools
+    run as a user runs them, writing into the directory until a write fails: "tmpfs",
+    ENOSPC from a filesystem filled first but for 8 KiB; "ulimit -f", EFBIG past 64 KiB in
+    any one file."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = request.param == "tmpfs"
+    if mounted and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                                  capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the file-size limit variant runs instead)")
+
+    def run(argv, fill=mounted):
+        if fill:  # all but a few KiB of the filesystem taken
+            with open(folder / "filler", "wb") as f:
+                f.write(b"\0" * (shutil.disk_usage(folder).free - 8192))
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))) if not mounted else None
+        try:
+            return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                                  preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        finally:
+            if fill:
+                os.remove(folder / "filler")
+    yield folder, run, "the disk is full" if mounted else "File too large"
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, saved, monkeypatch):
-    root = tmp_path / "ckpt"
+def assert_one_line(proc, *messages):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(m in lines[0] for m in messages), lines[0]
+
+
+def files_of(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in (checkpoint.LOCK, "filler")}
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_disk, saved):
+    folder, run, reason = small_disk
+    root = folder / "ckpt"
     shutil.copytree(saved["ckpt"], root)
-    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    err = one_line_error(capsys, "train", ["--model", "llama", *FAST, "--steps", "2", "--load", str(root),
-                                           "--save", str(root)])
-    assert "the disk is full" in err and f"{checkpoint.step_dir_name(1)} is intact" in err, err
-    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # no .tmp-step_ left
+    before = files_of(root)
+    proc = run(["train.py", "--model", "llama", *FAST, "--steps", "2", "--load", str(root), "--save", str(root)])
+    assert_one_line(proc, reason, f"{checkpoint.step_dir_name(1)} is intact")
+    assert files_of(root) == before  # no .tmp-step_ left, step 1 as it was
 
 
-def test_full_disk_while_preparing_data_leaves_nothing(capsys, tmp_path, monkeypatch):
-    src = tmp_path / "text.txt"
-    src.write_text("some text to tokenize\n" * 200)
-    monkeypatch.setattr(data._ShardWriter, "write", full_disk)
-    err = one_line_error(capsys, "data", ["prepare", str(src), str(tmp_path / "out")])
-    assert "the disk is full" in err and "nothing was written" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["text.txt"]
+@pytest.mark.parametrize("tool", ["convert import", "convert export", "data prepare"])
+def test_a_full_disk_while_converting_or_preparing_leaves_nothing(small_disk, saved, tool):
+    folder, run, reason = small_disk
+    source = {"convert import": saved["hf"], "convert export": saved["ckpt"], "data prepare": "stdlib"}[tool]
+    script, command = tool.split()
+    proc = run([f"{script}.py", command, source, str(folder / "out")])
+    assert_one_line(proc, reason, "nothing was written")
+    assert not [p for p in folder.iterdir() if p.name != "filler"]

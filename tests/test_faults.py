@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +235,44 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(start, t
     assert [r["step"] for r in resumed] == list(range(1, 61))  # each step once
     for a, b in zip(resumed, whole):  # step for step, exactly
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
+
+
+def test_a_second_run_on_the_same_save_root_stops_naming_the_first(start, tmp_path, capsys):
+    """Two runs saving into one root: the second stops at once, naming the first (it would
+    otherwise remove the first's save in progress as a crash's leftover); once the first
+    ended (here by SIGTERM, saving), the root is free again."""
+    save, metrics_file = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    first = ["--model", "llama", *FAST, "--steps", "400", "--log-every", "1000", "--save", str(save)]
+    proc, _, err = start([*first, "--metrics", str(metrics_file)])
+    wait_for(lambda: steps_written(metrics_file) >= 1, what="the first run's first step")
+    line = one_line_error(capsys, [*ARGV, "--steps", "2", "--save", str(save)])
+    assert f"--save {save} is in use by another run (pid {proc.pid} on " in line
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 0, err.read_text()
+    (saved,) = checkpoint.complete_steps(str(save))
+    records, _ = train_job([*ARGV, "--steps", str(saved + 1), "--save", str(save), "--load", str(save)])
+    assert [r["step"] for r in records] == [saved + 1]
+
+
+def test_a_save_root_holds_the_users_files_beside_ours(tmp_path, capsys):
+    """A copy of a step under another name, a step_latest link, an incomplete step
+    directory at a future step (a copy cut short): --load and --save go on around them,
+    the incomplete one removed when that step is saved; --save inside a step directory is
+    refused (it would nest checkpoints and start from step 0)."""
+    save = tmp_path / "ckpt"
+    train_job([*ARGV, "--steps", "1", "--save", str(save)])
+    step_1 = save / checkpoint.step_dir_name(1)
+    shutil.copytree(step_1, save / (step_1.name + ".bak"))
+    os.symlink(step_1, save / "step_latest")
+    (save / checkpoint.step_dir_name(2)).mkdir()  # incomplete: no index.json
+    (save / checkpoint.step_dir_name(2) / "shard-00000.safetensors").write_bytes(b"cut short")
+    records, out = train_job([*ARGV, "--steps", "3", "--save", str(save), "--save-every", "1", "--load", str(save)])
+    assert "resumed from" in out and [r["step"] for r in records] == [2, 3]
+    assert checkpoint.complete_steps(str(save)) == [1, 2, 3]
+    assert (save / "step_latest").is_symlink() and (save / (step_1.name + ".bak") / "index.json").is_file()
+    for inside in (step_1, step_1 / "more"):
+        line = one_line_error(capsys, [*ARGV, "--steps", "3", "--load", str(step_1), "--save", str(inside)])
+        assert f"is inside the checkpoint {step_1}" in line
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(start, tmp_path):
