@@ -244,6 +244,9 @@ def load_hf_weights(model, hf_dir):
             piece = hf_slice[region]  # reads this rank's region only
         else:
             piece = module.from_hf(ours, hf_slice[:], model.cfg)[region]
+        if not torch.isfinite(piece).all():
+            raise UsageError(f"{key} in {hf_dir} holds non-finite values (inf/nan); refusing to "
+                             f"import weights that cannot train")
         param.zero_()  # vocabulary padding past the global tensor stays zero
         param[tuple(slice(0, n) for n in extent)] = piece.to(param.dtype)
         used.add(key)
@@ -358,6 +361,10 @@ def export_model(model, hf_dir, tokenizer=None):
     module = family.file
     tensors = {module.hf_name(n, model.cfg): module.to_hf(n, p.detach().cpu().float(), model.cfg)
                .contiguous().clone() for n, p in model.named_parameters()}
+    broken = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise UsageError(f"{broken} holds non-finite values (inf/nan); refusing to export weights "
+                         f"that cannot be used")
 
     def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -56,15 +56,19 @@ def unsupported_hf(model_type, what):
                      f"convert rather than compute something else")
 
 
-def require_number(what, value, at_least=None, above=None):
+def require_number(what, value, at_least=None, above=None, at_most=None):
     """`what` (a flag or a config field, named as the user writes it) must be a finite number,
-    >= at_least and > above where given: NaN or inf would train nothing useful, silently."""
+    >= at_least, > above and <= at_most where given: NaN or inf would train nothing useful,
+    silently, and a count beyond any sensible one would fail deep inside (an allocation, an
+    overflow) or run for ever."""
     if not math.isfinite(value):
         raise UsageError(f"{what} must be a finite number, got {value}")
     if at_least is not None and value < at_least:
         raise UsageError(f"{what} must be >= {at_least}, got {value}")
     if above is not None and value <= above:
         raise UsageError(f"{what} must be > {above}, got {value}")
+    if at_most is not None and value > at_most:
+        raise UsageError(f"{what} must be <= {at_most:,}, got {value:,}")
 
 
 def check_config_fields(cfg):

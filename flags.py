@@ -374,13 +374,18 @@ FLAG_MINIMUM = {"steps": 1, "global_batch_size": 1, "micro_batch_size": 1, "seq_
                 "loss_scale_window": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
                 "sample_tokens": 0, "lr": 0, "min_lr_ratio": 0, "weight_decay": 0, "clip_grad": 0,
                 "fp8_amax_history_len": 1, "fp8_margin": 0, "fp8_bf16_layers": 0,
-                "recompute_layers": 1, "max_skipped_steps": 1}
+                "recompute_layers": 1, "max_skipped_steps": 1, "seed": 0, "initial_loss_scale": 1}
+
+# The largest value a flag takes: beyond any real run, and where a typo would fail deep
+# inside (the seed overflows torch's generator; an index of 1e12 rows; a timedelta overflows).
+FLAG_MAXIMUM = {"seed": 2**62, "global_batch_size": 2**24, "micro_batch_size": 2**24,
+                "distributed_timeout_minutes": 7 * 24 * 60, "fp8_amax_history_len": 100_000}
 
 
 # The value each float flag must exceed. Every float flag must be finite besides: --clip-grad
-# inf would be "off", which 0 already says. (train.plan_report checks the --plan flags.)
-FLAG_ABOVE = {"adam_eps": 0, "peak_tflops": 0, "initial_loss_scale": 0, "ddp_bucket_mb": 0,
-              "distributed_timeout_minutes": 0}
+# inf would be "off", which 0 already says. (train.plan_report checks the --plan flags.) A
+# loss scale starts at 1 or more: below, it shrinks fp16's gradients into underflow.
+FLAG_ABOVE = {"adam_eps": 0, "peak_tflops": 0, "ddp_bucket_mb": 0, "distributed_timeout_minutes": 0}
 
 
 def pp_layers(args):
@@ -412,11 +417,16 @@ def check_args(args, cfg, tokenizer):
     for name, value in vars(args).items():
         flag = f"--{name.replace('_', '-')}"
         if isinstance(value, float):
-            errors.require_number(flag, value, FLAG_MINIMUM.get(name), FLAG_ABOVE.get(name))
-        elif value is not None and name in FLAG_MINIMUM:
-            errors.require_number(flag, value, FLAG_MINIMUM[name])
+            errors.require_number(flag, value, FLAG_MINIMUM.get(name), FLAG_ABOVE.get(name),
+                                  FLAG_MAXIMUM.get(name))
+        elif value is not None and (name in FLAG_MINIMUM or name in FLAG_MAXIMUM):
+            errors.require_number(flag, value, FLAG_MINIMUM.get(name), at_most=FLAG_MAXIMUM.get(name))
     if args.min_lr_ratio > 1:
         raise UsageError(f"--min-lr-ratio is a fraction of --lr: between 0 and 1, got {args.min_lr_ratio}")
+    # (before anything lists the layers: n_layers=1000000000 is a typo, not a model)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    models.check_layer_count(args.model, cfg, parallel.Layout(tp=args.tp, pp=args.pp), device)
     fp8_flags = [f"--{name.replace('_', '-')}" for name in FP8_DEFAULTS
                  if getattr(args, name) != FP8_DEFAULTS[name]]
     if fp8_flags and args.precision != "fp8":

@@ -44,7 +44,10 @@ def next_token(logits, temperature=0.8, top_k=50, generator=None):
     greedy decoding; top_k keeps only the k most likely tokens."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shifted to a maximum of 0 before the division: a tiny temperature then sends the
+    # others to -inf (greedy in the limit), never the largest to inf (inf - inf: NaN).
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -173,7 +176,7 @@ def sample_seq2seq(model, input_ids, attention_mask, max_new_tokens, temperature
             if finished.all():
                 break
     model.train(was_training)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
 
 SENTINEL = re.compile(r"<extra_id_(\d+)>")

@@ -189,6 +189,7 @@ def build(model, cfg, device, seed, layout=None, chunk=None):
     """Construct this rank's part of the model (its tensor-parallel shards; with a
     pipeline `chunk`, only those layers) on the meta device (no memory, no wasted random
     init), then allocate on `device` and fill with the layout-independent initialization."""
+    check_layer_count(model, cfg, layout, device)
     with torch.device("meta"):
         module = family(model).model(cfg, layout, chunk)
     check_fits(module, cfg, device)
@@ -230,6 +231,35 @@ def check_fits(module, cfg, device):
                          f"vocab_size x dim = {cfg.vocab_size:,} x {cfg.dim:,}, {embedding / 1e9:,.1f} "
                          f"GB) but {device.type} has {free / 1e9:,.1f} GB free; check vocab_size, dim "
                          f"and n_layers, or shard the model (--tp, --pp)")
+
+
+# Beyond this many layers (no published model has a tenth of it) the parameter count is
+# estimated from a model of one and two layers before the real one is built: building a
+# typo's billion layers, even on the meta device, would run for hours.
+MANY_LAYERS = 1000
+
+
+def check_layer_count(model, cfg, layout, device):
+    """Refuse, from an estimate, a config with more layers than the memory of all this
+    job's ranks could hold (n_layers=1000000000 is a typo, not a model): the bytes of a
+    one-layer model plus n_layers - 1 times what a second layer adds, over tp * pp ranks."""
+    n_layers = getattr(cfg, "n_layers", 0)
+    if n_layers <= MANY_LAYERS:
+        return
+    try:
+        small = [dataclasses.replace(cfg, n_layers=n) for n in (1, 2)]
+    except UsageError:  # (a config whose layers are listed: Mamba's pattern, built as given)
+        return
+    with torch.device("meta"):
+        one, two = (sum(p.numel() * p.element_size() for p in family(model).model(c).parameters())
+                    for c in small)
+    shards = (layout.tp * layout.pp) if layout is not None else 1
+    need = (one + (n_layers - 1) * (two - one)) / shards
+    free = available_bytes(torch.device(device))
+    if need > free:
+        raise UsageError(f"n_layers={n_layers:,}: the parameters alone would need about {need / 1e9:,.0f} GB "
+                         f"per rank, and {torch.device(device).type} has {free / 1e9:,.1f} GB free; check "
+                         f"n_layers")
 
 
 def name_of(model):

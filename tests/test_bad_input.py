@@ -23,6 +23,7 @@ import flags
 import generate
 import train
 from conftest import FAST, ROOT
+from errors import UsageError
 
 TOOLS = {"train": train.main, "generate": generate.main, "convert": convert.main, "data": data.main}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -155,6 +156,18 @@ CASES = [
     case("train", [*LLAMA, "--set", "dim=66"], "dim=66 is not divisible by n_heads=4"),
     case("train", ["--model", "gpt", "--set", "dim=66"], "dim=66 is not divisible by n_heads=4"),
     case("train", [*LLAMA, "--set", "vocab_size=10000000000"], "the embedding alone"),
+    case("train", [*LLAMA, "--set", "n_layers=1000000000"], "n_layers=1,000,000,000: the parameters alone"),
+    # train.py: numbers beyond any run (a typo would overflow, allocate terabytes, or hang)
+    case("train", [*LLAMA, "--seed", "-1"], "--seed must be >= 0"),
+    case("train", [*LLAMA, "--seed", str(2**64)], "--seed must be <= 4,611,686,018,427,387,904"),
+    case("train", [*LLAMA, "--global-batch-size", str(10**12)], "--global-batch-size must be <= 16,777,216"),
+    case("train", [*LLAMA, "--distributed-timeout-minutes", "1e13"], "--distributed-timeout-minutes must be <= 10,080"),
+    case("train", [*LLAMA, "--precision", "fp8", "--fp8-amax-history-len", str(10**12)],
+         "--fp8-amax-history-len must be <= 100,000"),
+    # fp16: a loss scale below 1 shrinks the gradients into underflow, silently
+    case("train", [*LLAMA, "--precision", "fp16", "--initial-loss-scale", "1e-30"], "--initial-loss-scale must be >= 1"),
+    case("train", [*LLAMA, "--precision", "fp16", "--initial-loss-scale", "nan"],
+         "--initial-loss-scale must be a finite number"),
     # train.py: damaged checkpoints and Hugging Face folders
     case("train", [*LLAMA, "--load", "{ckpt}"], "meta.json", meta(NOT_JSON)),
     case("train", [*LLAMA, "--load", "{ckpt}"], "lacks 'tokens_seen'", meta(edited(tokens_seen=None))),
@@ -238,6 +251,24 @@ def test_bad_input_is_one_line(capsys, tmp_path, saved, tool, argv, message, dam
     if tool == "train" and "--config" not in argv:
         argv += ["--config", "test"]
     assert message in one_line_error(capsys, tool, argv)
+
+
+def test_non_finite_weights_are_neither_imported_nor_exported(capsys, tmp_path, saved):
+    """A Hugging Face folder with a NaN weight: refused on import (nothing written); a model
+    with one: refused on export."""
+    import safetensors.torch
+    shutil.copytree(saved["hf"], tmp_path / "hf")
+    weights = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    safetensors.torch.save_file(weights, str(tmp_path / "hf" / "model.safetensors"))
+    line = one_line_error(capsys, "convert", ["import", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert "model.layers.0.mlp.up_proj.weight in" in line and "non-finite" in line
+    assert not (tmp_path / "out").exists()
+    model = convert.from_hf(saved["hf"])
+    with torch.no_grad():
+        model.layers["1"].attn.q_proj.weight[0, 0] = float("inf")
+    with pytest.raises(UsageError, match="model.layers.1.self_attn.q_proj.weight holds non-finite"):
+        convert.export_model(model, str(tmp_path / "exported"))
 
 
 def test_odd_seq_len_trains_without_context_parallelism():

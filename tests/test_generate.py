@@ -158,6 +158,16 @@ def test_sampling_draws_from_the_tempered_top_k_distribution():
         p = weights / weights.sum()
         assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all(), (temperature, top_k, counts)
     assert generate.next_token(torch.tensor([row, row[::-1]]), 0, 2).view(-1).tolist() == [5, 0]
+    # A temperature so small that logit / temperature overflows: the limit, greedy (no NaN).
+    assert generate.next_token(torch.tensor([row, row[::-1]]), 1e-40, 0, generator).view(-1).tolist() == [5, 0]
+
+
+def test_no_new_tokens_is_the_empty_continuation():
+    """--max-new-tokens 0: nothing added, for a decoder and for T5's spans alike."""
+    t5 = models.build("t5", models.make_config("t5", "test"), "cpu", seed=0)
+    assert generate.fill_spans_text(t5, "byte", "hi <extra_id_0>", 0) == ""
+    llama = models.build("llama", models.make_config("llama", "test"), "cpu", seed=0)
+    assert generate.generate(llama, data.get_tokenizer("byte"), ["hi"], 0) == ["hi"]
 
 
 def test_stop_strings_and_end_of_text_end_each_row_and_leave_the_batch():
