@@ -509,6 +509,9 @@ def read_meta(step_dir):
                                       f"{' or '.join(k.__name__ for k in kinds)}); the checkpoint "
                                       f"is damaged; load another step")
     where = f"{step_dir}/meta.json"
+    if not 0 < meta["loss_scale"] < float("inf"):  # (NaN too: a scale that skips every step)
+        raise UsageError(f"{where}: loss_scale {meta['loss_scale']} is not a positive finite number; "
+                         f"the checkpoint is damaged; load another step")
     errors.check_json(meta, where, OPTIONAL_META)
     if "schedule" in meta:  # (learning-rate flags: numbers)
         errors.check_json(meta["schedule"], f"{where} (schedule)", dict.fromkeys(meta["schedule"], (int, float)))

@@ -754,14 +754,36 @@ def _source_files(spec: str | None) -> list[str]:
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                            if os.path.isfile(f))
-        else:
+            files += _files_under(p)
+        elif os.path.isfile(p):
             files.append(p)
-    files = [f for f in files if _is_jsonl(f) or _is_text(f)]
+        elif p == spec:  # (a pattern's other matches: skipped)
+            raise UsageError(f"--data {spec} is not a regular file (a FIFO, a device, ...): point it "
+                             f"at a file or a folder of files")
+    once = {}  # each file once, however many names reach it
+    for f in files:
+        once.setdefault(os.path.realpath(f), f)
+    files = [f for f in once.values() if _is_jsonl(f) or _is_text(f)]
     if not files:
         raise UsageError(f"--data {spec}: found no text files; point it at text")
     return files
+
+
+def _files_under(folder):
+    """The regular files under `folder`, sorted, hidden ones (.name) left out: linked
+    directories are followed, but not back into one already walked (a link loop would list
+    every file again at each level, some 40 times)."""
+    seen, files = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names
+                  if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    return sorted(files)
 
 
 def _is_text(path):

@@ -272,6 +272,9 @@ def read_prompts(args):
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise errors.UsageError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte "
+                                    f"{e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8") from None
         except OSError as e:
             raise errors.UsageError(f"--prompts-file {args.prompts_file}: cannot read it "
                                       f"({e.strerror})") from None

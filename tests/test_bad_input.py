@@ -177,6 +177,8 @@ CASES = [
     case("train", [*LLAMA, "--load", "{ckpt}"], "(schedule): the field 'lr' must be int or float",
          meta(edited(schedule={"lr": "big"}))),
     case("train", [*LLAMA, "--load", "{ckpt}"], "the field 'seed' must be int", meta(edited(seed="x"))),
+    case("train", [*LLAMA, "--load", "{ckpt}"], "loss_scale nan is not a positive finite number",
+         meta(edited(loss_scale=float("nan")))),
     case("train", [*LLAMA, "--load", "{ckpt}"], "(fp8): the field 'history_len' is missing",
          meta(edited(fp8={"recipe": "delayed"}))),
     case("train", [*LLAMA, "--load", "hf:{hf}"], "the field 'rope_scaling' must be dict or null, got [1, 2]",
@@ -269,6 +271,22 @@ def test_non_finite_weights_are_neither_imported_nor_exported(capsys, tmp_path, 
         model.layers["1"].attn.q_proj.weight[0, 0] = float("inf")
     with pytest.raises(UsageError, match="model.layers.1.self_attn.q_proj.weight holds non-finite"):
         convert.export_model(model, str(tmp_path / "exported"))
+
+
+def test_data_that_is_not_plain_files_is_one_line_or_read_once(capsys, tmp_path):
+    """A FIFO as --data (reading it would wait for a writer for ever): one line. A folder
+    with a link back to itself: each file read once (not once per level of the loop). A
+    prompts file that is not UTF-8: one line."""
+    os.mkfifo(tmp_path / "fifo")
+    assert "is not a regular file" in one_line_error(capsys, "train", [*LLAMA, "--config", "test", *SMALL, "--data",
+                                                                       str(tmp_path / "fifo")])
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text\n")
+    os.symlink(tmp_path / "texts", tmp_path / "texts" / "again")
+    assert data._source_files(str(tmp_path / "texts")) == [str(tmp_path / "texts" / "a.txt")]
+    (tmp_path / "prompts.txt").write_bytes(b"hello \xff\xfe world\n")
+    line = one_line_error(capsys, "generate", ["--load", "checked-after", "--prompts-file", str(tmp_path / "prompts.txt")])
+    assert "is not UTF-8 text (byte 0xff at offset 6)" in line
 
 
 def test_odd_seq_len_trains_without_context_parallelism():
