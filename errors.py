@@ -4,6 +4,7 @@ Its own file so that anything can raise it (data.py, checkpoint.py, the model fi
 importing the parallel machinery or the Triton kernels.
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -113,3 +114,43 @@ def check_json(value, where, fields=None, required=()):
             raise UsageError(f"{at}the field {name!r} must be {expected}, got {value[name]!r:.60}; "
                              f"the file is damaged or not ours")
     return value
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) outside a training loop, which notes them
+    itself (train.StopSignals): raised where the program was, so that it unwinds cleanly
+    (files closed, process groups destroyed) and its tool says so in one line and exits 0.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` swallows it."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self):
+        import signal
+        return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, a stop signal raises Stopped where the process is (the main thread's
+    handlers; elsewhere nothing changes); the handlers before are back afterwards. A tool's
+    main runs inside; the training loop installs its own handlers while it runs and puts
+    these back."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in Stopped.SIGNALS}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)

@@ -344,6 +344,11 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=1, help="must be 1 (decoding splits no layers)")
     p.add_argument("--cp", type=int, default=1, help="must be 1 (decoding splits no sequence)")
     args = p.parse_args(argv)
+    with errors.stop_on_signals():
+        _main(args)
+
+
+def _main(args):
     layout = None
     try:
         for flag in ("max_new_tokens", "temperature", "top_k"):
@@ -394,6 +399,10 @@ def main(argv=None):
     except errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except errors.Stopped as e:  # (Ctrl-C, a scheduler's SIGTERM: what was printed stands)
+        if layout is None or layout.rank == 0:
+            print(f"\nstopped by {e.name}", file=sys.stderr)
+        sys.exit(0)
     finally:
         if layout is not None:
             parallel.destroy_distributed(layout)

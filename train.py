@@ -26,6 +26,7 @@ import torch
 import checkpoint
 import convert
 import data
+import errors
 import flags
 import generate
 import kernels
@@ -116,6 +117,10 @@ class Run:
     start_note: str = ""     # a note on how the run started
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])  # kept by its resumptions
     save_lock: object = None  # the --save root's lock file, on the main rank (checkpoint.lock_root)
+    # Under torchrun: its agent's pid, our parent. Killed (kill -9 leaves it no time to stop
+    # us), it leaves this process to init: each step checks, and stops instead of training on.
+    agent_pid: int = dataclasses.field(
+        default_factory=lambda: os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None)
     doing: str = "setting up"  # what the run is doing now, for an error from a failed peer
     skipped_in_a_row: int = 0  # --on-nonfinite skip: consecutive skipped steps
     stop: str = ""           # why the step just run ends training (non-finite), else ""
@@ -570,7 +575,9 @@ class StopSignals:
     (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit, see scripts/slurm.sh) do
     not kill training: the handler only notes the signal. After each step the ranks agree
     on it, since a signal may reach one rank only, and all stop after that same step,
-    saving a checkpoint first. Only while training: elsewhere the signals act as usual."""
+    saving a checkpoint first. Elsewhere they raise errors.Stopped (errors.stop_on_signals,
+    which main installs), and once a stop was noted, further ones (a burst of SIGTERMs
+    during the save) are ignored: the run is stopping already."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -584,7 +591,7 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.received else handler)
 
     def note(self, signum, frame):
         self.received = signum
@@ -627,6 +634,11 @@ def training_loop(run):
     with StopSignals(announce=layout.is_main) as signals:
         for step in range(run.start_step, args.steps):
             run.doing, t_step = f"step {step + 1}", time.perf_counter()
+            if run.agent_pid is not None and os.getppid() != run.agent_pid:
+                newest = checkpoint.newest(args.save) if args.save else None
+                raise PeerFailure(f"rank {layout.rank}, before step {step + 1}: the torchrun agent (pid "
+                                  f"{run.agent_pid}) that started this process is gone; stopping"
+                                  f"{f' (last checkpoint: {newest})' if newest else ''}")
             compiled_before = parallel.compile_seconds()
             record = train_step(run, step)
             router = router_figures(run.modules, layout, run.tokens_per_step)
@@ -855,6 +867,12 @@ def train(args):
         # so they can all leave cleanly.
         parallel.destroy_distributed(layout)
         raise
+    except errors.Stopped as e:  # (a stop signal outside the loop: say where, and what is saved)
+        e.doing = run.doing if run is not None else "setting up"
+        newest = checkpoint.newest(args.save) if args.save else None
+        e.saved = f"; {newest} is saved" if newest else ("; nothing was saved" if args.save else "")
+        parallel.destroy_distributed(layout)
+        raise
     except RuntimeError as e:
         reason = parallel.peer_failure(e) if layout.world > 1 else None
         if reason is None:
@@ -884,8 +902,13 @@ def peer_failure_message(args, run, layout, reason):
 
 
 def main(argv=None):
-    args = flags.parse_args(argv)
+    with errors.stop_on_signals():
+        _main(argv)
+
+
+def _main(argv):
     try:
+        args = flags.parse_args(argv)
         if args.plan:
             print(plan_report(args))
             return
@@ -898,6 +921,11 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except errors.Stopped as e:  # (outside the loop: starting, sampling, finishing)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped by {e.name} while {getattr(e, 'doing', 'starting')}{getattr(e, 'saved', '')}",
+                  file=sys.stderr)
+        sys.exit(0)
     except PeerFailure as e:  # (each rank that saw it: the main rank may be the one that failed)
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr, flush=True)

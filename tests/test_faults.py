@@ -28,6 +28,7 @@ import torch
 
 import checkpoint
 import flags
+import generate
 import metrics
 import parallel
 import train
@@ -273,6 +274,82 @@ def test_a_save_root_holds_the_users_files_beside_ours(tmp_path, capsys):
     for inside in (step_1, step_1 / "more"):
         line = one_line_error(capsys, [*ARGV, "--steps", "3", "--load", str(step_1), "--save", str(inside)])
         assert f"is inside the checkpoint {step_1}" in line
+
+
+def _signal_during(monkeypatch, module, name, signum, times=1):
+    """Replace module.name by itself preceded, its first `times` calls, by a real signal
+    to this process (delivered at once: the handler runs before the call goes on)."""
+    real, calls = getattr(module, name), []
+
+    def with_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, with_signal)
+
+
+@pytest.mark.parametrize("phase,signum,expected", [
+    ("load_data", signal.SIGTERM, "stopped by SIGTERM while setting up; nothing was saved"),
+    ("sample_report", signal.SIGINT, "stopped by SIGINT while finishing; {save}/step_00000002 is saved"),
+    ("summary", signal.SIGUSR1, "stopped by SIGUSR1 while finishing; {save}/step_00000002 is saved"),
+])
+def test_a_stop_signal_outside_the_loop_is_one_line_and_exit_0(monkeypatch, capsys, tmp_path, phase, signum,
+                                                                expected):
+    """Start-up, the summary and the end-of-run sample: a stop signal there ends the run
+    cleanly (one line, status 0, the checkpoint saved before it intact), no traceback."""
+    save = tmp_path / "ckpt"
+    _signal_during(monkeypatch, train, phase, signum)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*ARGV, "--steps", "2", "--sample-tokens", "4", "--save", str(save)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 0 and err[-1] == expected.format(save=save), err
+    assert not any("Traceback" in line for line in err)
+    assert checkpoint.complete_steps(str(save)) == ([] if phase == "load_data" else [2])
+
+
+def test_a_burst_of_stop_signals_stops_once(monkeypatch, capsys, tmp_path):
+    """SIGTERM in a step, then again during the save it causes and while the run closes:
+    one stop, saved, exit 0."""
+    save = tmp_path / "ckpt"
+    _signal_during(monkeypatch, train, "train_step", signal.SIGTERM)
+    _signal_during(monkeypatch, checkpoint, "save", signal.SIGTERM)
+    _signal_during(monkeypatch, metrics.Logger, "close", signal.SIGTERM)
+    train.main([*ARGV, "--steps", "5", "--save", str(save)])
+    out = capsys.readouterr()
+    assert out.out.count("stopped by SIGTERM after step 1/5: saved") == 1 and "stopped" not in out.err
+    assert checkpoint.complete_steps(str(save)) == [1]
+
+
+def test_generation_stopped_by_a_signal_is_one_line(monkeypatch, capsys, tmp_path):
+    save = tmp_path / "ckpt"
+    train_job([*ARGV, "--steps", "1", "--save", str(save)])
+    _signal_during(monkeypatch, generate, "generate", signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--load", str(save), "--prompt", "a", "--max-new-tokens", "3"])
+    assert exit_info.value.code == 0 and capsys.readouterr().err.strip() == "stopped by SIGINT"
+
+
+def test_workers_stop_when_their_torchrun_agent_is_killed(start, tmp_path):
+    """kill -9 of the torchrun agent leaves its workers to init: they notice before their
+    next step and stop (one line each), instead of training and saving on, orphaned."""
+    metrics_file = tmp_path / "m.jsonl"
+    proc, _, _ = start(["--model", "llama", *LAYOUT, "--steps", "100000", "--log-every", "100000",
+                        "--metrics", str(metrics_file)], nproc=2)
+    wait_for(lambda: steps_written(metrics_file) >= 1, what="the first step")
+    workers = [worker(proc, rank) for rank in (0, 1)]
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers), timeout=30,
+             what="the orphaned workers to stop")
+
+
+def _alive(pid):
+    """Running, not a zombie left for init to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(start, tmp_path):
