@@ -356,12 +356,25 @@ class TokenDataset:
                                  rng.permutation(self.n_samples(seq_len)))
         return self._epochs[key]
 
+    def _check_on_disk(self, shard, stop):
+        """A memory-mapped shard must still hold its first `stop` tokens on disk: reading a
+        page of a file truncated since it was mapped (the data changed under the run) would
+        end the process with SIGBUS, no message and no checkpoint."""
+        if isinstance(shard, np.memmap) and shard.filename is not None:
+            needed = shard.offset + min(stop, len(shard)) * shard.itemsize
+            size = os.path.getsize(shard.filename) if os.path.exists(shard.filename) else 0
+            if size < needed:
+                raise UsageError(f"{self.name}: {shard.filename} shrank while training (now {size:,} bytes, "
+                                 f"{needed:,} needed): the data changed under the run; restore it and resume "
+                                 f"from the last checkpoint")
+
     def _stream(self, start, stop):
         """Tokens [start, stop) of the shards laid end to end."""
         first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
         pieces = []
         while start < stop:
             offset = start - self._shard_starts[first]
+            self._check_on_disk(self.shards[first], offset + stop - start)
             piece = self.shards[first][offset:offset + stop - start]
             pieces.append(np.asarray(piece, np.int64))
             start += len(piece)
@@ -447,6 +460,7 @@ class TokenDataset:
         bounds = self._window_bounds(seq_len)
         shard = int(np.searchsorted(bounds, index, side="right")) - 1
         offset = index - bounds[shard]
+        self._check_on_disk(self.shards[shard], offset + seq_len + 1)
         window = np.asarray(self.shards[shard][offset:offset + seq_len + 1], np.int64)
         self._check_ids(window)
         return shard, window

@@ -289,6 +289,26 @@ def test_data_that_is_not_plain_files_is_one_line_or_read_once(capsys, tmp_path)
     assert "is not UTF-8 text (byte 0xff at offset 6)" in line
 
 
+def test_a_data_shard_truncated_while_training_is_one_line(capsys, tmp_path, monkeypatch):
+    """A prepared shard cut short after the run mapped it: reading the lost pages would end
+    the process with SIGBUS (no message, no checkpoint); the read is refused first, naming
+    the shard, and the checkpoint saved before stays."""
+    data.prepare("stdlib", str(tmp_path / "prepared"))
+    shard = tmp_path / "prepared" / json.loads((tmp_path / "prepared" / "meta.json").read_text())["train"][0]["file"]
+    real_step = train.train_step
+
+    def step_then_truncate(run, step):
+        if step == 1:
+            os.truncate(shard, 4096)
+        return real_step(run, step)
+    monkeypatch.setattr(train, "train_step", step_then_truncate)
+    line = one_line_error(capsys, "train", [*LLAMA, "--config", "test", *SMALL, "--steps", "3", "--data",
+                                            str(tmp_path / "prepared"), "--save", str(tmp_path / "ckpt"),
+                                            "--save-every", "1", "--global-batch-size", "64"])
+    assert f"{shard} shrank while training (now 4,096 bytes" in line
+    assert checkpoint.complete_steps(str(tmp_path / "ckpt")) == [1]
+
+
 def test_odd_seq_len_trains_without_context_parallelism():
     """Only context parallelism (its zigzag halves) needs --seq-len divisible by 2 * cp: one
     step of 8 sequences of 33 tokens, a finite loss."""
