@@ -137,7 +137,8 @@ def lock_root(root):
     """Hold save root `root` for this run (its main rank, until the returned file is
     closed or the process ends, however it ends: the lock goes with it, none is left
     stale). A second run saving into the same root stops at once, naming the first,
-    instead of removing its save in progress as a leftover."""
+    instead of removing its save in progress as a leftover. (On a filesystem that cannot
+    lock files, nothing is held.)"""
     path = os.path.join(root, LOCK)
     try:
         f = open(path, "a+")
@@ -146,7 +147,9 @@ def lock_root(root):
                          f"directory") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks: go on unlocked
+            return f
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
