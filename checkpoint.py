@@ -226,9 +226,10 @@ def verify_file(step_dir, name, files):
                                   f"be used; load an earlier step (--load ITS_ROOT/{STEP_PREFIX}N)")
 
 
-def read_index(step_dir):
-    """A step's index.json, checked against the checksum meta.json keeps of it (checkpoints
-    written before it was kept: unverified) and checked in form, or a one-line UsageError:
+def read_index(step_dir, meta=None):
+    """A step's index.json, checked against the checksum its meta.json (`meta`, read if not
+    given) keeps of it (checkpoints written before it was kept: unverified) and checked in
+    form, or a one-line UsageError:
     the index holds the checksums of every other file, so an edit of it (a deleted files
     table, a piece's geometry changed) must not pass unseen."""
     path = os.path.join(step_dir, "index.json")
@@ -237,7 +238,7 @@ def read_index(step_dir):
             text = f.read()
     except OSError as e:
         raise UsageError(f"cannot read {path} ({e.strerror}); the checkpoint is damaged") from None
-    expected = read_meta(step_dir).get("index_crc32")
+    expected = (meta or read_meta(step_dir)).get("index_crc32")
     if expected is not None and zlib.crc32(text) != expected:
         raise UsageError(f"{path} does not match the checksum meta.json keeps of it; the checkpoint "
                          f"is damaged or was edited; load another step")
@@ -375,7 +376,7 @@ def save(root, step, modules, optimizer, layout, meta, replicated=None, files=No
             with open(path, "xb") as f:
                 f.write(content)
                 os.fsync(f.fileno())
-            sums[name] = {"crc32": _checksum(path), "bytes": len(content)}
+            sums[name] = {"crc32": zlib.crc32(content), "bytes": len(content)}
         _fsync_write(os.path.join(tmp, f"sums-{layout.rank:05d}.json"), json.dumps(sums))
 
     with _every_rank_writes(root, step, tmp, layout):
@@ -531,9 +532,9 @@ def read_meta(step_dir):
 class _Reader:
     """Reads regions of global tensors from a checkpoint's pieces, opening each file once."""
 
-    def __init__(self, step_dir):
+    def __init__(self, step_dir, meta):
         self.step_dir = step_dir
-        self.index = read_index(step_dir)
+        self.index = read_index(step_dir, meta)
         self.sums = self.index.pop(FILES, None)  # None: written before checksums
         self.files = {}
 
@@ -590,7 +591,7 @@ def load(step_dir, modules, optimizer, layout):
     """Load weights of this rank's model chunks (a module or a list), optimizer state and
     this rank's RNG state; return meta.json."""
     meta = read_meta(step_dir)
-    reader = _Reader(step_dir)
+    reader = _Reader(step_dir, meta)
     params = _named_parameters(modules)
     with torch.no_grad():
         for name, p in _all_named_parameters(modules):  # every copy of a repeated name
@@ -618,8 +619,7 @@ def load_weights(step_dir, modules, layout):
     """Only the weights, for a model with other heads than the checkpoint's (fine-tuning a
     pre-trained BERT): each parameter the checkpoint holds is read, the others keep their
     fresh initialization. Returns the names of those (new heads), in model order."""
-    read_meta(step_dir)
-    reader = _Reader(step_dir)
+    reader = _Reader(step_dir, read_meta(step_dir))
     new = []
     with torch.no_grad():
         for name, p in _all_named_parameters(modules):

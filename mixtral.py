@@ -447,17 +447,17 @@ class Mixtral(llama.Llama):
 
     def count_router_stats(self, moe):
         """Add this forward's router figures to `router_stats` (module docstring)."""
-        tp = self.layout.etp  # the etp ranks of a group route the same tokens: each counts 1/etp
+        etp = self.layout.etp  # the etp ranks of a group route the same tokens: each counts 1/etp
         tokens = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, device=self.inv_freq.device)
         for i, layer in zip(self.chunk.layers, self.layers.values()):
             if isinstance(layer.mlp, MoE):
-                tokens[i] = layer.mlp.tokens_per_expert.float() / tp
+                tokens[i] = layer.mlp.tokens_per_expert.float() / etp
         kept = torch.cat([m.kept.reshape(-1) for m in moe] or [tokens.new_ones(0, dtype=torch.bool)])
         figures = {"aux_loss": self.aux_loss.detach(), "z_loss": self.z_loss.detach(),
-                   "tokens_per_expert": tokens, "dropped": (~kept).sum().float() / tp,
-                   "choices": tokens.new_tensor(kept.numel() / tp),
+                   "tokens_per_expert": tokens, "dropped": (~kept).sum().float() / etp,
+                   "choices": tokens.new_tensor(kept.numel() / etp),
                    "all_to_all_bytes": tokens.new_tensor(
-                       sum(m.traffic.get("bytes_sent", 0) for m in moe) / tp)}
+                       sum(m.traffic.get("bytes_sent", 0) for m in moe) / etp)}
         stats = getattr(self, "router_stats", None) or {}
         self.router_stats = {k: stats.get(k, 0) + v for k, v in figures.items()}
 
