@@ -80,7 +80,7 @@ def test_a_reduced_form_trains(path, tmp_path, capsys):
 
 
 def test_the_readme_table_quotes_the_headers():
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "examples.md")) as f:
         rows = dict(re.findall(r"^\| [^|]+ \| `(examples/[\w.-]+\.sh)` \|[^|]+\|[^|]+\| ([\d.]+) GiB \|$", f.read(), re.M))
     assert {os.path.join(ROOT, p) for p in rows} == set(EXAMPLES)
     for script, gib in rows.items():

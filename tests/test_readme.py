@@ -1,7 +1,8 @@
-"""Every command of the README runs and produces what it should, so that no example rots.
+"""Every command of the README and of docs/ runs and produces what it should, so that no
+example rots.
 
-Each command of the README's ```bash blocks is run here as written, with flags appended
-that make it small (`REDUCE`: two steps, the `test` preset unless the command names
+Each command of the ```bash blocks of README.md and docs/*.md (together "the README" below)
+is run here as written, with flags appended that make it small (`REDUCE`: two steps, the `test` preset unless the command names
 another, tiny batches; a few more per command in `EXTRA`), each in a working directory of
 its own: what it reads that another README command makes (`--load runs/a`, `--data
 data/stdlib-byte`, ...) is made once per session by running that command, reduced, and
@@ -43,6 +44,12 @@ GENERATE_REDUCE = ["--max-new-tokens", "4", "--device", "cpu"]
 # Flags appended after REDUCE for particular commands (the last value of a flag wins).
 EXTRA = {
     "torchrun train.py --model llama --save runs/a --load runs/a --steps 400": ["--steps", "4"],
+    "torchrun --nproc-per-node 4 train.py --model llama --load runs/a --tp 2 --pp 2 --save runs/c --steps 400":
+        ["--steps", "4"],
+    # planned at its own sizes (a plan builds nothing)
+    "python train.py --model llama --config llama3-70b --tp 8 --pp 4 --world-size 64 --seq-len 8192 "
+    "--global-batch-size 64 --micro-batch-size 1 --precision bf16 --plan --device-memory-gb 80":
+        ["--seq-len", "8192", "--global-batch-size", "64"],
     "torchrun --nproc-per-node 4 train.py --model llama --pp 2 --vpp 2": ["--set", "n_layers=4"],
     "torchrun train.py --model llama --set n_layers=8 --set dim=512": ["--set", "dim=128"],
     "torchrun train.py --model llama --precision fp8": ["--set", "n_layers=3"],  # (its middle layer in FP8)
@@ -89,16 +96,22 @@ ELSEWHERE = {
 }
 
 
+PAGES = ["README.md", *sorted(os.path.join("docs", p) for p in os.listdir(os.path.join(ROOT, "docs"))
+                            if p.endswith(".md"))]
+
+
 def readme_commands():
-    """The commands of the README's bash blocks: continuation lines joined, comments and
-    blank lines dropped, spaces collapsed."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    """The commands of the bash blocks of every page, each once: continuation lines joined,
+    comments and blank lines dropped, spaces collapsed."""
+    blocks = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as f:
+            blocks += re.findall(r"```bash\n(.*?)```", f.read(), re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())
-            if line:
+            if line and line not in commands:
                 commands.append(line)
     return commands
 
