@@ -125,6 +125,24 @@ def _header(record):
     return record["run"] if isinstance(record.get("run"), dict) else None
 
 
+def run_of_step(path, step):
+    """(header, record) of a --metrics file's record of `step` and of the run that wrote it
+    (the last such record: a resumed run writes again the steps after its checkpoint)."""
+    found, header = None, None
+    try:
+        with open(path) as f:
+            for record in map(_record, f):
+                if _header(record) is not None:
+                    header = _header(record)
+                elif record.get("step") == step and header is not None:
+                    found = header, record
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the metrics file ({e.strerror})") from None
+    if found is None or not isinstance(found[0].get("args"), dict):
+        raise UsageError(f"{path}: no record of step {step} after a run's header")
+    return found
+
+
 def describe_run(path):
     """A --metrics file's last run in a few words, from its header: "llama tp=2 bf16"
     (the model, the axes of its layout above 1, the precision), or "" without a header."""

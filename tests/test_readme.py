@@ -32,6 +32,7 @@ import data
 import generate
 import metrics
 import parallel
+import parity
 import train
 from conftest import FAST, ROOT
 from errors import UsageError
@@ -43,7 +44,9 @@ GENERATE_REDUCE = ["--max-new-tokens", "4", "--device", "cpu"]
 
 # Flags appended after REDUCE for particular commands (the last value of a flag wins).
 EXTRA = {
+    "torchrun train.py --model llama --save runs/a --save-every 50 --metrics runs/a.jsonl": ["--save-every", "1"],
     "torchrun train.py --model llama --save runs/a --load runs/a --steps 400": ["--steps", "4"],
+    "python parity.py --replay-step 37 --metrics runs/a.jsonl": ["--replay-step", "2"],  # (from step 1's checkpoint)
     "torchrun --nproc-per-node 4 train.py --model llama --load runs/a --tp 2 --pp 2 --save runs/c --steps 400":
         ["--steps", "4"],
     # planned at its own sizes (a plan builds nothing)
@@ -195,7 +198,7 @@ def reads_and_writes(command):
         reads.update(s for s in sources if not re.fullmatch(r"[\d.]+", s))
     for name in ("--save", "--metrics"):
         if flag(args, name):
-            writes.add(flag(args, name))
+            (reads if script == "parity.py" else writes).add(flag(args, name))
     reads = {file for r in reads for file in (megatron_files(r) if r in MEGATRON_PREFIXES else [r])}
     return {r for r in reads if not r.startswith(("stdlib", "books/"))}, writes
 
@@ -258,7 +261,7 @@ def in_workdir(root, args):
 def run_tool(tool, argv):
     """One rank's run of a tool's main(argv): its stdout; SystemExit(0) is success."""
     main = {"train.py": train.main, "generate.py": generate.main, "data.py": data.main,
-            "convert.py": convert.main, "bench.py": bench.main}[tool]
+            "convert.py": convert.main, "bench.py": bench.main, "parity.py": parity.main}[tool]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         try:
@@ -275,6 +278,8 @@ def reduced(command):
         args = args + REDUCE + ([] if "--config" in args else ["--config", "test"]) + EXTRA.get(command, [])
     elif script == "generate.py":
         args = args + GENERATE_REDUCE
+    elif script == "parity.py":
+        args = args + EXTRA.get(command, [])
     elif script == "bench.py":  # the mode, then its options
         args = [args[0], "--device", "cpu", *args[1:], *BENCH[command]]
     return script, args
@@ -327,6 +332,10 @@ def check_output(command, root, out):
         assert checkpoint.complete_steps(root / args[2]), out
     elif script == "convert.py":
         assert {"config.json", "model.safetensors"} <= set(os.listdir(root / args[2])), out
+    elif script == "parity.py" and "--replay-step" in args:
+        assert re.search(r"^step \d+ replayed at world size 1 .*\n  loss .* recorded ", out), out
+    elif script == "parity.py":
+        assert "\nno departure: " in out, out
     elif args[0] == "plot":
         assert (root / flag(args, "-o")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:  # the other benchmarks print a table
