@@ -163,7 +163,7 @@ def sequence_positions(length, piece_length, coords, tp, cp):
         return torch.arange(length)
     if length % (2 * cp):
         return None
-    share = parallel.zigzag_positions(length, parallel.Layout(cp=cp, rank=coords["cp"] * 1)) if cp > 1 \
+    share = parallel.zigzag_positions(length, parallel.Layout(cp=cp, rank=coords["cp"])) if cp > 1 \
         else torch.arange(length)
     if piece_length == length // cp:
         return share
