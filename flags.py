@@ -383,7 +383,7 @@ FLAG_MAXIMUM = {"seed": 2**62, "global_batch_size": 2**24, "micro_batch_size": 2
 
 
 # The value each float flag must exceed. Every float flag must be finite besides: --clip-grad
-# inf would be "off", which 0 already says. (train.plan_report checks the --plan flags.) A
+# inf would be "off", which 0 already says. (plan.report checks the --plan flags.) A
 # loss scale starts at 1 or more: below, it shrinks fp16's gradients into underflow.
 FLAG_ABOVE = {"adam_eps": 0, "peak_tflops": 0, "ddp_bucket_mb": 0, "distributed_timeout_minutes": 0}
 

@@ -2,8 +2,8 @@
 `python train.py ... --plan` calls `plan()` and prints `describe()`.
 
 One concept, kept out of train.py: train.py runs a layout, this file predicts what the
-layout holds. `--plan` reads and checks the flags as training does (flags.py) and calls
-in here (plan_report).
+layout holds. `--plan` (plan.py) reads and checks the flags as training does (flags.py)
+and calls in here.
 
 What a rank holds (bytes):
   weights, gradients, optimizer state: counted exactly, by building this rank's model
