@@ -189,12 +189,14 @@ def reference_piece(reference, piece, features, coords, tp, cp):
 
 
 def departs(piece, ref):
-    """(relative difference, whether it departs) of a piece from the reference's."""
-    diff, scale = (piece - ref).norm().item(), ref.norm().item()
-    return diff / max(scale, 1e-30), diff > RTOL * scale + ATOL * math.sqrt(ref.numel())
+    """Whether a rank's piece departs from the one-process tensor's same part."""
+    return (piece - ref).norm().item() > RTOL * ref.norm().item() + ATOL * math.sqrt(ref.numel())
 
 
 class Departure:
+    """Where (forward or backward), what (a module's input or output of a micro-batch, a
+    gradient, the loss), the relative difference over all pieces, the ranks whose differ."""
+
     def __init__(self, where, what, relative, ranks):
         self.where, self.what, self.relative, self.ranks = where, what, relative, ranks
 
@@ -222,7 +224,7 @@ def compare(reference, by_rank):
     def judge(where, what, pairs):
         ranks, diff, scale = [], 0.0, 0.0
         for rank, piece, ref in pairs:
-            if departs(piece, ref)[1]:
+            if departs(piece, ref):
                 ranks.append(rank)
             diff, scale = diff + (piece - ref).norm().item() ** 2, scale + ref.norm().item() ** 2
         rel = math.sqrt(diff) / max(math.sqrt(scale), 1e-30)
@@ -247,8 +249,10 @@ def compare(reference, by_rank):
             continue
         counts["outputs"] += 1
         judge("forward", f"{name} {side} (micro-batch {micro}" + (f", call {call + 1})" if call else ")"), pairs)
-    losses = {r: c["loss"] for r, c in by_rank.items()}
-    judge("forward", "loss", [(r, torch.tensor([x]), torch.tensor([reference["loss"]])) for r, x in losses.items()][:1])
+    def figure(key):  # (the loss and the gradient norm: every rank holds the global value)
+        return [(r, torch.tensor([c[key]]), torch.tensor([reference[key]])) for r, c in by_rank.items()]
+
+    judge("forward", "loss", figure("loss"))
     order = reference["grad_order"] + [n for n in reference["grads"] if n not in reference["grad_order"]]
     for name in dict.fromkeys(order):
         whole = reference["grads"][name][0]
@@ -261,8 +265,7 @@ def compare(reference, by_rank):
         if pairs:
             counts["gradients"] += 1
             judge("backward", f"gradient of {name}", pairs)
-    norm = next(iter(by_rank.values()))["grad_norm"]
-    judge("backward", "gradient norm", [(0, torch.tensor([norm]), torch.tensor([reference["grad_norm"]]))])
+    judge("backward", "gradient norm", figure("grad_norm"))
     return found, counts
 
 
@@ -270,7 +273,7 @@ def compare(reference, by_rank):
 # Command line
 # ----------------------------------------------------------------------------
 
-def parse_options(argv):
+def options_parser():
     p = errors.ArgumentParser(
         description="Where a layout departs from one process (one step, every module output and "
                     "gradient); or --replay-step N: step N of a run again at world size 1. Every "
@@ -282,7 +285,7 @@ def parse_options(argv):
     p.add_argument("--show", type=int, default=5, help="departures to print (default: 5)")
     p.add_argument("--replay-step", type=int, default=None,
                    help="recompute this step of the run --metrics recorded, at world size 1 in fp32")
-    return p.parse_known_args(argv)
+    return p
 
 
 def default_nproc(args):
@@ -397,12 +400,14 @@ def main(argv=None):
 
 def _main(argv):
     try:
-        options, rest = parse_options(argv)
+        parser = options_parser()
+        options, rest = parser.parse_known_args(argv)
         if options.help:
-            print(__doc__.strip())
-            print("\noptions: --nproc N, --show N, --replay-step N; every other flag is train.py's "
-                  "(python train.py --help)")
+            print(__doc__.strip() + "\n\n" + parser.format_help() + "\ntrain.py's flags: python train.py --help")
             return
+        for name in ("nproc", "show", "replay_step"):
+            if getattr(options, name) is not None and getattr(options, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
         if options.replay_step is not None:
             record, recorded, step_dir = replay(rest, options.replay_step)
             print(f"step {options.replay_step} replayed at world size 1 in fp32 from {step_dir}:")
