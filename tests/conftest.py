@@ -29,6 +29,12 @@ if "ATEN_CPU_CAPABILITY" in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.e
 
 import torch  # noqa: E402 (after the cache is chosen)
 
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each computes with
+# its share of them, whatever OMP_NUM_THREADS says (two workers of two threads each on two
+# cores run slower than two of one).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Triton's interpreter must be chosen before triton is first imported (kernels.py says
 # why): set it here, before any test module imports kernels, so that without a GPU
 # tests/test_triton.py runs its kernels in this very process.

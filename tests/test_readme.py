@@ -79,7 +79,7 @@ ELSEWHERE = {
     "train.py --model llama": "the same training command runs below; the fresh machine is "
                               "../shared/fresh-clone-check's",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements-test.txt && python "
-    "-m pytest -q tests": "this test suite",
+    "-m pytest -q -n 2 tests": "this test suite",
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id job42 --rdzv-backend c10d --rdzv-endpoint "
     "head-node:29500 train.py --model llama --config llama3-8b ...": "two nodes",
     "python bench.py train-vs-hf": "tests/test_bench.py::test_train_vs_hf_runs_and_checks_logits",
