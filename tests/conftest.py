@@ -27,6 +27,11 @@ if "ATEN_CPU_CAPABILITY" in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.e
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
+# transformers' progress bars (saving, loading) go to stderr, which tests of our one-line
+# errors read: a test that builds a Hugging Face folder first (whichever worker runs it
+# first, under -n) would see them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import torch  # noqa: E402 (after the cache is chosen)
 
 # Under pytest-xdist (the README's `-n 2`) the workers share the cores: each computes with

@@ -318,6 +318,7 @@ def test_cli_errors_are_one_line(hf_dirs, tmp_path, capsys):
     nofile = tmp_path / "nofile"
     nofile.mkdir()
     shutil.copy(os.path.join(hf_dir, "config.json"), nofile)
+    capsys.readouterr()  # (what building the folders printed)
     for argv, message in ((["import", str(bad), str(tmp_path / "c1")], "feed_forward_proj='gated-silu'"),
                           (["import", str(nofile), str(tmp_path / "c2")], "no model.safetensors"),
                           (["export", str(tmp_path / "nothing"), str(tmp_path / "out")], "")):
