@@ -7,18 +7,18 @@
 
 Every layout computes what one process computes (the layout-independent initialization
 and batches, train.py's loss divisor). When a change to a model file breaks that, the loss
-differs, and this says *where*: it runs one training step (forward and backward, no
-update) under the layout, in `--nproc` local processes over gloo, and the same step in
-this process at world size 1 from the same weights and batch, recording on both sides every
-module's output, each micro-batch and call apart, and every parameter's gradient once
-reduced. Each rank's piece is set beside the same piece of the one-process tensor, cut by
-the layout's own rules (data rows by micro-batch; the sequence by cp's zigzag and sp's
-shards; a tensor-parallel linear's output features by its weight's region in the global
-weight; a gradient by its parameter's region), and the first departure in execution order
-is printed (the forward first, module by module; then the gradients, in the order backward
-finished them), with the ranks whose pieces differ, then the next few. Outputs whose pieces
-no rule places (an expert's routed rows, tensors split over heads inside a module) are
-counted, not compared.
+differs, and this says *where*: it runs one training step under the layout, in `--nproc`
+local processes over gloo, and the same step in this process at world size 1 from the same
+weights and batch, recording on both sides every module's input and output, each
+micro-batch and call apart, every parameter's gradient once reduced, and every parameter
+after the update (nothing is saved). Each rank's piece is set beside the same piece of the
+one-process tensor, cut by the layout's own rules (data rows by micro-batch; the sequence
+by cp's zigzag and sp's shards; a tensor-parallel linear's features by its weight's region
+in the global weight; a parameter or its gradient by its region), and the first departure
+in execution order is printed (the forward module by module, the loss; then the gradients
+in the order backward finished them, the gradient norm; then the updated parameters), with
+the ranks whose pieces differ, then the next few. Tensors whose pieces no rule places (an
+expert's routed rows, tensors split over heads inside a module) are counted, not compared.
 
 --replay-step N recomputes step N of a run at world size 1 in fp32: from the run's
 --metrics file it takes the run's flags and the step's recorded loss and gradient norm, from
@@ -106,25 +106,32 @@ class Recorder:
             handle.remove()
 
 
+def pieces(ddp, tensor_of):
+    """{name: (tensor_of(parameter) on this rank, its offset, its extent in the global
+    tensor)}; the last pipeline stage's copy of a tied embedding is left out (the first
+    stage's holds the same)."""
+    out = {}
+    for name, p in ddp.named_params:
+        if not parallel.tags(p).pp_tied_copy:
+            _, offset, extent = parallel.global_region(p)
+            out[name] = (tensor_of(p).detach().float().clone(), offset, extent)
+    return out
+
+
 def gradient_pieces(ddp):
-    """{name: (this rank's reduced gradient, its offset, its extent in the global tensor)},
-    after ddp.finish(); ZeRO-1 slices are gathered first (each rank reduced only its own)."""
+    """Each parameter's reduced gradient after ddp.finish(), as pieces(); ZeRO-1 slices are
+    gathered first (each rank reduced only its own)."""
     for b in ddp.buckets:
         if b.sharded:
             parallel.all_gather_single(b.grads, b.grad_shard.clone(), group=b.group)
-    pieces = {}
-    for name, p in ddp.named_params:
-        if parallel.tags(p).pp_tied_copy:  # (the first stage's copy holds the same sum)
-            continue
-        _, offset, extent = parallel.global_region(p)
-        pieces[name] = (ddp.grad(p).detach().float().clone(), offset, extent)
-    return pieces
+    return pieces(ddp, ddp.grad)
 
 
 def record_step(args):
     """One rank's job (every rank of the layout, or the one process): one step's forward
     and backward from --load (or the initialization) under train.py's parsed flags;
-    returns what it saw. Nothing is updated or saved."""
+    returns what it saw: module inputs and outputs, the loss, the reduced gradients, the
+    gradient norm, and the parameters after the step's update (nothing is saved)."""
     cfg, tokenizer, hf_dir, source = flags.model_config(args)
     flags.check_args(args, cfg, tokenizer)
     layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp, args.cp_comm,
@@ -139,9 +146,12 @@ def record_step(args):
         loss = train.forward_backward(run, lambda rows: train.draw_batch(run.train_data, step, args.seed, args, rows))
         run.ddp.finish()
         grads = gradient_pieces(run.ddp)
-        grad_norm = parallel.clip_grad_norm(run.ddp, 0).item()
+        grad_norm = parallel.clip_grad_norm(run.ddp, args.clip_grad).item()
+        run.optimizer.lr = train.lr_at(step, args)
+        run.optimizer.step()
         return {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "outputs": recorder.outputs,
                 "features": recorder.features, "grad_order": recorder.grad_order, "grads": grads,
+                "updated": pieces(run.ddp, lambda p: p),
                 "coords": {"tp": layout.tp_rank, "cp": layout.cp_rank, "dp": layout.dp_rank, "pp": layout.pp_rank},
                 "layout": layout.describe()}
     finally:
@@ -215,7 +225,8 @@ def describe_ranks(ranks, coords, world):
 def compare(reference, by_rank):
     """(departures in execution order, counts): the layout's pieces against the one-process
     step, outputs first (each micro-batch's modules in the order they ran), then the loss,
-    then gradients in the order backward finished them, then the gradient norm."""
+    then gradients in the order backward finished them, the gradient norm, and the
+    parameters after the update (AdamW, ZeRO-1's slices gathered back)."""
     coords = {r: c["coords"] for r, c in by_rank.items()}
     tp = 1 + max(c["tp"] for c in coords.values())
     cp = 1 + max(c["cp"] for c in coords.values())
@@ -253,19 +264,24 @@ def compare(reference, by_rank):
         return [(r, torch.tensor([c[key]]), torch.tensor([reference[key]])) for r, c in by_rank.items()]
 
     judge("forward", "loss", figure("loss"))
-    order = reference["grad_order"] + [n for n in reference["grads"] if n not in reference["grad_order"]]
-    for name in dict.fromkeys(order):
-        whole = reference["grads"][name][0]
-        pairs = []
-        for rank, capture in by_rank.items():
-            if name in capture["grads"]:
-                piece, offset, extent = capture["grads"][name]
-                region = tuple(slice(o, o + e) for o, e in zip(offset, extent))
-                pairs.append((rank, piece[tuple(slice(0, e) for e in extent)], whole[region]))
-        if pairs:
-            counts["gradients"] += 1
-            judge("backward", f"gradient of {name}", pairs)
+    def parameters(kind):  # [(name, [(rank, piece, the reference's part)])], in backward's order
+        order = reference["grad_order"] + list(reference[kind])
+        for name in dict.fromkeys(order):
+            whole, pairs = reference[kind][name][0], []
+            for rank, capture in by_rank.items():
+                if name in capture[kind]:
+                    piece, offset, extent = capture[kind][name]
+                    region = tuple(slice(o, o + e) for o, e in zip(offset, extent))
+                    pairs.append((rank, piece[tuple(slice(0, e) for e in extent)], whole[region]))
+            if pairs:
+                yield name, pairs
+
+    for name, pairs in parameters("grads"):
+        counts["gradients"] += 1
+        judge("backward", f"gradient of {name}", pairs)
     judge("backward", "gradient norm", figure("grad_norm"))
+    for name, pairs in parameters("updated"):
+        judge("update", f"{name} after the step", pairs)
     return found, counts
 
 
@@ -343,8 +359,8 @@ def bisect(argv, nproc=None, ranks=None, job=None, **job_kwargs):
     found, counts = compare(reference, by_rank)
     head = (f"parity: step {reference['step']} of {args.model or 'the loaded model'} under "
             f"{next(iter(by_rank.values()))['layout']} ({nproc} processes) vs one process, fp32: "
-            f"{counts['outputs']} module inputs and outputs, the loss, {counts['gradients']} gradients and the "
-            f"gradient norm compared ({counts['not placed']} split in ways no rule places: "
+            f"{counts['outputs']} module inputs and outputs, the loss, {counts['gradients']} gradients, the "
+            f"gradient norm and the updated parameters compared ({counts['not placed']} split in ways no rule places: "
             f"not compared)")
     return head, found, counts
 
@@ -419,7 +435,7 @@ def _main(argv):
         print(head)
         if not found:
             rel, where = counts["largest"]
-            print(f"no departure: every compared output and gradient equals one process's (largest "
+            print(f"no departure: every compared tensor equals one process's (largest "
                   f"relative difference {rel:.1e}, {where})")
             return
         print(f"first departure: {found[0]}")

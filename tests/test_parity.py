@@ -69,8 +69,19 @@ def expert_gradient_not_reduced():
                    lambda self, bucket, async_op: None if bucket.expert else reduce(self, bucket, async_op))
 
 
+def zero1_parameters_not_gathered():
+    """ZeRO-1's updated slices cast into the parameters but not all-gathered: each rank
+    keeps the old values of the slices other ranks updated."""
+    def all_gather_params(self):
+        for b in self.buckets:
+            if b.data.dtype != b.main.dtype:
+                b.data[b.shard].copy_(b.main)
+    return patched(parallel.DataParallel, "all_gather_params", all_gather_params)
+
+
 FAULTS = {f.__name__: f for f in (row_bias_on_every_rank, qk_norm_unmarked, sp_gather_without_sum,
-                                  cp_positions_from_zero, expert_gradient_not_reduced)}
+                                  cp_positions_from_zero, expert_gradient_not_reduced,
+                                  zero1_parameters_not_gathered)}
 
 
 def record_with_fault(args, fault):
@@ -99,6 +110,7 @@ def bisect(ranks, argv, nproc, fault=None):
      r"forward layers\.0\.attn\.o_proj input \(micro-batch 0\)"),
     ("expert_gradient_not_reduced", ["--model", "mixtral", "--ep", "2"], 4,
      r"backward gradient of layers\.1\.mlp\.experts\.\d\.\w+_proj\.weight"),
+    ("zero1_parameters_not_gathered", ["--model", "llama"], 2, r"update \S+ after the step"),
 ])
 def test_the_first_departure_names_the_planted_fault(ranks, fault, argv, nproc, first):
     found, _ = bisect(ranks, [*argv, *SMALL], nproc, fault)
