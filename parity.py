@@ -32,6 +32,7 @@ name would hide the standard library's bisect module, which `random` imports.)
 """
 import contextlib
 import copy
+import itertools
 import math
 import os
 import sys
@@ -79,7 +80,8 @@ class Recorder:
         self.outputs, self.features, self.grad_order = {}, {}, []
         self.micro, self.calls, self.handles = None, {}, []
         for chunk in modules:
-            seen = iter(range(first_micro, 1 << 30))
+            # Each chunk runs its micro-batches in order (every schedule does): count them.
+            seen = itertools.count(first_micro)
             self.handles.append(chunk.register_forward_pre_hook(
                 lambda module, inputs, seen=seen: setattr(self, "micro", next(seen))))
             for name, module in chunk.named_modules():
@@ -94,7 +96,8 @@ class Recorder:
     def _record(self, name, side):
         def hook(module, inputs, output=None):
             t = inputs[0] if side == "input" and inputs else output
-            if not isinstance(t, torch.Tensor) or torch._C._current_graph_task_id() != -1:
+            in_backward = torch._C._current_graph_task_id() != -1  # (a recomputed forward)
+            if not isinstance(t, torch.Tensor) or in_backward:
                 return
             call = self.calls.get((name, side, self.micro), 0)
             self.calls[(name, side, self.micro)] = call + 1
