@@ -137,8 +137,7 @@ def record_step(args):
     gradient norm, and the parameters after the step's update (nothing is saved)."""
     cfg, tokenizer, hf_dir, source = flags.model_config(args)
     flags.check_args(args, cfg, tokenizer)
-    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp, args.cp_comm,
-                                       "cpu", timeout_minutes=args.distributed_timeout_minutes, etp=args.etp)
+    layout = train.init_layout(args)
     run = recorder = None
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
@@ -201,11 +200,6 @@ def reference_piece(reference, piece, features, coords, tp, cp):
     return ref if ref.shape == piece.shape else None
 
 
-def departs(piece, ref):
-    """Whether a rank's piece departs from the one-process tensor's same part."""
-    return (piece - ref).norm().item() > RTOL * ref.norm().item() + ATOL * math.sqrt(ref.numel())
-
-
 class Departure:
     """Where (forward or backward), what (a module's input or output of a micro-batch, a
     gradient, the loss), the relative difference over all pieces, the ranks whose differ."""
@@ -238,9 +232,10 @@ def compare(reference, by_rank):
     def judge(where, what, pairs):
         ranks, diff, scale = [], 0.0, 0.0
         for rank, piece, ref in pairs:
-            if departs(piece, ref):
+            d, r = (piece - ref).norm().item(), ref.norm().item()
+            if d > RTOL * r + ATOL * math.sqrt(ref.numel()):  # this rank's piece departs
                 ranks.append(rank)
-            diff, scale = diff + (piece - ref).norm().item() ** 2, scale + ref.norm().item() ** 2
+            diff, scale = diff + d ** 2, scale + r ** 2
         rel = math.sqrt(diff) / max(math.sqrt(scale), 1e-30)
         if RTOL * math.sqrt(scale) > ATOL * math.sqrt(sum(ref.numel() for _, _, ref in pairs)):  # (not ~0)
             counts["largest"] = max(counts["largest"], (rel, f"{where} {what}"))
@@ -388,11 +383,13 @@ def replay(argv, step):
     args = flags.parse_args(["--model", str(saved.get("model"))])
     for name, value in saved.items():
         setattr(args, name, value)
-    args.tp = args.cp = args.pp = args.vpp = args.ep = 1
-    args.etp, args.load, args.save, args.metrics, args.wandb = None, step_dir, None, None, None
+    # The run's micro-batches stay (router losses are per micro-batch), so does its schedule.
+    micro_batch_size = flags.micro_batch_size(args, header.get("world_size", 1) // (args.tp * args.cp * args.pp))
+    args = at_world_size_one(args)
+    args.micro_batch_size, args.load, args.save, args.metrics, args.wandb = micro_batch_size, step_dir, None, None, None
     args.device, args.precision, args.compile, args.steps = "cpu", "fp32", False, max(args.steps, step)
     cfg, tokenizer, hf_dir, source = flags.model_config(args)
-    layout = parallel.init_distributed(device="cpu")
+    layout = train.init_layout(args)
     run = None
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):

@@ -741,14 +741,19 @@ def flops_per_step(run):
     return models.family(run.args.model).flops_per_token(run.modules[0], run.args.seq_len) * run.tokens_per_step
 
 
+def init_layout(args):
+    """This rank's parallel.Layout of the flags' axes (its process groups made)."""
+    return parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp, args.cp_comm,
+                                     None if args.device == "auto" else args.device,
+                                     timeout_minutes=args.distributed_timeout_minutes, etp=args.etp)
+
+
 def train(args):
     """Train as the flags say; return the records of the steps run (one dict per step,
     what --metrics writes). Under torchrun every rank calls this."""
     cfg, tokenizer, hf_dir, source = flags.model_config(args)
     flags.check_args(args, cfg, tokenizer)
-    layout = parallel.init_distributed(args.tp, args.cp, args.pp, args.ep, args.sp, args.vpp,
-                                       args.cp_comm, None if args.device == "auto" else args.device,
-                                       timeout_minutes=args.distributed_timeout_minutes, etp=args.etp)
+    layout = init_layout(args)
     run = None
     try:
         run = setup(args, cfg, tokenizer, hf_dir, source, layout)
